@@ -1,0 +1,65 @@
+"""The seam between the daemon and a data path.
+
+A backend knows the kernel (devices, routes, sockets) and nothing of etcd. The daemon drives it
+in two phases so that the backend never needs the subnet manager:
+
+1. `prepare()` creates or reuses devices and returns what the lease must publish
+   (BackendType and BackendData, e.g. the VTEP MAC);
+2. the daemon acquires the lease with those attributes, then calls `start(own)`, which addresses
+   the device for our subnet and returns the MTU for subnet.env;
+3. `reconcile(peers)` is called with the whole desired set of remote leases (other hosts only)
+   after every change and periodically; it makes the kernel match, idempotently.
+
+`close()` stops any loops the backend runs but leaves kernel state in place, so a restarted
+daemon does not cut traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any, Protocol
+
+from subnetmgr.model import Lease, NetworkConfig, Subnet
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The host's underlay interface, chosen by the daemon (--iface and friends)."""
+
+    name: str
+    index: int
+    iface_addr: IPv4Address
+    """The address on the interface: VXLAN/UDP packets leave from it."""
+    public_ip: IPv4Address
+    """The address other hosts send to (--public-ip, else iface_addr)."""
+    mtu: int
+
+
+@dataclass(frozen=True)
+class BackendAttrs:
+    """What a lease publishes about this host's data path."""
+
+    backend_type: str
+    backend_data: Mapping[str, Any] | None = field(default=None, hash=False)
+
+
+class BackendError(RuntimeError):
+    """A backend could not be set up; the message says what failed and what to do."""
+
+
+class Backend(Protocol):
+    type: str
+    """The BackendType this backend publishes and accepts ("vxlan", "udp", "alloc")."""
+
+    async def prepare(self) -> BackendAttrs: ...
+
+    async def start(self, own: Lease) -> int: ...
+
+    async def reconcile(self, peers: Mapping[Subnet, Lease]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+BackendFactory = Callable[[NetworkConfig, ExternalInterface], Backend]
