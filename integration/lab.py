@@ -1,0 +1,785 @@
+"""A multi-node overlay lab in network namespaces, as a library (`overlayctl lab` is a thin CLI).
+
+Layout of a lab named NAME (all namespaces are named `ovl-NAME-*`):
+
+    root ns: ovm-NAME (198.18.X.254/24), etcd listens there
+       |  veth
+    ovl-NAME-u: bridge br0 (the underlay "switch"), ports mgmt, h1, h2, ...
+       |  veth                                  |
+    ovl-NAME-h1: eth0 198.18.X.1/24, overlayd,  ovl-NAME-h2: eth0 198.18.X.2/24 ...
+                 cni0 = subnet gateway
+       |  veth
+    ovl-NAME-h1c0: eth0 = next address of h1's subnet, default route via cni0, probe server
+
+The underlay /24 is the first one of 198.18.0.0/15 (RFC 2544 benchmark range) that the root
+namespace does not use yet. The root namespace holds one end of a management veth on the
+underlay bridge: etcd listens on it (so every host reaches etcd over the underlay, like a real
+cluster), and the lab reads /readyz of every daemon through it. Host namespaces have no default
+route: nothing they send can leave the lab.
+
+State lives in /run/overlay-lab/NAME/ (state.json, etcd data, per node subnet.env and logs) and
+is written before each thing is created, so `down()` also cleans up after a crashed `up()`;
+it additionally removes anything named with the lab's prefix and any process whose command
+line names the state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from integration import flannelhost
+from integration.containers import SubnetEnv, attach_container
+from integration.etcdserver import EtcdServer, free_port
+from integration.netns import (
+    CommandError,
+    add_netns,
+    delete_netns,
+    in_ns,
+    list_netns,
+    pid_alive,
+    pid_cmdline,
+    run,
+    stop_pid,
+    wait_pid_gone,
+)
+from integration.probe import DEFAULT_PORT as PROBE_PORT
+from subnetmgr.model import LeaseAttrs, MalformedLease, parse_subnet_key
+
+STATE_ROOT = Path("/run/overlay-lab")
+UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
+HEALTH_PORT = 8286
+DEFAULT_NETWORK = "10.1.0.0/16"
+DEFAULT_PREFIX = "/coreos.com/network"
+BACKENDS = ("vxlan", "udp", "alloc")
+_NAME_RE = re.compile(r"^[a-z0-9]{1,10}$")
+
+Progress = Callable[[str], None]
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise LabError(
+            f"lab name {name!r} is not valid: use 1-10 lower-case letters or digits "
+            "(it becomes part of kernel names, which are limited to 15 characters)"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class ContainerState:
+    ns: str
+    ip: str | None = None
+    probe_pid: int | None = None
+
+
+@dataclass
+class NodeState:
+    index: int
+    ns: str
+    ip: str
+    kind: str = "overlayd"
+    """"overlayd" (our daemon) or "flannel" (configured by hand, see integration.flannelhost)."""
+    daemon_pid: int | None = None
+    subnet: str | None = None
+    vtep_mac: str | None = None
+    containers: list[ContainerState] = field(default_factory=list)
+
+
+@dataclass
+class LabState:
+    name: str
+    underlay: str = ""
+    network: str = DEFAULT_NETWORK
+    backend: str = "vxlan"
+    prefix: str = DEFAULT_PREFIX
+    etcd_endpoint: str = ""
+    etcd_external: bool = False
+    etcd_pid: int | None = None
+    resync_period: str | None = None
+    containers_per_node: int = 1
+    namespaces: list[str] = field(default_factory=list)
+    nodes: list[NodeState] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> LabState:
+        nodes = []
+        for n in doc.pop("nodes", []):
+            conts = [ContainerState(**c) for c in n.pop("containers", [])]
+            nodes.append(NodeState(**n, containers=conts))
+        return cls(**doc, nodes=nodes)
+
+
+@dataclass(frozen=True)
+class MatrixEntry:
+    src: str
+    dst: str
+    src_ip: str
+    dst_ip: str
+    proto: str
+    ok: bool
+    rtt_ms: float | None
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+class Lab:
+    def __init__(
+        self, name: str = "lab", state_root: Path = STATE_ROOT, progress: Progress = _quiet
+    ) -> None:
+        self.name = validate_name(name)
+        self.dir = state_root / name
+        self.progress = progress
+        self.state = LabState(name)
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        if (self.dir / "state.json").exists():
+            self.state = LabState.from_dict(json.loads((self.dir / "state.json").read_text()))
+
+    # ------------------------------------------------------------------ names
+
+    @property
+    def ns_prefix(self) -> str:
+        return f"ovl-{self.name}-"
+
+    @property
+    def underlay_ns(self) -> str:
+        return f"{self.ns_prefix}u"
+
+    @property
+    def mgmt_link(self) -> str:
+        return f"ovm-{self.name}"
+
+    def host_ns(self, index: int) -> str:
+        return f"{self.ns_prefix}h{index}"
+
+    def container_ns(self, index: int, j: int) -> str:
+        return f"{self.ns_prefix}h{index}c{j}"
+
+    def node_dir(self, index: int) -> Path:
+        return self.dir / f"h{index}"
+
+    def subnet_file(self, index: int) -> Path:
+        return self.node_dir(index) / "subnet.env"
+
+    @property
+    def mgmt_ip(self) -> IPv4Interface:
+        net = IPv4Network(self.state.underlay)
+        return IPv4Interface(f"{net.broadcast_address - 1}/{net.prefixlen}")
+
+    def node(self, index: int) -> NodeState:
+        for n in self.state.nodes:
+            if n.index == index:
+                return n
+        raise LabError(f"lab {self.name!r} has no node h{index}")
+
+    @property
+    def exists(self) -> bool:
+        return self.dir.exists() or bool(list_netns(self.ns_prefix))
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.state), indent=1))
+        tmp.rename(self.dir / "state.json")
+
+    # ------------------------------------------------------------------ up
+
+    async def up(
+        self,
+        nodes: int = 3,
+        backend: str = "vxlan",
+        containers_per_node: int = 1,
+        etcd_endpoints: str | None = None,
+        network: str = DEFAULT_NETWORK,
+        etcd_prefix: str | None = None,
+        resync_period: str | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        """Build the underlay, etcd, the network config, `nodes` daemons and their containers."""
+        if backend not in BACKENDS:
+            raise LabError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        if not 0 <= nodes <= 200:
+            raise LabError(f"--nodes {nodes}: use 0 to 200")
+        if not 0 <= containers_per_node <= 50:
+            raise LabError(f"--containers-per-node {containers_per_node}: use 0 to 50")
+        try:
+            net = IPv4Network(network, strict=True)
+        except ValueError as e:
+            raise LabError(f"--network {network!r} is not an IPv4 network CIDR: {e}") from None
+        if self.exists:
+            raise LabError(
+                f"lab {self.name!r} already exists ({self.dir}); "
+                f"run `overlayctl lab down --name {self.name}` first"
+            )
+        self.state = LabState(
+            self.name,
+            network=str(net),
+            backend=backend,
+            etcd_external=etcd_endpoints is not None,
+            resync_period=resync_period,
+            containers_per_node=containers_per_node,
+        )
+        if etcd_prefix is not None:
+            self.state.prefix = etcd_prefix
+        elif etcd_endpoints is not None:
+            # Never share the default prefix of someone else's etcd: `down` deletes this prefix.
+            self.state.prefix = f"/overlay-lab/{self.name}{DEFAULT_PREFIX}"
+        self.save()
+        await self._make_underlay()
+        if etcd_endpoints is None:
+            self._start_etcd()
+        else:
+            self.state.etcd_endpoint = etcd_endpoints
+            self.save()
+        config = {"Network": str(net), "Backend": {"Type": backend}}
+        await self.etcdctl("put", f"{self.state.prefix}/config", json.dumps(config))
+        self.progress(f"network config written to {self.state.prefix}/config: {config}")
+        await self.add_nodes(nodes, ready_timeout=ready_timeout)
+
+    async def _make_underlay(self) -> None:
+        with self._pool_lock():
+            self.state.underlay = str(await _free_underlay())
+            self.state.namespaces.append(self.underlay_ns)
+            self.save()
+            u = self.underlay_ns
+            await add_netns(u)
+            await run("ip", "link", "add", "br0", "type", "bridge", ns=u)
+            await run("ip", "link", "set", "br0", "up", ns=u)
+            await run(
+                "ip", "link", "add", self.mgmt_link, "type", "veth",
+                "peer", "name", "mgmt", "netns", u,
+            )  # fmt: skip
+            await run("ip", "link", "set", "mgmt", "master", "br0", "up", ns=u)
+            await run("ip", "addr", "add", str(self.mgmt_ip), "dev", self.mgmt_link)
+            await run("ip", "link", "set", self.mgmt_link, "up")
+        self.progress(f"underlay {self.state.underlay} on bridge br0 in {u}")
+
+    @contextlib.contextmanager
+    def _pool_lock(self) -> Iterator[None]:
+        """Two labs starting at once must not pick the same underlay /24."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.parent / ".underlay.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _start_etcd(self) -> None:
+        host = str(self.mgmt_ip.ip)
+        server = EtcdServer(
+            host=host,
+            data_dir=self.dir / "etcd",
+            log_path=self.dir / "etcd.log",
+            name=f"lab-{self.name}",
+            client_port=free_port(host),
+            peer_port=free_port(host),
+        )
+        (self.dir / "etcd").mkdir(parents=True, exist_ok=True)
+        server.start()
+        assert server.proc is not None
+        self._procs[server.proc.pid] = server.proc
+        self.state.etcd_pid = server.proc.pid
+        self.state.etcd_endpoint = server.endpoint
+        self.save()
+        self.progress(f"etcd listening on {server.endpoint} (data in {self.dir / 'etcd'})")
+
+    async def add_nodes(self, count: int, ready_timeout: float = 60.0) -> list[NodeState]:
+        """Add `count` overlayd hosts: namespaces and links first, then all daemons at once."""
+        added = [await self._make_host() for _ in range(count)]
+        for node in added:
+            self._start_daemon(node)
+        if added:
+            self.progress(f"waiting for /readyz of {len(added)} overlayd ...")
+        await asyncio.gather(*(self.wait_ready(n.index, ready_timeout) for n in added))
+        for node in added:
+            env = SubnetEnv.read(self.subnet_file(node.index))
+            node.subnet = str(env.subnet.network)
+            self.save()
+            self.progress(f"h{node.index}: ready, subnet {env.subnet.network}, MTU {env.mtu}")
+            await self._add_containers(node, env)
+        return added
+
+    async def add_node(self, ready_timeout: float = 60.0) -> NodeState:
+        return (await self.add_nodes(1, ready_timeout))[0]
+
+    async def _make_host(self, kind: str = "overlayd") -> NodeState:
+        index = max((n.index for n in self.state.nodes), default=0) + 1
+        net = IPv4Network(self.state.underlay)
+        if index >= net.num_addresses - 2:
+            raise LabError(f"the underlay {net} has no room for host h{index}")
+        ip = IPv4Interface(f"{net.network_address + index}/{net.prefixlen}")
+        node = NodeState(index, self.host_ns(index), str(ip.ip), kind=kind)
+        self.state.nodes.append(node)
+        self.state.namespaces.append(node.ns)
+        self.save()
+        self.node_dir(index).mkdir(parents=True, exist_ok=True)
+        await add_netns(node.ns)
+        port = f"h{index}"
+        await run(
+            "ip", "link", "add", port, "netns", self.underlay_ns, "type", "veth",
+            "peer", "name", "eth0", "netns", node.ns,
+        )  # fmt: skip
+        await run("ip", "link", "set", port, "master", "br0", "up", ns=self.underlay_ns)
+        await run("ip", "addr", "add", str(ip), "dev", "eth0", ns=node.ns)
+        await run("ip", "link", "set", "eth0", "up", ns=node.ns)
+        self.progress(f"h{index}: namespace {node.ns}, underlay address {ip}")
+        return node
+
+    def daemon_argv(self, node: NodeState) -> list[str]:
+        argv = [
+            sys.executable, "-m", "overlay.daemon",
+            "--etcd-endpoints", self.state.etcd_endpoint,
+            "--etcd-prefix", self.state.prefix,
+            "--iface", "eth0",
+            "--subnet-file", str(self.subnet_file(node.index)),
+            "--healthz-ip", "0.0.0.0",
+            "--healthz-port", str(HEALTH_PORT),
+            "--log-level", "debug",
+        ]  # fmt: skip
+        if self.state.resync_period is not None:
+            argv += ["--resync-period", self.state.resync_period]
+        return argv
+
+    def _start_daemon(self, node: NodeState) -> None:
+        log_path = self.node_dir(node.index) / "overlayd.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                in_ns(node.ns, self.daemon_argv(node)),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.node_dir(node.index),
+                start_new_session=True,
+            )
+        self._procs[proc.pid] = proc
+        node.daemon_pid = proc.pid
+        self.save()
+
+    async def wait_ready(self, index: int, limit: float = 60.0) -> None:
+        """Poll the daemon's /readyz over the management link until it answers 200."""
+        node = self.node(index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            if node.daemon_pid is None or not pid_alive(node.daemon_pid):
+                raise LabError(
+                    f"overlayd of h{index} is not running; last lines of its log:\n"
+                    + self.log_tail(index)
+                )
+            code = await http_status(node.ip, HEALTH_PORT, "/readyz")
+            if code == 200:
+                return
+            if loop.time() > deadline:
+                raise LabError(
+                    f"overlayd of h{index} not ready within {limit}s (/readyz: {code}); "
+                    f"last lines of its log:\n" + self.log_tail(index)
+                )
+            await asyncio.sleep(0.1)
+
+    def log_tail(self, index: int, lines: int = 20) -> str:
+        path = self.node_dir(index) / "overlayd.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def _add_containers(self, node: NodeState, env: SubnetEnv) -> None:
+        for j in range(self.state.containers_per_node):
+            cont = ContainerState(self.container_ns(node.index, j))
+            node.containers.append(cont)
+            self.state.namespaces.append(cont.ns)
+            self.save()
+            await add_netns(cont.ns)
+            attached = await attach_container(node.ns, cont.ns, env, j)
+            cont.ip = str(attached.ip)
+            cont.probe_pid = self._start_probe_server(node.index, cont.ns)
+            self.save()
+            self.progress(f"h{node.index}: container {cont.ns} at {cont.ip}")
+        for cont in node.containers:
+            await self._wait_probe_server(cont)
+
+    def _start_probe_server(self, index: int, ns: str) -> int:
+        log_path = self.node_dir(index) / f"probe-{ns}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                in_ns(ns, [sys.executable, "-m", "integration.probe", "serve"]),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._procs[proc.pid] = proc
+        return proc.pid
+
+    async def _wait_probe_server(self, cont: ContainerState, limit: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while loop.time() < deadline:
+            out = await run("ss", "-Htln", f"sport = :{PROBE_PORT}", ns=cont.ns, check=False)
+            if out.strip():
+                return
+            await asyncio.sleep(0.05)
+        raise LabError(f"probe server in {cont.ns} did not start within {limit}s")
+
+    # ------------------------------------------------------------------ daemons
+
+    async def stop_daemon(self, index: int, sig: int = signal.SIGTERM) -> None:
+        """Signal the host's overlayd and wait until it is gone (SIGKILL after 10 s)."""
+        node = self.node(index)
+        if node.daemon_pid is None:
+            return
+        pid = node.daemon_pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if not await wait_pid_gone(pid, 10.0):
+            await stop_pid(pid, 1.0)
+        self._procs.pop(pid, None)
+        node.daemon_pid = None
+        self.save()
+
+    async def start_daemon(self, index: int, ready_timeout: float = 60.0) -> None:
+        node = self.node(index)
+        if node.daemon_pid is not None and pid_alive(node.daemon_pid):
+            raise LabError(f"overlayd of h{index} already runs (pid {node.daemon_pid})")
+        self._start_daemon(node)
+        await self.wait_ready(index, ready_timeout)
+
+    async def remove_node(self, index: int, delete_lease: bool = True) -> None:
+        """A host leaves: its daemon stops (SIGTERM), its lease is deleted, its namespaces go."""
+        node = self.node(index)
+        await self.stop_daemon(index)
+        if delete_lease and node.subnet is not None:
+            sub = IPv4Network(node.subnet)
+            await self.etcdctl(
+                "del", f"{self.state.prefix}/subnets/{sub.network_address}-{sub.prefixlen}"
+            )
+        for cont in node.containers:
+            await delete_netns(cont.ns)
+            self._forget_ns(cont.ns)
+        await delete_netns(node.ns)
+        self._forget_ns(node.ns)
+        await run("ip", "link", "del", f"h{index}", ns=self.underlay_ns, check=False)
+        self.state.nodes.remove(node)
+        self.save()
+        shutil.rmtree(self.node_dir(index), ignore_errors=True)
+
+    def _forget_ns(self, ns: str) -> None:
+        if ns in self.state.namespaces:
+            self.state.namespaces.remove(ns)
+
+    # ------------------------------------------------------------------ hand-made flannel host
+
+    async def add_flannel_host(self, subnet: IPv4Network | None = None) -> NodeState:
+        """A host set up with iproute2 and etcdctl exactly as flannel would set it up.
+
+        It takes a free subnet (the highest free one unless given), writes its lease in
+        flannel's exact bytes with a 24 h etcd lease, makes flannel.1, writes its subnet.env,
+        programs every current vxlan lease as a peer, and gets its containers.
+        """
+        node = await self._make_host(kind="flannel")
+        leases = await self.leases()
+        if subnet is None:
+            subnet = self._free_subnet_from_top({lease.subnet for lease in leases.values()})
+        node.subnet = str(subnet)
+        node.vtep_mac = flannelhost.random_vtep_mac()
+        self.save()
+        value = flannelhost.flannel_vxlan_lease_value(IPv4Address(node.ip), node.vtep_mac)
+        out = await self.etcdctl("lease", "grant", "86400")
+        lease_id = out.split()[1]
+        key = f"{self.state.prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+        await self.etcdctl("put", f"--lease={lease_id}", key, value)
+        mtu = 1500 - 50
+        await flannelhost.setup_flannel_device(
+            node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
+        )
+        env_text = (
+            f"FLANNEL_NETWORK={self.state.network}\nFLANNEL_SUBNET={subnet.network_address + 1}"
+            f"/{subnet.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n"
+        )
+        self.subnet_file(node.index).write_text(env_text)
+        await self.sync_flannel_host(node.index)
+        self.progress(f"h{node.index}: flannel host by hand, subnet {subnet}, VTEP {node.vtep_mac}")
+        await self._add_containers(node, SubnetEnv.parse(env_text))
+        return node
+
+    def _free_subnet_from_top(self, taken: set[IPv4Network]) -> IPv4Network:
+        net = IPv4Network(self.state.network)
+        length = 24 if net.prefixlen <= 22 else net.prefixlen + 2
+        for sub in reversed(list(net.subnets(new_prefix=length))[1:]):
+            if sub not in taken:
+                return sub
+        raise LabError(f"no free subnet left in {net}")
+
+    async def sync_flannel_host(self, index: int) -> None:
+        """Program the hand-made host's peers from the vxlan leases now in etcd."""
+        node = self.node(index)
+        own = IPv4Network(node.subnet) if node.subnet else None
+        for lease in (await self.leases()).values():
+            if lease.subnet == own or lease.attrs.backend_type != "vxlan":
+                continue
+            data = lease.attrs.backend_data or {}
+            mac = data.get("VtepMAC")
+            if not isinstance(mac, str):
+                continue
+            peer = flannelhost.VxlanPeer(lease.subnet, lease.attrs.public_ip, mac)
+            await flannelhost.add_peer(node.ns, peer)
+
+    # ------------------------------------------------------------------ etcd
+
+    async def etcdctl(self, *args: str, limit: float = 10.0) -> str:
+        env = dict(os.environ, ETCDCTL_API="3")
+        return await run(
+            "etcdctl", f"--endpoints={self.state.etcd_endpoint}", "--command-timeout=5s", *args,
+            limit=limit, env=env,
+        )  # fmt: skip
+
+    async def leases(self) -> dict[IPv4Network, LeaseView]:
+        """The leases now in etcd (malformed ones are skipped, as the daemon does)."""
+        out = await self.etcdctl("get", "--prefix", f"{self.state.prefix}/subnets/", "-w", "json")
+        doc = json.loads(out)
+        result: dict[IPv4Network, LeaseView] = {}
+        for kv in doc.get("kvs", []):
+            key = base64.b64decode(kv["key"]).decode(errors="replace")
+            value = base64.b64decode(kv.get("value", ""))
+            try:
+                subnet, _ = parse_subnet_key(key.rsplit("/", 1)[-1])
+                attrs = LeaseAttrs.from_json(value)
+            except MalformedLease:
+                continue
+            result[subnet] = LeaseView(subnet, attrs, int(kv.get("lease", 0)))
+        return result
+
+    # ------------------------------------------------------------------ traffic
+
+    def containers(self) -> list[tuple[NodeState, ContainerState]]:
+        return [(n, c) for n in self.state.nodes for c in n.containers if c.ip]
+
+    async def matrix(self, probe_limit: float = 2.0) -> list[MatrixEntry]:
+        """Probe every container from every other one, TCP and UDP, all sources at once."""
+        conts = self.containers()
+        alloc = self.state.backend == "alloc"
+
+        async def from_one(src_node: NodeState, src: ContainerState) -> list[MatrixEntry]:
+            targets = [
+                (dn, dc)
+                for dn, dc in conts
+                if dc.ns != src.ns and (not alloc or dn.index == src_node.index)
+            ]
+            if not targets:
+                return []
+            ips = [str(dc.ip) for _, dc in targets]
+            out = await run(
+                sys.executable, "-m", "integration.probe", "check",
+                "--timeout", str(probe_limit), *ips,
+                ns=src.ns, check=False, limit=probe_limit * 3 + 10,
+            )  # fmt: skip
+            by_ip = {str(dc.ip): dc.ns for _, dc in targets}
+            entries = []
+            for r in json.loads(out or "[]"):
+                entries.append(
+                    MatrixEntry(
+                        src.ns,
+                        by_ip[r["target"]],
+                        str(src.ip),
+                        r["target"],
+                        r["proto"],
+                        r["ok"],
+                        r["rtt_ms"],
+                        r["error"],
+                    )
+                )
+            return entries
+
+        parts = await asyncio.gather(*(from_one(n, c) for n, c in conts))
+        return [e for part in parts for e in part]
+
+    async def iface_routes(self, index: int) -> list[dict[str, Any]]:
+        from integration.netns import ip_json
+
+        return await ip_json("route", "show", ns=self.node(index).ns)
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self) -> dict[str, Any]:
+        nodes = []
+        for n in self.state.nodes:
+            alive = n.daemon_pid is not None and pid_alive(n.daemon_pid)
+            ready = alive and await http_status(n.ip, HEALTH_PORT, "/readyz") == 200
+            nodes.append(
+                {
+                    "node": f"h{n.index}",
+                    "namespace": n.ns,
+                    "public_ip": n.ip,
+                    "kind": n.kind,
+                    "daemon_pid": n.daemon_pid,
+                    "alive": alive if n.kind == "overlayd" else None,
+                    "ready": ready if n.kind == "overlayd" else None,
+                    "subnet": n.subnet,
+                    "containers": [{"namespace": c.ns, "ip": c.ip} for c in n.containers],
+                }
+            )
+        leases: list[dict[str, Any]] = []
+        error = None
+        try:
+            for lease in (await self.leases()).values():
+                leases.append(
+                    {
+                        "subnet": str(lease.subnet),
+                        "public_ip": str(lease.attrs.public_ip),
+                        "backend_type": lease.attrs.backend_type,
+                        "backend_data": dict(lease.attrs.backend_data or {}),
+                    }
+                )
+        except (CommandError, ValueError) as e:
+            error = str(e)
+        return {
+            "name": self.name,
+            "state_dir": str(self.dir),
+            "underlay": self.state.underlay,
+            "network": self.state.network,
+            "backend": self.state.backend,
+            "etcd": self.state.etcd_endpoint,
+            "etcd_prefix": self.state.prefix,
+            "etcd_alive": (
+                pid_alive(self.state.etcd_pid) if self.state.etcd_pid is not None else None
+            ),
+            "etcd_error": error,
+            "nodes": nodes,
+            "leases": leases,
+        }
+
+    # ------------------------------------------------------------------ down
+
+    async def down(self) -> list[str]:
+        """Remove everything this lab made, from its state and by name; return what was done."""
+        done: list[str] = []
+        pids = [c.probe_pid for n in self.state.nodes for c in n.containers]
+        pids += [n.daemon_pid for n in self.state.nodes]
+        for pid in pids:
+            if pid is not None and self._ours(pid):
+                await stop_pid(pid)
+                done.append(f"stopped pid {pid}")
+        if self.state.etcd_external and self.state.etcd_endpoint:
+            with contextlib.suppress(CommandError):
+                await self.etcdctl("del", "--prefix", f"{self.state.prefix}/")
+                done.append(f"deleted {self.state.prefix}/ from {self.state.etcd_endpoint}")
+        if self.state.etcd_pid is not None and self._ours(self.state.etcd_pid):
+            await stop_pid(self.state.etcd_pid)
+            done.append(f"stopped etcd pid {self.state.etcd_pid}")
+        # Anything else still naming our state directory (e.g. a daemon of a crashed `up`).
+        for pid in self._pids_naming_state_dir():
+            await stop_pid(pid)
+            done.append(f"stopped leftover pid {pid}")
+        names = list(dict.fromkeys([*reversed(self.state.namespaces), *list_netns(self.ns_prefix)]))
+        for ns in sorted(names, key=lambda s: s == self.underlay_ns):
+            await delete_netns(ns)
+            done.append(f"deleted namespace {ns}")
+        if (await run("ip", "-o", "link", "show", self.mgmt_link, check=False)).strip():
+            await run("ip", "link", "del", self.mgmt_link, check=False)
+            done.append(f"deleted link {self.mgmt_link}")
+        for proc in self._procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        self._procs.clear()
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            done.append(f"removed {self.dir}")
+        self.state = LabState(self.name)
+        return done
+
+    def _ours(self, pid: int) -> bool:
+        """A pid from the state file is only killed if it still runs one of our programs."""
+        if not pid_alive(pid):
+            return False
+        cmd = " ".join(pid_cmdline(pid))
+        return (
+            str(self.dir) in cmd
+            or "integration.probe" in cmd
+            or (pid == self.state.etcd_pid and "etcd" in cmd)
+        )
+
+    def _pids_naming_state_dir(self) -> list[int]:
+        marker = str(self.dir) + "/"
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                if any(marker in a or a == str(self.dir) for a in pid_cmdline(int(entry.name))):
+                    if pid_alive(int(entry.name)):
+                        found.append(int(entry.name))
+        return found
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    subnet: IPv4Network
+    attrs: LeaseAttrs
+    etcd_lease: int
+    """The etcd lease ID (0: a reservation without TTL)."""
+
+
+async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> int | None:
+    """The status code of GET http://host:port/path, or None when nothing answers."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), limit)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    parts = line.split()
+    if len(parts) >= 2 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+async def _free_underlay() -> IPv4Network:
+    """The first /24 of the pool that no address or route of the root namespace touches."""
+    from integration.netns import ip_json
+
+    used: list[IPv4Network] = []
+    for r in await ip_json("route", "show", "table", "all"):
+        dst = r.get("dst", "")
+        if dst and dst != "default" and ":" not in dst:
+            with contextlib.suppress(ValueError):
+                used.append(IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
+    for link in await ip_json("addr", "show"):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet":
+                used.append(IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    for cand in UNDERLAY_POOL.subnets(new_prefix=24):
+        if not any(cand.overlaps(u) for u in used):
+            return cand
+    raise LabError(f"no free /24 left in the underlay pool {UNDERLAY_POOL}")
