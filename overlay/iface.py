@@ -1,0 +1,186 @@
+"""Choosing the external (underlay) interface, as flanneld does.
+
+Order: `--iface` (name or IPv4 address; the first candidate that exists wins), then
+`--iface-regex` (matched with re.search against names and IPv4 addresses, as Go's
+regexp.MatchString), then `--iface-can-reach` (the interface of the route to that address), else
+the interface of the default route (lowest metric). When `--iface`/`--iface-regex` are given
+and nothing matches, or the chosen way finds nothing, InterfaceError says what was tried.
+
+The public IP is `--public-ip` or the interface's first IPv4 address; the MTU is the link's.
+Only pyroute2's AsyncIPRoute is used (the sync IPRoute breaks inside a running loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from socket import AF_INET
+from typing import Any
+
+from backends.base import ExternalInterface
+
+NETLINK_TIMEOUT = 5.0
+
+
+class InterfaceError(RuntimeError):
+    """No usable external interface; the message lists what was tried and what to do."""
+
+
+@dataclass
+class _Link:
+    index: int
+    name: str
+    mtu: int
+    addrs: list[IPv4Address] = field(default_factory=list)
+
+
+async def _collect(result: Any) -> list[Any]:
+    """pyroute2 answers either with a list or with an async generator; make it a list."""
+    if hasattr(result, "__aiter__"):
+        return [msg async for msg in result]
+    return list(result)
+
+
+async def _read_links(ipr: Any) -> dict[int, _Link]:
+    links: dict[int, _Link] = {}
+    for msg in await _collect(await ipr.link("dump")):
+        links[msg["index"]] = _Link(msg["index"], msg.get("ifname"), int(msg.get("mtu") or 0))
+    for msg in await _collect(await ipr.addr("dump", family=AF_INET)):
+        link = links.get(msg["index"])
+        address = msg.get("address") or msg.get("local")
+        if link is not None and address:
+            link.addrs.append(IPv4Address(address))
+    return links
+
+
+def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
+    try:
+        ip = IPv4Address(wanted)
+    except ValueError:
+        ip = None
+    for link in links.values():
+        if ip is not None and ip in link.addrs:
+            return link
+        if ip is None and link.name == wanted:
+            return link
+    return None
+
+
+def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
+    rx = re.compile(pattern)
+    ordered = sorted(links.values(), key=lambda link: link.index)
+    # Addresses first, then names, as flannel does.
+    for link in ordered:
+        if any(rx.search(str(a)) for a in link.addrs):
+            return link
+    for link in ordered:
+        if rx.search(link.name):
+            return link
+    return None
+
+
+async def _route_oif(ipr: Any, dst: IPv4Address) -> tuple[int | None, IPv4Address | None]:
+    try:
+        routes = await _collect(await ipr.route("get", dst=str(dst)))
+    except Exception:  # netlink error: unreachable network and the like
+        return None, None
+    for r in routes:
+        oif = r.get("oif")
+        if oif:
+            src = r.get("prefsrc")
+            return int(oif), IPv4Address(src) if src else None
+    return None, None
+
+
+async def _default_oif(ipr: Any) -> int | None:
+    best: tuple[int, int] | None = None
+    for r in await _collect(await ipr.get_default_routes(family=AF_INET)):
+        oif = r.get("oif")
+        if not oif:
+            multipath = r.get("multipath") or []
+            oif = multipath[0]["oif"] if multipath else None
+        if not oif:
+            continue
+        metric = int(r.get("priority") or 0)
+        if best is None or metric < best[0]:
+            best = (metric, int(oif))
+    return None if best is None else best[1]
+
+
+async def choose_interface(
+    ifaces: Sequence[str] = (),
+    regexes: Sequence[str] = (),
+    can_reach: IPv4Address | None = None,
+    public_ip: IPv4Address | None = None,
+    *,
+    netns: str | None = None,
+    netlink_timeout: float = NETLINK_TIMEOUT,
+) -> ExternalInterface:
+    """Pick the external interface by flannel's rules; raise InterfaceError when none fits."""
+    from pyroute2 import AsyncIPRoute  # heavy import (~0.45 s), only where needed
+
+    kwargs: dict[str, Any] = {"netns": netns} if netns else {}
+    async with asyncio.timeout(netlink_timeout):
+        ipr = AsyncIPRoute(**kwargs)
+        try:
+            links = await _read_links(ipr)
+            link, src, tried = await _choose(ipr, links, ifaces, regexes, can_reach)
+        finally:
+            ipr.close()
+    if link is None:
+        raise InterfaceError(
+            f"no external interface found: tried {'; '.join(tried)}. "
+            "Check the interface exists and has an IPv4 address, or pass --iface NAME|IP"
+        )
+    if src is not None and src in link.addrs:
+        iface_addr = src
+    elif link.addrs:
+        iface_addr = link.addrs[0]
+    else:
+        raise InterfaceError(
+            f"interface {link.name!r} (chosen by {tried[-1]}) has no IPv4 address; "
+            "give it one or pick another with --iface"
+        )
+    return ExternalInterface(
+        name=link.name,
+        index=link.index,
+        iface_addr=iface_addr,
+        public_ip=public_ip or iface_addr,
+        mtu=link.mtu,
+    )
+
+
+async def _choose(
+    ipr: Any,
+    links: dict[int, _Link],
+    ifaces: Sequence[str],
+    regexes: Sequence[str],
+    can_reach: IPv4Address | None,
+) -> tuple[_Link | None, IPv4Address | None, list[str]]:
+    tried: list[str] = []
+    if ifaces or regexes:
+        for wanted in ifaces:
+            tried.append(f"--iface {wanted}")
+            link = _find_by_name_or_ip(links, wanted)
+            if link is not None:
+                return link, None, tried
+        for pattern in regexes:
+            tried.append(f"--iface-regex {pattern}")
+            link = _find_by_regex(links, pattern)
+            if link is not None:
+                return link, None, tried
+        return None, None, tried
+    if can_reach is not None:
+        tried.append(f"--iface-can-reach {can_reach} (route lookup)")
+        oif, src = await _route_oif(ipr, can_reach)
+        if oif is not None and oif in links:
+            return links[oif], src, tried
+        return None, None, tried
+    tried.append("the default route's interface (no --iface, --iface-regex or --iface-can-reach)")
+    oif = await _default_oif(ipr)
+    if oif is not None and oif in links:
+        return links[oif], None, tried
+    return None, None, tried
