@@ -109,14 +109,18 @@ class LeaseAttrs:
             raise MalformedLease(f"lease value is not JSON: {e}") from None
         if not isinstance(doc, dict):
             raise MalformedLease(f"lease value is not a JSON object: {text!r:.80}")
+        ip_raw = doc.get("PublicIP")
         try:
-            public_ip = IPv4Address(doc["PublicIP"])
-        except (KeyError, ValueError, TypeError):
-            raise MalformedLease(
-                f"lease value has no valid PublicIP: {doc.get('PublicIP')!r}"
-            ) from None
+            # A string only: ipaddress would also accept an integer, flannel never writes one.
+            if not isinstance(ip_raw, str):
+                raise TypeError(ip_raw)
+            public_ip = IPv4Address(ip_raw)
+        except (ValueError, TypeError):
+            raise MalformedLease(f"lease value has no valid PublicIP: {ip_raw!r}") from None
         v6_raw = doc.get("PublicIPv6")
         try:
+            if v6_raw is not None and not isinstance(v6_raw, str):
+                raise TypeError(v6_raw)
             public_ipv6 = IPv6Address(v6_raw) if v6_raw else None
         except (ValueError, TypeError):
             raise MalformedLease(f"lease value has an invalid PublicIPv6: {v6_raw!r}") from None
@@ -215,7 +219,9 @@ class NetworkConfig:
         if network.prefixlen > 28:
             raise ConfigError("Network", net_raw, "too small: the prefix must be /28 or shorter")
 
-        if "subnetlen" in doc and doc["subnetlen"] not in (None, 0):
+        if doc.get("subnetlen") is not None and not (
+            type(doc["subnetlen"]) is int and doc["subnetlen"] == 0
+        ):
             subnet_len = _int(doc, "subnetlen", "SubnetLen")
         elif network.prefixlen <= 22:
             subnet_len = 24

@@ -1,0 +1,123 @@
+"""Which subnet a host gets: flannel's order of preference, as pure functions.
+
+No etcd here: the manager lists the leases, asks `choose()` and then tries to claim the answer
+with a transaction. Tested without root or etcd (tests/test_allocation.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Literal
+
+from subnetmgr.model import Lease, NetworkConfig, Subnet
+
+MAX_CANDIDATES = 100
+"""Flannel collects up to this many free subnets and picks one of them at random."""
+
+
+def _span(net: IPv4Network) -> tuple[int, int]:
+    """The half-open integer range [first, last + 1) of the addresses in `net`."""
+    start = int(net.network_address)
+    return start, start + net.num_addresses
+
+
+def _merged_spans(taken: Iterable[IPv4Network]) -> list[tuple[int, int]]:
+    spans = sorted(_span(n) for n in taken)
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def free_subnets(
+    config: NetworkConfig, taken: Iterable[IPv4Network], limit: int = MAX_CANDIDATES
+) -> list[Subnet]:
+    """Walk SubnetMin..SubnetMax in SubnetLen steps and return up to `limit` subnets that
+    overlap none of `taken` (leases and reservations of any size), lowest first.
+
+    Runs in O(len(taken) + walked subnets): the taken ranges are merged and swept once.
+    """
+    step = 1 << (32 - config.subnet_len)
+    addr = int(config.subnet_min.network_address)
+    last = int(config.subnet_max.network_address)
+    spans = _merged_spans(taken)
+    i = 0
+    out: list[Subnet] = []
+    while addr <= last and len(out) < limit:
+        while i < len(spans) and spans[i][1] <= addr:
+            i += 1
+        if i < len(spans) and spans[i][0] < addr + step:
+            # Overlaps a taken range: jump to the first aligned subnet after it.
+            end = spans[i][1]
+            addr += ((end - addr + step - 1) // step) * step
+            continue
+        out.append(IPv4Network((addr, config.subnet_len)))
+        addr += step
+    return out
+
+
+def is_free(subnet: IPv4Network, taken: Iterable[IPv4Network]) -> bool:
+    """Whether `subnet` overlaps none of `taken`."""
+    return not any(subnet.overlaps(t) for t in taken)
+
+
+def own_leases(
+    config: NetworkConfig, leases: Iterable[Lease], public_ip: IPv4Address
+) -> list[Lease]:
+    """Leases and reservations held by `public_ip` that still fit the config.
+
+    Reservations come first (an operator asked for them), then leases, each in subnet order,
+    so that a host with several leases (a config change, a crash mid-acquire) is deterministic.
+    """
+    mine = [
+        lease
+        for lease in leases
+        if lease.attrs.public_ip == public_ip and config.contains(lease.subnet)
+    ]
+    return sorted(mine, key=lambda lease: (not lease.reserved, int(lease.subnet.network_address)))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The subnet to claim, and how it was found.
+
+    `existing` is the lease or reservation already in etcd when `reason` is "own" or
+    "reserved": the manager updates it in place instead of creating a new key.
+    """
+
+    subnet: Subnet
+    reason: Literal["own", "reserved", "previous", "random"]
+    existing: Lease | None = None
+
+
+def choose(
+    config: NetworkConfig,
+    leases: Sequence[Lease],
+    public_ip: IPv4Address,
+    previous: IPv4Network | None = None,
+    rng: random.Random | None = None,
+) -> Choice | None:
+    """Flannel's order of preference; None means "out of subnets".
+
+    1. a lease or reservation whose PublicIP is ours and that fits the config;
+    2. `previous` (from subnet.env) when it fits the config and overlaps no other lease;
+    3. a random one among the first `MAX_CANDIDATES` free subnets.
+    """
+    mine = own_leases(config, leases, public_ip)
+    if mine:
+        lease = mine[0]
+        return Choice(lease.subnet, "reserved" if lease.reserved else "own", lease)
+    taken = [lease.subnet for lease in leases]
+    if previous is not None and config.contains(previous) and is_free(previous, taken):
+        return Choice(previous, "previous")
+    candidates = free_subnets(config, taken)
+    if not candidates:
+        return None
+    return Choice((rng or random.Random()).choice(candidates), "random")

@@ -1,0 +1,414 @@
+"""Lease lifecycle on top of a `Registry`: config, acquisition, renewal, and the lease mirror.
+
+- `SubnetManager.acquire` follows flannel's order of preference (allocation.choose) and claims
+  the subnet with a transaction, retrying on conflict (10 tries, as flannel).
+- `SubnetManager.keep` renews before expiry without changing the value, and when our key is
+  deleted, revoked or overwritten logs a WARNING and acquires again (same subnet when free).
+- `LeaseMirror` keeps every valid lease in memory: list, then watch from the next revision;
+  resumes after a disconnect from the last revision seen, re-lists after compaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
+
+from subnetmgr import allocation
+from subnetmgr.model import (
+    LEASE_TTL_SECONDS,
+    ConfigError,
+    Lease,
+    LeaseAttrs,
+    NetworkConfig,
+    Subnet,
+)
+from subnetmgr.registry import (
+    Compacted,
+    LeaseEvent,
+    LeaseLost,
+    Registry,
+    RegistryError,
+)
+
+__all__ = [
+    "LeaseEvent",
+    "LeaseMirror",
+    "OutOfSubnets",
+    "SubnetManager",
+]
+
+log = logging.getLogger("overlay.subnetmgr.manager")
+mirror_log = logging.getLogger("overlay.subnetmgr.mirror")
+
+ACQUIRE_ATTEMPTS = 10
+"""Transactions tried before giving up on conflicts, as flannel."""
+
+CONFIG_EXAMPLE = '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}'
+
+
+class OutOfSubnets(RuntimeError):
+    """No free subnet is left in SubnetMin..SubnetMax."""
+
+
+class AcquireConflict(RuntimeError):
+    """Every attempt to claim a subnet lost the race to another host."""
+
+
+def _same(a: Lease, b: Lease) -> bool:
+    """Equal for the data path: the same value and kind, whatever the expiry."""
+    return (a.attrs, a.ipv6_subnet, a.reserved) == (b.attrs, b.ipv6_subnet, b.reserved)
+
+
+class _Backoff:
+    """Exponential backoff with jitter, reset after a success."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self.first = first
+        self.cap = cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay * random.uniform(0.5, 1.0))
+        self.delay = min(self.delay * 2, self.cap)
+
+
+class SubnetManager:
+    """Acquires and keeps this host's lease. One per daemon; no state beyond its arguments."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        renew_margin: float = 3600.0,
+        ttl: int = LEASE_TTL_SECONDS,
+        max_attempts: int = ACQUIRE_ATTEMPTS,
+        rng: random.Random | None = None,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        if not 0 <= renew_margin < ttl:
+            raise ValueError(
+                f"renew margin {renew_margin}s must be at least 0 and below the lease TTL {ttl}s"
+            )
+        self.registry = registry
+        self.renew_margin = renew_margin
+        self.ttl = ttl
+        self.max_attempts = max_attempts
+        self._rng = rng or random.Random()
+
+    # ------------------------------------------------------------------ config
+
+    async def wait_for_config(self, retry_interval: float = 1.0) -> NetworkConfig:
+        """Poll `<prefix>/config` until it holds a valid network config.
+
+        A missing or invalid config is logged once at WARNING, then every 60 s at INFO; an
+        unreachable etcd likewise.
+        """
+        key = getattr(self.registry, "config_key", "<prefix>/config")
+        last_problem = ""
+        last_logged = 0.0
+        while True:
+            try:
+                text = await self.registry.get_config_text()
+                if text is None:
+                    problem = (
+                        f"no network config at {key}; write one with "
+                        f"`overlayctl config set '{CONFIG_EXAMPLE}'` "
+                        f"(or `etcdctl put {key} '{CONFIG_EXAMPLE}'`)"
+                    )
+                else:
+                    try:
+                        config = NetworkConfig.from_json(text)
+                    except ConfigError as e:
+                        problem = f"invalid network config at {key}: {e}; waiting for a fix"
+                    else:
+                        if last_problem:
+                            log.info("network config found at %s", key)
+                        return config
+            except RegistryError as e:
+                problem = f"cannot read the network config: {e}"
+            now = time.monotonic()
+            if problem != last_problem:
+                log.warning("%s", problem)
+                last_problem, last_logged = problem, now
+            elif now - last_logged >= 60:
+                log.info("still waiting: %s", problem)
+                last_logged = now
+            await asyncio.sleep(retry_interval)
+
+    # ------------------------------------------------------------------ acquire
+
+    async def acquire(
+        self, config: NetworkConfig, attrs: LeaseAttrs, previous: Subnet | None = None
+    ) -> Lease:
+        """Get a lease for `attrs.public_ip`; see allocation.choose for the order.
+
+        Raises OutOfSubnets when no subnet is free, AcquireConflict after `max_attempts`
+        lost races, RegistryError when etcd cannot be used.
+        """
+        for attempt in range(1, self.max_attempts + 1):
+            leases, _ = await self.registry.list_leases()
+            choice = allocation.choose(config, leases, attrs.public_ip, previous, self._rng)
+            if choice is None:
+                raise OutOfSubnets(
+                    f"out of subnets: no free /{config.subnet_len} left between "
+                    f"{config.subnet_min.network_address} and {config.subnet_max.network_address} "
+                    f"in {config.network} ({len(leases)} leases); widen Network or SubnetMin/"
+                    "SubnetMax, or delete stale leases"
+                )
+            if choice.existing is not None:
+                lease = await self.registry.update_lease(choice.existing, attrs, self.ttl)
+            else:
+                lease = await self.registry.create_lease(choice.subnet, attrs, self.ttl)
+            if lease is not None:
+                log.info(
+                    "acquired %s %s for %s (%s)",
+                    "reservation" if lease.reserved else "lease",
+                    lease.subnet,
+                    attrs.public_ip,
+                    choice.reason,
+                )
+                return lease
+            log.info(
+                "subnet %s was taken meanwhile (attempt %d of %d); trying again",
+                choice.subnet,
+                attempt,
+                self.max_attempts,
+            )
+            # Jitter keeps hosts that collided from colliding again in lockstep.
+            await asyncio.sleep(self._rng.uniform(0, 0.02 * attempt))
+        raise AcquireConflict(
+            f"could not claim a subnet for {attrs.public_ip} in {self.max_attempts} attempts: "
+            "other hosts took each one first; try again"
+        )
+
+    # ------------------------------------------------------------------ keep
+
+    async def keep(
+        self, config: NetworkConfig, own: Lease, on_change: Callable[[Lease], Awaitable[None]]
+    ) -> None:
+        """Hold `own` until cancelled: renew it, and replace it when it is lost."""
+        while True:
+            reason = await self._hold(own)
+            log.warning(
+                "LOST our lease %s (%s): %s; acquiring a lease again, the same subnet if free",
+                own.subnet,
+                own.attrs.public_ip,
+                reason,
+            )
+            own = await self._reacquire(config, own)
+            log.warning(
+                "re-acquired %s for %s after losing %s", own.subnet, own.attrs.public_ip, reason
+            )
+            await on_change(own)
+
+    async def _reacquire(self, config: NetworkConfig, lost: Lease) -> Lease:
+        backoff = _Backoff(first=0.5, cap=30.0)
+        while True:
+            try:
+                return await self.acquire(config, lost.attrs, previous=lost.subnet)
+            except (RegistryError, OutOfSubnets, AcquireConflict) as e:
+                log.error("cannot re-acquire a lease for %s: %s; retrying", lost.attrs.public_ip, e)
+                await backoff.sleep()
+
+    async def _hold(self, own: Lease) -> str:
+        """Renew `own` and watch its key; return why it was lost."""
+        current = own
+        lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def set_lost(reason: str) -> None:
+            if not lost.done():
+                lost.set_result(reason)
+
+        async def renew_loop() -> None:
+            nonlocal current
+            backoff = _Backoff(first=1.0, cap=30.0)
+            while True:
+                if current.expiration is None:  # a reservation does not expire
+                    await asyncio.Event().wait()
+                    return
+                delay = current.expiration - self.renew_margin - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                try:
+                    current = await self.registry.renew_lease(current, self.ttl)
+                    backoff.reset()
+                    until = time.gmtime(current.expiration or 0)
+                    log.info(
+                        "renewed lease %s until %s UTC",
+                        current.subnet,
+                        time.strftime("%Y-%m-%d %H:%M:%S", until),
+                    )
+                except LeaseLost as e:
+                    set_lost(str(e))
+                    return
+                except RegistryError as e:
+                    left = (current.expiration or 0) - time.time()
+                    log.error("could not renew lease %s (%.0fs left): %s", current.subnet, left, e)
+                    await backoff.sleep()
+
+        async def watch_loop() -> None:
+            backoff = _Backoff()
+            while True:
+                try:
+                    lease, revision = await self.registry.get_lease(own.subnet)
+                    if lease is None:
+                        set_lost("the key is gone (expired, revoked or deleted)")
+                        return
+                    if lease.attrs != own.attrs:
+                        set_lost(f"the key was overwritten with {lease.attrs.to_json()}")
+                        return
+                    backoff.reset()
+                    async for ev in self.registry.watch_leases(revision + 1, own.subnet):
+                        if ev.kind == "removed":
+                            set_lost("the key was deleted or its etcd lease expired or was revoked")
+                            return
+                        if ev.lease.attrs != own.attrs:
+                            set_lost(f"the key was overwritten with {ev.lease.attrs.to_json()}")
+                            return
+                except Compacted:
+                    continue  # the next get_lease re-reads the state
+                except RegistryError as e:
+                    log.warning("watching our lease %s: %s; retrying", own.subnet, e)
+                    await backoff.sleep()
+
+        tasks = [asyncio.create_task(renew_loop()), asyncio.create_task(watch_loop())]
+        try:
+            return await lost
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LeaseMirror:
+    """Every valid lease in etcd, kept current by a watch. Feed it to a backend's reconcile."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._leases: dict[Subnet, Lease] = {}
+        self.snapshot: Mapping[Subnet, Lease] = MappingProxyType(self._leases)
+        self.ready = asyncio.Event()
+        self.revision = 0
+        """The last store revision the mirror reflects."""
+        self.relists = 0
+        """How many times the mirror listed everything (1 + compactions)."""
+
+    def _replace(self, leases: list[Lease]) -> set[Subnet]:
+        new = {lease.subnet: lease for lease in leases}
+        changed = {s for s in self._leases.keys() - new.keys()}
+        changed |= {
+            s
+            for s, lease in new.items()
+            if s not in self._leases or not _same(self._leases[s], lease)
+        }
+        self._leases.clear()
+        self._leases.update(new)
+        return changed
+
+    def _apply(self, events: list[LeaseEvent]) -> set[Subnet]:
+        changed: set[Subnet] = set()
+        for ev in events:
+            subnet = ev.lease.subnet
+            old = self._leases.get(subnet)
+            if ev.kind == "added":
+                if old is None or not _same(old, ev.lease):
+                    changed.add(subnet)
+                self._leases[subnet] = ev.lease
+            elif old is not None:
+                del self._leases[subnet]
+                changed.add(subnet)
+            self.revision = max(self.revision, ev.revision)
+        return changed
+
+    async def run(
+        self, on_change: Callable[[Mapping[Subnet, Lease], set[Subnet]], Awaitable[None]]
+    ) -> None:
+        """Until cancelled: list (on_change with every subnet), then follow the watch and call
+        on_change(snapshot, changed subnets) per batch. Removed subnets are in `changed` and
+        absent from the snapshot."""
+        backoff = _Backoff()
+        need_list = True
+        outage = False
+        while True:
+            try:
+                if need_list:
+                    leases, revision = await self.registry.list_leases()
+                    first = not self.ready.is_set()
+                    changed = self._replace(leases)
+                    self.revision = revision
+                    self.relists += 1
+                    need_list = False
+                    mirror_log.info("listed %d leases at revision %d", len(leases), revision)
+                    if first:
+                        self.ready.set()
+                        await on_change(self.snapshot, set(self._leases))
+                    elif changed:
+                        await on_change(self.snapshot, changed)
+                if outage:
+                    mirror_log.warning(
+                        "etcd is back; following lease changes from revision %d", self.revision + 1
+                    )
+                    outage = False
+                await self._follow(on_change, backoff)
+            except Compacted as e:
+                mirror_log.warning("%s; listing all leases again", e)
+                need_list = True
+            except RegistryError as e:
+                if not outage:
+                    mirror_log.warning(
+                        "lease watch interrupted: %s; resuming from revision %d",
+                        e,
+                        self.revision + 1,
+                    )
+                    outage = True
+                else:
+                    mirror_log.debug("lease watch still down: %s", e)
+                await backoff.sleep()
+
+    async def _follow(
+        self,
+        on_change: Callable[[Mapping[Subnet, Lease], set[Subnet]], Awaitable[None]],
+        backoff: _Backoff,
+    ) -> None:
+        """Watch from revision + 1. Batches that arrive while on_change runs are merged."""
+        queue: asyncio.Queue[list[LeaseEvent] | BaseException] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for batch in self.registry.watch_lease_batches(self.revision + 1):
+                    await queue.put(batch)
+                await queue.put(RegistryError("the lease watch ended"))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                await queue.put(e)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                changed: set[Subnet] = set()
+                error: BaseException | None = None
+                for item in items:
+                    if isinstance(item, BaseException):
+                        error = item
+                        break
+                    changed |= self._apply(item)
+                    backoff.reset()
+                if changed:
+                    await on_change(self.snapshot, changed)
+                if error is not None:
+                    raise error
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)

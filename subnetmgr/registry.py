@@ -1,0 +1,475 @@
+"""The store seam: flannel's etcd layout behind a small protocol, and its etcd implementation.
+
+Layout (v3 API, see shared/FLANNEL-COMPAT.md):
+    <prefix>/config                        the network config JSON
+    <prefix>/subnets/10.5.52.0-24          a lease: flannel's value JSON, an etcd lease of 24 h
+    <prefix>/subnets/10.5.53.0-24          a reservation: the same value, no etcd lease
+
+Keys or values that do not follow the format are logged and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+from aetcd import rpc
+
+from subnetmgr.etcdconn import (
+    Compacted,
+    EtcdConnection,
+    EtcdOptions,
+    RegistryError,
+)
+from subnetmgr.model import (
+    Lease,
+    LeaseAttrs,
+    MalformedLease,
+    Subnet,
+    parse_subnet_key,
+    subnet_key,
+)
+
+__all__ = [
+    "Compacted",
+    "EtcdOptions",
+    "EtcdRegistry",
+    "LeaseEvent",
+    "LeaseLost",
+    "Registry",
+    "RegistryError",
+]
+
+log = logging.getLogger("overlay.subnetmgr.registry")
+
+_TTL_LOOKUPS_IN_FLIGHT = 64
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """One change to the leases in etcd.
+
+    "added" is also used for a changed value. "removed" carries the last known lease: the
+    previous value as etcd reports it (prev_kv); when etcd no longer has that (compacted), the
+    lease's PublicIP is 0.0.0.0 and the mirror substitutes the lease it knew.
+    """
+
+    kind: Literal["added", "removed"]
+    lease: Lease
+    revision: int
+
+
+class LeaseLost(RuntimeError):
+    """Our lease is gone from etcd (expired, revoked, deleted) or now holds another value."""
+
+
+class Registry(Protocol):
+    async def get_config_text(self) -> str | None: ...
+
+    async def put_config_text(self, text: str) -> None: ...
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        """Valid leases and the store revision; malformed ones are logged and skipped."""
+        ...
+
+    async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
+        """One lease (None when absent or malformed) and the store revision."""
+        ...
+
+    async def create_lease(self, subnet: Subnet, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        """Create the key atomically; None when it exists already."""
+        ...
+
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        """Rewrite an existing lease of ours with `attrs` (a reservation stays one, a lease gets a
+        fresh TTL); None when the key is gone or no longer holds `lease`'s PublicIP."""
+        ...
+
+    async def renew_lease(self, lease: Lease, ttl: int) -> Lease:
+        """Same value, new expiration; raises LeaseLost when the key is gone or changed."""
+        ...
+
+    async def delete_lease(self, subnet: Subnet) -> bool: ...
+
+    async def reserve(self, subnet: Subnet, public_ip: IPv4Address) -> None: ...
+
+    async def unreserve(self, subnet: Subnet) -> bool: ...
+
+    def watch_leases(
+        self, start_revision: int, subnet: Subnet | None = None
+    ) -> AsyncIterator[LeaseEvent]: ...
+
+    def watch_lease_batches(
+        self, start_revision: int, subnet: Subnet | None = None
+    ) -> AsyncIterator[list[LeaseEvent]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """The end of the key range holding every key that starts with `prefix`."""
+    b = bytearray(prefix)
+    for i in reversed(range(len(b))):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def _put_op(key: bytes, value: bytes, lease_id: int) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease_id))
+
+
+class EtcdRegistry:
+    """`Registry` on a real etcd (v3 API), through `EtcdConnection`.
+
+    Use `await EtcdRegistry.connect(opts)`, or `async with await EtcdRegistry.connect(opts)`.
+    Connecting contacts nobody: the first call does, and fails with `RegistryError` naming
+    the endpoints when none answers.
+    """
+
+    def __init__(self, opts: EtcdOptions) -> None:
+        self.opts = opts
+        self._conn = EtcdConnection(opts)
+        prefix = opts.prefix.rstrip("/")
+        self._config_key = f"{prefix}/config".encode()
+        self._subnets = f"{prefix}/subnets/".encode()
+        self._subnets_end = _range_end(self._subnets)
+        self._expiry: dict[int, float] = {}
+        """etcd lease ID -> Unix time of expiry. Our renewals grant new IDs (as flannel's do),
+        so an ID's expiry does not move and can be cached."""
+
+    @classmethod
+    async def connect(cls, opts: EtcdOptions) -> EtcdRegistry:
+        return cls(opts)
+
+    async def __aenter__(self) -> EtcdRegistry:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def key(self, subnet: Subnet) -> bytes:
+        return self._subnets + subnet_key(subnet).encode()
+
+    @property
+    def timeout(self) -> float:
+        return self.opts.timeout
+
+    async def _range(self, key: bytes, range_end: bytes | None = None) -> Any:
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            req = rpc.RangeRequest(key=key, range_end=range_end or b"")
+            return await c.kv.Range(req, timeout=self.timeout, metadata=md)
+
+        return await self._conn.call("get", go)
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> Any:
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            req = rpc.TxnRequest(compare=compare, success=success, failure=[])
+            return await c.kv.Txn(req, timeout=self.timeout, metadata=md)
+
+        return await self._conn.call("transaction", go)
+
+    async def _grant(self, ttl: int) -> tuple[int, float]:
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            return await c.lease.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout, metadata=md
+            )
+
+        resp = await self._conn.call("lease grant", go)
+        expiry = time.time() + resp.TTL
+        self._expiry[resp.ID] = expiry
+        return resp.ID, expiry
+
+    async def _revoke(self, lease_id: int) -> None:
+        """Best effort: a lease we failed to attach or replaced would expire by itself anyway."""
+
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            return await c.lease.LeaseRevoke(
+                rpc.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout, metadata=md
+            )
+
+        self._expiry.pop(lease_id, None)
+        try:
+            await self._conn.call("lease revoke", go)
+        except RegistryError as e:
+            log.debug("could not revoke etcd lease %x: %s", lease_id, e)
+
+    async def _expiration(self, lease_id: int) -> float | None:
+        """None for a reservation (no etcd lease), else the Unix time the lease expires."""
+        if lease_id == 0:
+            return None
+        cached = self._expiry.get(lease_id)
+        if cached is not None:
+            return cached
+
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            return await c.lease.LeaseTimeToLive(
+                rpc.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout, metadata=md
+            )
+
+        resp = await self._conn.call("lease time-to-live", go)
+        # TTL is -1 when the lease has just expired: the key is about to go.
+        expiry = time.time() + max(int(resp.TTL), 0)
+        self._expiry[lease_id] = expiry
+        return expiry
+
+    async def _expirations(self, lease_ids: set[int]) -> None:
+        """Look up the expiry of many leases at once, a bounded number in flight."""
+        missing = [i for i in lease_ids if i and i not in self._expiry]
+        sem = asyncio.Semaphore(_TTL_LOOKUPS_IN_FLIGHT)
+
+        async def one(lease_id: int) -> None:
+            async with sem:
+                await self._expiration(lease_id)
+
+        async with asyncio.TaskGroup() as tg:
+            for lease_id in missing:
+                tg.create_task(one(lease_id))
+
+    def _decode(self, key: bytes, value: bytes, lease_id: int) -> Lease | None:
+        """The lease in a key/value pair, or None (logged) when either is malformed."""
+        try:
+            name = key.decode()
+        except UnicodeDecodeError:
+            log.warning("skipping a lease key that is not UTF-8: %r", key)
+            return None
+        try:
+            subnet, v6 = parse_subnet_key(name[len(self._subnets) :])
+            attrs = LeaseAttrs.from_json(value)
+        except MalformedLease as e:
+            log.warning("skipping malformed lease %s: %s", name, e)
+            return None
+        # An expiry not looked up (the previous value of a deleted key) reads as 0.0, never
+        # as None: None would make a lease look like a reservation.
+        return Lease(subnet, attrs, v6, self._expiry.get(lease_id, 0.0) if lease_id else None)
+
+    # ------------------------------------------------------------------ config
+
+    async def get_config_text(self) -> str | None:
+        resp = await self._range(self._config_key)
+        if not resp.kvs:
+            return None
+        value: bytes = resp.kvs[0].value
+        return value.decode(errors="replace")
+
+    async def put_config_text(self, text: str) -> None:
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            req = rpc.PutRequest(key=self._config_key, value=text.encode())
+            return await c.kv.Put(req, timeout=self.timeout, metadata=md)
+
+        await self._conn.call("put config", go)
+
+    @property
+    def config_key(self) -> str:
+        return self._config_key.decode()
+
+    # ------------------------------------------------------------------ leases
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        resp = await self._range(self._subnets, self._subnets_end)
+        ids = {kv.lease for kv in resp.kvs}
+        await self._expirations(ids)
+        # Forget expiries of leases no longer attached to any key.
+        self._expiry = {i: t for i, t in self._expiry.items() if i in ids}
+        leases = []
+        for kv in resp.kvs:
+            lease = self._decode(kv.key, kv.value, kv.lease)
+            if lease is not None:
+                leases.append(lease)
+        return leases, int(resp.header.revision)
+
+    async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
+        resp = await self._range(self.key(subnet))
+        revision = int(resp.header.revision)
+        if not resp.kvs:
+            return None, revision
+        kv = resp.kvs[0]
+        await self._expiration(kv.lease)
+        return self._decode(kv.key, kv.value, kv.lease), revision
+
+    async def create_lease(self, subnet: Subnet, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        key = self.key(subnet)
+        lease_id, expiry = await self._grant(ttl)
+        compare = rpc.Compare(
+            key=key, target=rpc.Compare.VERSION, result=rpc.Compare.EQUAL, version=0
+        )
+        try:
+            resp = await self._txn([compare], [_put_op(key, attrs.to_json().encode(), lease_id)])
+        except BaseException:
+            await self._revoke(lease_id)
+            raise
+        if not resp.succeeded:
+            await self._revoke(lease_id)
+            return None
+        return Lease(subnet, attrs, None, expiry)
+
+    async def _rewrite(
+        self, lease: Lease, value: bytes | None, ttl: int, check: LeaseAttrs | None
+    ) -> tuple[Lease | None, str]:
+        """Re-put `lease`'s key, atomically against its current revision.
+
+        `value` None keeps the stored bytes. `check`: the stored value must decode to exactly
+        these attrs (else only its PublicIP must match `lease`'s). A reservation stays one.
+        Returns the new lease, or None and why not.
+        """
+        key = self.key(lease.subnet)
+        resp = await self._range(key)
+        if not resp.kvs:
+            return None, "the key is gone"
+        kv = resp.kvs[0]
+        try:
+            current = LeaseAttrs.from_json(kv.value)
+        except MalformedLease as e:
+            return None, f"the value is malformed now ({e})"
+        if check is not None and current != check:
+            return None, f"the value changed to {kv.value.decode(errors='replace')}"
+        if current.public_ip != lease.attrs.public_ip:
+            return None, f"the key now belongs to {current.public_ip}"
+        reserved = kv.lease == 0
+        if reserved and value is None:
+            return Lease(lease.subnet, current, lease.ipv6_subnet, None), ""  # nothing expires
+        new_id, expiry = (0, None) if reserved else await self._grant(ttl)
+        compare = rpc.Compare(
+            key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=kv.mod_revision
+        )
+        put_value = kv.value if value is None else value
+        try:
+            txn = await self._txn([compare], [_put_op(key, put_value, new_id)])
+        except BaseException:
+            if new_id:
+                await self._revoke(new_id)
+            raise
+        if not txn.succeeded:
+            if new_id:
+                await self._revoke(new_id)
+            return None, "the key changed while we rewrote it"
+        if kv.lease:
+            await self._revoke(kv.lease)
+        attrs = current if value is None else LeaseAttrs.from_json(value)
+        return Lease(lease.subnet, attrs, lease.ipv6_subnet, expiry), ""
+
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        new, why = await self._rewrite(lease, attrs.to_json().encode(), ttl, None)
+        if new is None:
+            log.info("could not update lease %s: %s", lease.subnet, why)
+        return new
+
+    async def renew_lease(self, lease: Lease, ttl: int) -> Lease:
+        new, why = await self._rewrite(lease, None, ttl, lease.attrs)
+        if new is None:
+            raise LeaseLost(f"lease {lease.subnet} of {lease.attrs.public_ip} was lost: {why}")
+        return new
+
+    async def delete_lease(self, subnet: Subnet) -> bool:
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            req = rpc.DeleteRangeRequest(key=self.key(subnet))
+            return await c.kv.DeleteRange(req, timeout=self.timeout, metadata=md)
+
+        resp = await self._conn.call("delete", go)
+        return bool(resp.deleted)
+
+    async def reserve(self, subnet: Subnet, public_ip: IPv4Address) -> None:
+        """Put a permanent reservation (no etcd lease) for `public_ip`, replacing whatever the
+        key held: a lease of that host becomes permanent, with its value kept."""
+        key = self.key(subnet)
+        resp = await self._range(key)
+        value = LeaseAttrs(public_ip).to_json().encode()
+        if resp.kvs:
+            try:
+                if LeaseAttrs.from_json(resp.kvs[0].value).public_ip == public_ip:
+                    value = resp.kvs[0].value
+            except MalformedLease:
+                pass
+
+        async def go(c: EtcdConnection, md: Any) -> Any:
+            return await c.kv.Put(
+                rpc.PutRequest(key=key, value=value), timeout=self.timeout, metadata=md
+            )
+
+        await self._conn.call("put reservation", go)
+
+    async def unreserve(self, subnet: Subnet) -> bool:
+        """Delete the key only if it is a reservation (has no etcd lease)."""
+        key = self.key(subnet)
+        compare = rpc.Compare(key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL, lease=0)
+        exists = rpc.Compare(
+            key=key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0
+        )
+        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+        resp = await self._txn([exists, compare], [delete])
+        return bool(resp.succeeded)
+
+    # ------------------------------------------------------------------ watch
+
+    async def watch_lease_batches(
+        self, start_revision: int, subnet: Subnet | None = None
+    ) -> AsyncIterator[list[LeaseEvent]]:
+        """Lease events from `start_revision` on, one list per etcd watch response.
+
+        Raises `Compacted` when that revision is compacted away, `RegistryError` when the
+        stream breaks; the caller resumes from the last revision it saw (+1).
+        """
+        if subnet is None:
+            key, end = self._subnets, self._subnets_end
+        else:
+            key, end = self.key(subnet), b""
+        req = rpc.WatchCreateRequest(
+            key=key, range_end=end, start_revision=start_revision, prev_kv=True
+        )
+        async for resp in self._conn.watch_stream(req):
+            if not resp.events:
+                continue
+            await self._expirations({ev.kv.lease for ev in resp.events if ev.type == 0})
+            batch = []
+            for ev in resp.events:
+                event = self._event(ev)
+                if event is not None:
+                    batch.append(event)
+            if batch:
+                yield batch
+
+    def _event(self, ev: Any) -> LeaseEvent | None:
+        kv = ev.kv
+        revision = int(kv.mod_revision)
+        if ev.type == 0:  # PUT
+            lease = self._decode(kv.key, kv.value, kv.lease)
+            if lease is not None:
+                return LeaseEvent("added", lease, revision)
+            # A valid lease overwritten with garbage is no longer a lease.
+        try:
+            subnet, v6 = parse_subnet_key(kv.key.decode(errors="replace")[len(self._subnets) :])
+        except MalformedLease:
+            return None  # logged by _decode for PUTs; a DELETE of such a key changes nothing
+        last = None
+        if ev.HasField("prev_kv") and ev.prev_kv.value:
+            last = self._decode(ev.prev_kv.key, ev.prev_kv.value, ev.prev_kv.lease)
+        if last is None:
+            last = Lease(subnet, LeaseAttrs(IPv4Address(0)), v6)
+        if ev.type == 1:
+            self._expiry.pop(ev.prev_kv.lease, None)
+        return LeaseEvent("removed", last, revision)
+
+    async def watch_leases(
+        self, start_revision: int, subnet: Subnet | None = None
+    ) -> AsyncIterator[LeaseEvent]:
+        """Like `watch_lease_batches`, one event at a time."""
+        async for batch in self.watch_lease_batches(start_revision, subnet):
+            for event in batch:
+                yield event
