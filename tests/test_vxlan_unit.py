@@ -1,0 +1,222 @@
+"""Pure tests of the vxlan backend's option parsing, desired state and planning (no root)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from typing import Any
+
+import pytest
+
+from backends import netlink as nl
+from backends.base import ExternalInterface
+from backends.vxlan import (
+    Peer,
+    VxlanOptions,
+    desired_peers,
+    device_mtu,
+    plan,
+    random_mac,
+)
+from subnetmgr.model import ConfigError, Lease, LeaseAttrs
+
+NET = IPv4Network("10.5.0.0/16")
+VX, EXT = 10, 2
+
+
+def ext(mtu: int = 1500, addr: Any = None) -> ExternalInterface:
+    a = addr or IPv4Address("192.168.90.1")
+    return ExternalInterface("eth0", EXT, a, a, mtu)
+
+
+def lease(
+    subnet: str, ip: str, mac: str | None = "0a:00:00:00:00:02", btype: str = "vxlan"
+) -> Lease:
+    data = {"VNI": 1, "VtepMAC": mac} if mac is not None else None
+    return Lease(IPv4Network(subnet), LeaseAttrs(IPv4Address(ip), None, btype, data))
+
+
+def test_options_defaults_follow_flannel() -> None:
+    o = VxlanOptions.from_backend({"type": "vxlan"})
+    assert (o.vni, o.port, o.gbp, o.learning, o.mtu, o.direct_routing) == (
+        1,
+        8472,
+        False,
+        False,
+        0,
+        False,
+    )
+    assert o.device == "flannel.1"
+    assert not o.disable_tx_checksum
+
+
+def test_options_are_case_insensitive_and_port_zero_means_8472() -> None:
+    o = VxlanOptions.from_backend(
+        {"VNI": 42, "Port": 0, "DirectRouting": True, "DisableTxChecksumOffload": True}
+    )
+    assert (o.vni, o.port, o.direct_routing, o.disable_tx_checksum) == (42, 8472, True, True)
+    assert o.device == "flannel.42"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [
+        ("vni", "1", "Backend.VNI"),
+        ("vni", 1 << 24, "Backend.VNI"),
+        ("vni", 10_000_000, "Backend.VNI"),  # flannel.10000000 is 16 characters
+        ("port", 70000, "Backend.Port"),
+        ("mtu", 40, "Backend.MTU"),
+        ("learning", "yes", "Backend.Learning"),
+        ("directrouting", 1, "Backend.DirectRouting"),
+        ("disabletxchecksumoffload", "off", "Backend.DisableTxChecksumOffload"),
+    ],
+)
+def test_bad_options_name_the_field_and_value(key: str, value: object, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        VxlanOptions.from_backend({key: value})
+    assert info.value.field == field
+    assert repr(value) in str(info.value)
+
+
+def test_mtu_rules() -> None:
+    assert device_mtu(VxlanOptions(), ext(1500)) == 1450
+    assert device_mtu(VxlanOptions(), ext(9000)) == 8950
+    assert device_mtu(VxlanOptions(mtu=1300), ext(9000)) == 1300
+    # An IPv6 underlay costs 70 bytes (flannel's rule).
+    assert device_mtu(VxlanOptions(), ext(1500, IPv6Address("fd00::1"))) == 1430
+
+
+def test_random_mac_is_locally_administered_unicast() -> None:
+    macs = {random_mac() for _ in range(200)}
+    assert len(macs) == 200
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01
+
+
+def test_desired_peers_filters_types_own_subnet_and_malformed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leases = [
+        lease("10.5.2.0/24", "192.168.90.2", "0A:00:00:00:00:02"),
+        lease("10.5.3.0/24", "192.168.90.3", None, "host-gw"),
+        lease("10.5.4.0/24", "192.168.90.4", None, ""),
+        lease("10.5.5.0/24", "192.168.90.5", "not-a-mac"),
+        lease("10.5.6.0/24", "192.168.90.6", "01:00:00:00:00:06"),  # multicast
+        lease("10.5.1.0/24", "192.168.90.1", "0a:00:00:00:00:01"),  # our own
+        lease("10.5.7.0/24", "10.99.0.7", "0a:00:00:00:00:07"),
+    ]
+    skipped: set[tuple[str, str]] = set()
+    got = desired_peers(
+        {le.subnet: le for le in leases},
+        IPv4Network("10.5.1.0/24"),
+        [IPv4Network("192.168.90.0/24")],
+        skipped,
+    )
+    assert got == {
+        IPv4Network("10.5.2.0/24"): Peer(
+            IPv4Network("10.5.2.0/24"), "0a:00:00:00:00:02", IPv4Address("192.168.90.2"), True
+        ),
+        IPv4Network("10.5.7.0/24"): Peer(
+            IPv4Network("10.5.7.0/24"), "0a:00:00:00:00:07", IPv4Address("10.99.0.7"), False
+        ),
+    }
+    assert "10.5.5.0-24" in caplog.text and "not-a-mac" in caplog.text
+    assert "10.5.6.0-24" in caplog.text
+    # Logged once per lease and value, not on every reconcile.
+    caplog.clear()
+    desired_peers({le.subnet: le for le in leases}, None, None, skipped)
+    assert "malformed" not in caplog.text
+
+
+def _peer(n: int, direct: bool = False) -> Peer:
+    return Peer(
+        IPv4Network(f"10.5.{n}.0/24"),
+        f"0a:00:00:00:00:{n:02x}",
+        IPv4Address(f"192.168.90.{n}"),
+        direct,
+    )
+
+
+def _kernel_for(peers: list[Peer]) -> tuple[list[nl.Neighbour], list[nl.FdbEntry], list[nl.Route]]:
+    neigh = [
+        nl.Neighbour(VX, p.subnet.network_address, p.vtep_mac, nl.NUD_PERMANENT) for p in peers
+    ]
+    fdb = [nl.FdbEntry(VX, p.vtep_mac, p.public_ip, nl.NUD_PERMANENT, nl.NTF_SELF) for p in peers]
+    routes = [
+        nl.Route(p.subnet, VX, p.subnet.network_address, 254, 3, 0, 1, nl.RTNH_F_ONLINK, None)
+        for p in peers
+    ]
+    return neigh, fdb, routes
+
+
+def _plan(desired: list[Peer], kernel: tuple[list[Any], list[Any], list[Any]]) -> Any:
+    neigh, fdb, routes = kernel
+    return plan(
+        {p.subnet: p for p in desired},
+        vx_index=VX,
+        ext_index=EXT,
+        network=NET,
+        neighbours=neigh,
+        fdb=fdb,
+        routes=routes,
+    )
+
+
+def test_plan_is_empty_when_the_kernel_matches() -> None:
+    peers = [_peer(2), _peer(3)]
+    assert len(_plan(peers, _kernel_for(peers))) == 0
+
+
+def test_plan_adds_in_flannel_order_and_removes_stale() -> None:
+    p = _plan([_peer(2)], _kernel_for([_peer(3)]))
+    assert [r.type for r in p.adds] == [nl.RTM_NEWNEIGH, nl.RTM_NEWNEIGH, nl.RTM_NEWROUTE]
+    assert [r.what for r in p.adds] == [
+        "neighbour 10.5.2.0 lladdr 0a:00:00:00:00:02",
+        "fdb 0a:00:00:00:00:02 dst 192.168.90.2",
+        "route 10.5.2.0/24 via 10.5.2.0 dev #10 onlink",
+    ]
+    assert [r.what for r in p.deletes] == [
+        "route 10.5.3.0/24 via 10.5.3.0 (delete)",
+        "neighbour 10.5.3.0 (delete)",
+        "fdb 0a:00:00:00:00:03 dst 192.168.90.3 (delete)",
+    ]
+
+
+def test_plan_replaces_changed_mac_and_public_ip() -> None:
+    old = _peer(2)
+    new = Peer(old.subnet, "0a:00:00:00:00:99", IPv4Address("192.168.90.77"), False)
+    p = _plan([new], _kernel_for([old]))
+    assert [r.what for r in p.adds] == [
+        "neighbour 10.5.2.0 lladdr 0a:00:00:00:00:99",
+        "fdb 0a:00:00:00:00:99 dst 192.168.90.77",
+    ]
+    assert [r.what for r in p.deletes] == ["fdb 0a:00:00:00:00:02 dst 192.168.90.2 (delete)"]
+
+
+def test_plan_direct_routing_moves_the_route_and_drops_neigh_and_fdb() -> None:
+    p = _plan([_peer(2, direct=True)], _kernel_for([_peer(2)]))
+    assert [r.what for r in p.adds] == ["route 10.5.2.0/24 via 192.168.90.2 dev #2"]
+    assert [r.what for r in p.deletes] == [
+        "neighbour 10.5.2.0 (delete)",
+        "fdb 0a:00:00:00:00:02 dst 192.168.90.2 (delete)",
+    ]
+
+
+def test_plan_leaves_foreign_routes_alone() -> None:
+    foreign = [
+        # The external interface's own connected route and a default route.
+        nl.Route(IPv4Network("192.168.90.0/24"), EXT, None, 254, 2, 253, 1, 0, None),
+        nl.Route(
+            IPv4Network("0.0.0.0/0"), EXT, IPv4Address("192.168.90.254"), 254, 3, 0, 1, 0, None
+        ),
+        # A route to the whole cluster network on the external interface is not a lease's.
+        nl.Route(NET, EXT, IPv4Address("192.168.90.254"), 254, 3, 0, 1, 0, None),
+    ]
+    assert len(_plan([], ([], [], foreign))) == 0
+    # ...but a gateway route for a lease-sized subnet there is (a stale DirectRouting route).
+    stale = nl.Route(
+        IPv4Network("10.5.9.0/24"), EXT, IPv4Address("192.168.90.9"), 254, 3, 0, 1, 0, None
+    )
+    assert [r.what for r in _plan([], ([], [], [stale])).deletes] == [
+        "route 10.5.9.0/24 via 192.168.90.9 (delete)"
+    ]
