@@ -35,10 +35,17 @@ def test_free_subnets_skips_taken_and_overlapping_of_any_size() -> None:
     assert free_subnets(c, taken) == []  # 10.0.0.0/8 covers the whole network
     taken = taken[:-1]
     assert free_subnets(c, taken) == nets(
-        "10.1.1.0/24", "10.1.3.0/24", "10.1.6.0/24", "10.1.8.0/24",
-        "10.1.10.0/24", "10.1.11.0/24", "10.1.12.0/24", "10.1.13.0/24",
-        "10.1.14.0/24", "10.1.15.0/24",
-    )  # fmt: skip
+        "10.1.1.0/24",
+        "10.1.3.0/24",
+        "10.1.6.0/24",
+        "10.1.8.0/24",
+        "10.1.10.0/24",
+        "10.1.11.0/24",
+        "10.1.12.0/24",
+        "10.1.13.0/24",
+        "10.1.14.0/24",
+        "10.1.15.0/24",
+    )
     for subnet in free_subnets(c, taken):
         assert is_free(subnet, taken)
 
@@ -67,7 +74,7 @@ def test_free_subnets_matches_brute_force() -> None:
             IPv4Network((a, 26))
             for a in range(
                 int(c.subnet_min.network_address), int(c.subnet_max.network_address) + 1, step
-            )  # fmt: skip
+            )
             if is_free(IPv4Network((a, 26)), taken)
         ][:MAX_CANDIDATES]
         assert free_subnets(c, taken) == brute
@@ -119,8 +126,7 @@ def test_choose_never_hands_out_a_reservation_of_another_host() -> None:
     c = config("10.1.0.0/22")  # three subnets
     leases = [lease("10.1.1.0/24", reserved=True), lease("10.1.2.0/24")]
     for seed in range(20):
-        choice = choose(c, leases, ME, previous=IPv4Network("10.1.1.0/24"),
-                        rng=random.Random(seed))  # fmt: skip
+        choice = choose(c, leases, ME, previous=IPv4Network("10.1.1.0/24"), rng=random.Random(seed))
         assert choice is not None and choice.subnet == IPv4Network("10.1.3.0/24")
 
 
