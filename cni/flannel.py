@@ -493,6 +493,31 @@ def convert_result(result: dict[str, Any], to_version: str) -> dict[str, Any]:
     return out
 
 
+def fill_route_gateways(result: dict[str, Any]) -> dict[str, Any]:
+    """Give each gateway-less route the gateway of its family's address, as the kernel has it.
+
+    The reference bridge plugin installs the routes host-local hands it via the address's
+    gateway, but reports them without one; its own CHECK then looks for a gateway-less route and
+    fails on a healthy container. Filling in what was really installed keeps CHECK meaningful.
+    """
+    ips = result.get("ips")
+    routes = result.get("routes")
+    if not isinstance(ips, list) or not isinstance(routes, list):
+        return result
+    gateways: dict[bool, str] = {}
+    for ip in ips:
+        if isinstance(ip, dict) and isinstance(ip.get("gateway"), str):
+            gateways.setdefault(":" in ip["gateway"], ip["gateway"])
+    filled = []
+    for route in routes:
+        if isinstance(route, dict) and not route.get("gw") and isinstance(route.get("dst"), str):
+            gateway = gateways.get(":" in route["dst"])
+            if gateway:
+                route = dict(route, gw=gateway)
+        filled.append(route)
+    return dict(result, routes=filled)
+
+
 # --------------------------------------------------------------------------------------------
 # The CNI environment
 
@@ -913,7 +938,7 @@ def cmd_check(args: Args, conf: NetConf) -> None:
         )
     prev = conf.raw.get("prevResult")
     if isinstance(prev, dict):
-        delegate_conf["prevResult"] = convert_result(prev, conf.cni_version)
+        delegate_conf["prevResult"] = fill_route_gateways(convert_result(prev, conf.cni_version))
     delegate_conf["cniVersion"] = conf.cni_version
     Delegate(args, delegate_conf).call("CHECK")
 
