@@ -1,0 +1,289 @@
+"""Integration: real overlayd daemons in network namespaces, a real etcd, real traffic.
+
+One 3-host vxlan lab (integration.lab) is shared by the tests of this module, which run in
+file order: the ones that only look come first, the ones that disturb a host (faults, joins,
+leaves, restarts) come later and each restores what it disturbed and checks full connectivity
+again, so a broken repair fails its own test instead of hiding behind the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from integration.containers import SubnetEnv
+from integration.lab import Lab
+from integration.netns import in_ns, ip_json, run
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+RESYNC = "1"  # seconds: the daemons' full reconcile pass, so repairs are quick to observe
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = Lab(f"i{uuid.uuid4().hex[:6]}", state_root=tmp_path_factory.mktemp("labs"))
+    try:
+        asyncio.run(lab.up(nodes=3, backend="vxlan", resync_period=RESYNC))
+        yield lab
+    finally:
+        asyncio.run(lab.down())
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, limit: float = 20.0) -> None:
+    """Poll `check` until it holds; fail naming `what` if it never does within `limit` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"never happened within {limit}s: {what}")
+        await asyncio.sleep(0.1)
+
+
+async def overlay_routes(lab: Lab, index: int) -> set[str]:
+    """The subnets routed over flannel.1 in host `index`."""
+    routes = await ip_json("route", "show", "dev", "flannel.1", ns=lab.node(index).ns)
+    return {r["dst"] for r in routes}
+
+
+async def assert_full_connectivity(lab: Lab) -> None:
+    entries = await lab.matrix()
+    n = len(lab.containers())
+    assert len(entries) == n * (n - 1) * 2
+    assert [e for e in entries if not e.ok] == []
+
+
+def remote_subnets(lab: Lab, index: int) -> set[str]:
+    return {str(n.subnet) for n in lab.state.nodes if n.index != index and n.subnet}
+
+
+# --------------------------------------------------------------------------- looking
+
+
+async def test_three_hosts_full_connectivity(lab: Lab) -> None:
+    subnets = [n.subnet for n in lab.state.nodes]
+    assert len(set(subnets)) == 3
+    leases = await lab.leases()
+    assert {str(s) for s in leases} == set(subnets)
+    for node in lab.state.nodes:
+        assert await overlay_routes(lab, node.index) == remote_subnets(lab, node.index)
+        lease = leases[IPv4Network(node.subnet)]
+        assert lease.attrs.public_ip == IPv4Address(node.ip)
+        assert lease.attrs.backend_type == "vxlan"
+        env = SubnetEnv.read(lab.subnet_file(node.index))
+        assert env.mtu == 1450 and str(env.subnet.network) == node.subnet
+    await assert_full_connectivity(lab)
+
+
+async def test_underlay_carries_flannel_vxlan(lab: Lab, tmp_path: Path) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.vxlan import VXLAN
+    from scapy.utils import rdpcap
+
+    pcap = tmp_path / "underlay.pcap"
+    (src_node, src), (_, dst) = lab.containers()[0], lab.containers()[1]
+    # The source host's port on the underlay bridge (a bridge device itself only sees frames
+    # addressed to it, not the ones it forwards).
+    port = f"h{src_node.index}"
+    dump = await asyncio.create_subprocess_exec(
+        *in_ns(
+            lab.underlay_ns,
+            ["tcpdump", "-i", port, "--immediate-mode", "-U", "-n", "-w", str(pcap), "udp"],
+        ),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert dump.stderr is not None
+        assert b"listening on" in await asyncio.wait_for(dump.stderr.readline(), 10)
+        out = await run(sys.executable, "-m", "integration.probe", "check", str(dst.ip), ns=src.ns)
+        assert all(r["ok"] for r in json.loads(out))
+
+        async def written() -> bool:  # tcpdump has the packets; wait until they are on disk
+            return len(rdpcap(str(pcap))) >= 4
+
+        await eventually(written, "tcpdump wrote the probe's packets", 10)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        await asyncio.wait_for(dump.wait(), 10)
+    inner = []
+    for pkt in rdpcap(str(pcap)):
+        if UDP in pkt and pkt[UDP].dport == 8472:
+            assert VXLAN in pkt, pkt.summary()
+            vx = pkt[VXLAN]
+            assert vx.vni == 1 and int(vx.flags) == 0x08
+            inner.append((vx[IP].src, vx[IP].dst, pkt[IP].src, pkt[IP].dst))
+    by_ip = {n.ip: n for n in lab.state.nodes}
+    assert (str(src.ip), str(dst.ip)) in {(s, d) for s, d, _, _ in inner}
+    assert (str(dst.ip), str(src.ip)) in {(s, d) for s, d, _, _ in inner}
+    for s, d, outer_s, outer_d in inner:
+        # The outer addresses are the hosts' public IPs whose subnets hold the inner ones.
+        assert IPv4Address(s) in IPv4Network(by_ip[outer_s].subnet)
+        assert IPv4Address(d) in IPv4Network(by_ip[outer_d].subnet)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def test_malformed_leases_disturb_nothing(lab: Lab) -> None:
+    prefix = f"{lab.state.prefix}/subnets"
+    junk = {
+        f"{prefix}/10.1.200.0-24": "this is not json",
+        f"{prefix}/10.1.201.0-24": '{"PublicIPv6":null,"BackendType":"vxlan"}',
+        f"{prefix}/10.1.202.0-24": '{"PublicIP":"198.18.9.9","BackendType":"vxlan",'
+        '"BackendData":{"VNI":1,"VtepMAC":"not-a-mac"}}',
+        f"{prefix}/10.1.203.7-24": '{"PublicIP":"198.18.9.9","PublicIPv6":null}',
+        f"{prefix}/garbage": '{"PublicIP":"198.18.9.9","PublicIPv6":null}',
+    }
+    before = {n.index: await overlay_routes(lab, n.index) for n in lab.state.nodes}
+    try:
+        for key, value in junk.items():
+            await lab.etcdctl("put", key, value)
+        await asyncio.sleep(3 * float(RESYNC))  # let several full passes see the junk
+        status = await lab.status()
+        assert all(n["alive"] and n["ready"] for n in status["nodes"])
+        for n in lab.state.nodes:
+            assert await overlay_routes(lab, n.index) == before[n.index]
+        await assert_full_connectivity(lab)
+    finally:
+        for key in junk:
+            await lab.etcdctl("del", key)
+
+
+async def test_routes_fdb_and_device_deleted_by_hand_are_repaired(lab: Lab) -> None:
+    h1 = lab.node(1)
+    ns = h1.ns
+    remote = sorted(remote_subnets(lab, 1))
+    victim = IPv4Network(remote[0])
+    gw = str(victim.network_address)
+
+    async def entries() -> tuple[set[str], set[str], set[str]]:
+        routes = await overlay_routes(lab, 1)
+        neigh = {n["dst"] for n in await ip_json("neigh", "show", "dev", "flannel.1", ns=ns)}
+        fdb_out = await run("bridge", "-j", "fdb", "show", "dev", "flannel.1", ns=ns)
+        fdb = {f.get("dst", "") for f in json.loads(fdb_out or "[]")}
+        return routes, neigh, fdb
+
+    routes, neigh, fdb = await entries()
+    assert str(victim) in routes and gw in neigh
+    owner = next(n for n in lab.state.nodes if n.subnet == str(victim))
+    assert owner.ip in fdb
+
+    await run("ip", "route", "del", str(victim), "dev", "flannel.1", ns=ns)
+    await run("ip", "neigh", "del", gw, "dev", "flannel.1", ns=ns)
+    fdb_entries = json.loads(await run("bridge", "-j", "fdb", "show", "dev", "flannel.1", ns=ns))
+    mac = next(f["mac"] for f in fdb_entries if f.get("dst") == owner.ip)
+    await run("bridge", "fdb", "del", mac, "dst", owner.ip, "self", "dev", "flannel.1", ns=ns)
+    assert (await entries()) != (routes, neigh, fdb)
+
+    async def repaired() -> bool:
+        return await entries() == (routes, neigh, fdb)
+
+    await eventually(repaired, "route, neighbour and FDB entry of h1 put back")
+
+    link_before = (await ip_json("link", "show", "flannel.1", ns=ns))[0]
+    await run("ip", "link", "del", "flannel.1", ns=ns)
+
+    async def device_back() -> bool:
+        links = await ip_json("link", "show", ns=ns)
+        return any(link["ifname"] == "flannel.1" for link in links) and await repaired()
+
+    await eventually(device_back, "flannel.1 of h1 recreated with its routes")
+    link_after = (await ip_json("link", "show", "flannel.1", ns=ns))[0]
+    assert link_after["address"] == link_before["address"]  # the VTEP MAC in the lease holds
+    addrs = await ip_json("addr", "show", "flannel.1", ns=ns)
+    assert f"{IPv4Network(h1.subnet).network_address}" in {
+        a["local"] for a in addrs[0]["addr_info"]
+    }
+    await assert_full_connectivity(lab)
+
+
+async def test_flannel_host_configured_by_hand_gets_full_connectivity(lab: Lab) -> None:
+    node = await lab.add_flannel_host()
+    try:
+
+        async def everyone_routes_to_it() -> bool:
+            for n in lab.state.nodes:
+                if n.kind == "overlayd" and node.subnet not in await overlay_routes(lab, n.index):
+                    return False
+            return True
+
+        await eventually(everyone_routes_to_it, "overlayd hosts route to the flannel host")
+        await assert_full_connectivity(lab)
+    finally:
+        await lab.remove_node(node.index)
+
+    async def routes_gone() -> bool:
+        for n in lab.state.nodes:
+            if node.subnet in await overlay_routes(lab, n.index):
+                return False
+        return True
+
+    await eventually(routes_gone, "routes to the removed flannel host disappear")
+
+
+async def test_host_joins_then_leaves(lab: Lab) -> None:
+    joined = await lab.add_node()
+    try:
+
+        async def everyone_routes_to_it() -> bool:
+            for n in lab.state.nodes:
+                if n.index != joined.index:
+                    if joined.subnet not in await overlay_routes(lab, n.index):
+                        return False
+            return await overlay_routes(lab, joined.index) == remote_subnets(lab, joined.index)
+
+        await eventually(everyone_routes_to_it, "every host routes to the 4th host and back")
+        await assert_full_connectivity(lab)
+    finally:
+        await lab.remove_node(joined.index)  # daemon stopped, lease deleted
+
+    async def routes_gone() -> bool:
+        for n in lab.state.nodes:
+            if joined.subnet in await overlay_routes(lab, n.index):
+                return False
+        return True
+
+    await eventually(routes_gone, "routes to the 4th host disappear from the others")
+    await assert_full_connectivity(lab)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_restart_keeps_subnet_and_traffic(lab: Lab, sig: signal.Signals) -> None:
+    h1 = lab.node(1)
+    lease_before = (await lab.leases())[IPv4Network(h1.subnet)]
+    routes_before = {n.index: await overlay_routes(lab, n.index) for n in lab.state.nodes}
+    (_, target) = next((n, c) for n, c in lab.containers() if n.index == 1)
+    (_, source) = next((n, c) for n, c in lab.containers() if n.index == 2)
+    streamer = await asyncio.create_subprocess_exec(
+        *in_ns(source.ns, [sys.executable, "-m", "integration.probe", "stream",
+                           "--interval", "0.01", str(target.ip)]),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(0.5)
+        await lab.stop_daemon(1, sig)
+        # The daemon is gone: nothing it programmed may have gone with it.
+        assert await overlay_routes(lab, 1) == routes_before[1]
+        await lab.start_daemon(1)
+        await asyncio.sleep(1.0)
+    finally:
+        streamer.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(streamer.communicate(), 10)
+    summary = json.loads(out)
+    print(f"\nrestart with {sig.name}: {summary}")  # the loss figure, for docs/lab.md
+    assert summary["received"] > 0
+    env = SubnetEnv.read(lab.subnet_file(1))
+    assert str(env.subnet.network) == h1.subnet
+    lease_after = (await lab.leases())[IPv4Network(h1.subnet)]
+    assert lease_after.attrs == lease_before.attrs  # same public IP, same VTEP MAC
+    for n in lab.state.nodes:
+        assert await overlay_routes(lab, n.index) == routes_before[n.index]
+    await assert_full_connectivity(lab)
