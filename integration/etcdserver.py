@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -117,9 +118,8 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{tail}")
-            if self._port_open():
-                if self.tls or self._healthy():
-                    return
+            if self._port_open() and self._healthy():
+                return
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"etcd did not become ready on {self.endpoint} within {timeout}s")
@@ -133,8 +133,14 @@ class EtcdServer:
         return False
 
     def _healthy(self) -> bool:
+        context = None
+        if self.tls:
+            # The port opens before etcd serves TLS: ask /health over TLS, presenting the
+            # server's own certificate as the client certificate (signed by the trusted CA).
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1, context=context) as r:
                 return b"true" in r.read()
         except (urllib.error.URLError, OSError):
             return False
