@@ -1,0 +1,246 @@
+"""Overlay benchmarks on the namespace lab (integration.lab), side by side in one run.
+
+1. Throughput: iperf3 TCP, container to container across the overlay (h1c0 -> h2c0), against
+   the raw underlay (host h1 -> host h2 over the same veth/bridge underlay), rounds alternating,
+   reported as medians and the overlay/underlay ratio. Once per backend (vxlan, udp).
+2. Lease-event-to-route latency through the real daemon: with N leases already in etcd (and
+   programmed), write one more lease and time until its route appears in the host namespace
+   (`ip monitor route`), M times; p50/p99.
+
+    .venv/bin/python bench/bench_overlay.py                       # both, vxlan and udp
+    .venv/bin/python bench/bench_overlay.py --backends vxlan --seconds 5 --rounds 3
+    .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 1000 --events 50
+
+Root only. Every lab is torn down at the end, also on failure. Not a test: no asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from integration.lab import Lab
+from integration.netns import in_ns, run
+
+IPERF_PORT = 5201
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+async def wait_listening(ns: str, port: int) -> None:
+    for _ in range(200):
+        if (await run("ss", "-Htln", f"sport = :{port}", ns=ns, check=False)).strip():
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"iperf3 server in {ns} did not start")
+
+
+async def iperf(ns: str, target: str, seconds: int) -> float:
+    """Gbit/s received by the server of one iperf3 TCP run from namespace `ns`."""
+    out = await run(
+        "iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+        ns=ns, limit=seconds + 30,
+    )  # fmt: skip
+    doc = json.loads(out)
+    return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+async def throughput(backend: str, seconds: int, rounds: int) -> dict[str, Any]:
+    lab = Lab(f"b{uuid.uuid4().hex[:6]}", progress=log)
+    servers: list[asyncio.subprocess.Process] = []
+    try:
+        await lab.up(nodes=2, backend=backend, containers_per_node=1)
+        h1, h2 = lab.state.nodes
+        c1, c2 = h1.containers[0], h2.containers[0]
+        assert c2.ip is not None
+        for ns in (h2.ns, c2.ns):
+            servers.append(
+                await asyncio.create_subprocess_exec(
+                    *in_ns(ns, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+            await wait_listening(ns, IPERF_PORT)
+        under: list[float] = []
+        over: list[float] = []
+        for r in range(rounds):
+            under.append(await iperf(h1.ns, h2.ip, seconds))
+            over.append(await iperf(c1.ns, c2.ip, seconds))
+            log(f"{backend} round {r + 1}: underlay {under[-1]:.2f}, overlay {over[-1]:.2f} Gbit/s")
+        mtu = (await run("cat", str(lab.subnet_file(h1.index)))).strip().splitlines()
+        return {
+            "backend": backend,
+            "underlay_gbps": round(statistics.median(under), 2),
+            "overlay_gbps": round(statistics.median(over), 2),
+            "ratio": round(statistics.median(over) / statistics.median(under), 2),
+            "rounds": rounds,
+            "seconds": seconds,
+            "underlay_runs": [round(x, 2) for x in under],
+            "overlay_runs": [round(x, 2) for x in over],
+            "subnet_env": mtu,
+        }
+    finally:
+        for s in servers:
+            if s.returncode is None:
+                s.terminate()
+                await s.wait()
+        await lab.down()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def fake_vxlan_value(i: int) -> bytes:
+    mac = bytearray(random.randbytes(6))
+    mac[0] = (mac[0] & 0xFE) | 0x02
+    # Public IPs in the lab's benchmark range that no namespace holds: routes and FDB entries
+    # only, nothing is ever sent to them (no container talks to these subnets).
+    ip = IPv4Address("198.19.0.0") + i
+    mac_text = ":".join(f"{b:02x}" for b in mac)
+    return (
+        f'{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":1,"VtepMAC":"{mac_text}"}}}}'
+    ).encode()
+
+
+async def route_count(ns: str) -> int:
+    out = await run("ip", "route", "show", "dev", "flannel.1", ns=ns)
+    return len(out.splitlines())
+
+
+async def lease_latency(leases: int, events: int) -> dict[str, Any]:
+    import aetcd
+
+    lab = Lab(f"b{uuid.uuid4().hex[:6]}", progress=log)
+    monitor: asyncio.subprocess.Process | None = None
+    client: Any = None
+    try:
+        await lab.up(nodes=1, backend="vxlan", containers_per_node=0, network="10.128.0.0/9")
+        node = lab.state.nodes[0]
+        host, _, port = lab.state.etcd_endpoint.removeprefix("http://").rpartition(":")
+        client = aetcd.Client(host=host, port=int(port), timeout=10)
+        own = IPv4Network(node.subnet)
+        pool = [s for s in IPv4Network("10.200.0.0/13").subnets(new_prefix=24) if s != own]
+        prefix = f"{lab.state.prefix}/subnets/"
+        grant = await client.lease(86400)
+
+        async def put(i: int) -> IPv4Network:
+            sub = pool[i]
+            key = f"{prefix}{sub.network_address}-{sub.prefixlen}".encode()
+            await asyncio.wait_for(client.put(key, fake_vxlan_value(i), lease=grant), 10)
+            return sub
+
+        log(f"writing {leases} leases ...")
+        t0 = time.monotonic()
+        for start in range(0, leases, 100):
+            await asyncio.gather(*(put(i) for i in range(start, min(start + 100, leases))))
+        while await route_count(node.ns) < leases:
+            if time.monotonic() - t0 > 300:
+                raise RuntimeError("the daemon did not program the initial leases in 300 s")
+            await asyncio.sleep(0.2)
+        initial = time.monotonic() - t0
+        log(f"{leases} leases written and programmed in {initial:.1f} s")
+        monitor = await asyncio.create_subprocess_exec(
+            *in_ns(node.ns, ["ip", "monitor", "route"]), stdout=asyncio.subprocess.PIPE
+        )
+        assert monitor.stdout is not None
+        await asyncio.sleep(0.3)
+        samples: list[float] = []
+        for e in range(events):
+            i = leases + e
+            sub = pool[i]
+            needle = f"{sub} via".encode()
+            start = time.monotonic()
+            await put(i)
+            while True:
+                line = await asyncio.wait_for(monitor.stdout.readline(), 30)
+                if line.startswith(needle):
+                    break
+            samples.append((time.monotonic() - start) * 1000)
+            await asyncio.sleep(0.05)
+        return {
+            "leases_present": leases,
+            "events": events,
+            "initial_program_s": round(initial, 2),
+            "p50_ms": round(percentile(samples, 50), 1),
+            "p99_ms": round(percentile(samples, 99), 1),
+            "max_ms": round(max(samples), 1),
+        }
+    finally:
+        if monitor is not None and monitor.returncode is None:
+            monitor.terminate()
+            await monitor.wait()
+        if client is not None:
+            await client.close()
+        await lab.down()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"throughput": [], "latency": None}
+    if not args.skip_throughput:
+        for backend in args.backends.split(","):
+            try:
+                result["throughput"].append(await throughput(backend, args.seconds, args.rounds))
+            except Exception as e:  # report the other backend's figures anyway
+                log(f"{backend}: failed: {e}")
+                result["throughput"].append({"backend": backend, "error": str(e)})
+    if not args.skip_latency:
+        result["latency"] = await lease_latency(args.leases, args.events)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="vxlan,udp")
+    parser.add_argument("--seconds", type=int, default=5, help="per iperf3 run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--leases", type=int, default=1000, help="leases present")
+    parser.add_argument("--events", type=int, default=50, help="lease events timed")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_overlay: run as root (network namespaces)", file=sys.stderr)
+        return 2
+    result = asyncio.run(main_async(args))
+    for t in result["throughput"]:
+        if "error" in t:
+            print(f"{t['backend']:6} throughput: FAILED: {t['error']}")
+        else:
+            print(
+                f"{t['backend']:6} iperf3 TCP: underlay {t['underlay_gbps']:.2f} Gbit/s, "
+                f"overlay {t['overlay_gbps']:.2f} Gbit/s, ratio {t['ratio']:.2f} "
+                f"(median of {t['rounds']} x {t['seconds']} s)"
+            )
+    lat = result["latency"]
+    if lat:
+        print(
+            f"lease event -> route: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, "
+            f"max {lat['max_ms']} ms over {lat['events']} events with {lat['leases_present']} "
+            f"leases present (initial {lat['leases_present']} programmed in "
+            f"{lat['initial_program_s']} s)"
+        )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
