@@ -150,8 +150,8 @@ async def lease_latency(leases: int, events: int) -> dict[str, Any]:
 
         log(f"writing {leases} leases ...")
         t0 = time.monotonic()
-        for start in range(0, leases, 100):
-            await asyncio.gather(*(put(i) for i in range(start, min(start + 100, leases))))
+        for first in range(0, leases, 100):
+            await asyncio.gather(*(put(i) for i in range(first, min(first + 100, leases))))
         while await route_count(node.ns) < leases:
             if time.monotonic() - t0 > 300:
                 raise RuntimeError("the daemon did not program the initial leases in 300 s")
@@ -168,13 +168,13 @@ async def lease_latency(leases: int, events: int) -> dict[str, Any]:
             i = leases + e
             sub = pool[i]
             needle = f"{sub} via".encode()
-            start = time.monotonic()
+            t_put = time.monotonic()
             await put(i)
             while True:
                 line = await asyncio.wait_for(monitor.stdout.readline(), 30)
                 if line.startswith(needle):
                     break
-            samples.append((time.monotonic() - start) * 1000)
+            samples.append((time.monotonic() - t_put) * 1000)
             await asyncio.sleep(0.05)
         return {
             "leases_present": leases,
