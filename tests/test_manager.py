@@ -1,0 +1,254 @@
+"""SubnetManager against a real etcd: config wait, concurrent acquisition, restarts,
+reservations, renewal and re-acquisition of a lost lease."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from ipaddress import IPv4Address, IPv4Network
+
+import aetcd
+import pytest
+
+from integration.etcdserver import EtcdServer
+from subnetmgr.manager import OutOfSubnets, SubnetManager
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
+from subnetmgr.registry import EtcdOptions, EtcdRegistry
+from tests.test_registry import raw_client
+
+MakeRegistry = Callable[[], Awaitable[EtcdRegistry]]
+
+
+@pytest.fixture
+async def raw(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
+    """aetcd's own client, to check and disturb etcd independently of the code under test."""
+    client = raw_client(etcd_server)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.delete_prefix(etcd_prefix.encode())
+        await client.close()
+
+
+@pytest.fixture
+async def make_registry(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[MakeRegistry]:
+    """A new registry (its own gRPC channel, like a separate host) per call."""
+    async with AsyncExitStack() as stack:
+
+        async def make() -> EtcdRegistry:
+            opts = EtcdOptions(endpoints=(etcd_server.endpoint,), prefix=etcd_prefix)
+            return await stack.enter_async_context(await EtcdRegistry.connect(opts))
+
+        yield make
+    async with raw_client(etcd_server) as client:
+        await client.delete_prefix(etcd_prefix.encode())
+
+
+def host(i: int, mac_tail: int = 0) -> LeaseAttrs:
+    return LeaseAttrs(
+        IPv4Address(f"192.168.{i // 250}.{i % 250 + 1}"),
+        None,
+        "vxlan",
+        {"VNI": 1, "VtepMAC": f"02:00:00:00:{i % 256:02x}:{mac_tail:02x}"},
+    )
+
+
+def config(network: str) -> NetworkConfig:
+    return NetworkConfig.from_dict({"Network": network, "Backend": {"Type": "vxlan"}})
+
+
+async def test_wait_for_config_logs_what_to_write_then_returns_it(
+    make_registry: MakeRegistry, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg = await make_registry()
+    mgr = SubnetManager(reg)
+    with caplog.at_level(logging.INFO, logger="overlay.subnetmgr"):
+        waiter = asyncio.create_task(mgr.wait_for_config(retry_interval=0.05))
+        await asyncio.sleep(0.3)
+        assert not waiter.done()
+        await reg.put_config_text('{"Network":"10.1.0.0/29"}')
+        await asyncio.sleep(0.3)
+        assert not waiter.done()
+        await reg.put_config_text('{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}')
+        got = await asyncio.wait_for(waiter, 5)
+    assert got == config("10.1.0.0/16")
+    missing = [r for r in caplog.records if "no network config" in r.getMessage()]
+    assert len(missing) == 1  # logged once, not every poll
+    assert f"{etcd_prefix}/config" in missing[0].getMessage()
+    assert "overlayctl config set" in missing[0].getMessage()
+    invalid = [r for r in caplog.records if "invalid network config" in r.getMessage()]
+    assert len(invalid) == 1 and "Network='10.1.0.0/29'" in invalid[0].getMessage()
+
+
+async def test_fifty_hosts_in_a_slash_18_all_get_distinct_subnets(
+    make_registry: MakeRegistry,
+) -> None:
+    cfg = config("10.20.0.0/18")  # 63 free /24s
+    managers = [SubnetManager(await make_registry()) for _ in range(50)]
+    leases = await asyncio.gather(*(m.acquire(cfg, host(i)) for i, m in enumerate(managers)))
+    subnets = {lease.subnet for lease in leases}
+    assert len(subnets) == 50
+    assert all(cfg.contains(s) for s in subnets)
+    stored, _ = await managers[0].registry.list_leases()
+    assert {(x.subnet, x.attrs) for x in stored} == {(x.subnet, x.attrs) for x in leases}
+
+
+async def test_fifty_hosts_in_a_slash_20_exactly_fifteen_win(make_registry: MakeRegistry) -> None:
+    cfg = config("10.30.0.0/20")  # 15 free /24s
+    managers = [SubnetManager(await make_registry()) for _ in range(50)]
+    results = await asyncio.gather(
+        *(m.acquire(cfg, host(i)) for i, m in enumerate(managers)), return_exceptions=True
+    )
+    won = [r for r in results if isinstance(r, Lease)]
+    lost = [r for r in results if not isinstance(r, Lease)]
+    assert len(won) == 15
+    assert len({x.subnet for x in won}) == 15
+    assert len(lost) == 35
+    for err in lost:
+        assert isinstance(err, OutOfSubnets), err
+        assert str(err).startswith("out of subnets: ")
+        assert "10.30.0.0/20" in str(err)
+
+
+async def test_restart_reuses_the_subnet_and_updates_the_value(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    cfg = config("10.40.0.0/16")
+    first = await SubnetManager(await make_registry()).acquire(cfg, host(1, mac_tail=1))
+    # A restarted daemon: new connection, new VTEP MAC; other hosts came meanwhile.
+    for i in range(2, 6):
+        await SubnetManager(await make_registry()).acquire(cfg, host(i))
+    again = await SubnetManager(await make_registry()).acquire(cfg, host(1, mac_tail=2))
+    assert again.subnet == first.subnet
+    kv = await raw.get(f"{etcd_prefix}/subnets/{first.key}".encode())
+    assert kv is not None and kv.value == host(1, mac_tail=2).to_json().encode()
+    assert kv.lease != 0
+
+
+async def test_previous_subnet_from_subnet_env_is_used_when_free(
+    make_registry: MakeRegistry,
+) -> None:
+    cfg = config("10.41.0.0/16")
+    mgr = SubnetManager(await make_registry())
+    prev = IPv4Network("10.41.77.0/24")
+    assert (await mgr.acquire(cfg, host(1), previous=prev)).subnet == prev
+    # Taken by host 1 now: host 2 with the same previous gets another one.
+    other = await mgr.acquire(cfg, host(2), previous=prev)
+    assert other.subnet != prev
+
+
+async def test_reservation_is_honoured(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    cfg = config("10.50.0.0/22")  # three subnets: .1, .2, .3
+    reg = await make_registry()
+    reserved = IPv4Network("10.50.2.0/24")
+    await reg.reserve(reserved, host(9).public_ip)
+    mgr = SubnetManager(reg)
+    others = [await mgr.acquire(cfg, host(i), previous=reserved) for i in (1, 2)]
+    assert reserved not in {x.subnet for x in others}
+    with pytest.raises(OutOfSubnets):
+        await mgr.acquire(cfg, host(3))
+    mine = await mgr.acquire(cfg, host(9))
+    assert mine.subnet == reserved and mine.reserved
+    kv = await raw.get(f"{etcd_prefix}/subnets/10.50.2.0-24".encode())
+    assert kv is not None and kv.lease == 0  # still permanent
+    assert kv.value == host(9).to_json().encode()  # with our backend data now
+
+
+async def keep_running(
+    mgr: SubnetManager, cfg: NetworkConfig, own: Lease
+) -> tuple[asyncio.Task[None], asyncio.Queue[Lease]]:
+    changes: asyncio.Queue[Lease] = asyncio.Queue()
+
+    async def on_change(lease: Lease) -> None:
+        await changes.put(lease)
+
+    return asyncio.create_task(mgr.keep(cfg, own, on_change)), changes
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.slow
+async def test_renewal_keeps_the_value_and_outlives_the_ttl(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    cfg = config("10.60.0.0/16")
+    mgr = SubnetManager(await make_registry(), ttl=3, renew_margin=2)
+    own = await mgr.acquire(cfg, host(1))
+    key = f"{etcd_prefix}/subnets/{own.key}".encode()
+    before = await raw.get(key)
+    assert before is not None
+    task, changes = await keep_running(mgr, cfg, own)
+    try:
+        await asyncio.sleep(5)  # well past the 3 s TTL: only renewals keep the key alive
+        after = await raw.get(key)
+        assert after is not None
+        assert after.value == before.value
+        assert after.lease != before.lease  # renewed with a fresh etcd lease
+        info = await raw.get_lease_info(after.lease)
+        assert info.grantedTTL == 3
+        assert changes.empty()  # renewals are not changes
+    finally:
+        await stop(task)
+
+
+async def test_deleted_own_lease_is_reacquired_loudly(
+    make_registry: MakeRegistry,
+    raw: aetcd.Client,
+    etcd_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = config("10.70.0.0/16")
+    mgr = SubnetManager(await make_registry())
+    own = await mgr.acquire(cfg, host(1))
+    task, changes = await keep_running(mgr, cfg, own)
+    try:
+        await asyncio.sleep(0.3)  # let keep() start watching
+        with caplog.at_level(logging.WARNING, logger="overlay.subnetmgr"):
+            await raw.delete(f"{etcd_prefix}/subnets/{own.key}".encode())
+            new = await asyncio.wait_for(changes.get(), 10)
+        assert new.subnet == own.subnet  # the same subnet, still free
+        assert new.attrs == own.attrs
+        kv = await raw.get(f"{etcd_prefix}/subnets/{own.key}".encode())
+        assert kv is not None and kv.value == own.attrs.to_json().encode() and kv.lease != 0
+        lost = [r for r in caplog.records if "LOST our lease" in r.getMessage()]
+        assert lost and lost[0].levelno == logging.WARNING
+        # Revoking its etcd lease is noticed as well.
+        await raw.revoke_lease(kv.lease)
+        again = await asyncio.wait_for(changes.get(), 10)
+        assert again.subnet == own.subnet
+    finally:
+        await stop(task)
+
+
+async def test_overwritten_own_lease_moves_to_another_subnet(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    cfg = config("10.71.0.0/16")
+    mgr = SubnetManager(await make_registry())
+    own = await mgr.acquire(cfg, host(1))
+    task, changes = await keep_running(mgr, cfg, own)
+    try:
+        await asyncio.sleep(0.3)
+        thief = host(2).to_json().encode()
+        await raw.put(f"{etcd_prefix}/subnets/{own.key}".encode(), thief)
+        new = await asyncio.wait_for(changes.get(), 10)
+        assert new.subnet != own.subnet
+        assert new.attrs == own.attrs
+        kv = await raw.get(f"{etcd_prefix}/subnets/{own.key}".encode())
+        assert kv is not None and kv.value == thief  # the other host's key is left alone
+    finally:
+        await stop(task)
+
+
+def test_manager_rejects_a_margin_not_below_the_ttl() -> None:
+    with pytest.raises(ValueError, match="renew margin 100"):
+        SubnetManager(None, ttl=100, renew_margin=100)  # type: ignore[arg-type]
