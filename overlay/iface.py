@@ -1,10 +1,11 @@
 """Choosing the external (underlay) interface, as flanneld does.
 
 Order: `--iface` (name or IPv4 address; the first candidate that exists wins), then
-`--iface-regex` (matched with re.search against names and IPv4 addresses, as Go's
-regexp.MatchString), then `--iface-can-reach` (the interface of the route to that address), else
-the interface of the default route (lowest metric). When `--iface`/`--iface-regex` are given
-and nothing matches, or the chosen way finds nothing, InterfaceError says what was tried.
+`--iface-regex` (re.search against IPv4 addresses, then names, as Go's regexp.MatchString;
+links without an IPv4 address are skipped), then `--iface-can-reach` (the interface of the route
+to that address), else the interface of the default route (lowest metric). When
+`--iface`/`--iface-regex` are given and nothing matches, or the chosen way finds nothing,
+InterfaceError says what was tried.
 
 The public IP is `--public-ip` or the interface's first IPv4 address; the MTU is the link's.
 Only pyroute2's AsyncIPRoute is used (the sync IPRoute breaks inside a running loop).
@@ -71,8 +72,8 @@ def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
 
 def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
     rx = re.compile(pattern)
-    ordered = sorted(links.values(), key=lambda link: link.index)
-    # Addresses first, then names, as flannel does.
+    # Only links with an IPv4 address can carry the overlay; addresses first, then names.
+    ordered = sorted((x for x in links.values() if x.addrs), key=lambda link: link.index)
     for link in ordered:
         if any(rx.search(str(a)) for a in link.addrs):
             return link

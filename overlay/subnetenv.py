@@ -53,10 +53,23 @@ def first_host(net: IPv4Network | IPv6Network) -> IPv4Interface | IPv6Interface:
     return IPv6Interface((int(net.network_address) + 1, net.prefixlen))
 
 
+def _make_dirs(directory: Path) -> None:
+    """Create missing directories with mode 0755 whatever the umask; existing ones are kept."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            os.chmod(d, 0o755)
+
+
 def write_subnet_env(path: Path, env: SubnetEnv) -> None:
     """Write atomically: temp file beside the target, fsync, chmod 0644, rename, fsync dir."""
     directory = path.parent
-    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _make_dirs(directory)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:

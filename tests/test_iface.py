@@ -1,0 +1,95 @@
+"""Interface choice against real links in a throwaway network namespace (no traffic is sent)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from overlay.iface import InterfaceError, choose_interface
+
+pytestmark = pytest.mark.root
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns(unique: str) -> Iterator[str]:
+    """A namespace with two veth pairs; ia0 carries the default route, id0 has no address."""
+    ns = f"ovif{unique}"
+    ip("netns", "add", ns)
+    try:
+        n = ("-n", ns)
+        ip(*n, "link", "set", "lo", "up")
+        ip(*n, "link", "add", "ia0", "type", "veth", "peer", "name", "ib0")
+        ip(*n, "link", "add", "ic0", "mtu", "1400", "type", "veth", "peer", "name", "id0")
+        for name, addr in (("ia0", "192.168.51.2/24"), ("ib0", "192.168.52.2/24"),
+                           ("ic0", "192.168.53.2/24")):  # fmt: skip
+            ip(*n, "addr", "add", addr, "dev", name)
+        for name in ("ia0", "ib0", "ic0", "id0"):
+            ip(*n, "link", "set", name, "up")
+        ip(*n, "route", "add", "default", "via", "192.168.51.1", "dev", "ia0")
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+async def test_by_name_with_mtu(netns: str) -> None:
+    ext = await choose_interface(["ic0"], netns=netns)
+    assert (ext.name, ext.iface_addr, ext.public_ip, ext.mtu) == (
+        "ic0", IPv4Address("192.168.53.2"), IPv4Address("192.168.53.2"), 1400,
+    )  # fmt: skip
+
+
+async def test_by_ip_and_first_match_wins(netns: str) -> None:
+    assert (await choose_interface(["192.168.52.2"], netns=netns)).name == "ib0"
+    ext = await choose_interface(["nope0", "10.99.99.99", "ib0", "ic0"], netns=netns)
+    assert ext.name == "ib0"
+
+
+async def test_by_regex_on_names_and_addresses(netns: str) -> None:
+    assert (await choose_interface(regexes=[r"^i[cd]"], netns=netns)).name == "ic0"
+    assert (await choose_interface(regexes=[r"192\.168\.52\."], netns=netns)).name == "ib0"
+    # --iface first, then the regexes
+    ext = await choose_interface(["nope0"], [r"^zz", r"^ia"], netns=netns)
+    assert ext.name == "ia0"
+
+
+async def test_by_can_reach(netns: str) -> None:
+    ext = await choose_interface(can_reach=IPv4Address("192.168.53.77"), netns=netns)
+    assert ext.name == "ic0" and ext.iface_addr == IPv4Address("192.168.53.2")
+    # Beyond the connected networks the default route decides.
+    ext = await choose_interface(can_reach=IPv4Address("198.51.100.1"), netns=netns)
+    assert ext.name == "ia0"
+
+
+async def test_default_route_and_public_ip(netns: str) -> None:
+    ext = await choose_interface(public_ip=IPv4Address("203.0.113.9"), netns=netns)
+    assert ext.name == "ia0"
+    assert ext.iface_addr == IPv4Address("192.168.51.2")
+    assert ext.public_ip == IPv4Address("203.0.113.9")
+    assert ext.mtu == 1500
+
+
+async def test_nothing_matches_names_what_was_tried(netns: str) -> None:
+    with pytest.raises(InterfaceError) as exc:
+        await choose_interface(["nope0", "10.1.2.3"], [r"^zz"], netns=netns)
+    text = str(exc.value)
+    assert "--iface nope0" in text and "--iface 10.1.2.3" in text and "--iface-regex ^zz" in text
+
+
+async def test_interface_without_ipv4_is_refused(netns: str) -> None:
+    with pytest.raises(InterfaceError, match=r"'id0'.*no IPv4 address"):
+        await choose_interface(["id0"], netns=netns)
+
+
+async def test_no_default_route(netns: str) -> None:
+    ip("-n", netns, "route", "del", "default")
+    with pytest.raises(InterfaceError, match="default route"):
+        await choose_interface(netns=netns)
+    with pytest.raises(InterfaceError, match=r"--iface-can-reach 198\.51\.100\.1"):
+        await choose_interface(can_reach=IPv4Address("198.51.100.1"), netns=netns)
