@@ -155,7 +155,7 @@ def mac_bytes(mac: str) -> bytes:
 
 
 def mac_str(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
+    return raw.hex(":")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ COMMAND_TIMEOUT = 10.0
 
 _IGNORED_DELETE_ERRORS = {errno.ENOENT, errno.ESRCH}
 _ZERO_MAC = "00:00:00:00:00:00"
+_CANONICAL_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
 
 # --------------------------------------------------------------------------- options
@@ -153,6 +155,8 @@ def vtep_mac_of(lease: Lease) -> str:
     mac = data.get("VtepMAC")
     if not isinstance(mac, str):
         raise ValueError(f"lease {lease.key}: BackendData has no VtepMAC string: {dict(data)!r}")
+    if _CANONICAL_MAC.match(mac) and int(mac[:2], 16) & 1 == 0 and mac != _ZERO_MAC:
+        return mac  # the common case, cheap: flannel writes lower-case colon-separated MACs
     try:
         raw = nl.mac_bytes(mac)
     except ValueError as e:

@@ -155,11 +155,11 @@ class NetnsLab:
                 errors.append(f"process {proc.args!r} did not exit")
         self.processes.clear()
         for ns in reversed(self.namespaces):
-            proc = subprocess.run(
+            done = subprocess.run(
                 ["ip", "netns", "del", ns.name], capture_output=True, text=True, check=False
             )
-            if proc.returncode != 0:
-                errors.append(f"ip netns del {ns.name}: {proc.stderr.strip()}")
+            if done.returncode != 0:
+                errors.append(f"ip netns del {ns.name}: {done.stderr.strip()}")
         self.namespaces.clear()
         if errors:
             raise RuntimeError("netns cleanup failed: " + "; ".join(errors))

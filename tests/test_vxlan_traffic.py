@@ -75,8 +75,10 @@ def _container(lab: NetnsLab, host: Netns, role: str, n: int) -> Netns:
 async def test_tcp_and_udp_cross_the_overlay_as_vxlan(
     lab: NetnsLab, backends: list[VxlanBackend], tmp_path: Path
 ) -> None:
-    from scapy.all import IP, TCP, UDP, Ether, rdpcap
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
     from scapy.layers.vxlan import VXLAN
+    from scapy.utils import rdpcap
 
     h1, h2 = lab.netns("h1"), lab.netns("h2")
     u1, u2 = lab.veth(h1, h2, "192.168.91.1/24", "192.168.91.2/24")
