@@ -300,6 +300,7 @@ class LeaseMirror:
         """The last store revision the mirror reflects."""
         self.relists = 0
         """How many times the mirror listed everything (1 + compactions)."""
+        self._outage = False
 
     def _replace(self, leases: list[Lease]) -> set[Subnet]:
         new = {lease.subnet: lease for lease in leases}
@@ -333,10 +334,10 @@ class LeaseMirror:
     ) -> None:
         """Until cancelled: list (on_change with every subnet), then follow the watch and call
         on_change(snapshot, changed subnets) per batch. Removed subnets are in `changed` and
-        absent from the snapshot."""
+        absent from the snapshot. Called again after a cancel, it resumes from `revision`."""
         backoff = _Backoff()
-        need_list = True
-        outage = False
+        need_list = not self.ready.is_set()  # run() again after a cancel resumes the watch
+        self._outage = False
         while True:
             try:
                 if need_list:
@@ -352,23 +353,18 @@ class LeaseMirror:
                         await on_change(self.snapshot, set(self._leases))
                     elif changed:
                         await on_change(self.snapshot, changed)
-                if outage:
-                    mirror_log.warning(
-                        "etcd is back; following lease changes from revision %d", self.revision + 1
-                    )
-                    outage = False
                 await self._follow(on_change, backoff)
             except Compacted as e:
                 mirror_log.warning("%s; listing all leases again", e)
                 need_list = True
             except RegistryError as e:
-                if not outage:
+                if not self._outage:
                     mirror_log.warning(
                         "lease watch interrupted: %s; resuming from revision %d",
                         e,
                         self.revision + 1,
                     )
-                    outage = True
+                    self._outage = True
                 else:
                     mirror_log.debug("lease watch still down: %s", e)
                 await backoff.sleep()
@@ -405,6 +401,12 @@ class LeaseMirror:
                         break
                     changed |= self._apply(item)
                     backoff.reset()
+                    if self._outage:
+                        mirror_log.warning(
+                            "etcd is back; following lease changes from revision %d",
+                            self.revision + 1,
+                        )
+                        self._outage = False
                 if changed:
                     await on_change(self.snapshot, changed)
                 if error is not None:

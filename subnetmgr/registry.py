@@ -423,8 +423,9 @@ class EtcdRegistry:
     ) -> AsyncIterator[list[LeaseEvent]]:
         """Lease events from `start_revision` on, one list per etcd watch response.
 
-        Raises `Compacted` when that revision is compacted away, `RegistryError` when the
-        stream breaks; the caller resumes from the last revision it saw (+1).
+        The first list is empty and comes once etcd has created the watch. Raises `Compacted`
+        when that revision is compacted away, `RegistryError` when the stream breaks; the
+        caller resumes from the last revision it saw (+1).
         """
         if subnet is None:
             key, end = self._subnets, self._subnets_end
@@ -434,6 +435,8 @@ class EtcdRegistry:
             key=key, range_end=end, start_revision=start_revision, prev_kv=True
         )
         async for resp in self._conn.watch_stream(req):
+            if resp.created:
+                yield []  # the watch is established: tells the caller etcd is reachable
             if not resp.events:
                 continue
             await self._expirations({ev.kv.lease for ev in resp.events if ev.type == 0})
