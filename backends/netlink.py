@@ -36,6 +36,7 @@ SO_SNDBUFFORCE = 32
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
 NLM_F_CREATE = 0x400
@@ -83,6 +84,10 @@ loop for that long (about 10 ms for 256 route/neighbour operations here); smalle
 RECV_TIMEOUT = 5.0
 """Seconds to wait for the kernel's answer to a dump or a fence. The kernel answers at once;
 hitting this means the socket is broken."""
+
+
+DUMP_ATTEMPTS = 3
+"""A dump the kernel flags as interrupted (the table changed meanwhile) is redone this often."""
 
 
 class NetlinkError(OSError):
@@ -400,6 +405,7 @@ class RtnlSocket:
             if len(batch) >= batch_size:
                 await self._apply_batch(batch, result)
                 batch = []
+                await asyncio.sleep(0)  # the kernel work ran inside send(): let others run
         if batch:
             await self._apply_batch(batch, result)
         return result
@@ -444,34 +450,48 @@ class RtnlSocket:
     # ----------------------------------------------------------------------- dumps
 
     async def _dump(self, kind: int, body: bytes) -> list[memoryview]:
+        """The payloads of a dump; redone (a few times) when the kernel flags it interrupted."""
+        for _attempt in range(DUMP_ATTEMPTS - 1):
+            out, interrupted = await self._dump_once(kind, body)
+            if not interrupted:
+                return out
+        out, _interrupted = await self._dump_once(kind, body)
+        return out
+
+    async def _dump_once(self, kind: int, body: bytes) -> tuple[list[memoryview], bool]:
         seq = self._next_seq()
-        self._sock.send(
-            _NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-        )
+        header = _NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+        self._sock.send(header + body)
         out: list[memoryview] = []
+        interrupted = False
         while True:
             data = await self._recv()
             # The buffer is reused by the next recv: copy this datagram.
             data = memoryview(bytes(data))
-            for mkind, _flags, mseq, payload in _messages(data):
+            for mkind, mflags, mseq, payload in _messages(data):
                 if mseq != seq:
                     continue
+                if mflags & NLM_F_DUMP_INTR:
+                    interrupted = True
                 if mkind == NLMSG_DONE:
-                    return out
+                    return out, interrupted
                 if mkind == NLMSG_ERROR:
                     code = -_ERR.unpack_from(payload, 0)[0]
                     if code:
                         raise NetlinkError(code, f"netlink dump failed: {os.strerror(code)}")
                     continue
                 out.append(payload)
+            await asyncio.sleep(0)  # a big dump is many datagrams: let others run between them
 
     async def neighbours(self, ifindex: int) -> list[Neighbour]:
         """IPv4 neighbour entries on one device."""
         body = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)
         out: list[Neighbour] = []
         for payload in await self._dump(RTM_GETNEIGH, body):
+            if _NDMSG.unpack_from(payload, 0)[1] != ifindex:
+                continue
             entry = parse_neighbour(payload)
-            if isinstance(entry, Neighbour) and entry.ifindex == ifindex:
+            if isinstance(entry, Neighbour):
                 out.append(entry)
         return out
 
@@ -480,8 +500,10 @@ class RtnlSocket:
         body = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)
         out: list[FdbEntry] = []
         for payload in await self._dump(RTM_GETNEIGH, body):
+            if _NDMSG.unpack_from(payload, 0)[1] != ifindex:
+                continue
             entry = parse_neighbour(payload)
-            if isinstance(entry, FdbEntry) and entry.ifindex == ifindex:
+            if isinstance(entry, FdbEntry):
                 out.append(entry)
         return out
 

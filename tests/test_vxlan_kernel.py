@@ -397,3 +397,32 @@ async def test_errors_per_entry_are_logged_not_fatal(
     assert "10.5.1.0/25" in caplog.text
     state = kernel_state(host.ns)
     assert ("10.5.2.0/24", "10.5.2.0", ("onlink",)) in state["routes"]
+
+
+async def test_thousands_of_peers_across_many_batches(
+    host: Host, backends: list[VxlanBackend]
+) -> None:
+    b = await started(host, backends)
+
+    def many(lo: int, hi: int) -> dict[Subnet, Lease]:
+        out = {}
+        for i in range(lo, hi):
+            subnet = IPv4Network(f"10.5.{10 + i // 256}.{i % 256}/32")
+            mac = f"0a:00:00:00:{i // 256:02x}:{i % 256:02x}"
+            out[subnet] = lease(subnet, f"192.168.{100 + i // 256}.{i % 256}", mac)
+        return out
+
+    await b.reconcile(many(0, 2000))
+    state = kernel_state(host.ns)
+    assert [len(state[k]) for k in ("neigh", "fdb", "routes")] == [2000, 2000, 2000]
+    assert ("10.5.17.207", "0a:00:00:00:07:cf", ("PERMANENT",)) in state["neigh"]
+    assert b.last.failed == 0
+    # Drop every other one: 3,000 deletions, the rest untouched.
+    kept = {s: le for n, (s, le) in enumerate(many(0, 2000).items()) if n % 2 == 0}
+    await b.reconcile(kept)
+    assert b.last.applied == 3000
+    state = kernel_state(host.ns)
+    assert [len(state[k]) for k in ("neigh", "fdb", "routes")] == [1000, 1000, 1000]
+    assert {r[0] for r in state["routes"]} == {
+        str(s.network_address) for s in kept
+    }  # /32: no suffix
