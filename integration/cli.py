@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from integration.lab import BACKENDS, DEFAULT_NETWORK, STATE_ROOT, Lab, LabError, MatrixEntry
-from integration.netns import CommandError
+from integration.containers import ATTACH_MODES
+from integration.lab import BACKENDS, DEFAULT_NETWORK, STATE_ROOT, Lab, MatrixEntry
 
 
 def _progress(msg: str) -> None:
@@ -52,6 +52,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--etcd-prefix", default=None)
     up.add_argument("--network", default=DEFAULT_NETWORK, help=f"(default: {DEFAULT_NETWORK})")
     up.add_argument("--resync-period", default=None, help="passed on to every overlayd")
+    up.add_argument(
+        "--attach",
+        choices=ATTACH_MODES,
+        default="cni",
+        help="attach containers with our flannel CNI plugin (cni, default) or with iproute2 "
+        "commands laying out what the bridge plugin would (bridge)",
+    )
     up.add_argument("--no-matrix", action="store_true", help="skip the connectivity matrix")
     up.set_defaults(func=cmd_up)
 
@@ -78,7 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         lab = _lab(args)
         return asyncio.run(_up(lab, args))
-    except (LabError, CommandError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError) as e:  # LabError, CommandError, AttachError
         print(f"lab up failed: {e}", file=sys.stderr)
         print(
             f"whatever was built is recorded; remove it with: overlayctl lab down --name "
@@ -97,6 +104,7 @@ async def _up(lab: Lab, args: argparse.Namespace) -> int:
         network=args.network,
         etcd_prefix=args.etcd_prefix,
         resync_period=args.resync_period,
+        attach=args.attach,
     )
     rc = 0
     if not args.no_matrix:

@@ -1,21 +1,35 @@
 """Containers of the lab: a network namespace attached to its host's subnet.
 
-`attach_container` is the one seam between the lab and the container network. Today it wires
-the container as the reference `bridge` plugin with `host-local` IPAM would, from the host's
-subnet.env (bridge cni0 with the subnet's first address as gateway, a veth into the container,
-the next free address, a default route via the gateway, the MTU from subnet.env). When the
-`flannel` CNI plugin lands, this function runs it instead and nothing else in the lab changes.
+`attach_container` is the one seam between the lab and the container network. Two ways:
+
+- "cni" (the default): run our `flannel` CNI plugin (cni/flannel.py, installed into the lab's
+  CNI bin dir with a real interpreter line) in the host namespace, as a runtime would: it reads
+  the host's subnet.env and delegates to the reference `bridge` and `host-local` plugins from
+  /usr/lib/cni. The address comes from the CNI result.
+- "bridge": the same layout made directly with iproute2 (bridge cni0 with the subnet's first
+  address as gateway, a veth into the container, the next address, a default route via the
+  gateway, the MTU from subnet.env), for when the plugin is not wanted.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from integration.netns import run
+from integration.netns import CommandError, run
 
 BRIDGE = "cni0"
+REFERENCE_PLUGINS = Path("/usr/lib/cni")
+ATTACH_MODES = ("cni", "bridge")
+NETWORK_NAME = "overlay-lab"
+
+
+class AttachError(RuntimeError):
+    pass
 
 
 class SubnetEnvError(ValueError):
@@ -68,7 +82,8 @@ class Container:
     ns: str
     host_ns: str
     ip: IPv4Address
-    host_veth: str
+    host_veth: str | None
+    """The host end of the veth when we named it ("bridge" mode); None when a plugin named it."""
 
 
 def container_address(env: SubnetEnv, index: int) -> IPv4Interface:
@@ -80,10 +95,69 @@ def container_address(env: SubnetEnv, index: int) -> IPv4Interface:
     return IPv4Interface(f"{addr}/{subnet.prefixlen}")
 
 
+@dataclass(frozen=True)
+class CniSetup:
+    """Where the lab keeps the flannel plugin and each host's CNI state."""
+
+    bin_dir: Path
+    """Holds `flannel`; the reference plugins are found in /usr/lib/cni after it."""
+
+    @classmethod
+    def install(cls, bin_dir: Path) -> CniSetup:
+        """Write the flannel plugin into `bin_dir` with a real interpreter line."""
+        from cni.install import find_interpreter, plugin_text
+
+        if not (REFERENCE_PLUGINS / "bridge").exists():
+            raise AttachError(
+                f"the reference CNI plugins are missing from {REFERENCE_PLUGINS}: "
+                "apt-get install containernetworking-plugins (or run scripts/bootstrap.sh)"
+            )
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        plugin = bin_dir / "flannel"
+        tmp = bin_dir / ".flannel.tmp"
+        tmp.write_text(plugin_text(find_interpreter([os.path.realpath(sys.executable)])))
+        tmp.chmod(0o755)
+        tmp.rename(plugin)
+        return cls(bin_dir)
+
+    @property
+    def cni_path(self) -> str:
+        return f"{self.bin_dir}:{REFERENCE_PLUGINS}"
+
+
+def flannel_conf(subnet_file: Path, state_dir: Path) -> dict[str, object]:
+    """The network config a runtime would hand our flannel plugin for one lab host."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": NETWORK_NAME,
+        "type": "flannel",
+        "subnetFile": str(subnet_file),
+        "dataDir": str(state_dir / "flannel"),
+        "delegate": {"isDefaultGateway": True, "hairpinMode": True},
+        "ipam": {"dataDir": str(state_dir / "ipam")},
+    }
+
+
 async def attach_container(
-    host_ns: str, container_ns: str, env: SubnetEnv, index: int, ifname: str = "eth0"
+    host_ns: str,
+    container_ns: str,
+    env: SubnetEnv,
+    index: int,
+    ifname: str = "eth0",
+    *,
+    cni: CniSetup | None = None,
+    subnet_file: Path | None = None,
+    state_dir: Path | None = None,
 ) -> Container:
-    """Connect the (existing) namespace `container_ns` to the host's subnet; return its address."""
+    """Connect the (existing) namespace `container_ns` to the host's subnet; return its address.
+
+    With `cni` (and the host's `subnet_file` and a CNI `state_dir`) the flannel CNI plugin does
+    it; without, iproute2 commands make the same layout the bridge plugin would.
+    """
+    if cni is not None:
+        if subnet_file is None or state_dir is None:
+            raise ValueError("attach_container with cni needs subnet_file and state_dir")
+        return await _attach_with_cni(host_ns, container_ns, ifname, cni, subnet_file, state_dir)
     gateway = env.subnet
     address = container_address(env, index)
     mtu = str(env.mtu)
@@ -107,3 +181,33 @@ async def attach_container(
         ns=container_ns,
     )  # fmt: skip
     return Container(container_ns, host_ns, address.ip, host_veth)
+
+
+async def _attach_with_cni(
+    host_ns: str, container_ns: str, ifname: str, cni: CniSetup, subnet_file: Path,
+    state_dir: Path,
+) -> Container:  # fmt: skip
+    conf = flannel_conf(subnet_file, state_dir)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": container_ns,
+        "CNI_NETNS": f"/run/netns/{container_ns}",
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": cni.cni_path,
+    }
+    try:
+        out = await run(
+            str(cni.bin_dir / "flannel"), ns=host_ns, input=json.dumps(conf).encode(), env=env,
+            limit=60,
+        )  # fmt: skip
+    except CommandError as e:
+        raise AttachError(f"flannel CNI ADD for {container_ns} failed: {e}") from None
+    try:
+        result = json.loads(out)
+        address = IPv4Interface(result["ips"][0]["address"])
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise AttachError(
+            f"flannel CNI ADD for {container_ns} gave no address ({e}): {out!r}"
+        ) from None
+    return Container(container_ns, host_ns, address.ip, None)

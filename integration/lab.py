@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from integration import flannelhost
-from integration.containers import SubnetEnv, attach_container
+from integration.containers import ATTACH_MODES, CniSetup, SubnetEnv, attach_container
 from integration.etcdserver import EtcdServer, free_port
 from integration.netns import (
     CommandError,
@@ -123,6 +123,8 @@ class LabState:
     etcd_pid: int | None = None
     resync_period: str | None = None
     containers_per_node: int = 1
+    attach: str = "cni"
+    """How containers are attached: "cni" (our flannel plugin) or "bridge" (iproute2)."""
     namespaces: list[str] = field(default_factory=list)
     nodes: list[NodeState] = field(default_factory=list)
 
@@ -185,6 +187,10 @@ class Lab:
     def node_dir(self, index: int) -> Path:
         return self.dir / f"h{index}"
 
+    @property
+    def cni_bin(self) -> Path:
+        return self.dir / "cni-bin"
+
     def subnet_file(self, index: int) -> Path:
         return self.node_dir(index) / "subnet.env"
 
@@ -221,10 +227,13 @@ class Lab:
         etcd_prefix: str | None = None,
         resync_period: str | None = None,
         ready_timeout: float = 60.0,
+        attach: str = "cni",
     ) -> None:
         """Build the underlay, etcd, the network config, `nodes` daemons and their containers."""
         if backend not in BACKENDS:
             raise LabError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        if attach not in ATTACH_MODES:
+            raise LabError(f"attach mode {attach!r} is not one of {', '.join(ATTACH_MODES)}")
         if not 0 <= nodes <= 200:
             raise LabError(f"--nodes {nodes}: use 0 to 200")
         if not 0 <= containers_per_node <= 50:
@@ -245,6 +254,7 @@ class Lab:
             etcd_external=etcd_endpoints is not None,
             resync_period=resync_period,
             containers_per_node=containers_per_node,
+            attach=attach,
         )
         if etcd_prefix is not None:
             self.state.prefix = etcd_prefix
@@ -252,6 +262,8 @@ class Lab:
             # Never share the default prefix of someone else's etcd: `down` deletes this prefix.
             self.state.prefix = f"/overlay-lab/{self.name}{DEFAULT_PREFIX}"
         self.save()
+        if attach == "cni":
+            CniSetup.install(self.cni_bin)
         await self._make_underlay()
         if etcd_endpoints is None:
             self._start_etcd()
@@ -363,6 +375,10 @@ class Lab:
             "--healthz-ip", "0.0.0.0",
             "--healthz-port", str(HEALTH_PORT),
             "--log-level", "debug",
+            # As kube-flannel runs flanneld: the daemon masquerades traffic leaving the overlay
+            # network, so subnet.env says FLANNEL_IPMASQ=true and the CNI delegate does not
+            # masquerade (container to container keeps its source address).
+            "--ip-masq",
         ]  # fmt: skip
         if self.state.resync_period is not None:
             argv += ["--resync-period", self.state.resync_period]
@@ -418,7 +434,15 @@ class Lab:
             self.state.namespaces.append(cont.ns)
             self.save()
             await add_netns(cont.ns)
-            attached = await attach_container(node.ns, cont.ns, env, j)
+            if self.state.attach == "cni":
+                attached = await attach_container(
+                    node.ns, cont.ns, env, j,
+                    cni=CniSetup(self.cni_bin),
+                    subnet_file=self.subnet_file(node.index),
+                    state_dir=self.node_dir(node.index) / "cni",
+                )  # fmt: skip
+            else:
+                attached = await attach_container(node.ns, cont.ns, env, j)
             cont.ip = str(attached.ip)
             cont.probe_pid = self._start_probe_server(node.index, cont.ns)
             self.save()

@@ -79,7 +79,17 @@ async def test_three_hosts_full_connectivity(lab: Lab) -> None:
         assert lease.attrs.public_ip == IPv4Address(node.ip)
         assert lease.attrs.backend_type == "vxlan"
         env = SubnetEnv.read(lab.subnet_file(node.index))
-        assert env.mtu == 1450 and str(env.subnet.network) == node.subnet
+        assert env.mtu == 1450 and str(env.subnet.network) == node.subnet and env.ipmasq
+        # The container was attached by our flannel CNI plugin, which saved its delegate conf:
+        # bridge + host-local on this host's subnet, no masquerading (the daemon does it).
+        saved = [
+            json.loads(p.read_text())
+            for p in (lab.node_dir(node.index) / "cni" / "flannel").iterdir()
+            if not p.name.startswith(".")
+        ]
+        assert len(saved) == 1
+        assert saved[0]["type"] == "bridge" and saved[0]["ipMasq"] is False
+        assert saved[0]["ipam"]["ranges"] == [[{"subnet": node.subnet}]]
     await assert_full_connectivity(lab)
 
 
@@ -229,28 +239,37 @@ async def test_flannel_host_configured_by_hand_gets_full_connectivity(lab: Lab) 
     await eventually(routes_gone, "routes to the removed flannel host disappear")
 
 
-async def test_host_joins_then_leaves(lab: Lab) -> None:
+@pytest.mark.parametrize("leave", ["lease-deleted", "lease-expired"])
+async def test_host_joins_then_leaves(lab: Lab, leave: str) -> None:
     joined = await lab.add_node()
-    try:
 
-        async def everyone_routes_to_it() -> bool:
-            for n in lab.state.nodes:
-                if n.index != joined.index:
-                    if joined.subnet not in await overlay_routes(lab, n.index):
-                        return False
-            return await overlay_routes(lab, joined.index) == remote_subnets(lab, joined.index)
-
-        await eventually(everyone_routes_to_it, "every host routes to the 4th host and back")
-        await assert_full_connectivity(lab)
-    finally:
-        await lab.remove_node(joined.index)  # daemon stopped, lease deleted
+    async def everyone_routes_to_it() -> bool:
+        for n in lab.state.nodes:
+            if n.index != joined.index:
+                if joined.subnet not in await overlay_routes(lab, n.index):
+                    return False
+        return await overlay_routes(lab, joined.index) == remote_subnets(lab, joined.index)
 
     async def routes_gone() -> bool:
         for n in lab.state.nodes:
-            if joined.subnet in await overlay_routes(lab, n.index):
+            if n.index != joined.index and joined.subnet in await overlay_routes(lab, n.index):
                 return False
         return True
 
+    try:
+        await eventually(everyone_routes_to_it, "every host routes to the 4th host and back")
+        await assert_full_connectivity(lab)
+        if leave == "lease-expired":
+            # The daemon stops (SIGTERM keeps its lease), then its etcd lease ends: revoking it
+            # is what etcd does at expiry (the key is deleted), without waiting 24 h.
+            etcd_lease = (await lab.leases())[IPv4Network(joined.subnet)].etcd_lease
+            assert etcd_lease != 0
+            await lab.stop_daemon(joined.index)
+            await lab.etcdctl("lease", "revoke", f"{etcd_lease:x}")
+            await eventually(routes_gone, "routes to the 4th host go when its lease expires")
+    finally:
+        # Daemon stopped (SIGTERM) if still running, lease deleted if still there, netns gone.
+        await lab.remove_node(joined.index)
     await eventually(routes_gone, "routes to the 4th host disappear from the others")
     await assert_full_connectivity(lab)
 

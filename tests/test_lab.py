@@ -94,7 +94,9 @@ async def test_probe_stream_counts_answers(probe_server: int) -> None:
 async def hand_lab(unique: str, tmp_path: Path) -> AsyncIterator[Lab]:
     lab = Lab(f"t{unique}", state_root=tmp_path / "labs")
     try:
-        await lab.up(nodes=0, containers_per_node=2)
+        # "bridge": containers wired by iproute2 here; the CNI plugin path runs in the CLI test
+        # below and in tests/test_integration.py.
+        await lab.up(nodes=0, containers_per_node=2, attach="bridge")
         yield lab
     finally:
         await lab.down()
