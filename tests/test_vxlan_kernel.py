@@ -426,3 +426,19 @@ async def test_thousands_of_peers_across_many_batches(
     assert {r[0] for r in state["routes"]} == {
         str(s.network_address) for s in kept
     }  # /32: no suffix
+
+
+async def test_compatible_device_keeps_mac_and_gets_mtu_and_learning_fixed(
+    host: Host, backends: list[VxlanBackend]
+) -> None:
+    dev = host.ext.name
+    host.ns.ip("link", "add", "flannel.1", "address", "0a:cc:cc:cc:cc:01", "mtu", "1300", "type",
+               "vxlan", "id", "1", "local", str(HOST_IP), "dev", dev, "dstport", "8472",
+               "learning")  # fmt: skip
+    index = host.ns.ifindex("flannel.1")
+    b = await started(host, backends)
+    assert b.mac == "0a:cc:cc:cc:cc:01"
+    (link,) = host.ns.ip_json("-d", "link", "show", "flannel.1")
+    assert link["ifindex"] == index
+    assert link["mtu"] == 1450 and "UP" in link["flags"]
+    assert link["linkinfo"]["info_data"]["learning"] is False
