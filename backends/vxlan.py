@@ -46,6 +46,9 @@ TX_CHECKSUM_KEY = "DisableTxChecksumOffload"
 COMMAND_TIMEOUT = 10.0
 """Seconds allowed for a helper command (ethtool) or a pyroute2 request."""
 
+MAX_LOGGED_FAILURES = 20
+"""Refused entries logged one by one per reconcile; the rest are counted in one line."""
+
 _IGNORED_DELETE_ERRORS = {errno.ENOENT, errno.ESRCH}
 _ZERO_MAC = "00:00:00:00:00:00"
 _CANONICAL_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
@@ -369,27 +372,40 @@ class VxlanBackend:
             own_subnet = self.own.subnet if self.own is not None else None
             desired = desired_peers(peers, own_subnet, onlink, self._skipped)
             sock = self._socket()
-            neighbours = await sock.neighbours(index)
-            fdb = await sock.fdb(index)
-            routes = await sock.routes()
-            todo = plan(
-                desired,
-                vx_index=index,
-                ext_index=self.ext.index,
-                network=self.config.network,
-                neighbours=neighbours,
-                fdb=fdb,
-                routes=routes,
-            )
+            try:
+                neighbours = await sock.neighbours(index)
+                fdb = await sock.fdb(index)
+                routes = await sock.routes()
+                todo = plan(
+                    desired,
+                    vx_index=index,
+                    ext_index=self.ext.index,
+                    network=self.config.network,
+                    neighbours=neighbours,
+                    fdb=fdb,
+                    routes=routes,
+                )
+                result = await sock.apply([*todo.adds, *todo.deletes]) if todo else None
+            except (OSError, TimeoutError) as e:
+                # Start over with a fresh socket next time (a half-read answer stays behind).
+                sock.close()
+                self._nl = None
+                raise BackendError(f"reading or programming {self.device}'s peers: {e}") from e
             stats.peers = len(desired)
-            if todo:
-                result = await sock.apply([*todo.adds, *todo.deletes])
+            if result is not None:
                 deletes = {id(r) for r in todo.deletes}
                 for req, code in result.failed:
                     if id(req) in deletes and code in _IGNORED_DELETE_ERRORS:
                         continue
                     stats.failed += 1
-                    log.warning("%s on %s failed: %s", req.what, self.device, os.strerror(code))
+                    if stats.failed <= MAX_LOGGED_FAILURES:
+                        log.warning("%s on %s failed: %s", req.what, self.device, os.strerror(code))
+                if stats.failed > MAX_LOGGED_FAILURES:
+                    log.warning(
+                        "%d more entries on %s failed (not logged one by one)",
+                        stats.failed - MAX_LOGGED_FAILURES,
+                        self.device,
+                    )
                 stats.applied = result.sent - stats.failed
                 log.info(
                     "vxlan reconcile: %d peers, %d changes (%d added/replaced, %d removed), "
