@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO, Any
+
+TYPE_CHECKING = False  # `import typing` alone costs ~10 ms of start-up: only for type checkers
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 try:  # the C accelerator: no `re`, no `enum`; plain `json` where it is missing
     import _json
