@@ -50,6 +50,7 @@ MAX_LOGGED_FAILURES = 20
 """Refused entries logged one by one per reconcile; the rest are counted in one line."""
 
 _IGNORED_DELETE_ERRORS = {errno.ENOENT, errno.ESRCH}
+RTPROT_KERNEL = 2
 _ZERO_MAC = "00:00:00:00:00:00"
 _CANONICAL_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
@@ -225,7 +226,8 @@ def plan(
 
     Adds come in flannel's order (neighbours, FDB, routes); deletes remove routes first.
     Which kernel entries are ours: permanent neighbours and non-zero-MAC FDB entries on the vxlan
-    device; main-table routes through the vxlan device; main-table routes with a gateway on the
+    device; main-table routes through the vxlan device (but not the kernel's own routes for
+    addresses, protocol "kernel"); main-table routes with a gateway on the
     external interface to a subnet strictly inside the cluster network (DirectRouting's).
     """
     neigh_adds: list[nl.Request] = []
@@ -264,8 +266,8 @@ def plan(
     # Routes: keyed by destination.
     by_dst: dict[IPv4Network, list[nl.Route]] = {}
     for r in routes:
-        if r.table != nl.RT_TABLE_MAIN or r.type != nl.RTN_UNICAST:
-            continue
+        if r.table != nl.RT_TABLE_MAIN or r.type != nl.RTN_UNICAST or r.protocol == RTPROT_KERNEL:
+            continue  # the kernel's own routes (for addresses) come and go with the addresses
         ours = r.oif == vx_index or (
             r.oif == ext_index
             and r.gateway is not None

@@ -211,6 +211,8 @@ def test_plan_leaves_foreign_routes_alone() -> None:
         ),
         # A route to the whole cluster network on the external interface is not a lease's.
         nl.Route(NET, EXT, IPv4Address("192.168.90.254"), 254, 3, 0, 1, 0, None),
+        # The kernel's route for an address someone put on the device (protocol kernel).
+        nl.Route(IPv4Network("10.5.1.0/24"), VX, None, 254, 2, 253, 1, 0, None),
     ]
     assert len(_plan([], ([], [], foreign))) == 0
     # ...but a gateway route for a lease-sized subnet there is (a stale DirectRouting route).
