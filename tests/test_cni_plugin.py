@@ -152,12 +152,15 @@ def test_result_format_per_cni_version(
     assert net.allocations() == {}
 
 
-def test_check_passes_then_notices_a_removed_interface(net: Net, netns: Namespaces) -> None:
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
+def test_check_passes_then_notices_a_removed_interface(
+    net: Net, netns: Namespaces, version: str
+) -> None:
     ns = netns.add("c")
     cid = f"chk-{net.name}"
-    add = net.call("ADD", cid, ns)
+    add = net.call("ADD", cid, ns, version=version)
     assert add.rc == 0
-    conf = net.conf(prevResult=add.out)
+    conf = net.conf(version, prevResult=add.out)
     ok = net.call("CHECK", cid, ns, conf=conf)
     assert ok.rc == 0, ok.raw + ok.stderr
     subprocess.run(["ip", "-n", ns, "link", "del", "eth0"], check=True, timeout=30)
