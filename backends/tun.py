@@ -1,0 +1,59 @@
+"""Open a Linux TUN device (ioctl on /dev/net/tun), optionally with virtio-net offloads."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from backends.base import BackendError
+
+IFF_TUN = 0x0001
+IFF_MULTI_QUEUE = 0x0100
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+
+IFNAMSIZ = 16
+
+
+def open_tun(name: str, *, vnet_hdr: bool = False, multi_queue: bool = False) -> int:
+    """Create (or attach to) the TUN device `name` and return its file descriptor.
+
+    Always IFF_TUN | IFF_NO_PI (raw IP packets, as flannel). With `vnet_hdr` every read and write
+    starts with a 10-byte virtio_net_hdr and the kernel may hand over TCP/IPv4 TSO super-packets
+    with partial checksums (TUN_F_CSUM | TUN_F_TSO4). The device is not persistent: it goes away
+    when the last descriptor on it is closed.
+    """
+    if not name or len(name) >= IFNAMSIZ:
+        raise BackendError(f"TUN device name {name!r} must be 1..15 characters")
+    flags = IFF_TUN | IFF_NO_PI
+    if vnet_hdr:
+        flags |= IFF_VNET_HDR
+    if multi_queue:
+        flags |= IFF_MULTI_QUEUE
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise BackendError(
+            f"cannot open /dev/net/tun for {name!r}: {e}; load the tun module and run as root"
+        ) from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        if vnet_hdr:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 10))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+    except OSError as e:
+        os.close(fd)
+        raise BackendError(
+            f"cannot create TUN device {name!r} (flags {flags:#x}): {e}; if a device of that name "
+            "exists with other flags (e.g. left by another flannel), delete it with "
+            f"`ip link del {name}`"
+        ) from None
+    return fd

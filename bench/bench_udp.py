@@ -1,0 +1,253 @@
+"""Throughput of the udp backend against a C baseline and kernel VXLAN, side by side in one run.
+
+    .venv/bin/python bench/bench_udp.py [--seconds 5] [--variants ours,c,vxlan,...]
+
+Two namespaces joined by a veth pair (MTU 1500, 192.168.x.0/24) stand for two hosts. For each
+data path in turn, the overlay addresses 10.99.1.0 (A) and 10.99.2.0 (B) are reached through it
+and iperf3 measures, from A to B:
+  - TCP throughput (one stream),
+  - UDP throughput with 1400-byte datagrams, unlimited rate (received rate, loss),
+  - UDP packets per second with 64-byte datagrams (received packets per second).
+Data paths:
+  ours        UdpBackend with its default loop options (TUN offloads, UDP_SEGMENT, UDP_GRO)
+  ours-gro    UdpBackend without TUN offloads, UDP_GRO on receive only
+  ours-vnet   UdpBackend with TUN offloads and userspace segmentation but one sendmsg per packet
+  ours-plain  UdpBackend moving one packet per system call (no offloads at all)
+  c           bench/udp_baseline.c: flannel's C proxy design, one packet per system call
+  vxlan       the kernel's VXLAN device (a reference only: no userspace)
+Ratios are against `c`. Root needed; everything is created under unique names and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = str(ROOT / ".venv" / "bin" / "python")
+NETWORK = "10.99.0.0/16"
+A_SUBNET, B_SUBNET = "10.99.1.0/24", "10.99.2.0/24"
+A_ADDR, B_ADDR = "10.99.1.0", "10.99.2.0"
+
+DRIVER_FLAGS = {
+    "ours": [],
+    "ours-gro": ["--no-vnet", "--no-gso"],
+    "ours-vnet": ["--no-gso", "--no-gro"],
+    "ours-plain": ["--plain"],
+}
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
+    return res.stdout
+
+
+def nsx(ns: str, *cmd: str, check: bool = True) -> str:
+    return sh("ip", "netns", "exec", ns, *cmd, check=check)
+
+
+@dataclass
+class Lab:
+    a: str
+    b: str
+    a_ip: str
+    b_ip: str
+    a_if: str
+    b_if: str
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def lab() -> Iterator[Lab]:
+    tag = uuid.uuid4().hex[:6]
+    third = 100 + int(tag[:2], 16) % 100
+    lab = Lab(f"ubA{tag}", f"ubB{tag}", f"192.168.{third}.1", f"192.168.{third}.2",
+              f"ua{tag}", f"ub{tag}")  # fmt: skip
+    try:
+        sh("ip", "netns", "add", lab.a)
+        sh("ip", "netns", "add", lab.b)
+        sh("ip", "link", "add", lab.a_if, "netns", lab.a, "type", "veth",
+           "peer", "name", lab.b_if, "netns", lab.b)  # fmt: skip
+        for ns, ifname, ip in ((lab.a, lab.a_if, lab.a_ip), (lab.b, lab.b_if, lab.b_ip)):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
+            sh("ip", "-n", ns, "link", "set", ifname, "up")
+        yield lab
+    finally:
+        stop(lab)
+        sh("ip", "netns", "del", lab.a, check=False)
+        sh("ip", "netns", "del", lab.b, check=False)
+
+
+def stop(lab: Lab) -> None:
+    for p in lab.procs:
+        if p.poll() is None:
+            if p.stdin:
+                p.stdin.close()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    lab.procs.clear()
+
+
+def start_ours(lab: Lab, flags: list[str]) -> None:
+    for ns, ifname, subnet, peer_subnet, peer_ip in (
+        (lab.a, lab.a_if, A_SUBNET, B_SUBNET, lab.b_ip),
+        (lab.b, lab.b_if, B_SUBNET, A_SUBNET, lab.a_ip),
+    ):
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, PY, "-m", "backends.udp_driver", "--iface", ifname,
+             "--network", NETWORK, "--subnet", subnet, *flags],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        lab.procs.append(p)
+        assert p.stdin and p.stdout
+        if not json.loads(p.stdout.readline()).get("ready"):
+            raise RuntimeError("udp_driver did not start")
+        p.stdin.write(json.dumps({"peers": [[peer_subnet, peer_ip, ""]]}) + "\n")
+        p.stdin.flush()
+        json.loads(p.stdout.readline())
+
+
+def start_c(lab: Lab, binary: str) -> None:
+    for ns, ip, addr, peer_net, peer_ip in (
+        (lab.a, lab.a_ip, A_ADDR, B_ADDR, lab.b_ip),
+        (lab.b, lab.b_ip, B_ADDR, A_ADDR, lab.a_ip),
+    ):
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, binary, "cbase0", ip, "8285", peer_net, "24", peer_ip],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        lab.procs.append(p)
+        assert p.stdout
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError("udp_baseline did not start")
+        sh("ip", "-n", ns, "link", "set", "cbase0", "mtu", "1472", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "cbase0")
+        sh("ip", "-n", ns, "route", "add", NETWORK, "dev", "cbase0")
+
+
+def start_vxlan(lab: Lab) -> None:
+    for ns, ifname, ip, addr, peer_ip in (
+        (lab.a, lab.a_if, lab.a_ip, A_ADDR, lab.b_ip),
+        (lab.b, lab.b_if, lab.b_ip, B_ADDR, lab.a_ip),
+    ):
+        sh("ip", "-n", ns, "link", "add", "vxb0", "type", "vxlan", "id", "1", "local", ip,
+           "remote", peer_ip, "dev", ifname, "dstport", "8472", "nolearning")  # fmt: skip
+        sh("ip", "-n", ns, "link", "set", "vxb0", "mtu", "1450", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "vxb0")
+        sh("ip", "-n", ns, "route", "add", NETWORK, "dev", "vxb0")
+
+
+def stop_vxlan(lab: Lab) -> None:
+    for ns in (lab.a, lab.b):
+        sh("ip", "-n", ns, "link", "del", "vxb0", check=False)
+
+
+def iperf(lab: Lab, seconds: int, *client_args: str) -> dict[str, float]:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", lab.b, "iperf3", "-s", "-1", "-B", B_ADDR],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out = ""
+        for _ in range(50):
+            time.sleep(0.1)
+            res = subprocess.run(
+                ["ip", "netns", "exec", lab.a, "iperf3", "-J", "-c", B_ADDR, "-B", A_ADDR,
+                 "-t", str(seconds), *client_args],
+                capture_output=True, text=True, timeout=seconds + 30,
+            )  # fmt: skip
+            out = res.stdout
+            if res.returncode == 0:
+                break
+        doc = json.loads(out)
+        if "error" in doc:
+            raise RuntimeError(f"iperf3: {doc['error']}")
+        end = doc["end"]
+        if "-u" not in client_args:
+            return {"bps": end["sum_received"]["bits_per_second"]}
+        s = end["sum"]
+        received = s["packets"] - s["lost_packets"]
+        return {
+            "bps": s["bits_per_second"] * received / max(s["packets"], 1),
+            "pps": received / s["seconds"],
+            "loss": s["lost_percent"],
+        }
+    finally:
+        server.wait(timeout=seconds + 30)
+
+
+def measure(lab: Lab, seconds: int) -> dict[str, float]:
+    tcp = iperf(lab, seconds)
+    udp = iperf(lab, seconds, "-u", "-b", "0", "-l", "1400")
+    small = iperf(lab, seconds, "-u", "-b", "0", "-l", "64")
+    return {
+        "tcp_gbps": tcp["bps"] / 1e9,
+        "udp_gbps": udp["bps"] / 1e9,
+        "udp_loss": udp["loss"],
+        "pps_k": small["pps"] / 1e3,
+        "pps_loss": small["loss"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--variants", default="ours,ours-gro,ours-vnet,ours-plain,c,vxlan")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_udp needs root (network namespaces, TUN devices)")
+    variants = args.variants.split(",")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, lab() as lb:
+        binary = os.path.join(tmp, "udp_baseline")
+        if "c" in variants:
+            gcc = shutil.which("gcc") or sys.exit("gcc not found")
+            sh(gcc, "-O2", "-Wall", "-o", binary, str(ROOT / "bench" / "udp_baseline.c"))
+        for v in variants:
+            if v in DRIVER_FLAGS:
+                start_ours(lb, DRIVER_FLAGS[v])
+            elif v == "c":
+                start_c(lb, binary)
+            elif v == "vxlan":
+                start_vxlan(lb)
+            else:
+                sys.exit(
+                    f"unknown variant {v!r}; known: {', '.join([*DRIVER_FLAGS, 'c', 'vxlan'])}"
+                )
+            try:
+                results[v] = measure(lb, args.seconds)
+            finally:
+                stop(lb)
+                stop_vxlan(lb)
+            r = results[v]
+            print(f"# {v}: {json.dumps({k: round(x, 3) for k, x in r.items()})}", flush=True)
+    base = results.get("c")
+    print(f"\n{'path':<11} {'TCP Gbit/s':>10} {'UDP Gbit/s':>10} {'loss%':>6} {'64B kpps':>9} "
+          f"{'loss%':>6}   ratios to c (TCP, UDP, pps)")  # fmt: skip
+    for v, r in results.items():
+        ratio = ""
+        if base:
+            ratio = "  ".join(f"{r[k] / base[k]:.2f}x" for k in ("tcp_gbps", "udp_gbps", "pps_k"))
+        print(f"{v:<11} {r['tcp_gbps']:>10.2f} {r['udp_gbps']:>10.2f} {r['udp_loss']:>6.1f} "
+              f"{r['pps_k']:>9.0f} {r['pps_loss']:>6.1f}   {ratio}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
