@@ -14,6 +14,7 @@ import profile (`python -X importtime`), i.e. where the plugin's own time goes.
 
     .venv/bin/python bench/bench_cni.py              # N=50 rounds
     .venv/bin/python bench/bench_cni.py --rounds 100 --json
+    .venv/bin/python bench/bench_cni.py --realtime   # SCHED_FIFO: less noise on a busy box
 
 Root only. Not a test: nothing here asserts on speed.
 """
@@ -201,6 +202,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the raw report")
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the timed part under SCHED_FIFO (chrt) to keep other load on a busy machine "
+        "from dominating the figures",
+    )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--namespaces", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -234,7 +241,9 @@ def main() -> int:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         log(f"{args.rounds} rounds in host namespace {host}")
+        prefix = ["chrt", "--fifo", "10"] if args.realtime else []
         out = sh(
+            *prefix,
             "ip", "netns", "exec", host, sys.executable, str(Path(__file__).resolve()),
             "--inner", "--rounds", str(args.rounds), "--work", str(work),
             "--namespaces", *spaces,

@@ -760,15 +760,35 @@ def exec_plugin(
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status), b"".join(chunks)
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             timed_out = True
         else:
-            time.sleep(0.0005)
+            _wait_exit(pid, left)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     raise CNIError(
         ERR_TRY_AGAIN_LATER, f"plugin {exe} did not finish within {timeout:.0f} s and was killed"
     )
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Sleep until `pid` exits (a pidfd turns readable) or `timeout` passes; no reaping."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel): a short nap instead
+        import time
+
+        time.sleep(min(timeout, 0.0005))
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(timeout * 1000)
+    finally:
+        os.close(fd)
 
 
 class Delegate:
