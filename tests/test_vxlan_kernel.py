@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -442,3 +443,17 @@ async def test_compatible_device_keeps_mac_and_gets_mtu_and_learning_fixed(
     assert link["ifindex"] == index
     assert link["mtu"] == 1450 and "UP" in link["flags"]
     assert link["linkinfo"]["info_data"]["learning"] is False
+
+
+def test_netns_lab_removes_namespaces_links_and_processes() -> None:
+    with NetnsLab() as lab:
+        a, b = lab.netns("alpha-long-role-name"), lab.netns("b")
+        assert all(len(ns.name) <= 15 for ns in (a, b))
+        va, vb = lab.veth(a, b, "192.168.95.1/24", "192.168.95.2/24")
+        assert len(va) <= 15 and len(vb) <= 15
+        assert b.ip_json("addr", "show", "dev", vb)[0]["addr_info"][0]["local"] == "192.168.95.2"
+        sleeper = a.popen(["sleep", "600"])
+        names = {a.name, b.name}
+    assert sleeper.poll() is not None
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert not names & {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}

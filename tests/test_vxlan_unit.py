@@ -222,3 +222,28 @@ def test_plan_leaves_foreign_routes_alone() -> None:
     assert [r.what for r in _plan([], ([], [], [stale])).deletes] == [
         "route 10.5.9.0/24 via 192.168.90.9 (delete)"
     ]
+
+
+def test_netlink_requests_decode_back_to_what_was_asked() -> None:
+    # Our encoder against our decoder: the kernel tests check the kernel's view of the same bytes.
+    ifindex, dst, mac = 7, IPv4Address("10.5.2.0"), "0a:00:00:00:00:02"
+    neigh = nl.parse_neighbour(memoryview(nl.neigh_replace(ifindex, dst, mac).body))
+    assert neigh == nl.Neighbour(ifindex, dst, mac, nl.NUD_PERMANENT)
+    fdb = nl.parse_neighbour(memoryview(nl.fdb_replace(ifindex, mac, IPv4Address("1.2.3.4")).body))
+    assert fdb == nl.FdbEntry(ifindex, mac, IPv4Address("1.2.3.4"), nl.NUD_PERMANENT, nl.NTF_SELF)
+    req = nl.route_replace(IPv4Network("10.5.2.0/24"), dst, ifindex, onlink=True)
+    route = nl.parse_route(memoryview(req.body))
+    assert route is not None
+    assert (route.dst, route.gateway, route.oif, route.onlink, route.table) == (
+        IPv4Network("10.5.2.0/24"),
+        dst,
+        ifindex,
+        True,
+        nl.RT_TABLE_MAIN,
+    )
+
+
+@pytest.mark.parametrize("bad", ["", "0a:00:00:00:00", "0a:00:00:00:00:0g", "0a-00-00-00-00-02"])
+def test_mac_parsing_names_the_bad_value(bad: str) -> None:
+    with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(")):
+        nl.mac_bytes(bad)
