@@ -230,6 +230,11 @@ class UdpBackend:
         return self.counters()["dropped_no_route"]
 
     @property
+    def worker_pids(self) -> list[int]:
+        """The packet loop's processes (tx, rx): unchanged across reconcile()."""
+        return [proc.pid for proc, _ in self._workers]
+
+    @property
     def running(self) -> bool:
         return bool(self._workers) and all(p.returncode is None for p, _ in self._workers)
 

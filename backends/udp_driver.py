@@ -80,7 +80,11 @@ async def amain(args: argparse.Namespace) -> None:
                 await backend.reconcile(peers)
                 reply = {"ok": True}
             elif "counters" in cmd:
-                reply = {"counters": backend.counters(), "running": backend.running}
+                reply = {
+                    "counters": backend.counters(),
+                    "running": backend.running,
+                    "pids": backend.worker_pids,
+                }
             else:
                 reply = {"error": f"unknown command {cmd!r}"}
             out.write(json.dumps(reply) + "\n")
