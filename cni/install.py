@@ -187,7 +187,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser(
         "install-cni",
         help="install the flannel CNI plugin and a default conflist",
-        description=__doc__,
+        description=(
+            "Install the flannel CNI plugin (a copy of cni/flannel.py run by a real Python "
+            "interpreter binary) into --bin-dir and a default 10-flannel.conflist into "
+            "--conf-dir. A conflist changed since overlay wrote it is kept unless --force."
+        ),
     )
     parser.add_argument("--bin-dir", default=DEFAULT_BIN_DIR, help="CNI plugin dir (%(default)s)")
     parser.add_argument("--conf-dir", default=DEFAULT_CONF_DIR, help="CNI config dir (%(default)s)")
