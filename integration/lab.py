@@ -119,7 +119,12 @@ class LabState:
     backend: str = "vxlan"
     prefix: str = DEFAULT_PREFIX
     etcd_endpoint: str = ""
+    """The endpoint(s) as reached from the root namespace (etcdctl, status)."""
+    daemon_endpoints: str = ""
+    """The endpoint(s) as the daemons in the host namespaces reach them."""
     etcd_external: bool = False
+    relay_pids: list[int] = field(default_factory=list)
+    """socat relays from the management address to an external etcd on loopback."""
     etcd_pid: int | None = None
     resync_period: str | None = None
     containers_per_node: int = 1
@@ -270,6 +275,8 @@ class Lab:
         else:
             self.state.etcd_endpoint = etcd_endpoints
             self.save()
+            self.state.daemon_endpoints = await self._reachable_endpoints(etcd_endpoints)
+            self.save()
         config = {"Network": str(net), "Backend": {"Type": backend}}
         await self.etcdctl("put", f"{self.state.prefix}/config", json.dumps(config))
         self.progress(f"network config written to {self.state.prefix}/config: {config}")
@@ -320,8 +327,46 @@ class Lab:
         self._procs[server.proc.pid] = server.proc
         self.state.etcd_pid = server.proc.pid
         self.state.etcd_endpoint = server.endpoint
+        self.state.daemon_endpoints = server.endpoint
         self.save()
         self.progress(f"etcd listening on {server.endpoint} (data in {self.dir / 'etcd'})")
+
+    async def _reachable_endpoints(self, endpoints: str) -> str:
+        """Endpoints for the daemons: one on loopback gets a relay on the management address.
+
+        A host namespace cannot reach the root namespace's 127.0.0.1, so for each endpoint on
+        loopback a socat in the root namespace listens on the management address (the lab's
+        .254, only reachable from inside the lab) and forwards to it.
+        """
+        out = []
+        for ep in endpoints.split(","):
+            m = re.fullmatch(r"(https?)://(127\.\d+\.\d+\.\d+|localhost):(\d+)/?", ep.strip())
+            if m is None:
+                out.append(ep.strip())
+                continue
+            scheme, host, port = m[1], m[2], int(m[3])
+            listen = free_port(str(self.mgmt_ip.ip))
+            target = "127.0.0.1" if host == "localhost" else host
+            pid = self._spawn(
+                ["socat", f"TCP-LISTEN:{listen},bind={self.mgmt_ip.ip},fork,reuseaddr",
+                 f"TCP:{target}:{port}"],
+                self.dir / f"relay-{port}.log",
+            )  # fmt: skip
+            self.state.relay_pids.append(pid)
+            self.save()
+            await self._wait_listening(None, listen)
+            out.append(f"{scheme}://{self.mgmt_ip.ip}:{listen}")
+            self.progress(f"relay {self.mgmt_ip.ip}:{listen} -> {ep.strip()} for the daemons")
+        return ",".join(out)
+
+    async def _wait_listening(self, ns: str | None, port: int, limit: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while loop.time() < deadline:
+            if (await run("ss", "-Htln", f"sport = :{port}", ns=ns, check=False)).strip():
+                return
+            await asyncio.sleep(0.05)
+        raise LabError(f"nothing listens on port {port} in {ns or 'the root namespace'}")
 
     async def add_nodes(self, count: int, ready_timeout: float = 60.0) -> list[NodeState]:
         """Add `count` overlayd hosts: namespaces and links first, then all daemons at once."""
@@ -368,7 +413,7 @@ class Lab:
     def daemon_argv(self, node: NodeState) -> list[str]:
         argv = [
             sys.executable, "-m", "overlay.daemon",
-            "--etcd-endpoints", self.state.etcd_endpoint,
+            "--etcd-endpoints", self.state.daemon_endpoints,
             "--etcd-prefix", self.state.prefix,
             "--iface", "eth0",
             "--subnet-file", str(self.subnet_file(node.index)),
@@ -384,19 +429,30 @@ class Lab:
             argv += ["--resync-period", self.state.resync_period]
         return argv
 
-    def _start_daemon(self, node: NodeState) -> None:
-        log_path = self.node_dir(node.index) / "overlayd.log"
+    def _spawn(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> int:
+        """Start a long-lived process of the lab (own session, output appended to a log).
+
+        A plain Popen, not asyncio's: these processes outlive the event loop (and the
+        `overlayctl lab up` process); the Popen is kept so that this process can reap them.
+        """
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                in_ns(node.ns, self.daemon_argv(node)),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self.node_dir(node.index),
+                cwd=cwd,
                 start_new_session=True,
             )
         self._procs[proc.pid] = proc
-        node.daemon_pid = proc.pid
+        return proc.pid
+
+    def _start_daemon(self, node: NodeState) -> None:
+        node.daemon_pid = self._spawn(
+            in_ns(node.ns, self.daemon_argv(node)),
+            self.node_dir(node.index) / "overlayd.log",
+            cwd=self.node_dir(node.index),
+        )
         self.save()
 
     async def wait_ready(self, index: int, limit: float = 60.0) -> None:
@@ -451,27 +507,13 @@ class Lab:
             await self._wait_probe_server(cont)
 
     def _start_probe_server(self, index: int, ns: str) -> int:
-        log_path = self.node_dir(index) / f"probe-{ns}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                in_ns(ns, [sys.executable, "-m", "integration.probe", "serve"]),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._procs[proc.pid] = proc
-        return proc.pid
+        return self._spawn(
+            in_ns(ns, [sys.executable, "-m", "integration.probe", "serve"]),
+            self.node_dir(index) / f"probe-{ns}.log",
+        )
 
-    async def _wait_probe_server(self, cont: ContainerState, limit: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while loop.time() < deadline:
-            out = await run("ss", "-Htln", f"sport = :{PROBE_PORT}", ns=cont.ns, check=False)
-            if out.strip():
-                return
-            await asyncio.sleep(0.05)
-        raise LabError(f"probe server in {cont.ns} did not start within {limit}s")
+    async def _wait_probe_server(self, cont: ContainerState) -> None:
+        await self._wait_listening(cont.ns, PROBE_PORT)
 
     # ------------------------------------------------------------------ daemons
 
@@ -707,6 +749,7 @@ class Lab:
         done: list[str] = []
         pids = [c.probe_pid for n in self.state.nodes for c in n.containers]
         pids += [n.daemon_pid for n in self.state.nodes]
+        pids += self.state.relay_pids
         for pid in pids:
             if pid is not None and self._ours(pid):
                 await stop_pid(pid)
@@ -747,6 +790,7 @@ class Lab:
         return (
             str(self.dir) in cmd
             or "integration.probe" in cmd
+            or (pid in self.state.relay_pids and "socat" in cmd)
             or (pid == self.state.etcd_pid and "etcd" in cmd)
         )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from integration.containers import SubnetEnv
+from integration.etcdserver import EtcdServer
 from integration.lab import Lab
 from integration.netns import in_ns, ip_json, run
 
@@ -306,3 +307,27 @@ async def test_restart_keeps_subnet_and_traffic(lab: Lab, sig: signal.Signals) -
     for n in lab.state.nodes:
         assert await overlay_routes(lab, n.index) == routes_before[n.index]
     await assert_full_connectivity(lab)
+
+
+# --------------------------------------------------------------------------- external etcd
+
+
+async def test_lab_on_an_external_etcd_on_loopback(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    """`--etcd-endpoints http://127.0.0.1:N`: daemons reach it through the lab's relay."""
+    lab = Lab(f"e{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs")
+    try:
+        await lab.up(nodes=2, etcd_endpoints=etcd_server.endpoint, etcd_prefix=etcd_prefix)
+        assert lab.state.etcd_pid is None  # no etcd of its own
+        assert lab.state.daemon_endpoints.startswith(f"http://{lab.mgmt_ip.ip}:")
+        assert len(await lab.leases()) == 2
+        await assert_full_connectivity(lab)
+    finally:
+        await lab.down()
+    # `down` removed the lab's keys from the external etcd, which itself keeps running.
+    out = await run(
+        "etcdctl", f"--endpoints={etcd_server.endpoint}", "get", "--prefix", f"{etcd_prefix}/",
+        "--keys-only", env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.strip() == ""
