@@ -838,8 +838,8 @@ class Delegate:
             status, out = exec_plugin(self.exe, json_dumps(conf).encode(), env)
             if status != 0:
                 raise _DelegateError(out, self._error(out, command, status))
-        if not out.strip():
-            return b""
+        if not out.strip() and command != "ADD":
+            return b""  # DEL, CHECK, STATUS, GC print nothing on success
         try:
             result = json_loads(out.decode())
         except (ValueError, UnicodeDecodeError):

@@ -390,3 +390,30 @@ def test_runs_as_python_dash_m(tmp_path: Path) -> None:
         check=True,
     )
     assert json.loads(proc.stdout)["cniVersion"] == "1.0.0"
+
+
+@pytest.mark.parametrize(
+    ("program", "words"),
+    [("false", "failed with exit status 1"), ("true", "printed no JSON result")],
+)
+def test_a_delegate_without_cni_output_is_code_102(
+    plugin: Path, tmp_path: Path, program: str, words: str
+) -> None:
+    """Real programs as a broken delegate: /bin/false fails silently, /bin/true 'succeeds'
+    without a result. Both must become a clear CNI error, and no saved conf is left."""
+    bindir = Path("/bin") if Path(f"/bin/{program}").exists() else Path("/usr/bin")
+    env_file = write_subnet_env(tmp_path / "subnet.env")
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "subnetFile": str(env_file),
+        "dataDir": str(tmp_path / "d"),
+        "delegate": {"type": program},
+    }
+    reply = call(
+        plugin, "ADD", conf, container_id="abc", netns="/run/netns/x", cni_path=str(bindir)
+    )
+    assert reply.rc == 1 and reply.code == 102, reply.raw
+    assert words in reply.out["msg"] and program in reply.out["msg"]
+    if program == "true":  # its DEL "succeeds", so the failed ADD's saved conf is gone
+        assert [p.name for p in (tmp_path / "d").iterdir()] == [".lock"]
