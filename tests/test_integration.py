@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +23,7 @@ import pytest
 from integration.containers import SubnetEnv
 from integration.etcdserver import EtcdServer
 from integration.lab import Lab
-from integration.netns import in_ns, ip_json, run
+from integration.netns import in_ns, ip_json, list_netns, run
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -331,3 +332,35 @@ async def test_lab_on_an_external_etcd_on_loopback(
         "--keys-only", env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert out.strip() == ""
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_up_status_down_with_alloc(tmp_path: Path) -> None:
+    """`overlayctl lab up` end to end as a user runs it (alloc: leases only, no data path)."""
+    name = f"c{uuid.uuid4().hex[:6]}"
+    common = ["--name", name, "--state-root", str(tmp_path / "labs")]
+    cli = [sys.executable, "-m", "integration.cli"]
+    try:
+        up = subprocess.run(
+            [*cli, "up", *common, "--nodes", "2", "--backend", "alloc",
+             "--containers-per-node", "2"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        assert "waiting for /readyz of 2 overlayd" in up.stderr  # progress while it works
+        # alloc has no data path: only containers of the same host are probed, and pass.
+        assert "8/8 probes passed" in up.stdout  # 4 containers x 1 peer x TCP, UDP
+        assert f"overlayctl lab down --name {name}" in up.stdout
+        status = subprocess.run(
+            [*cli, "status", *common, "--json"], capture_output=True, text=True, timeout=60,
+            check=True,
+        )  # fmt: skip
+        st = json.loads(status.stdout)
+        assert [n["ready"] for n in st["nodes"]] == [True, True]
+        assert {lease["backend_type"] for lease in st["leases"]} == {"alloc"}
+    finally:
+        down = subprocess.run([*cli, "down", *common], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert list_netns(f"ovl-{name}-") == []
