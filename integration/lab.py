@@ -662,14 +662,23 @@ class Lab:
             if not targets:
                 return []
             ips = [str(dc.ip) for _, dc in targets]
-            out = await run(
-                sys.executable, "-m", "integration.probe", "check",
-                "--timeout", str(probe_limit), *ips,
-                ns=src.ns, check=False, limit=probe_limit * 3 + 10,
-            )  # fmt: skip
             by_ip = {str(dc.ip): dc.ns for _, dc in targets}
+            try:
+                out = await run(
+                    sys.executable, "-m", "integration.probe", "check",
+                    "--timeout", str(probe_limit), *ips,
+                    ns=src.ns, check=False, limit=probe_limit * 3 + 10,
+                )  # fmt: skip
+                results = json.loads(out)
+            except (CommandError, ValueError) as e:
+                # The probe client itself failed: every probe from this container failed.
+                return [
+                    MatrixEntry(src.ns, by_ip[ip], str(src.ip), ip, proto, False, None,
+                                f"probe client failed: {e}")
+                    for ip in ips for proto in ("tcp", "udp")
+                ]  # fmt: skip
             entries = []
-            for r in json.loads(out or "[]"):
+            for r in results:
                 entries.append(
                     MatrixEntry(
                         src.ns,

@@ -138,6 +138,14 @@ async def test_hand_made_flannel_hosts_reach_each_other(hand_lab: Lab) -> None:
     assert "24/24 probes passed" in text
     assert not any("FAIL" in line for line in text.splitlines()[1:])
 
+    # The matrix sees a broken path: without h1's route to h2's subnet, no answer crosses.
+    await run("ip", "route", "del", str(b.subnet), "dev", "flannel.1", ns=a.ns)
+    entries = await lab.matrix(probe_limit=1.0)
+    failed = {(e.src, e.dst) for e in entries if not e.ok}
+    cross = {(s.ns, d.ns) for s in a.containers for d in b.containers}
+    assert failed == cross | {(d, s) for s, d in cross}
+    assert "8/24 probes passed" in cli.format_matrix(lab, entries)
+
 
 @pytest.mark.root
 @pytest.mark.slow
