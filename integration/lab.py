@@ -50,6 +50,7 @@ from integration.netns import (
     add_netns,
     delete_netns,
     in_ns,
+    ip_json,
     list_netns,
     pid_alive,
     pid_cmdline,
@@ -302,9 +303,12 @@ class Lab:
 
     @contextlib.contextmanager
     def _pool_lock(self) -> Iterator[None]:
-        """Two labs starting at once must not pick the same underlay /24."""
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.dir.parent / ".underlay.lock", "w") as f:
+        """Two labs starting at once must not pick the same underlay /24.
+
+        One lock for the machine, whatever the labs' state roots (tests use their own).
+        """
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        with open(STATE_ROOT / ".underlay.lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -696,11 +700,6 @@ class Lab:
         parts = await asyncio.gather(*(from_one(n, c) for n, c in conts))
         return [e for part in parts for e in part]
 
-    async def iface_routes(self, index: int) -> list[dict[str, Any]]:
-        from integration.netns import ip_json
-
-        return await ip_json("route", "show", ns=self.node(index).ns)
-
     # ------------------------------------------------------------------ status
 
     async def status(self) -> dict[str, Any]:
@@ -844,8 +843,6 @@ async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> in
 
 async def _free_underlay() -> IPv4Network:
     """The first /24 of the pool that no address or route of the root namespace touches."""
-    from integration.netns import ip_json
-
     used: list[IPv4Network] = []
     for r in await ip_json("route", "show", "table", "all"):
         dst = r.get("dst", "")
