@@ -49,6 +49,8 @@ __all__ = [
 log = logging.getLogger("overlay.subnetmgr.registry")
 
 _TTL_LOOKUPS_IN_FLIGHT = 64
+_MAX_SPARES = 16
+_SPARE_MAX_AGE = 60.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,13 @@ class EtcdRegistry:
         self._expiry: dict[int, float] = {}
         """etcd lease ID -> Unix time of expiry. Our renewals grant new IDs (as flannel's do),
         so an ID's expiry does not move and can be cached."""
+        self._lookups: dict[int, asyncio.Task[float]] = {}
+        """etcd lease ID -> the time-to-live lookup in flight for it."""
+        self._spares: list[tuple[int, int, float]] = []
+        """Granted etcd leases not attached to a key (ID, TTL, expiry), for the next create."""
+        self._decoded: dict[bytes, tuple[bytes, int, Lease | None]] = {}
+        """key -> (value, etcd lease ID, decoded lease or None when malformed) from the last
+        list: a host acquiring among 1,000 others lists often, and decoding dominates."""
 
     @classmethod
     async def connect(cls, opts: EtcdOptions) -> EtcdRegistry:
@@ -161,6 +170,9 @@ class EtcdRegistry:
         await self.close()
 
     async def close(self) -> None:
+        spares, self._spares = self._spares, []
+        for lease_id, _, _ in spares:
+            await self._revoke(lease_id)
         await self._conn.close()
 
     # ------------------------------------------------------------------ helpers
@@ -218,21 +230,34 @@ class EtcdRegistry:
         cached = self._expiry.get(lease_id)
         if cached is not None:
             return cached
+        pending = self._lookups.get(lease_id)
+        if pending is not None:  # another list or watch is asking already: share its answer
+            return await asyncio.shield(pending)
 
         async def go(c: EtcdConnection, md: Any) -> Any:
             return await c.lease.LeaseTimeToLive(
                 rpc.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout, metadata=md
             )
 
-        resp = await self._conn.call("lease time-to-live", go)
-        # TTL is -1 when the lease has just expired: the key is about to go.
-        expiry = time.time() + max(int(resp.TTL), 0)
-        self._expiry[lease_id] = expiry
-        return expiry
+        async def lookup() -> float:
+            try:
+                resp = await self._conn.call("lease time-to-live", go)
+            finally:
+                self._lookups.pop(lease_id, None)
+            # TTL is -1 when the lease has just expired: the key is about to go.
+            expiry = time.time() + max(int(resp.TTL), 0)
+            self._expiry[lease_id] = expiry
+            return expiry
+
+        task = asyncio.create_task(lookup())
+        self._lookups[lease_id] = task
+        return await asyncio.shield(task)
 
     async def _expirations(self, lease_ids: set[int]) -> None:
         """Look up the expiry of many leases at once, a bounded number in flight."""
         missing = [i for i in lease_ids if i and i not in self._expiry]
+        if not missing:
+            return
         sem = asyncio.Semaphore(_TTL_LOOKUPS_IN_FLIGHT)
 
         async def one(lease_id: int) -> None:
@@ -286,13 +311,24 @@ class EtcdRegistry:
         resp = await self._range(self._subnets, self._subnets_end)
         ids = {kv.lease for kv in resp.kvs}
         await self._expirations(ids)
-        # Forget expiries of leases no longer attached to any key.
-        self._expiry = {i: t for i, t in self._expiry.items() if i in ids}
+        if len(self._expiry) > 2 * len(ids) + 1000:
+            # Forget expiries of leases no longer attached to any key, now and then only:
+            # concurrent lists (of other revisions) still need theirs.
+            self._expiry = {i: t for i, t in self._expiry.items() if i in ids}
         leases = []
+        decoded: dict[bytes, tuple[bytes, int, Lease | None]] = {}
+        old = self._decoded
         for kv in resp.kvs:
-            lease = self._decode(kv.key, kv.value, kv.lease)
+            key, value, lease_id = kv.key, kv.value, kv.lease
+            hit = old.get(key)
+            if hit is not None and hit[0] == value and hit[1] == lease_id:
+                lease = hit[2]  # unchanged since the last list (a malformed one was logged then)
+            else:
+                lease = self._decode(key, value, lease_id)
+            decoded[key] = (value, lease_id, lease)
             if lease is not None:
                 leases.append(lease)
+        self._decoded = decoded
         return leases, int(resp.header.revision)
 
     async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
@@ -306,7 +342,7 @@ class EtcdRegistry:
 
     async def create_lease(self, subnet: Subnet, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         key = self.key(subnet)
-        lease_id, expiry = await self._grant(ttl)
+        lease_id, expiry = await self._grant_or_spare(ttl)
         compare = rpc.Compare(
             key=key, target=rpc.Compare.VERSION, result=rpc.Compare.EQUAL, version=0
         )
@@ -316,9 +352,27 @@ class EtcdRegistry:
             await self._revoke(lease_id)
             raise
         if not resp.succeeded:
-            await self._revoke(lease_id)
+            await self._keep_spare(lease_id, ttl, expiry)
             return None
         return Lease(subnet, attrs, None, expiry)
+
+    async def _grant_or_spare(self, ttl: int) -> tuple[int, float]:
+        """A fresh etcd lease: one left unattached by a lost race moments ago, else a new one.
+
+        Saves a grant and a revoke per conflict when many hosts acquire at once."""
+        now = time.time()
+        while self._spares:
+            lease_id, spare_ttl, expiry = self._spares.pop()
+            if spare_ttl == ttl and expiry - now > ttl - _SPARE_MAX_AGE:
+                return lease_id, expiry
+            await self._revoke(lease_id)
+        return await self._grant(ttl)
+
+    async def _keep_spare(self, lease_id: int, ttl: int, expiry: float) -> None:
+        if len(self._spares) < _MAX_SPARES:
+            self._spares.append((lease_id, ttl, expiry))
+        else:
+            await self._revoke(lease_id)
 
     async def _rewrite(
         self, lease: Lease, value: bytes | None, ttl: int, check: LeaseAttrs | None
