@@ -277,7 +277,9 @@ async def test_host_joins_then_leaves(lab: Lab, leave: str) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-async def test_restart_keeps_subnet_and_traffic(lab: Lab, sig: signal.Signals) -> None:
+async def test_restart_keeps_subnet_and_traffic(
+    lab: Lab, sig: signal.Signals, record_property: Callable[[str, object], None]
+) -> None:
     h1 = lab.node(1)
     lease_before = (await lab.leases())[IPv4Network(h1.subnet)]
     routes_before = {n.index: await overlay_routes(lab, n.index) for n in lab.state.nodes}
@@ -299,7 +301,9 @@ async def test_restart_keeps_subnet_and_traffic(lab: Lab, sig: signal.Signals) -
         streamer.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(streamer.communicate(), 10)
     summary = json.loads(out)
-    print(f"\nrestart with {sig.name}: {summary}")  # the loss figure, for docs/lab.md
+    # The loss figure (reported, not asserted: it depends on the machine's load).
+    print(f"\nrestart with {sig.name}: {summary}")
+    record_property(f"loss_during_{sig.name}_restart", summary)
     assert summary["received"] > 0
     env = SubnetEnv.read(lab.subnet_file(1))
     assert str(env.subnet.network) == h1.subnet
