@@ -161,7 +161,13 @@ def _waiter(data_fd: int, ctl: Control, stats: Stats) -> Callable[[], None]:
 def run_tx(
     tun: int, sock: socket.socket, ctl: Control, stats: Stats, vnet: bool, gso: bool
 ) -> None:
-    """TUN -> UDP: look up the peer, decrement TTL, send the raw IP packet as the payload."""
+    """TUN -> UDP: look up the peer, decrement TTL, send the raw IP packet as the payload.
+
+    With `gso`, consecutive packets of one size to one peer (a UDP stream, the segments the
+    kernel made itself) are gathered in a batch and sent with one UDP_SEGMENT sendmsg when the
+    TUN device runs dry, the size or peer changes, or the batch is full; TSO super-packets are
+    segmented here and sent the same way.
+    """
     os.set_blocking(tun, False)
     table = ctl.table
     c = stats.c
@@ -177,11 +183,31 @@ def run_tx(
     off = P.VNET_HDR_LEN if vnet else 0
     unpack_vnet = P.VNET_HDR.unpack_from
     seg_opt = struct.Struct("=H").pack
+    batch = memoryview(bytearray(UDP_MAX_PAYLOAD))
+    b_len = b_seg = b_count = 0
+    b_addr: tuple[str, int] = ("", 0)
+
+    def flush() -> None:
+        nonlocal b_len, b_count
+        try:
+            if b_count == 1:
+                sendto(batch[:b_len], b_addr)
+            else:
+                sendmsg([batch[:b_len]], [(SOL_UDP, UDP_SEGMENT, seg_opt(b_seg))], 0, b_addr)
+            c[1] += b_count
+            c[2] += b_len
+            c[11] += 1
+        except OSError:
+            c[10] += 1
+        b_len = b_count = 0
+
     ticks = 0
     while True:
         try:
             n = readv(tun, bufs)
         except BlockingIOError:
+            if b_count:
+                flush()
             wait()
             continue
         ticks += 1
@@ -211,26 +237,48 @@ def run_tx(
                 except OSError:
                     c[10] += 1
             continue
-        try:
-            if vnet:
-                flags, gso_type, _hl, gso_size, csum_start, csum_off = unpack_vnet(buf, 0)
-                if gso_type & 0x7F == P.VNET_GSO_TCPV4:
-                    if pkt[8] <= 1:
-                        c[7] += 1
-                        continue
-                    _send_tso(pkt, gso_size, addr, c, sendmsg, sendto, seg_opt if gso else None)
+        if vnet:
+            flags, gso_type, _hl, gso_size, csum_start, csum_off = unpack_vnet(buf, 0)
+            if gso_type & 0x7F == P.VNET_GSO_TCPV4:
+                if b_count:
+                    flush()
+                if pkt[8] <= 1:
+                    c[7] += 1
                     continue
-                if flags & P.VNET_F_NEEDS_CSUM:
-                    P.complete_checksum(pkt, csum_start, csum_off)
-            if not decrement_ttl(pkt):
-                c[7] += 1
+                try:
+                    _send_tso(pkt, gso_size, addr, c, sendmsg, sendto, seg_opt if gso else None)
+                except OSError:
+                    c[10] += 1
                 continue
-            sendto(pkt, addr)
-            c[1] += 1
-            c[2] += plen
-            c[11] += 1
-        except OSError:
-            c[10] += 1
+            if flags & P.VNET_F_NEEDS_CSUM:
+                P.complete_checksum(pkt, csum_start, csum_off)
+        if not decrement_ttl(pkt):
+            c[7] += 1
+            continue
+        if not gso:
+            try:
+                sendto(pkt, addr)
+                c[1] += 1
+                c[2] += plen
+                c[11] += 1
+            except OSError:
+                c[10] += 1
+            continue
+        if b_count and (
+            addr is not b_addr
+            or plen > b_seg
+            or b_len + plen > UDP_MAX_PAYLOAD
+            or b_count >= UDP_MAX_SEGMENTS
+        ):
+            flush()
+        if not b_count:
+            b_addr = addr
+            b_seg = plen
+        batch[b_len : b_len + plen] = pkt
+        b_len += plen
+        b_count += 1
+        if plen < b_seg:
+            flush()
 
 
 def _send_tso(

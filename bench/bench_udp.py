@@ -1,6 +1,6 @@
 """Throughput of the udp backend against a C baseline and kernel VXLAN, side by side in one run.
 
-    .venv/bin/python bench/bench_udp.py [--seconds 5] [--variants ours,c,vxlan,...]
+    .venv/bin/python bench/bench_udp.py [--seconds 5] [--rounds 3] [--variants ours,c,vxlan,...]
 
 Two namespaces joined by a veth pair (MTU 1500, 192.168.x.0/24) stand for two hosts. For each
 data path in turn, the overlay addresses 10.99.1.0 (A) and 10.99.2.0 (B) are reached through it
@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,40 +207,60 @@ def measure(lab: Lab, seconds: int) -> dict[str, float]:
     }
 
 
+def batching(lab: Lab) -> str:
+    """Packets per system call in the loops of host A (tx) and host B (rx), whole run."""
+    parts = []
+    for p, role in zip(lab.procs, ("A", "B"), strict=True):
+        assert p.stdin and p.stdout
+        p.stdin.write('{"counters": true}\n')
+        p.stdin.flush()
+        c = json.loads(p.stdout.readline())["counters"]
+        tx = c["tx_packets"] / max(c["tx_syscalls"], 1)
+        rx = c["rx_packets"] / max(c["rx_syscalls"], 1)
+        parts.append(f"{role}: tx {tx:.1f} pkt/sendmsg, rx {rx:.1f} pkt/recvmsg")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians kept")
     parser.add_argument("--variants", default="ours,ours-gro,ours-vnet,ours-plain,c,vxlan")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_udp needs root (network namespaces, TUN devices)")
     variants = args.variants.split(",")
-    results: dict[str, dict[str, float]] = {}
+    known = [*DRIVER_FLAGS, "c", "vxlan"]
+    for v in variants:
+        if v not in known:
+            sys.exit(f"unknown variant {v!r}; known: {', '.join(known)}")
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp, lab() as lb:
         binary = os.path.join(tmp, "udp_baseline")
         if "c" in variants:
             gcc = shutil.which("gcc") or sys.exit("gcc not found")
             sh(gcc, "-O2", "-Wall", "-o", binary, str(ROOT / "bench" / "udp_baseline.c"))
-        for v in variants:
-            if v in DRIVER_FLAGS:
-                start_ours(lb, DRIVER_FLAGS[v])
-            elif v == "c":
-                start_c(lb, binary)
-            elif v == "vxlan":
-                start_vxlan(lb)
-            else:
-                sys.exit(
-                    f"unknown variant {v!r}; known: {', '.join([*DRIVER_FLAGS, 'c', 'vxlan'])}"
-                )
-            try:
-                results[v] = measure(lb, args.seconds)
-            finally:
-                stop(lb)
-                stop_vxlan(lb)
-            r = results[v]
-            print(f"# {v}: {json.dumps({k: round(x, 3) for k, x in r.items()})}", flush=True)
+        for rnd in range(args.rounds):
+            for v in variants:
+                if v in DRIVER_FLAGS:
+                    start_ours(lb, DRIVER_FLAGS[v])
+                elif v == "c":
+                    start_c(lb, binary)
+                else:
+                    start_vxlan(lb)
+                try:
+                    r = measure(lb, args.seconds)
+                    extra = f"  [{batching(lb)}]" if v in DRIVER_FLAGS else ""
+                finally:
+                    stop(lb)
+                    stop_vxlan(lb)
+                runs[v].append(r)
+                shown = {k: round(x, 3) for k, x in r.items()}
+                print(f"# round {rnd + 1} {v}: {json.dumps(shown)}{extra}", flush=True)
+    results = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
     base = results.get("c")
-    print(f"\n{'path':<11} {'TCP Gbit/s':>10} {'UDP Gbit/s':>10} {'loss%':>6} {'64B kpps':>9} "
+    print(f"\nmedians of {args.rounds} interleaved rounds of {args.seconds} s, A -> B")
+    print(f"{'path':<11} {'TCP Gbit/s':>10} {'UDP Gbit/s':>10} {'loss%':>6} {'64B kpps':>9} "
           f"{'loss%':>6}   ratios to c (TCP, UDP, pps)")  # fmt: skip
     for v, r in results.items():
         ratio = ""
