@@ -5,10 +5,12 @@ Each figure is measured side by side with a baseline in the same run, against th
 1. N hosts acquire a lease at once (SubnetManager.acquire: list, choose, grant, transaction,
    retry on conflict). Baseline: the same N keys written with a granted etcd lease by raw
    aetcd puts, no list and no transaction (the least any writer must do).
+   With --serial N, also N hosts joining one after another (each with its own connection),
+   against the same puts done one after another.
 2. A fresh LeaseMirror catches up with M existing leases, one etcd lease each (as every flannel
    host has). Baseline: one raw aetcd get_prefix of the same range, values left undecoded.
 
-Run:  .venv/bin/python bench/bench_leases.py [--hosts 100 1000] [--leases 10000]
+Run:  .venv/bin/python bench/bench_leases.py [--hosts 100 1000] [--serial 1000] [--leases 10000]
 Prints one table; quote the ratios, single figures are noisy on a shared 2-core machine.
 """
 
@@ -80,6 +82,39 @@ async def bench_acquire(server: EtcdServer, n: int, run: int) -> dict[str, float
     finally:
         for reg in regs:
             await reg.close()
+
+
+async def bench_acquire_serial(server: EtcdServer, n: int) -> dict[str, float]:
+    """n hosts joining one after another: the cost one host pays with up to n-1 leases there."""
+    prefix = "/bench-serial/coreos.com/network"
+    cfg = NetworkConfig.from_dict({"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}})
+    opts = EtcdOptions(endpoints=(server.endpoint,), prefix=prefix)
+    times = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        # A new connection per host, as a joining host has (its TTL cache starts empty too).
+        async with await EtcdRegistry.connect(opts) as reg:
+            t1 = time.perf_counter()
+            await SubnetManager(reg).acquire(cfg, attrs(i))
+            times.append(time.perf_counter() - t1)
+    total = time.perf_counter() - t0
+    return {"total": total, "p50": pct(times, 50), "p99": pct(times, 99), "ok": len(times)}
+
+
+async def baseline_serial(server: EtcdServer, n: int) -> dict[str, float]:
+    prefix = "/base-serial/coreos.com/network/subnets/"
+    host, port = server.endpoint.rsplit("//", 1)[1].rsplit(":", 1)
+    times = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        async with aetcd.Client(host=host, port=int(port), timeout=5) as c:
+            t1 = time.perf_counter()
+            lease = await c.lease(86400)
+            key = prefix + subnet_key(IPv4Network((int(IPv4Address("10.0.1.0")) + 256 * i, 24)))
+            await c.put(key.encode(), attrs(i).to_json().encode(), lease=lease.id)
+            times.append(time.perf_counter() - t1)
+    total = time.perf_counter() - t0
+    return {"total": total, "p50": pct(times, 50), "p99": pct(times, 99), "ok": len(times)}
 
 
 async def baseline_acquire(server: EtcdServer, n: int, run: int) -> dict[str, float]:
@@ -155,23 +190,31 @@ async def baseline_mirror(server: EtcdServer, prefix: str, m: int) -> float:
         return elapsed
 
 
-async def main(hosts: list[int], leases: int) -> None:
+def row(name: str, ours: dict[str, float], base: dict[str, float]) -> tuple[str, str, str, str]:
+    def fmt(r: dict[str, float]) -> str:
+        return (
+            f"total {r['total']:.2f}s p50 {r['p50'] * 1e3:.1f}ms "
+            f"p99 {r['p99'] * 1e3:.1f}ms ({r['ok']:.0f} ok)"
+        )
+
+    ratio = (
+        f"total {ours['total'] / base['total']:.1f}x, p50 {ours['p50'] / base['p50']:.1f}x, "
+        f"p99 {ours['p99'] / base['p99']:.1f}x"
+    )
+    return name, fmt(ours), fmt(base), ratio
+
+
+async def main(hosts: list[int], leases: int, serial: int) -> None:
     rows: list[tuple[str, str, str, str]] = []
     with EtcdServer() as server:
         for run, n in enumerate(hosts):
             base = await baseline_acquire(server, n, run)
             ours = await bench_acquire(server, n, run)
-            rows.append(
-                (
-                    f"acquire, {n} hosts at once",
-                    f"total {ours['total']:.2f}s p50 {ours['p50'] * 1e3:.0f}ms "
-                    f"p99 {ours['p99'] * 1e3:.0f}ms ({ours['ok']:.0f} ok)",
-                    f"total {base['total']:.2f}s p50 {base['p50'] * 1e3:.0f}ms "
-                    f"p99 {base['p99'] * 1e3:.0f}ms ({base['ok']:.0f} ok)",
-                    f"total {ours['total'] / base['total']:.1f}x, p50 "
-                    f"{ours['p50'] / base['p50']:.1f}x, p99 {ours['p99'] / base['p99']:.1f}x",
-                )
-            )
+            rows.append(row(f"acquire, {n} hosts at once", ours, base))
+        if serial:
+            base = await baseline_serial(server, serial)
+            ours = await bench_acquire_serial(server, serial)
+            rows.append(row(f"acquire, {serial} hosts one by one", ours, base))
         prefix = "/bench-mirror/coreos.com/network"
         t0 = time.perf_counter()
         await fill(server, prefix, leases)
@@ -190,14 +233,15 @@ async def main(hosts: list[int], leases: int) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     header = ("measure", "overlay subnetmgr", "baseline (raw aetcd)", "ratio ours/baseline")
     widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
-    for row in (header, *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    for line in (header, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--leases", type=int, default=10_000)
+    parser.add_argument("--serial", type=int, default=1000, help="hosts joining one by one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(main(args.hosts, args.leases))
+    asyncio.run(main(args.hosts, args.leases, args.serial))
