@@ -102,6 +102,7 @@ class SubnetManager:
         self.ttl = ttl
         self.max_attempts = max_attempts
         self._rng = rng or random.Random()
+        self._warned_ipv6 = False
 
     # ------------------------------------------------------------------ config
 
@@ -153,6 +154,12 @@ class SubnetManager:
         Raises OutOfSubnets when no subnet is free, AcquireConflict after `max_attempts`
         lost races, RegistryError when etcd cannot be used.
         """
+        if config.enable_ipv6 and not self._warned_ipv6:
+            log.warning(
+                "EnableIPv6 is set in the network config, but overlay acquires IPv4 leases only "
+                "(no IPv6 subnet in the lease key); IPv6 traffic is not routed"
+            )
+            self._warned_ipv6 = True
         for attempt in range(1, self.max_attempts + 1):
             leases, _ = await self.registry.list_leases()
             choice = allocation.choose(config, leases, attrs.public_ip, previous, self._rng)

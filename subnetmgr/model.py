@@ -180,6 +180,10 @@ class NetworkConfig:
     enable_nftables: bool = False
     backend_defaulted: bool = False
     """True when the config had no Backend and `backend_type` is our default (udp, as flannel)."""
+    ipv6_subnet_len: int = 0
+    """With EnableIPv6: IPv6SubnetLen (64 for an IPv6Network of /62 or shorter, else prefix + 2)."""
+    ipv6_subnet_min: IPv6Network | None = None
+    ipv6_subnet_max: IPv6Network | None = None
 
     DEFAULT_BACKEND = "udp"
 
@@ -244,12 +248,19 @@ class NetworkConfig:
             raise ConfigError("SubnetMin", str(subnet_min.network_address), "is above SubnetMax")
 
         ipv6_network = None
+        v6_len = 0
+        v6_min = v6_max = None
         if enable_ipv6:
             v6_raw = doc.get("ipv6network")
             try:
                 ipv6_network = IPv6Network(str(v6_raw), strict=True)
             except ValueError as e:
                 raise ConfigError("IPv6Network", v6_raw, f"not an IPv6 network CIDR: {e}") from None
+            if ipv6_network.prefixlen > 124:
+                raise ConfigError(
+                    "IPv6Network", v6_raw, "too small: the prefix must be /124 or shorter"
+                )
+            v6_len, v6_min, v6_max = _ipv6_subnets(doc, ipv6_network)
 
         backend_raw = doc.get("backend")
         defaulted = backend_raw is None
@@ -274,6 +285,9 @@ class NetworkConfig:
             ipv6_network=ipv6_network,
             enable_nftables=enable_nft,
             backend_defaulted=defaulted,
+            ipv6_subnet_len=v6_len,
+            ipv6_subnet_min=v6_min,
+            ipv6_subnet_max=v6_max,
         )
 
 
@@ -314,3 +328,49 @@ def _bound(
     if (int(addr) - int(network.network_address)) % step:
         raise ConfigError(name, raw, f"is not aligned to SubnetLen /{subnet_len}")
     return IPv4Network((int(addr), subnet_len))
+
+
+def _ipv6_subnets(
+    doc: Mapping[str, Any], network: IPv6Network
+) -> tuple[int, IPv6Network, IPv6Network]:
+    """IPv6SubnetLen, IPv6SubnetMin and IPv6SubnetMax, checked like their IPv4 twins."""
+    if doc.get("ipv6subnetlen") is not None and not (
+        type(doc["ipv6subnetlen"]) is int and doc["ipv6subnetlen"] == 0
+    ):
+        subnet_len = _int(doc, "ipv6subnetlen", "IPv6SubnetLen")
+    elif network.prefixlen <= 62:
+        subnet_len = 64
+    else:
+        subnet_len = network.prefixlen + 2
+    if subnet_len > 126:
+        raise ConfigError("IPv6SubnetLen", subnet_len, "must be 126 or less")
+    if subnet_len < network.prefixlen + 2:
+        raise ConfigError(
+            "IPv6SubnetLen",
+            subnet_len,
+            f"must be at least the network prefix + 2 (/{network.prefixlen + 2} for {network})",
+        )
+    step = 1 << (128 - subnet_len)
+    first = int(network.network_address)
+    last = int(network.broadcast_address) + 1 - step
+    bounds = []
+    for key, name, default in (
+        ("ipv6subnetmin", "IPv6SubnetMin", first + step),
+        ("ipv6subnetmax", "IPv6SubnetMax", last),
+    ):
+        raw = doc.get(key)
+        if raw in (None, ""):
+            bounds.append(IPv6Network((default, subnet_len)))
+            continue
+        try:
+            addr = IPv6Address(str(raw).split("/")[0])
+        except ValueError:
+            raise ConfigError(name, raw, "not an IPv6 address") from None
+        if addr not in network:
+            raise ConfigError(name, raw, f"is outside IPv6Network {network}")
+        if (int(addr) - first) % step:
+            raise ConfigError(name, raw, f"is not aligned to IPv6SubnetLen /{subnet_len}")
+        bounds.append(IPv6Network((int(addr), subnet_len)))
+    if int(bounds[0].network_address) > int(bounds[1].network_address):
+        raise ConfigError("IPv6SubnetMin", str(bounds[0].network_address), "is above IPv6SubnetMax")
+    return subnet_len, bounds[0], bounds[1]

@@ -144,6 +144,8 @@ def test_lease_reserved_flag() -> None:
 
 # ----------------------------------------------------------------------------- config
 
+V6 = '{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48"'
+
 
 def cfg(**doc: Any) -> NetworkConfig:
     return NetworkConfig.from_json(json.dumps(doc))
@@ -213,6 +215,33 @@ def test_config_ipv6() -> None:
     c = cfg(Network="10.1.0.0/16", EnableIPv6=True, IPv6Network="fd00:1::/48")
     assert c.enable_ipv6
     assert c.ipv6_network == IPv6Network("fd00:1::/48")
+    assert c.ipv6_subnet_len == 64
+    assert c.ipv6_subnet_min == IPv6Network("fd00:1:0:1::/64")
+    assert c.ipv6_subnet_max == IPv6Network("fd00:1:0:ffff::/64")
+    off = cfg(Network="10.1.0.0/16", IPv6Network="fd00:1::/48")
+    assert not off.enable_ipv6 and off.ipv6_network is None and off.ipv6_subnet_len == 0
+
+
+@pytest.mark.parametrize(
+    ("network", "subnet_len"),
+    [("fd00::/48", 64), ("fd00::/62", 64), ("fd00::/63", 65), ("fd00::/120", 122)],
+)
+def test_config_ipv6_subnet_len_defaults(network: str, subnet_len: int) -> None:
+    c = cfg(Network="10.1.0.0/16", EnableIPv6=True, IPv6Network=network)
+    assert c.ipv6_subnet_len == subnet_len
+
+
+def test_config_ipv6_explicit_bounds() -> None:
+    c = cfg(
+        Network="10.1.0.0/16",
+        EnableIPv6=True,
+        IPv6Network="fd00::/48",
+        IPv6SubnetLen=56,
+        IPv6SubnetMin="fd00:0:0:1000::",
+        IPv6SubnetMax="fd00:0:0:2000::/56",
+    )
+    assert c.ipv6_subnet_min == IPv6Network("fd00:0:0:1000::/56")
+    assert c.ipv6_subnet_max == IPv6Network("fd00:0:0:2000::/56")
 
 
 def test_config_contains() -> None:
@@ -262,6 +291,22 @@ def test_config_contains() -> None:
             '{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"10.2.0.0/16"}',
             "IPv6Network",
             "10.2.0.0/16",
+        ),
+        (
+            '{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125"}',
+            "IPv6Network",
+            "fd00::/125",
+        ),
+        (V6 + ',"IPv6SubnetLen":127}', "IPv6SubnetLen", 127),
+        (V6 + ',"IPv6SubnetLen":49}', "IPv6SubnetLen", 49),
+        (V6 + ',"IPv6SubnetLen":"64"}', "IPv6SubnetLen", "64"),
+        (V6 + ',"IPv6SubnetMin":"fd01::"}', "IPv6SubnetMin", "fd01::"),
+        (V6 + ',"IPv6SubnetMin":"fd00::1"}', "IPv6SubnetMin", "fd00::1"),
+        (V6 + ',"IPv6SubnetMax":"10.0.0.1"}', "IPv6SubnetMax", "10.0.0.1"),
+        (
+            V6 + ',"IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:8::"}',
+            "IPv6SubnetMin",
+            "fd00:0:0:9::",
         ),
         ('{"Network":"10.1.0.0/16","Backend":"vxlan"}', "Backend", "vxlan"),
         ('{"Network":"10.1.0.0/16","Backend":{"Type":""}}', "Backend.Type", ""),
