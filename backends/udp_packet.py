@@ -178,6 +178,7 @@ VNET_HDR_LEN = 10
 VNET_F_NEEDS_CSUM = 1
 VNET_GSO_NONE = 0
 VNET_GSO_TCPV4 = 1
+VNET_GSO_UDP_L4 = 5
 VNET_GSO_ECN = 0x80
 VNET_HDR = struct.Struct("<BBHHHH")
 VNET_HDR_NONE = bytes(VNET_HDR_LEN)
@@ -268,8 +269,8 @@ _TCP_GSO_VNET = VNET_HDR.pack  # bound once for the hot path
 IoVec = list[bytes | bytearray | memoryview]
 
 
-def coalesce_tcp4(pkts: list[memoryview]) -> list[IoVec]:
-    """Userspace GRO: join runs of consecutive segments of one TCP flow into GSO writes.
+def coalesce(pkts: list[memoryview]) -> list[IoVec]:
+    """Userspace GRO: join runs of consecutive segments of one TCP or UDP flow into GSO writes.
 
     `pkts` are whole, validated IPv4 packets (TTL already decremented) in arrival order. The
     result is one iovec per TUN write, each starting with a virtio_net_hdr: NONE for a packet
@@ -279,8 +280,10 @@ def coalesce_tcp4(pkts: list[memoryview]) -> list[IoVec]:
 
     A run continues while: IPv4 without options, not fragmented, TCP with only ACK/PSH, same
     addresses, ports, TOS, TTL, ack, window and options, the sequence number continues the run,
-    every payload but the last is MSS long, and no PSH before the last. Inner TCP checksums are
-    not checked here: the outer UDP checksum, verified by the kernel, covers the whole packet.
+    every payload but the last is MSS long, and no PSH before the last. UDP datagrams of one
+    flow (addresses, ports, TOS, TTL) whose payloads all have the first one's size, except a
+    shorter last one, become one UDP_L4 GSO write the same way. Inner checksums are not checked
+    here: the outer UDP checksum, verified by the kernel, covers the whole packet.
     """
     out: list[IoVec] = []
     n = len(pkts)
@@ -289,6 +292,9 @@ def coalesce_tcp4(pkts: list[memoryview]) -> list[IoVec]:
         p = pkts[i]
         i += 1
         b0 = p[0]
+        if b0 == 0x45 and p[9] == PROTO_UDP and not (p[6] & 0x3F) and not p[7] and i < n:
+            i = _coalesce_udp4(pkts, i, out)
+            continue
         if b0 != 0x45 or p[9] != PROTO_TCP or (p[6] & 0x3F) or p[7]:
             out.append([VNET_HDR_NONE, p])
             continue
@@ -347,3 +353,44 @@ def coalesce_tcp4(pkts: list[memoryview]) -> list[IoVec]:
         iov[1] = hdr
         out.append(iov)
     return out
+
+
+def _coalesce_udp4(pkts: list[memoryview], i: int, out: list[IoVec]) -> int:
+    """The UDP half of `coalesce`: pkts[i - 1] starts a run; return the index after it."""
+    p = pkts[i - 1]
+    total = (p[2] << 8) | p[3]
+    size = total - 28
+    n = len(pkts)
+    if size <= 0:
+        out.append([VNET_HDR_NONE, p[:total]])
+        return i
+    ident = bytes(p[1:2]) + bytes(p[8:10]) + bytes(p[12:24])
+    iov: IoVec = [b"", b"", p[28:total]]
+    length = size
+    while i < n:
+        q = pkts[i]
+        if q[0] != 0x45 or (q[6] & 0x3F) or q[7]:
+            break
+        qtotal = (q[2] << 8) | q[3]
+        qsize = qtotal - 28
+        if qsize <= 0 or qsize > size or bytes(q[1:2]) + bytes(q[8:10]) + bytes(q[12:24]) != ident:
+            break
+        iov.append(q[28:qtotal])
+        length += qsize
+        i += 1
+        if qsize < size:
+            break
+    if len(iov) == 3:
+        out.append([VNET_HDR_NONE, p[:total]])
+        return i
+    hdr = bytearray(p[:28])
+    new_total = 28 + length
+    struct.pack_into("!H", hdr, 2, new_total)
+    hdr[10] = hdr[11] = 0
+    struct.pack_into("!H", hdr, 10, checksum(hdr[:20]))
+    struct.pack_into("!H", hdr, 24, 8 + length)
+    struct.pack_into("!H", hdr, 26, fold(ones_sum(hdr[12:20]) + PROTO_UDP + 8 + length))
+    iov[0] = VNET_HDR.pack(VNET_F_NEEDS_CSUM, VNET_GSO_UDP_L4, 28, size, 20, 6)
+    iov[1] = hdr
+    out.append(iov)
+    return i

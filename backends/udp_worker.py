@@ -331,7 +331,7 @@ def run_rx(
     if gro:
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
     merge = gro and vnet
-    coalesce = P.coalesce_tcp4
+    coalesce = P.coalesce
     cmsg_space = socket.CMSG_SPACE(4)
     bufs = [buf]
     ticks = 0
@@ -362,7 +362,7 @@ def run_rx(
             continue
         if merge and seg < n:
             # Several datagrams in one: validate each, then write runs of one TCP flow as
-            # single GSO packets (see udp_packet.coalesce_tcp4).
+            # single GSO packets (see udp_packet.coalesce).
             batch = []
             for start in range(0, n, seg):
                 end = min(start + seg, n)

@@ -194,10 +194,10 @@ def _joined(iov: P.IoVec) -> tuple[tuple[int, ...], bytes]:
     return P.VNET_HDR.unpack(bytes(iov[0])), b"".join(bytes(x) for x in iov[1:])
 
 
-def test_coalesce_tcp4_joins_one_flow_into_a_gso_packet() -> None:
+def test_coalesce_joins_one_flow_into_a_gso_packet() -> None:
     payload = os.urandom(1400 * 5 + 123)
     pkts = _segments(payload, 1400, flags="PA")
-    writes = P.coalesce_tcp4(pkts)
+    writes = P.coalesce(pkts)
     assert len(writes) == 1
     (flags, gso_type, hdr_len, gso_size, csum_start, csum_off), pkt = _joined(writes[0])
     assert (flags, gso_type, hdr_len, gso_size) == (1, P.VNET_GSO_TCPV4, 52, 1400)
@@ -215,19 +215,19 @@ def test_coalesce_tcp4_joins_one_flow_into_a_gso_packet() -> None:
     assert IP(raw(ip2))[TCP].chksum == check
 
 
-def test_coalesce_tcp4_keeps_apart_what_must_not_merge() -> None:
+def test_coalesce_keeps_apart_what_must_not_merge() -> None:
     a = _segments(os.urandom(1400 * 3), 1400)
     b = _segments(os.urandom(1400 * 2), 1400)
     gap = [a[0], a[2]]  # sequence hole
-    writes = P.coalesce_tcp4(gap)
+    writes = P.coalesce(gap)
     assert [P.VNET_HDR.unpack(bytes(w[0]))[1] for w in writes] == [0, 0]
     assert [b"".join(bytes(x) for x in w[1:]) for w in writes] == [bytes(a[0]), bytes(a[2])]
     udp = memoryview(raw(IP(src="10.1.1.2", dst="10.1.2.2") / UDP() / b"u"))
     # b's segments carry the same addresses and ports as a's but other sequence numbers.
-    writes = P.coalesce_tcp4([a[0], a[1], udp, b[0], b[1]])
+    writes = P.coalesce([a[0], a[1], udp, b[0], b[1]])
     kinds = [P.VNET_HDR.unpack(bytes(w[0]))[1] for w in writes]
     assert kinds == [P.VNET_GSO_TCPV4, 0, P.VNET_GSO_TCPV4]
-    single = P.coalesce_tcp4([a[0]])
+    single = P.coalesce([a[0]])
     assert _joined(single[0]) == ((0, 0, 0, 0, 0, 0), bytes(a[0]))
 
 
@@ -243,3 +243,41 @@ def test_udp_backend_rejects_a_bad_port_by_name() -> None:
     config = NetworkConfig.from_dict({"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}})
     backend = UdpBackend(config, ext)
     assert (backend.port, backend.mtu, backend.type) == (8285, 1472, "udp")
+
+
+def _udp(payload: bytes, sport: int = 7000, ttl: int = 63) -> memoryview:
+    return memoryview(raw(IP(src="10.1.1.2", dst="10.1.2.2", ttl=ttl) / UDP(sport=sport, dport=53)
+                          / payload))  # fmt: skip
+
+
+def test_coalesce_joins_a_udp_burst_into_a_udp_l4_gso_packet() -> None:
+    payloads = [os.urandom(1000) for _ in range(4)] + [os.urandom(300)]
+    writes = P.coalesce([_udp(p) for p in payloads])
+    assert len(writes) == 1
+    vnet, pkt = _joined(writes[0])
+    assert vnet == (1, P.VNET_GSO_UDP_L4, 28, 1000, 20, 6)
+    ip = IP(pkt)
+    assert ip.len == len(pkt) == 28 + 4300
+    assert ip[UDP].len == 8 + 4300
+    assert valid_ip_checksum(pkt[:20])
+    assert bytes(ip[UDP].payload) == b"".join(payloads)
+    full = bytearray(pkt)
+    P.complete_checksum(full, 20, 6)
+    assert naive_sum(bytes(full[12:20]) + b"\0\x11" + struct.pack("!H", 8 + 4300) + full[20:]) == (
+        0xFFFF
+    )
+
+
+def test_coalesce_keeps_udp_datagrams_apart_when_they_differ() -> None:
+    a, b = os.urandom(1000), os.urandom(1000)
+    # a larger datagram after a smaller one, another flow, another TTL: nothing merges
+    for pkts in (
+        [_udp(a[:500]), _udp(a)],
+        [_udp(a), _udp(b, sport=7001)],
+        [_udp(a), _udp(b, ttl=9)],
+    ):
+        writes = P.coalesce(pkts)
+        assert [_joined(w) for w in writes] == [((0, 0, 0, 0, 0, 0), bytes(p)) for p in pkts]
+    # a shorter datagram ends the run: the next one starts another
+    writes = P.coalesce([_udp(a), _udp(b[:10]), _udp(a), _udp(b)])
+    assert [P.VNET_HDR.unpack(bytes(w[0]))[1] for w in writes] == [5, 5]
