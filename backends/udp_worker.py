@@ -55,6 +55,8 @@ COUNTERS = (
     "send_errors",  # 10: sendmsg/write failures (counted, packet dropped)
     "tx_syscalls",  # 11: sendmsg calls made (fewer than packets with UDP_SEGMENT)
     "rx_syscalls",  # 12: recvmsg calls that returned data (fewer than packets with UDP_GRO)
+    "tun_writes",  # 13: writes into the TUN device (fewer than rx_packets when coalesced)
+    "tun_reads",  # 14: reads from the TUN device (fewer than tx_packets with TSO)
 )
 _I = {name: i + 1 for i, name in enumerate(COUNTERS)}
 
@@ -211,6 +213,7 @@ def run_tx(
             wait()
             continue
         ticks += 1
+        c[14] += 1
         if not ticks & 255:
             ctl.check()
             stats.flush()
@@ -379,6 +382,7 @@ def run_rx(
             for iov in coalesce(batch):
                 try:
                     writev(tun, iov)
+                    c[13] += 1
                 except OSError:
                     c[10] += 1
             continue
@@ -401,6 +405,7 @@ def run_rx(
                         write(tun, pkt[:total])
                     c[3] += 1
                     c[4] += total
+                    c[13] += 1
                 except OSError:
                     c[10] += 1
             start = end
