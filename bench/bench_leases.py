@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
@@ -244,4 +245,6 @@ if __name__ == "__main__":
     parser.add_argument("--serial", type=int, default=1000, help="hosts joining one by one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # A SIGTERM unwinds like Ctrl-C, so that the etcd server and its data dir are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     asyncio.run(main(args.hosts, args.leases, args.serial))

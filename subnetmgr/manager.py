@@ -161,7 +161,7 @@ class SubnetManager:
             )
             self._warned_ipv6 = True
         for attempt in range(1, self.max_attempts + 1):
-            leases, _ = await self.registry.list_leases()
+            leases, _ = await self.registry.list_leases(expirations=False)
             choice = allocation.choose(config, leases, attrs.public_ip, previous, self._rng)
             if choice is None:
                 raise OutOfSubnets(

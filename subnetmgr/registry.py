@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -76,8 +77,12 @@ class Registry(Protocol):
 
     async def put_config_text(self, text: str) -> None: ...
 
-    async def list_leases(self) -> tuple[list[Lease], int]:
-        """Valid leases and the store revision; malformed ones are logged and skipped."""
+    async def list_leases(self, *, expirations: bool = True) -> tuple[list[Lease], int]:
+        """Valid leases and the store revision; malformed ones are logged and skipped.
+
+        `expirations=False` skips looking up each etcd lease's time to live: leases whose
+        expiry is not known yet get `expiration=math.inf` (still not None, so they are told
+        from reservations). Allocation needs nothing more."""
         ...
 
     async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
@@ -268,8 +273,12 @@ class EtcdRegistry:
             for lease_id in missing:
                 tg.create_task(one(lease_id))
 
-    def _decode(self, key: bytes, value: bytes, lease_id: int) -> Lease | None:
-        """The lease in a key/value pair, or None (logged) when either is malformed."""
+    def _decode(
+        self, key: bytes, value: bytes, lease_id: int, unknown: float = 0.0
+    ) -> Lease | None:
+        """The lease in a key/value pair, or None (logged) when either is malformed.
+
+        `unknown` is the expiration of a lease whose expiry was not looked up."""
         try:
             name = key.decode()
         except UnicodeDecodeError:
@@ -281,9 +290,9 @@ class EtcdRegistry:
         except MalformedLease as e:
             log.warning("skipping malformed lease %s: %s", name, e)
             return None
-        # An expiry not looked up (the previous value of a deleted key) reads as 0.0, never
-        # as None: None would make a lease look like a reservation.
-        return Lease(subnet, attrs, v6, self._expiry.get(lease_id, 0.0) if lease_id else None)
+        # An expiry not looked up (the previous value of a deleted key: 0.0; a list without
+        # expirations: inf) is never None: None would make a lease look like a reservation.
+        return Lease(subnet, attrs, v6, self._expiry.get(lease_id, unknown) if lease_id else None)
 
     # ------------------------------------------------------------------ config
 
@@ -307,10 +316,11 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ leases
 
-    async def list_leases(self) -> tuple[list[Lease], int]:
+    async def list_leases(self, *, expirations: bool = True) -> tuple[list[Lease], int]:
         resp = await self._range(self._subnets, self._subnets_end)
         ids = {kv.lease for kv in resp.kvs}
-        await self._expirations(ids)
+        if expirations:
+            await self._expirations(ids)
         if len(self._expiry) > 2 * len(ids) + 1000:
             # Forget expiries of leases no longer attached to any key, now and then only:
             # concurrent lists (of other revisions) still need theirs.
@@ -323,8 +333,12 @@ class EtcdRegistry:
             hit = old.get(key)
             if hit is not None and hit[0] == value and hit[1] == lease_id:
                 lease = hit[2]  # unchanged since the last list (a malformed one was logged then)
+                if lease is not None and lease_id and lease.expiration == math.inf:
+                    known = self._expiry.get(lease_id)
+                    if known is not None:
+                        lease = replace(lease, expiration=known)
             else:
-                lease = self._decode(key, value, lease_id)
+                lease = self._decode(key, value, lease_id, math.inf if not expirations else 0.0)
             decoded[key] = (value, lease_id, lease)
             if lease is not None:
                 leases.append(lease)

@@ -334,3 +334,29 @@ async def test_username_and_password(
     async with await EtcdRegistry.connect(EtcdOptions(endpoints=(server.endpoint,))) as reg:
         with pytest.raises(RegistryError):
             await reg.put_config_text("anonymous")
+
+
+async def test_list_without_expirations_still_tells_leases_from_reservations(
+    registry: EtcdRegistry, raw: aetcd.Client
+) -> None:
+    await registry.reserve(IPv4Network("10.5.60.0/24"), IPv4Address("10.0.0.60"))
+    async with raw_client_for(registry) as other:
+        # A lease written by another host: this registry has never seen its etcd lease.
+        grant = await other.lease(600)
+        key = registry.key(IPv4Network("10.5.61.0/24"))
+        await other.put(key, b'{"PublicIP":"10.0.0.61","PublicIPv6":null}', lease=grant.id)
+    quick, _ = await registry.list_leases(expirations=False)
+    by_net = {str(x.subnet): x for x in quick}
+    assert by_net["10.5.60.0/24"].reserved
+    assert not by_net["10.5.61.0/24"].reserved
+    assert by_net["10.5.61.0/24"].expiration == float("inf")
+    full, _ = await registry.list_leases()
+    by_net = {str(x.subnet): x for x in full}
+    exp = by_net["10.5.61.0/24"].expiration
+    assert exp is not None and exp != float("inf")
+    assert by_net["10.5.60.0/24"].reserved
+
+
+def raw_client_for(registry: EtcdRegistry) -> aetcd.Client:
+    host, port = registry.opts.endpoints[0].rsplit("//", 1)[1].rsplit(":", 1)
+    return aetcd.Client(host=host, port=int(port), timeout=5)
