@@ -36,6 +36,14 @@ EVENT_KINDS = (
 )
 
 
+def raise_if_cancelling(cause: BaseException | None = None) -> None:
+    """Raise CancelledError when the current task is being cancelled (after a library turned
+    the cancellation into an error of its own, which must not be retried)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from cause
+
+
 def events_topic(prefix: str, public_ip: object) -> str:
     return f"{prefix}/{public_ip}/events"
 
@@ -93,6 +101,7 @@ class EventPublisher:
         failures = 0
         identifier = f"overlayd-{self.host}-{os.getpid()}"
         while True:
+            raise_if_cancelling()
             try:
                 async with aiomqtt.Client(
                     host, port, identifier=identifier, timeout=self.timeout, keepalive=30
@@ -103,6 +112,9 @@ class EventPublisher:
                     backoff, failures = 0.5, 0
                     await self._drain(client)
             except aiomqtt.MqttError as e:
+                # aiomqtt's __aexit__ may turn our cancellation into an MqttError (a failed
+                # disconnect): never let that swallow a cancel, or shutdown hangs.
+                raise_if_cancelling(e)
                 self.connected = False
                 failures += 1
                 level = logging.WARNING if failures == 1 or failures % 20 == 0 else logging.DEBUG

@@ -23,6 +23,13 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _number(value: float) -> str:
+    """Prometheus sample value: integers as such, floats at full precision."""
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
 def _labels(pairs: dict[str, str]) -> str:
     if not pairs:
         return ""
@@ -63,7 +70,7 @@ class Metrics:
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} {kind}")
             for labels, value in samples:
-                out.append(f"{name}{labels} {value:g}")
+                out.append(f"{name}{labels} {_number(value)}")
 
         metric("overlay_up", "gauge", "1 while overlayd runs.", [("", 1)])
         metric("overlay_ready", "gauge", "1 once subnet.env and the data path are in place.",
@@ -92,9 +99,11 @@ class Metrics:
                [(_labels({"trigger": k}), self.reconciles[k]) for k in kinds])  # fmt: skip
         metric("overlay_reconcile_errors_total", "counter", "Backend reconciles that failed.",
                [("", self.reconcile_errors)])  # fmt: skip
-        metric("overlay_reconcile_duration_seconds_sum", "counter",
-               "Total seconds spent in backend reconciles.",
-               [("", self.reconcile_seconds)])  # fmt: skip
+        out.append("# HELP overlay_reconcile_duration_seconds Time spent in backend reconciles.")
+        out.append("# TYPE overlay_reconcile_duration_seconds summary")
+        out.append(f"overlay_reconcile_duration_seconds_sum {_number(self.reconcile_seconds)}")
+        total = sum(self.reconciles.values())
+        out.append(f"overlay_reconcile_duration_seconds_count {total}")
         metric("overlay_etcd_errors_total", "counter", "etcd requests that failed.",
                [("", self.etcd_errors)])  # fmt: skip
         metric("overlay_events_total", "counter", "Events queued for MQTT, by type.",

@@ -34,12 +34,13 @@ class Broker:
 
     directory: Path
     port: int
+    host: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         conf = self.directory / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.directory}/\n"
@@ -58,7 +59,7 @@ class Broker:
                 raise RuntimeError((self.directory / "mosquitto.log").read_text())
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+                socket.create_connection((self.host, self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.05)
@@ -86,9 +87,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 @contextlib.asynccontextmanager
-async def subscriber(port: int, topic: str, ident: str) -> AsyncIterator[aiomqtt.Client]:
+async def subscriber(
+    port: int, topic: str, ident: str, host: str = "127.0.0.1"
+) -> AsyncIterator[aiomqtt.Client]:
     async with aiomqtt.Client(
-        "127.0.0.1", port, identifier=ident, clean_session=False, timeout=5
+        host, port, identifier=ident, clean_session=False, timeout=5
     ) as client:
         await client.subscribe(topic, qos=1)
         yield client

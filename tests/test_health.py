@@ -56,6 +56,8 @@ async def test_healthz_readyz_and_metrics() -> None:
         assert 'overlay_reconciles_total{trigger="full"} 1' in lines
         assert "overlay_reconcile_errors_total 1" in lines
         assert "overlay_reconcile_duration_seconds_sum 0.75" in lines
+        assert "overlay_reconcile_duration_seconds_count 2" in lines
+        assert "overlay_lease_expiration_seconds 1700000000" in lines
         assert "overlay_etcd_errors_total 2" in lines
         assert 'overlay_events_total{type="peer_added"} 3' in lines
         assert "overlay_ready 1" in lines

@@ -1,0 +1,499 @@
+"""overlayd: the composition root. Builds the parts and wires them together.
+
+wait_for_config -> choose the backend -> backend.prepare() -> acquire the lease with those
+attributes -> backend.start(own) -> subnet.env (+ iptables with --ip-masq) -> ready; then, side by
+side in one TaskGroup: the lease mirror feeding backend.reconcile(peers) on change, a periodic
+full reconcile, keep() renewing the lease (re-acquiring and restarting the backend when it is
+lost), the iptables resync, and the MQTT publisher.
+
+SIGTERM/SIGINT stop everything and leave kernel state (devices, routes, rules) in place: exit 0.
+Fatal problems (no interface, out of subnets, a backend that cannot start) exit 1 with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import backends
+from backends.base import Backend, BackendError, ExternalInterface
+from overlay.events import EventPublisher
+from overlay.events import raise_if_cancelling as _raise_if_cancelling
+from overlay.health import HealthServer, Metrics
+from overlay.iface import InterfaceError, choose_interface
+from overlay.masq import IptablesError, Masquerade
+from overlay.options import Options, parse_options
+from overlay.sdnotify import sd_notify
+from overlay.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
+from subnetmgr.manager import AcquireConflict, LeaseMirror, OutOfSubnets, SubnetManager
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
+from subnetmgr.registry import EtcdRegistry, Registry, RegistryError
+
+log = logging.getLogger("overlayd")
+
+MAX_BACKOFF = 30.0
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class FatalError(RuntimeError):
+    """Stops the daemon with exit code 1; the message says what to do."""
+
+
+async def _retry_etcd(what: str, call: Callable[[], Awaitable[Any]], metrics: Metrics) -> Any:
+    """Retry `call` on RegistryError with exponential backoff, counting etcd errors."""
+    backoff = 0.5
+    while True:
+        try:
+            return await call()
+        except RegistryError as e:
+            _raise_if_cancelling(e)
+            metrics.etcd_errors += 1
+            log.warning("%s failed: %s; retrying in %.1fs", what, e, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+async def _logged(name: str, coro: Coroutine[Any, Any, None]) -> None:
+    """Await `coro`; an unexpected exception is logged with its traceback at once (before the
+    TaskGroup's cancellation of the other tasks), then re-raised."""
+    try:
+        await coro
+    except asyncio.CancelledError:
+        log.debug("%s: cancelled", name)
+        raise
+    except BaseException as e:
+        log.error("%s failed: %r", name, e, exc_info=not isinstance(e, FatalError))
+        raise
+    log.debug("%s: finished", name)
+
+
+class Overlayd:
+    """One running daemon: owns the lease, the backend and the loops around them."""
+
+    def __init__(
+        self,
+        opts: Options,
+        registry: Registry,
+        ext: ExternalInterface,
+        metrics: Metrics,
+        events: EventPublisher,
+        *,
+        iptables_prefix: Sequence[str] = (),
+    ) -> None:
+        self.opts = opts
+        self.registry = registry
+        self.ext = ext
+        self.metrics = metrics
+        self.events = events
+        self.iptables_prefix = tuple(iptables_prefix)
+        self.manager = SubnetManager(registry, renew_margin=opts.subnet_lease_renew_margin * 60.0)
+        self.mirror = LeaseMirror(registry)
+        self.backend: Backend | None = None
+        self.config: NetworkConfig | None = None
+        self.own: Lease | None = None
+        self.masq: Masquerade | None = None
+        self.ready = asyncio.Event()
+        self._lock = asyncio.Lock()  # one backend call at a time
+        self._changed = asyncio.Event()
+        self._last_peers: dict[Subnet, LeaseAttrs] | None = None
+        self._known_peers: set[Subnet] = set()
+        self._loss_reported = False
+        self._stale_until = 0  # mirror revisions up to this one cannot report our lease lost
+
+    # ------------------------------------------------------------------ start-up
+
+    async def run(self) -> None:
+        config = await _retry_etcd(
+            "reading the network config", self.manager.wait_for_config, self.metrics
+        )
+        self.config = config
+        if config.backend_defaulted:
+            log.info(
+                "the network config has no Backend: using the default backend %r "
+                '(write "Backend": {"Type": "vxlan"} to choose another)',
+                config.backend_type,
+            )
+        log.info("network %s, subnet length /%d, backend %s", config.network,
+                 config.subnet_len, config.backend_type)  # fmt: skip
+        try:
+            self.backend = backends.create(config, self.ext)
+            attrs = await self.backend.prepare()
+        except BackendError as e:
+            raise FatalError(f"backend {config.backend_type!r}: {e}") from None
+        lease_attrs = LeaseAttrs(
+            public_ip=self.ext.public_ip,
+            backend_type=attrs.backend_type,
+            backend_data=attrs.backend_data,
+        )
+        previous = read_previous_subnet(self.opts.subnet_file)
+        if previous is not None:
+            log.info("%s names subnet %s from a previous run", self.opts.subnet_file, previous)
+
+        async def acquire() -> Lease:
+            while True:
+                try:
+                    return await self.manager.acquire(config, lease_attrs, previous)
+                except AcquireConflict as e:
+                    log.warning("%s", e)
+                    await asyncio.sleep(1.0)
+
+        try:
+            own: Lease = await _retry_etcd("acquiring a lease", acquire, self.metrics)
+        except OutOfSubnets as e:
+            raise FatalError(f"{e}; widen Network or free a lease (overlayctl leases)") from None
+        self.metrics.lease_acquisitions += 1
+        log.info("acquired lease %s for %s", own.subnet, own.attrs.public_ip)
+        self.events.publish("lease_acquired", **self._lease_details(own))
+        await self._apply_own(own)
+        self._mark_ready()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_logged("lease mirror", self._supervise("mirror", self._run_mirror)))
+            tg.create_task(_logged("reconcile loop", self._reconcile_loop()))
+            tg.create_task(_logged("lease keeper", self._supervise("renewal", self._run_keep)))
+            if self.masq is not None and self.opts.iptables_resync > 0:
+                tg.create_task(_logged("iptables resync", self._masq_loop()))
+
+    def _lease_details(self, lease: Lease) -> dict[str, Any]:
+        return {
+            "subnet": str(lease.subnet),
+            "public_ip": str(lease.attrs.public_ip),
+            "backend": lease.attrs.backend_type,
+            "expiration": lease.expiration,
+        }
+
+    async def _apply_own(self, own: Lease) -> None:
+        """Start (or restart) the backend for `own`, write subnet.env and the iptables rules."""
+        assert self.backend is not None and self.config is not None
+        async with self._lock:
+            self.own = own
+            try:
+                mtu = await self.backend.start(own)
+            except BackendError as e:
+                raise FatalError(f"backend {self.backend.type!r} could not start: {e}") from None
+            env = SubnetEnv(
+                network=self.config.network,
+                subnet=own.subnet,
+                mtu=mtu,
+                ipmasq=self.opts.ip_masq,
+            )
+            try:
+                write_subnet_env(self.opts.subnet_file, env)
+            except OSError as e:
+                raise FatalError(
+                    f"cannot write {self.opts.subnet_file}: {e}; check --subnet-file"
+                ) from None
+            log.info("wrote %s (subnet %s, MTU %d)", self.opts.subnet_file, own.subnet, mtu)
+            if self.opts.ip_masq:
+                if self.masq is None:
+                    self.masq = Masquerade(
+                        self.config.network, own.subnet, prefix=self.iptables_prefix
+                    )
+                else:
+                    self.masq.set_lease(self.config.network, own.subnet)
+                try:
+                    await self.masq.ensure()
+                except IptablesError as e:
+                    raise FatalError(f"--ip-masq: {e}") from None
+            m = self.metrics
+            m.lease_subnet = str(own.subnet)
+            m.lease_public_ip = str(own.attrs.public_ip)
+            m.lease_backend = own.attrs.backend_type or self.backend.type
+            m.lease_expiration = own.expiration
+            self._last_peers = None  # the next reconcile is a full one
+        self._changed.set()
+
+    def _mark_ready(self) -> None:
+        self.metrics.ready = True
+        self.ready.set()
+        self.events.publish("ready", **self._lease_details(self.own) if self.own else {})
+        sd_notify(f"READY=1\nSTATUS=lease {self.own.subnet if self.own else '?'}")
+        log.info("ready")
+
+    # ------------------------------------------------------------------ loops
+
+    async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run `body` until cancelled; restart it after an etcd error (logged, with backoff)."""
+        backoff = 0.5
+        while True:
+            try:
+                await body()
+                return
+            except RegistryError as e:
+                _raise_if_cancelling(e)
+                self.metrics.etcd_errors += 1
+                log.warning("%s: etcd error: %s; restarting in %.1fs", name, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _run_mirror(self) -> None:
+        await self.mirror.run(self._on_leases)
+
+    async def _run_keep(self) -> None:
+        assert self.config is not None and self.own is not None
+        await self.manager.keep(self.config, self.own, self._on_own_change)
+
+    async def _on_own_change(self, new: Lease) -> None:
+        self.metrics.lease_acquisitions += 1
+        log.warning("re-acquired lease %s for %s; restarting the backend", new.subnet,
+                    new.attrs.public_ip)  # fmt: skip
+        if not self._loss_reported:  # the mirror has not seen the loss yet: report it here
+            old = self.own
+            self.events.publish("lease_lost", subnet=str(old.subnet if old else new.subnet))
+        self._loss_reported = False
+        try:  # mirror events up to now predate the new lease; they must not report a loss
+            _lease, self._stale_until = await self.registry.get_lease(new.subnet)
+        except RegistryError as e:
+            _raise_if_cancelling(e)
+            self._stale_until = self.mirror.revision
+        self.events.publish("lease_reacquired", **self._lease_details(new))
+        await self._apply_own(new)
+
+    async def _on_leases(self, snapshot: Mapping[Subnet, Lease], changed: set[Subnet]) -> None:
+        own = self.own
+        for subnet in sorted(changed):
+            lease = snapshot.get(subnet)
+            if own is not None and subnet == own.subnet:
+                self._own_seen(own, lease)
+                continue
+            if lease is not None and subnet not in self._known_peers:
+                self._known_peers.add(subnet)
+                log.info("peer added: %s at %s", subnet, lease.attrs.public_ip)
+                self.events.publish("peer_added", **self._lease_details(lease))
+            elif lease is None and subnet in self._known_peers:
+                self._known_peers.discard(subnet)
+                log.info("peer removed: %s", subnet)
+                self.events.publish("peer_removed", subnet=str(subnet))
+        self._changed.set()
+
+    def _own_seen(self, own: Lease, lease: Lease | None) -> None:
+        if lease is not None and lease.attrs == own.attrs:
+            return
+        if self.mirror.revision <= self._stale_until:
+            # The mirror catching up with the loss that keep() already repaired.
+            return
+        if not self._loss_reported:
+            self._loss_reported = True
+            log.warning("our lease %s was %s in etcd", own.subnet,
+                        "deleted" if lease is None else "taken over")  # fmt: skip
+            self.events.publish("lease_lost", subnet=str(own.subnet))
+
+    def _check_renewal(self) -> None:
+        """The mirror's copy of our lease carries the expiry keep() last renewed it to."""
+        own = self.own
+        if own is None or self._loss_reported:
+            return
+        lease = self.mirror.snapshot.get(own.subnet)
+        if lease is None or lease.attrs != own.attrs or lease.expiration is None:
+            return
+        prev = self.metrics.lease_expiration
+        if prev is not None and lease.expiration > prev + 1:
+            log.info("lease %s renewed until %s", own.subnet, time.ctime(lease.expiration))
+            self.events.publish("lease_renewed", **self._lease_details(lease))
+        if prev is None or lease.expiration > prev:
+            self.metrics.lease_expiration = lease.expiration
+
+    def _peers(self) -> dict[Subnet, Lease]:
+        own = self.own
+        return {
+            s: lease for s, lease in self.mirror.snapshot.items() if own is None or s != own.subnet
+        }
+
+    async def _reconcile_loop(self) -> None:
+        await self.mirror.ready.wait()
+        while True:
+            trigger = "full"
+            try:
+                async with asyncio.timeout(self.opts.resync_period):
+                    await self._changed.wait()
+                    trigger = "change"
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            self._check_renewal()
+            await self.reconcile(trigger)
+
+    async def reconcile(self, trigger: str) -> None:
+        """Hand the backend the peers; on "change" only when they differ from the last pass."""
+        assert self.backend is not None
+        async with self._lock:
+            peers = self._peers()
+            wanted = {s: lease.attrs for s, lease in peers.items()}
+            if trigger == "change" and wanted == self._last_peers:
+                return
+            started = time.monotonic()
+            ok = False
+            try:
+                await self.backend.reconcile(peers)
+                ok = True
+                self._last_peers = wanted
+            except Exception as e:  # a backend bug or kernel error must not stop the daemon
+                log.error("reconcile (%s, %d peers) failed: %s", trigger, len(peers), e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+            finally:
+                self.metrics.peers = len(peers)
+                self.metrics.observe_reconcile(trigger, time.monotonic() - started, ok)
+            log.debug("reconciled %d peers (%s)", len(peers), trigger)
+
+    async def _masq_loop(self) -> None:
+        assert self.masq is not None
+        while True:
+            await asyncio.sleep(self.opts.iptables_resync)
+            self.metrics.masq_resyncs += 1
+            try:
+                async with self._lock:
+                    repaired = await self.masq.ensure()
+            except IptablesError as e:
+                log.error("iptables resync failed: %s", e)
+                continue
+            if repaired:
+                self.metrics.masq_repairs += 1
+                log.warning("iptables rules were missing or changed; restored them")
+
+
+# ---------------------------------------------------------------------- the process
+
+
+async def _connect(opts: Options, metrics: Metrics) -> EtcdRegistry:
+    eopts = opts.etcd.registry_options()
+
+    async def connect() -> EtcdRegistry:
+        registry: EtcdRegistry = await EtcdRegistry.connect(eopts)
+        return registry
+
+    result: EtcdRegistry = await _retry_etcd(
+        f"connecting to etcd at {','.join(opts.etcd.endpoints)}", connect, metrics
+    )
+    return result
+
+
+async def serve(opts: Options, stop: asyncio.Event) -> int:
+    """Run until `stop` is set (exit 0) or a fatal error (exit 1)."""
+    try:
+        ext = await choose_interface(
+            opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip
+        )
+    except (InterfaceError, TimeoutError) as e:
+        log.error("%s", e or "timed out reading interfaces")
+        return 1
+    log.info("using interface %s (index %d), address %s, public IP %s, MTU %d", ext.name,
+             ext.index, ext.iface_addr, ext.public_ip, ext.mtu)  # fmt: skip
+    metrics = Metrics()
+    health: HealthServer | None = None
+    if opts.healthz_port:
+        health = HealthServer(
+            metrics, str(opts.healthz_ip), opts.healthz_port, serve_metrics=opts.metrics
+        )
+        try:
+            await health.start()
+        except OSError as e:
+            log.error("cannot listen on %s:%d for --healthz-port: %s", opts.healthz_ip,
+                      opts.healthz_port, e)  # fmt: skip
+            return 1
+    events = EventPublisher(opts.mqtt_broker, opts.mqtt_topic_prefix, ext.public_ip, metrics)
+    registry: EtcdRegistry | None = None
+    daemon: Overlayd | None = None
+
+    async def body() -> None:
+        nonlocal registry, daemon
+        registry = await _connect(opts, metrics)
+        daemon = Overlayd(opts, registry, ext, metrics, events)
+        await daemon.run()
+
+    async def everything() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_logged("MQTT publisher", events.run()))
+            tg.create_task(_logged("daemon", body()))
+
+    code = 0
+    running = asyncio.create_task(everything())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            code = _exit_code(running)
+        else:
+            log.info("signal received: stopping; devices, routes and rules stay in place")
+            running.cancel()
+            done, _ = await asyncio.wait({running}, timeout=SHUTDOWN_TIMEOUT)
+            if not done:
+                log.warning("some tasks did not stop within %.0fs; exiting anyway",
+                            SHUTDOWN_TIMEOUT)  # fmt: skip
+    finally:
+        stopping.cancel()
+        sd_notify("STOPPING=1")
+        if daemon is not None and daemon.backend is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(daemon.backend.close(), 10)
+        if registry is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(registry.close(), 5)
+        if health is not None:
+            await health.close()
+    return code
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
+
+
+def _exit_code(task: asyncio.Task[None]) -> int:
+    """1 for a fatal error (logged here with its message), 0 if the task just ended."""
+    if task.cancelled():
+        return 0
+    error = task.exception()
+    if error is None:
+        return 0
+    for leaf in _leaves(error):
+        if isinstance(leaf, (FatalError, OutOfSubnets, BackendError, IptablesError)):
+            log.error("%s", leaf)
+        elif not isinstance(leaf, asyncio.CancelledError):
+            log.error("unexpected error: %r", leaf, exc_info=leaf)
+    return 1
+
+
+async def _main(opts: Options) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await serve(opts, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_options(argv)
+    logging.basicConfig(
+        level=opts.log_level_number,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aetcd", "grpc", "pyroute2"):  # library chatter, even at debug level
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack to stderr
+    # Not asyncio.run(): its final "cancel everything and wait" would hang on a library task
+    # that swallows cancellation; leftovers get a bounded grace period instead.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_main(opts))
+    finally:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=2))
+        with contextlib.suppress(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 2))
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
