@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from integration.containers import ATTACH_MODES
-from integration.lab import BACKENDS, DEFAULT_NETWORK, STATE_ROOT, Lab, MatrixEntry
+from integration.lab import BACKENDS, DEFAULT_NETWORK, STATE_ROOT, Lab, LabError, MatrixEntry
 
 
 def _progress(msg: str) -> None:
@@ -78,12 +79,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _lab(args: argparse.Namespace) -> Lab:
-    return Lab(args.name, state_root=args.state_root, progress=_progress)
+    if os.geteuid() != 0:
+        raise SystemExit(
+            "overlayctl lab: run as root (it creates network namespaces, veth and vxlan devices)"
+        )
+    try:
+        return Lab(args.name, state_root=args.state_root, progress=_progress)
+    except LabError as e:
+        raise SystemExit(f"overlayctl lab: {e}") from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    lab = _lab(args)
     try:
-        lab = _lab(args)
         return asyncio.run(_up(lab, args))
     except (RuntimeError, OSError, ValueError) as e:  # LabError, CommandError, AttachError
         print(f"lab up failed: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ import pytest
 from integration.containers import SubnetEnv
 from integration.etcdserver import EtcdServer
 from integration.lab import Lab
-from integration.netns import in_ns, ip_json, list_netns, run
+from integration.netns import in_ns, ip_json, list_netns, pid_alive, run
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -368,3 +368,29 @@ def test_cli_up_status_down_with_alloc(tmp_path: Path) -> None:
         down = subprocess.run([*cli, "down", *common], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert list_netns(f"ovl-{name}-") == []
+
+
+async def test_down_after_up_crashed_with_daemons_running(tmp_path: Path) -> None:
+    """`up` dies while its daemons start: a fresh `down` still stops them and removes it all."""
+    name = f"k{uuid.uuid4().hex[:6]}"
+    root = tmp_path / "labs"
+
+    class Crash(Exception):
+        pass
+
+    def crash_while_waiting(msg: str) -> None:
+        if msg.startswith("waiting for /readyz"):
+            raise Crash(msg)
+
+    lab = Lab(name, state_root=root, progress=crash_while_waiting)
+    try:
+        with pytest.raises(Crash):
+            await lab.up(nodes=2)
+        pids = [n.daemon_pid for n in lab.state.nodes]
+        assert len(pids) == 2 and all(pid is not None and pid_alive(pid) for pid in pids)
+        await Lab(name, state_root=root).down()
+        assert not any(pid is not None and pid_alive(pid) for pid in pids)
+        assert list_netns(f"ovl-{name}-") == []
+        assert not (root / name).exists()
+    finally:
+        await Lab(name, state_root=root).down()
