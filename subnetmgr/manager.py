@@ -298,8 +298,12 @@ class SubnetManager:
 class LeaseMirror:
     """Every valid lease in etcd, kept current by a watch. Feed it to a backend's reconcile."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, expirations: bool = True) -> None:
+        """`expirations=False` lists without looking up each lease's expiry (see
+        Registry.list_leases): a much faster start with 10,000 leases; the snapshot's leases
+        of other hosts then show `expiration=inf` until they change."""
         self.registry = registry
+        self.expirations = expirations
         self._leases: dict[Subnet, Lease] = {}
         self.snapshot: Mapping[Subnet, Lease] = MappingProxyType(self._leases)
         self.ready = asyncio.Event()
@@ -348,7 +352,7 @@ class LeaseMirror:
         while True:
             try:
                 if need_list:
-                    leases, revision = await self.registry.list_leases()
+                    leases, revision = await self.registry.list_leases(expirations=self.expirations)
                     first = not self.ready.is_set()
                     changed = self._replace(leases)
                     self.revision = revision

@@ -238,3 +238,23 @@ async def test_compaction_forces_a_relist_that_reports_the_difference(
             await writer.create_lease(net(5), attrs(5), 600)
             await rec.wait_for(lambda s: net(5) in s)
             assert mirror.relists == 2
+
+
+async def test_mirror_without_expiry_lookups_keeps_reservations_apart(
+    etcd_server: EtcdServer, etcd_prefix: str, raw: aetcd.Client
+) -> None:
+    async with (
+        registry_for(etcd_server, etcd_prefix) as writer,
+        registry_for(etcd_server, etcd_prefix) as reg,
+    ):
+        await writer.create_lease(net(1), attrs(1), 600)
+        await writer.reserve(net(2), attrs(2).public_ip)
+        mirror, rec = LeaseMirror(reg, expirations=False), Recorder()
+        async with running(mirror, rec):
+            assert mirror.snapshot[net(1)].expiration == float("inf")
+            assert mirror.snapshot[net(2)].reserved
+            assert not mirror.snapshot[net(1)].reserved
+            await writer.create_lease(net(3), attrs(3), 600)
+            await rec.wait_for(lambda s: net(3) in s)
+            exp = mirror.snapshot[net(3)].expiration  # watched events are looked up
+            assert exp is not None and exp < float("inf")
