@@ -175,6 +175,7 @@ class Flag:
     help: str
     metavar: str | None = None
     repeat: bool = False  # may be given several times; env var is a comma-separated list
+    env_split: bool = True  # for a repeatable flag: split its env var on commas
     switch: bool = False  # a boolean switch (--ip-masq); env var is true/false
     shown_default: str | None = None
 
@@ -209,7 +210,8 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
          shown_default="none"),
     Flag("--iface-regex", _regex, (),
          "regular expression matched against interface names and IPv4 addresses, tried after "
-         "--iface; repeatable", "REGEX", repeat=True, shown_default="none"),
+         "--iface; repeatable (its env var holds one regex)", "REGEX", repeat=True,
+         env_split=False, shown_default="none"),
     Flag("--iface-can-reach", _ipv4, None,
          "use the interface of the route to this IPv4 address (when no --iface/--iface-regex)",
          "IP"),
@@ -281,8 +283,10 @@ def resolve(
             out[f.dest] = f.default
             continue
         try:
-            if f.repeat:
+            if f.repeat and f.env_split:
                 out[f.dest] = tuple(f.parse(x) for x in raw.split(",") if x.strip())
+            elif f.repeat:
+                out[f.dest] = (f.parse(raw),)
             else:
                 out[f.dest] = f.parse(raw)
         except FlagValueError as e:
@@ -378,7 +382,8 @@ sets up the data path named by the network config's Backend.Type, writes subnet.
 flannel CNI plugin and keeps the lease and the routes to every other host up to date.
 
 Every flag can also be set with the environment variable shown (FLANNELD_<FLAG>); the command
-line wins. SIGTERM/SIGINT stop the daemon and leave devices and routes in place.
+line wins. FLANNELD_IFACE takes a comma-separated list. Bad values exit with code 2.
+SIGTERM/SIGINT stop the daemon and leave devices, routes and iptables rules in place (exit 0).
 """
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -94,13 +95,13 @@ class Daemon:
     args: list[str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
-    runs: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.site.ns, OVERLAYD, *self.args],
-                stdout=log, stderr=log, start_new_session=True,
+                stdout=log, stderr=log, start_new_session=True, env={**os.environ, **self.env},
             )  # fmt: skip
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -291,7 +292,17 @@ def test_previous_subnet_from_subnet_env_and_peers(
     etcdctl(site, "put", f"{etcd_prefix}/subnets/10.77.9.0-24", peer)
     etcdctl(site, "put", f"{etcd_prefix}/subnets/10.77.10.0-24", "{not json")
     d: Daemon = daemon_factory()
-    d.start()
+    # systemd's Type=notify: READY=1 arrives on $NOTIFY_SOCKET (a path socket: reachable from
+    # inside the network namespace).
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(20)
+        d.env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+        d.start()
+        assert notify.recv(200).startswith(b"READY=1\nSTATUS=lease 10.77.200.0/24")
+    finally:
+        notify.close()
     d.wait_ready()
     assert "FLANNEL_SUBNET=10.77.200.1/24\n" in (run / "subnet.env").read_text()
     assert "10.77.200.0-24" in leases(site, etcd_prefix)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -83,6 +84,9 @@ def test_env_vars_and_precedence() -> None:
     assert opts.mqtt_broker == ("localhost", 1883)
     env_only = parse_options([], environ=env)
     assert env_only.iface == ("eth7", "10.9.9.9")
+    # A regex may contain commas: its variable is one regex, as flannel's.
+    rx = parse_options([], environ={"FLANNELD_IFACE_REGEX": r"^10\.0\.[0-9]{1,3}\."})
+    assert rx.iface_regex == (r"^10\.0\.[0-9]{1,3}\.",)
 
 
 def test_every_flag_has_the_flannel_env_name() -> None:
@@ -139,3 +143,18 @@ def test_bad_flag_from_the_real_binary_exits_2() -> None:
     )
     assert out.returncode == 2
     assert "--public-ip" in out.stderr and "'nope'" in out.stderr
+
+
+def test_the_example_env_file_parses() -> None:
+    path = Path(__file__).resolve().parent.parent / "systemd" / "overlayd.env.example"
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    assert env and all(k.startswith("FLANNELD_") for k in env)
+    known = {f.env for f in ETCD_FLAGS + DAEMON_FLAGS}
+    commented = set(re.findall(r"#(FLANNELD_[A-Z_]+)=", path.read_text()))
+    assert set(env) | commented <= known, (set(env) | commented) - known
+    opts = parse_options([], environ=env)
+    assert opts.ip_masq is True and opts.metrics is True and opts.healthz_port == 8471
