@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -242,7 +243,7 @@ class SubnetManager:
                     await asyncio.Event().wait()
                     return
                 delay = current.expiration - self.renew_margin - time.time()
-                if delay > 0:
+                if delay > 0 and math.isfinite(delay):  # inf: expiry unknown, renew now
                     await asyncio.sleep(delay)
                 try:
                     current = await self.registry.renew_lease(current, self.ttl)
@@ -288,6 +289,12 @@ class SubnetManager:
 
         tasks = [asyncio.create_task(renew_loop()), asyncio.create_task(watch_loop())]
         try:
+            waiters: list[asyncio.Future[object]] = [lost, *tasks]  # type: ignore[list-item]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                failure = task.exception() if task.done() and not task.cancelled() else None
+                if failure is not None:
+                    raise failure  # a bug in a loop: fail loudly rather than hang
             return await lost
         finally:
             for task in tasks:
