@@ -357,3 +357,26 @@ def test_no_interface_exits_1_with_a_clear_error(daemon_factory: object) -> None
     assert d.proc.wait(timeout=20) == 1
     d.proc = None
     assert "tried --iface nosuch0; --iface-regex ^zz" in d.tail()
+
+
+def test_broker_down_does_not_stall_and_unknown_backend_exits_1(
+    site: Site, etcd_prefix: str, daemon_factory: object
+) -> None:
+    assert callable(daemon_factory)
+    etcdctl(site, "put", f"{etcd_prefix}/config", ALLOC_CONFIG)
+    # Nothing listens on this port (a free one on the root side of our own veth).
+    d: Daemon = daemon_factory("--mqtt-broker", f"{site.host_ip}:{free_port(site.host_ip)}")
+    d.start()
+    d.wait_ready()
+    d.wait_for("a broker retry in the log", lambda: "MQTT broker" in d.tail())
+    assert d.get("/healthz")[0] == 200
+    assert d.stop() == 0
+
+    etcdctl(site, "put", f"{etcd_prefix}/config",
+            json.dumps({"Network": NETWORK, "Backend": {"Type": "bogus"}}))  # fmt: skip
+    bad: Daemon = daemon_factory()
+    bad.start()
+    assert bad.proc is not None
+    assert bad.proc.wait(timeout=30) == 1
+    bad.proc = None
+    assert "unknown Backend.Type 'bogus'" in bad.tail()
