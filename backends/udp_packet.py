@@ -219,7 +219,6 @@ def segment_tcp4(pkt: memoryview, mss: int, ttl_dec: int = 1) -> tuple[bytearray
     plen = len(payload)
     count = max(1, -(-plen // mss))
     seg_len = hlen + mss
-    out = bytearray(seg_len * (count - 1) + hlen + (plen - mss * (count - 1)))
     template = bytearray(pkt[:hlen])
     ident = (template[4] << 8) | template[5]
     frag = (template[6] << 8) | template[7]
@@ -239,26 +238,47 @@ def segment_tcp4(pkt: memoryview, mss: int, ttl_dec: int = 1) -> tuple[bytearray
     pack_ip = _IP_VAR.pack_into
     pack_tcp = _TCP_VAR.pack_into
     tcp_off = ihl + 4
+    last_len = plen - mss * (count - 1)
+    head = bytes(template)
+    out = bytearray((head + bytes(mss)) * (count - 1) + head + bytes(last_len))
+    from_bytes = int.from_bytes
+    plan = _fold_plan(mss)
+    odd = mss & 1
+    # Full segments: same length and flags; the payload sum is folded inline (see ones_sum),
+    # and a final `% 0xFFFF` stands for the fold (0 and 0xFFFF are both zero to a receiver).
+    tcp_mid = tcp_base + thl + mss + mid_flags
+    ip_mid = ip_base + seg_len
     off = 0
-    for i in range(count):
+    for i in range(count - 1):
         start = i * mss
-        chunk = payload[start : start + mss]
-        clen = len(chunk)
+        v = from_bytes(payload[start : start + mss], "big")
+        if odd:
+            v <<= 8  # pad an odd-length chunk with a zero byte, as ones_sum does
+        for half, mask in plan:
+            v = (v >> half) + (v & mask)
         seg_seq = (seq + start) & 0xFFFFFFFF
-        seg_flags = flags if i == count - 1 else mid_flags
-        tot = hlen + clen
         seg_id = (ident + i) & 0xFFFF
-        ip_csum = fold(ip_base + tot + seg_id) ^ 0xFFFF
-        tcp_csum = (
-            fold(tcp_base + thl + clen + (seg_seq >> 16) + (seg_seq & 0xFFFF) + seg_flags
-                 + ones_sum(chunk))
-            ^ 0xFFFF
-        )  # fmt: skip
-        out[off : off + hlen] = template
-        pack_ip(out, off + 2, tot, seg_id, frag, ttl, PROTO_TCP, ip_csum)
-        pack_tcp(out, off + tcp_off, seg_seq, ack, off_byte, seg_flags, window, tcp_csum, urgent)
-        out[off + hlen : off + tot] = chunk
-        off += tot
+        tcp_csum = ((tcp_mid + (seg_seq >> 16) + (seg_seq & 0xFFFF) + v) % 0xFFFF) ^ 0xFFFF
+        ip_csum = ((ip_mid + seg_id) % 0xFFFF) ^ 0xFFFF
+        pack_ip(out, off + 2, seg_len, seg_id, frag, ttl, PROTO_TCP, ip_csum)
+        pack_tcp(out, off + tcp_off, seg_seq, ack, off_byte, mid_flags, window, tcp_csum, urgent)
+        out[off + hlen : off + seg_len] = payload[start : start + mss]
+        off += seg_len
+    # The last segment keeps FIN/PSH and may be shorter.
+    start = (count - 1) * mss
+    chunk = payload[start:]
+    seg_seq = (seq + start) & 0xFFFFFFFF
+    seg_id = (ident + count - 1) & 0xFFFF
+    tot = hlen + last_len
+    tcp_csum = (
+        fold(tcp_base + thl + last_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + flags
+             + ones_sum(chunk))
+        ^ 0xFFFF
+    )  # fmt: skip
+    ip_csum = fold(ip_base + tot + seg_id) ^ 0xFFFF
+    pack_ip(out, off + 2, tot, seg_id, frag, ttl, PROTO_TCP, ip_csum)
+    pack_tcp(out, off + tcp_off, seg_seq, ack, off_byte, flags, window, tcp_csum, urgent)
+    out[off + hlen : off + tot] = chunk
     return out, seg_len, count
 
 
@@ -267,6 +287,21 @@ _MERGE_OK_FLAGS = _TCP_ACK | _TCP_PSH
 _TCP_GSO_VNET = VNET_HDR.pack  # bound once for the hot path
 
 IoVec = list[bytes | bytearray | memoryview]
+_U32 = struct.Struct("!I")
+
+
+@functools.lru_cache(maxsize=16)
+def _tcp_key(thl: int) -> struct.Struct:
+    """What must be equal for two TCP/IPv4 segments to merge, as one tuple.
+
+    Version/IHL, TOS, fragment field, TTL, protocol, addresses and ports, ack and data offset,
+    window, urgent pointer and options. Left out: lengths, IP ID, checksums, seq and flags.
+    """
+    return struct.Struct(f"!BB4x2sBB2x12s4x5sxH2x{thl - 18}s")
+
+
+_UDP_KEY = struct.Struct("!BB4x2sBB2x12s")
+"""The same for UDP/IPv4: up to the ports; lengths, IP ID and checksums left out."""
 
 
 def coalesce(pkts: list[memoryview]) -> list[IoVec]:
@@ -303,29 +338,26 @@ def coalesce(pkts: list[memoryview]) -> list[IoVec]:
         total = (p[2] << 8) | p[3]
         mss = total - hlen
         flags = p[33]
-        if mss <= 0 or flags & ~_MERGE_OK_FLAGS or flags & _TCP_PSH or i >= n:
+        if mss <= 0 or thl < 20 or flags & ~_MERGE_OK_FLAGS or flags & _TCP_PSH or i >= n:
             out.append([VNET_HDR_NONE, p[:total]])
             continue
-        ident = bytes(p[1:2]) + bytes(p[8:9]) + bytes(p[12:24]) + bytes(p[28:32])
-        rest = bytes(p[34:36]) + bytes(p[38:hlen])
-        next_seq = (int.from_bytes(p[24:28], "big") + mss) & 0xFFFFFFFF
+        key = _tcp_key(thl)
+        unpack_key = key.unpack_from
+        ident = unpack_key(p)
+        next_seq = (_U32.unpack_from(p, 24)[0] + mss) & 0xFFFFFFFF
         iov: IoVec = [b"", b"", p[hlen:total]]
         length = mss
         last_flags = flags
         while i < n:
             q = pkts[i]
-            if q[0] != 0x45 or q[9] != PROTO_TCP or (q[6] & 0x3F) or q[7]:
+            if len(q) < hlen or unpack_key(q) != ident:
                 break
             qflags = q[33]
-            if qflags & ~_MERGE_OK_FLAGS or (q[32] >> 4) << 2 != thl:
+            if qflags & ~_MERGE_OK_FLAGS:
                 break
             qtotal = (q[2] << 8) | q[3]
             qlen = qtotal - hlen
-            if qlen <= 0 or qlen > mss or int.from_bytes(q[24:28], "big") != next_seq:
-                break
-            if bytes(q[1:2]) + bytes(q[8:9]) + bytes(q[12:24]) + bytes(q[28:32]) != ident:
-                break
-            if bytes(q[34:36]) + bytes(q[38:hlen]) != rest:
+            if qlen <= 0 or qlen > mss or _U32.unpack_from(q, 24)[0] != next_seq:
                 break
             iov.append(q[hlen:qtotal])
             length += qlen
@@ -364,16 +396,17 @@ def _coalesce_udp4(pkts: list[memoryview], i: int, out: list[IoVec]) -> int:
     if size <= 0:
         out.append([VNET_HDR_NONE, p[:total]])
         return i
-    ident = bytes(p[1:2]) + bytes(p[8:10]) + bytes(p[12:24])
+    unpack_key = _UDP_KEY.unpack_from
+    ident = unpack_key(p)
     iov: IoVec = [b"", b"", p[28:total]]
     length = size
     while i < n:
         q = pkts[i]
-        if q[0] != 0x45 or (q[6] & 0x3F) or q[7]:
+        if len(q) < 28 or unpack_key(q) != ident:
             break
         qtotal = (q[2] << 8) | q[3]
         qsize = qtotal - 28
-        if qsize <= 0 or qsize > size or bytes(q[1:2]) + bytes(q[8:10]) + bytes(q[12:24]) != ident:
+        if qsize <= 0 or qsize > size:
             break
         iov.append(q[28:qtotal])
         length += qsize

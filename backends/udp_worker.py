@@ -379,7 +379,12 @@ def run_rx(
                     batch.append(pkt[:total])
                     c[4] += total
             c[3] += len(batch)
-            for iov in coalesce(batch):
+            try:
+                writes = coalesce(batch)
+            except Exception:  # a bug must not stop the data path: write them one by one
+                c[6] += 1
+                writes = [[hdr, pkt] for pkt in batch]
+            for iov in writes:
                 try:
                     writev(tun, iov)
                     c[13] += 1
