@@ -590,9 +590,12 @@ class Lab:
         await flannelhost.setup_flannel_device(
             node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
         )
+        # IPMASQ=true as flanneld --ip-masq (kube-flannel) writes it, like the overlayd hosts:
+        # the CNI delegate then keeps container source addresses. (The masquerade rules for
+        # traffic leaving the network are not made here: nothing leaves the lab.)
         env_text = (
             f"FLANNEL_NETWORK={self.state.network}\nFLANNEL_SUBNET={subnet.network_address + 1}"
-            f"/{subnet.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n"
+            f"/{subnet.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
         )
         self.subnet_file(node.index).write_text(env_text)
         await self.sync_flannel_host(node.index)
