@@ -394,3 +394,23 @@ async def test_down_after_up_crashed_with_daemons_running(tmp_path: Path) -> Non
         assert not (root / name).exists()
     finally:
         await Lab(name, state_root=root).down()
+
+
+def test_quick_start_script() -> None:
+    """scripts/lab.sh, the README's quick start: a 3-host vxlan lab, full matrix, left running."""
+    name = f"q{uuid.uuid4().hex[:6]}"
+    repo = Path(__file__).resolve().parent.parent
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LAB_NAME": name}
+    try:
+        out = subprocess.run(
+            [str(repo / "scripts" / "lab.sh")], capture_output=True, text=True, timeout=300,
+            env=env, cwd="/",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "12/12 probes passed" in out.stdout
+        assert f"overlayctl lab status --name {name}" in out.stdout
+        assert f"overlayctl lab down --name {name}" in out.stdout
+        assert len(list_netns(f"ovl-{name}-h")) == 6  # left running: 3 hosts, 3 containers
+    finally:
+        asyncio.run(Lab(name).down())
+    assert list_netns(f"ovl-{name}-") == []
