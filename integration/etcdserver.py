@@ -54,8 +54,11 @@ class EtcdServer:
     client_port: int = 0
     peer_port: int = 0
     name: str = "overlay-test"
+    initial_cluster: str | None = None
+    """For a member of a multi-member cluster: `name1=http://h:p1,name2=...` (peer URLs)."""
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _own_dir: bool = field(default=False, init=False)
+    _log_path: Path = field(default=Path("/dev/null"), init=False)
 
     @property
     def scheme(self) -> str:
@@ -65,7 +68,9 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"{self.scheme}://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> EtcdServer:
+    def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
+        """Start the server; with `wait`, return once it is healthy. A cluster member is healthy
+        only with a quorum: start every member with wait=False, then `wait_ready()` each."""
         if shutil.which(ETCD_BINARY) is None:
             raise EtcdNotFound(
                 "etcd is not installed: run `apt-get install etcd-server etcd-client` "
@@ -87,7 +92,7 @@ class EtcdServer:
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip
@@ -108,7 +113,13 @@ class EtcdServer:
             start_new_session=True,
         )  # fmt: skip
         log.close()
-        self._wait_ready(timeout, log_path)
+        self._log_path = log_path
+        if wait:
+            self._wait_ready(timeout, log_path)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> EtcdServer:
+        self._wait_ready(timeout, self._log_path)
         return self
 
     def _wait_ready(self, timeout: float, log_path: Path) -> None:
