@@ -86,6 +86,7 @@ class Overlayd:
         events: EventPublisher,
         *,
         iptables_prefix: Sequence[str] = (),
+        manager: SubnetManager | None = None,
     ) -> None:
         self.opts = opts
         self.registry = registry
@@ -93,7 +94,9 @@ class Overlayd:
         self.metrics = metrics
         self.events = events
         self.iptables_prefix = tuple(iptables_prefix)
-        self.manager = SubnetManager(registry, renew_margin=opts.subnet_lease_renew_margin * 60.0)
+        self.manager = manager or SubnetManager(
+            registry, renew_margin=opts.subnet_lease_renew_margin * 60.0
+        )
         self.mirror = LeaseMirror(registry)
         self.backend: Backend | None = None
         self.config: NetworkConfig | None = None
