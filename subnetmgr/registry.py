@@ -255,6 +255,8 @@ class EtcdRegistry:
             return expiry
 
         task = asyncio.create_task(lookup())
+        # Retrieve a failure even when every waiter was cancelled (no "never retrieved" noise).
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._lookups[lease_id] = task
         return await asyncio.shield(task)
 
@@ -269,9 +271,9 @@ class EtcdRegistry:
             async with sem:
                 await self._expiration(lease_id)
 
-        async with asyncio.TaskGroup() as tg:
-            for lease_id in missing:
-                tg.create_task(one(lease_id))
+        # gather, not a TaskGroup: a failed lookup raises its RegistryError itself (callers
+        # catch that), not an ExceptionGroup; the other lookups are shielded and finish anyway.
+        await asyncio.gather(*(one(lease_id) for lease_id in missing))
 
     def _decode(
         self, key: bytes, value: bytes, lease_id: int, unknown: float = 0.0

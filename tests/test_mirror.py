@@ -258,3 +258,26 @@ async def test_mirror_without_expiry_lookups_keeps_reservations_apart(
             await rec.wait_for(lambda s: net(3) in s)
             exp = mirror.snapshot[net(3)].expiration  # watched events are looked up
             assert exp is not None and exp < float("inf")
+
+
+async def test_mirror_started_while_etcd_is_down_lists_once_it_is_up(
+    etcd_factory: Callable[..., EtcdServer], etcd_prefix: str
+) -> None:
+    server = etcd_factory()
+    async with registry_for(server, etcd_prefix) as writer:
+        await writer.create_lease(net(1), attrs(1), 600)
+        server.kill()
+        async with registry_for(server, etcd_prefix) as reg:
+            mirror, rec = LeaseMirror(reg), Recorder()
+            task = asyncio.create_task(mirror.run(rec))
+            try:
+                await asyncio.sleep(1.0)  # several failed lists meanwhile
+                assert not mirror.ready.is_set() and not task.done()
+                server.start()
+                await asyncio.wait_for(mirror.ready.wait(), 20)
+                assert set(mirror.snapshot) == {net(1)}
+                await writer.create_lease(net(2), attrs(2), 600)
+                await rec.wait_for(lambda s: net(2) in s)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
