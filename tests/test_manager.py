@@ -252,3 +252,30 @@ async def test_overwritten_own_lease_moves_to_another_subnet(
 def test_manager_rejects_a_margin_not_below_the_ttl() -> None:
     with pytest.raises(ValueError, match="renew margin 100"):
         SubnetManager(None, ttl=100, renew_margin=100)  # type: ignore[arg-type]
+
+
+async def test_keep_rides_out_an_etcd_restart_without_losing_the_lease(
+    etcd_factory: Callable[..., EtcdServer], etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = etcd_factory()
+    opts = EtcdOptions(endpoints=(server.endpoint,), prefix=etcd_prefix, timeout=2)
+    cfg = config("10.72.0.0/16")
+    async with await EtcdRegistry.connect(opts) as reg:
+        mgr = SubnetManager(reg)
+        own = await mgr.acquire(cfg, host(1))
+        task, changes = await keep_running(mgr, cfg, own)
+        try:
+            await asyncio.sleep(0.3)
+            with caplog.at_level(logging.WARNING, logger="overlay.subnetmgr"):
+                server.kill()
+                await asyncio.sleep(1.0)
+                server.start()
+                await asyncio.sleep(1.5)  # keep() reconnects and finds the key still ours
+            assert changes.empty()
+            assert not [r for r in caplog.records if "LOST" in r.getMessage()]
+            # Still watching after the restart: a deletion now is noticed and repaired.
+            assert await reg.delete_lease(own.subnet)
+            new = await asyncio.wait_for(changes.get(), 10)
+            assert new.subnet == own.subnet
+        finally:
+            await stop(task)
