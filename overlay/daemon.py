@@ -472,6 +472,13 @@ async def _main(opts: Options) -> int:
     return await serve(opts, stop)
 
 
+_NOISY = ("aetcd", "grpc", "pyroute2")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith(_NOISY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_options(argv)
     logging.basicConfig(
@@ -479,8 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("aetcd", "grpc", "pyroute2"):  # library chatter, even at debug level
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Library chatter stays out even at debug level (pyroute2 resets its logger's level when
+    # imported, so a filter on our handlers rather than a level on its logger).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack to stderr
     # Not asyncio.run(): its final "cancel everything and wait" would hang on a library task
     # that swallows cancellation; leftovers get a bounded grace period instead.
