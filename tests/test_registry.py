@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -241,8 +242,10 @@ async def test_second_endpoint_takes_over_while_the_first_is_down(
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> object:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+def pki() -> Iterator[object]:
+    """Certificates in a directory of their own, removed afterwards (keys included)."""
+    with tempfile.TemporaryDirectory(prefix="overlay-pki-") as d:
+        yield make_pki(Path(d))
 
 
 async def test_tls_with_client_certificates(
@@ -302,7 +305,7 @@ def _etcdctl(endpoint: str, *args: str) -> None:
 
 
 async def test_username_and_password(
-    etcd_factory: Callable[..., EtcdServer], etcd_prefix: str, tmp_path: Path
+    etcd_factory: Callable[..., EtcdServer], etcd_prefix: str
 ) -> None:
     server = etcd_factory()
     _etcdctl(server.endpoint, "user", "add", "root:rootpw")
