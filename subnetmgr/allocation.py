@@ -79,7 +79,9 @@ def own_leases(
     mine = [
         lease
         for lease in leases
-        if lease.attrs.public_ip == public_ip and config.contains(lease.subnet)
+        if lease.attrs.public_ip == public_ip
+        and config.contains(lease.subnet)
+        and lease.ipv6_subnet is None  # a dual-stack lease does not fit: we acquire IPv4 only
     ]
     return sorted(mine, key=lambda lease: (not lease.reserved, int(lease.subnet.network_address)))
 

@@ -399,7 +399,7 @@ class EtcdRegistry:
         these attrs (else only its PublicIP must match `lease`'s). A reservation stays one.
         Returns the new lease, or None and why not.
         """
-        key = self.key(lease.subnet)
+        key = self._subnets + lease.key.encode()  # a dual-stack key names both subnets
         resp = await self._range(key)
         if not resp.kvs:
             return None, "the key is gone"

@@ -141,3 +141,12 @@ def test_choose_out_of_subnets() -> None:
     c = config("10.1.0.0/22")
     full = [lease("10.1.1.0/24"), lease("10.1.2.0/24"), lease("10.1.3.0/24", reserved=True)]
     assert choose(c, full, ME) is None
+
+
+def test_choose_skips_a_dual_stack_lease_of_ours() -> None:
+    from ipaddress import IPv6Network
+
+    dual = Lease(IPv4Network("10.1.7.0/24"), LeaseAttrs(ME), IPv6Network("fd00:1::/64"), 1e12)
+    choice = choose(config(), [dual], ME, rng=random.Random(4))
+    assert choice is not None and choice.reason == "random"
+    assert not choice.subnet.overlaps(dual.subnet)

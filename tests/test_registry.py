@@ -363,3 +363,16 @@ async def test_list_without_expirations_still_tells_leases_from_reservations(
 def raw_client_for(registry: EtcdRegistry) -> aetcd.Client:
     host, port = registry.opts.endpoints[0].rsplit("//", 1)[1].rsplit(":", 1)
     return aetcd.Client(host=host, port=int(port), timeout=5)
+
+
+async def test_dual_stack_keys_from_flannel_are_read(
+    registry: EtcdRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    value = b'{"PublicIP":"10.0.0.12","PublicIPv6":"fd00::12","BackendType":"vxlan"}'
+    await raw.put(f"{etcd_prefix}/subnets/10.12.13.0-24&fd00:12:13::-56".encode(), value)
+    (lease,), _ = await registry.list_leases()
+    assert lease.subnet == IPv4Network("10.12.13.0/24")
+    assert str(lease.ipv6_subnet) == "fd00:12:13::/56"
+    assert str(lease.attrs.public_ipv6) == "fd00::12"
+    assert lease.key == "10.12.13.0-24&fd00:12:13::-56"
+    assert lease.attrs.to_json().encode() == value
