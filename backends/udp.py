@@ -44,6 +44,8 @@ ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 ACCEPTED_TYPES = frozenset({"", "udp"})
 """Flannel's udp backend writes no BackendType; we accept that and an explicit "udp"."""
 
+ROLES = ("tx", "rx")
+"""One worker process per direction; its index is its stats slot."""
 NETLINK_TIMEOUT = 5.0
 APPLY_TIMEOUT = 5.0
 SOCKET_BUFFER = 4 << 20
@@ -160,6 +162,7 @@ class UdpBackend:
             log.info("udp backend: %d peers (+%d -%d)", len(table), len(added), len(removed))
         self._peers = table
         if self._workers:
+            await self._revive()
             await self._send_table()
 
     async def close(self) -> None:
@@ -298,39 +301,59 @@ class UdpBackend:
             ) from None
 
     async def _start_workers(self) -> None:
-        assert self._tun is not None and self._sock is not None
         self._stats_fd = os.memfd_create("overlay-udp-stats", os.MFD_CLOEXEC)
-        size = 2 * udp_worker.SLOT_WORDS * 8
+        size = len(ROLES) * udp_worker.SLOT_WORDS * 8
         os.ftruncate(self._stats_fd, size)
         self._stats = mmap.mmap(self._stats_fd, size)
         self._words = memoryview(self._stats).cast("Q")
+        for slot in range(len(ROLES)):
+            self._workers.append(await self._spawn(slot))
+
+    async def _spawn(self, slot: int) -> tuple[asyncio.subprocess.Process, socket.socket]:
+        assert self._tun is not None and self._sock is not None and self._stats_fd is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        fds = (self._tun, self._sock.fileno(), theirs.fileno(), self._stats_fd)
+        args = [
+            "--role", ROLES[slot],
+            "--tun", str(fds[0]),
+            "--sock", str(fds[1]),
+            "--ctl", str(fds[2]),
+            "--stats", str(fds[3]),
+            "--slot", str(slot),
+            "--mtu", str(self.mtu),
+        ]  # fmt: skip
         opts = self.options
-        for slot, role in enumerate(("tx", "rx")):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            ours.setblocking(False)
-            fds = (self._tun, self._sock.fileno(), theirs.fileno(), self._stats_fd)
-            args = [
-                "--role", role,
-                "--tun", str(fds[0]),
-                "--sock", str(fds[1]),
-                "--ctl", str(fds[2]),
-                "--stats", str(fds[3]),
-                "--slot", str(slot),
-                "--mtu", str(self.mtu),
-            ]  # fmt: skip
-            if opts.vnet_hdr:
-                args.append("--vnet")
-            if opts.udp_segment:
-                args.append("--gso")
-            if opts.udp_gro:
-                args.append("--gro")
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "backends.udp_worker", *args, pass_fds=fds
-                )
-            finally:
-                theirs.close()
-            self._workers.append((proc, ours))
+        if opts.vnet_hdr:
+            args.append("--vnet")
+        if opts.udp_segment:
+            args.append("--gso")
+        if opts.udp_gro:
+            args.append("--gro")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "backends.udp_worker", *args, pass_fds=fds
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return proc, ours
+
+    async def _revive(self) -> None:
+        """Restart any worker that died (a bug, an OOM kill): the next reconcile heals the loop."""
+        for slot, (proc, ctl) in enumerate(self._workers):
+            if proc.returncode is None:
+                continue
+            log.error(
+                "udp backend: %s worker (pid %d) exited with %s; restarting it",
+                ROLES[slot],
+                proc.pid,
+                proc.returncode,
+            )
+            ctl.close()
+            self._workers[slot] = await self._spawn(slot)
 
     async def _send_table(self) -> None:
         self._gen += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -501,3 +502,18 @@ def test_peer_table_updates_apply_without_restarting_the_loop(lab: Lab) -> None:
         lab.default_peers()
     assert tcp_probe(lab.ca, lab.cb, CB, 5010) == f"{CA} 101"
     assert (lab.a.pids(), lab.b.pids()) == (pids_a, pids_b)
+
+
+def test_a_dead_worker_is_restarted_by_the_next_reconcile(lab: Lab) -> None:
+    tx, rx = lab.b.pids()
+    os.kill(rx, signal.SIGKILL)  # a worker this test's driver started, by its pid
+    for _ in range(100):
+        if not lab.b.command({"counters": True})["running"]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the driver did not notice its rx worker died")
+    lab.default_peers()  # reconcile: revives the rx worker and hands it the table
+    new_tx, new_rx = lab.b.pids()
+    assert new_tx == tx and new_rx != rx
+    assert tcp_probe(lab.ca, lab.cb, CB, 5011, size=100_000) == f"{CA} 100001"
