@@ -23,13 +23,16 @@ TUN_F_TSO4 = 0x02
 IFNAMSIZ = 16
 
 
-def open_tun(name: str, *, vnet_hdr: bool = False, multi_queue: bool = False) -> int:
+def open_tun(
+    name: str, *, vnet_hdr: bool = False, tso: bool = True, multi_queue: bool = False
+) -> int:
     """Create (or attach to) the TUN device `name` and return its file descriptor.
 
     Always IFF_TUN | IFF_NO_PI (raw IP packets, as flannel). With `vnet_hdr` every read and write
     starts with a 10-byte virtio_net_hdr and the kernel may hand over TCP/IPv4 TSO super-packets
-    with partial checksums (TUN_F_CSUM | TUN_F_TSO4). The device is not persistent: it goes away
-    when the last descriptor on it is closed.
+    with partial checksums (TUN_F_CSUM | TUN_F_TSO4); with `tso` False the header is there but
+    the kernel segments and checksums everything itself before handing it over. The device is
+    not persistent: it goes away when the last descriptor on it is closed.
     """
     if not name or len(name) >= IFNAMSIZ:
         raise BackendError(f"TUN device name {name!r} must be 1..15 characters")
@@ -48,7 +51,7 @@ def open_tun(name: str, *, vnet_hdr: bool = False, multi_queue: bool = False) ->
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
         if vnet_hdr:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 10))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 if tso else 0)
     except OSError as e:
         os.close(fd)
         raise BackendError(

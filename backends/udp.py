@@ -58,7 +58,9 @@ class LoopOptions:
     """How the packet loop moves packets (all on by default; measured in bench/bench_udp.py)."""
 
     vnet_hdr: bool = True
-    """TUN offloads: read 64 KiB TSO super-packets and segment them in userspace."""
+    """TUN offloads: virtio_net_hdr on every read and write; GSO writes of coalesced packets."""
+    tso: bool = True
+    """With vnet_hdr: read 64 KiB TSO super-packets and segment them here (else the kernel does)."""
     udp_segment: bool = True
     """Send a super-packet's segments with one sendmsg (UDP_SEGMENT); needs vnet_hdr to matter."""
     udp_gro: bool = True
@@ -120,7 +122,7 @@ class UdpBackend:
                 f"flannel0 needs at least {68 + ENCAP_OVERHEAD}"
             )
         if self._tun is None:
-            self._tun = open_tun(self.device, vnet_hdr=self.options.vnet_hdr)
+            self._tun = open_tun(self.device, vnet_hdr=self.options.vnet_hdr, tso=self.options.tso)
             self._sock = self._bind()
         await self._configure_link()
         return BackendAttrs("")

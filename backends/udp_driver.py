@@ -53,7 +53,10 @@ async def amain(args: argparse.Namespace) -> None:
         LoopOptions(vnet_hdr=False, udp_segment=False, udp_gro=False)
         if args.plain
         else LoopOptions(
-            vnet_hdr=not args.no_vnet, udp_segment=not args.no_gso, udp_gro=not args.no_gro
+            vnet_hdr=not args.no_vnet,
+            tso=not args.no_tso,
+            udp_segment=not args.no_gso,
+            udp_gro=not args.no_gro,
         )
     )
     backend = UdpBackend(config, ext, options=options)
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--plain", action="store_true", help="no offloads: one packet per call")
     parser.add_argument("--no-vnet", action="store_true")
+    parser.add_argument("--no-tso", action="store_true")
     parser.add_argument("--no-gso", action="store_true")
     parser.add_argument("--no-gro", action="store_true")
     asyncio.run(amain(parser.parse_args()))

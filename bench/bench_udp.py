@@ -11,6 +11,7 @@ and iperf3 measures, from A to B:
 Data paths:
   ours        UdpBackend with its default loop options: TUN offloads (TSO super-packets cut in
               Python, GSO writes into the TUN device), UDP_SEGMENT sends, UDP_GRO receives
+  ours-notso  as ours, but the kernel segments TCP before the TUN device (one packet per read)
   ours-batch  no TUN offloads (the kernel cuts TSO before the TUN device, one packet per TUN
               read and write), but UDP_SEGMENT batches and UDP_GRO
   ours-vnet   TUN offloads and UDP_GRO, but one sendmsg per packet (no UDP_SEGMENT)
@@ -46,6 +47,7 @@ A_ADDR, B_ADDR = "10.99.1.0", "10.99.2.0"
 
 DRIVER_FLAGS = {
     "ours": [],
+    "ours-notso": ["--no-tso"],
     "ours-batch": ["--no-vnet"],
     "ours-vnet": ["--no-gso"],
     "ours-gro": ["--no-vnet", "--no-gso"],
