@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -14,14 +15,52 @@ import pytest
 from cni.install import (
     CONFLIST_NAME,
     InstallError,
+    check_launcher,
     find_interpreter,
     install_cni,
     is_elf,
+    launcher_module_id,
+    launcher_text,
+    plugin_text,
     register,
 )
 
 
-def test_installs_an_executable_plugin_with_an_elf_interpreter(tmp_path: Path) -> None:
+def interpreter_facts(interpreter: str) -> tuple[bytes, str]:
+    """The interpreter's own bytecode magic number and cache tag, asked of it."""
+    out = subprocess.run(
+        [interpreter, "-IS", "-c", PRINT_MAGIC],
+        capture_output=True,
+        timeout=30,
+        check=True,
+        text=True,
+    ).stdout.split()
+    return bytes.fromhex(out[0]), out[1]
+
+
+PRINT_MAGIC = (
+    "import importlib.util, sys\n"
+    "print(importlib.util.MAGIC_NUMBER.hex(), sys.implementation.cache_tag)\n"
+)
+
+
+def run_version(plugin: Path) -> subprocess.CompletedProcess[bytes]:
+    """Exec the plugin directly, through its interpreter line, with an empty environment."""
+    return subprocess.run(
+        [str(plugin)],
+        input=b"{}",
+        env={"CNI_COMMAND": "VERSION"},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def module_dirs(bin_dir: Path) -> set[str]:
+    return {p.name for p in (bin_dir / ".flannel").iterdir()}
+
+
+def test_installs_a_launcher_and_the_byte_compiled_plugin(tmp_path: Path) -> None:
     result = install_cni(tmp_path / "bin", tmp_path / "net.d", force=False)
     plugin = tmp_path / "bin" / "flannel"
     assert result.plugin == plugin
@@ -29,21 +68,104 @@ def test_installs_an_executable_plugin_with_an_elf_interpreter(tmp_path: Path) -
     first = plugin.read_text().splitlines()[0]
     assert first.startswith("#!") and first.endswith(" -IS")
     interpreter = first[2:].split()[0]
+    assert interpreter == result.interpreter
     assert is_elf(os.path.realpath(interpreter)), interpreter
     assert ".venv" not in interpreter and "pyenv" not in interpreter
-    # The body is cni/flannel.py itself.
-    source = (Path(__file__).parent.parent / "cni" / "flannel.py").read_text()
-    assert plugin.read_text().split("\n", 1)[1] == source.split("\n", 1)[1]
-    # Exec'd directly, through its interpreter line, with an empty environment.
-    proc = subprocess.run(
-        [str(plugin)],
+    # The launcher is a few lines; the code is cni/flannel.py itself, in the private dir.
+    assert len(plugin.read_text().splitlines()) < 25
+    source = (Path(__file__).parent.parent / "cni" / "flannel.py").read_bytes()
+    assert result.module.parent.parent == tmp_path / "bin" / ".flannel"
+    assert result.module.read_bytes() == source
+    assert stat.S_IMODE(result.module.stat().st_mode) == 0o644
+    # The bytecode is the launcher's interpreter's: its cache tag and magic number.
+    magic, tag = interpreter_facts(interpreter)
+    assert result.bytecode == result.module.parent / "__pycache__" / f"flannel.{tag}.pyc"
+    assert result.bytecode.read_bytes()[:4] == magic
+    proc = run_version(plugin)
+    assert proc.returncode == 0, proc
+    assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
+    # The exec'd plugin's code comes from that bytecode, not from compiling the source.
+    verbose = subprocess.run(
+        [interpreter, "-IS", "-B", "-v", str(plugin)],
         input=b"{}",
         env={"CNI_COMMAND": "VERSION"},
         capture_output=True,
         timeout=30,
         check=True,
-    )
-    assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
+    ).stderr.decode()
+    assert f"# code object from '{result.bytecode}'" in verbose
+    assert f"# code object from {result.module}" not in verbose
+    # Nothing else was left in the bin dir (no temp files).
+    assert {p.name for p in (tmp_path / "bin").iterdir()} == {"flannel", ".flannel"}
+
+
+def test_a_reinstall_swaps_the_launcher_and_keeps_only_the_previous_code(tmp_path: Path) -> None:
+    bins = tmp_path / "bin"
+    first = install_cni(bins, tmp_path / "net.d", force=False)
+    old_launcher = (bins / "flannel").stat().st_ino
+    second = install_cni(bins, tmp_path / "net.d", force=False)
+    assert second.module != first.module
+    assert (bins / "flannel").stat().st_ino != old_launcher  # replaced by rename, not rewritten
+    # The old launcher's code stays for execs already under way.
+    assert module_dirs(bins) == {first.module.parent.name, second.module.parent.name}
+    third = install_cni(bins, tmp_path / "net.d", force=False)
+    assert module_dirs(bins) == {second.module.parent.name, third.module.parent.name}
+    assert third.module.parent.name in (bins / "flannel").read_text()
+    assert run_version(bins / "flannel").returncode == 0
+    assert {p.name for p in bins.iterdir()} == {"flannel", ".flannel"}
+
+
+def test_a_failed_install_leaves_the_working_plugin_alone(tmp_path: Path) -> None:
+    bins = tmp_path / "bin"
+    good = install_cni(bins, tmp_path / "net.d", force=False)
+    launcher = (bins / "flannel").read_bytes()
+    # /bin/true is an ELF binary, so it passes the interpreter check, but compiles nothing.
+    with pytest.raises(InstallError, match="did not byte-compile"):
+        install_cni(bins, tmp_path / "net.d", force=False, interpreter="/bin/true")
+    assert (bins / "flannel").read_bytes() == launcher
+    assert module_dirs(bins) == {good.module.parent.name}
+    assert {p.name for p in bins.iterdir()} == {"flannel", ".flannel"}
+    assert run_version(bins / "flannel").returncode == 0
+
+
+def test_check_launcher_notices_bytecode_the_interpreter_would_not_use(tmp_path: Path) -> None:
+    result = install_cni(tmp_path / "bin", tmp_path / "net.d", force=False)
+    check_launcher(result.interpreter, result.plugin, result.bytecode)  # as installed: fine
+    pyc = result.bytecode.read_bytes()
+    st = result.module.stat()
+    os.utime(result.module, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # now stale
+    with pytest.raises(InstallError, match="does not load the plugin from its bytecode"):
+        check_launcher(result.interpreter, result.plugin, result.bytecode)
+    assert result.bytecode.read_bytes() == pyc  # the check itself wrote nothing
+
+
+def test_the_launcher_works_through_a_symlink_and_reports_missing_code(tmp_path: Path) -> None:
+    result = install_cni(tmp_path / "bin", tmp_path / "net.d", force=False)
+    link = tmp_path / "elsewhere" / "flannel"
+    link.parent.mkdir()
+    link.symlink_to(result.plugin)
+    assert run_version(link).returncode == 0
+    shutil.rmtree(result.module.parent)
+    proc = run_version(result.plugin)
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)
+    assert error["code"] == 104 and "install-cni" in error["msg"], error
+
+
+def test_launcher_module_id_reads_back_what_launcher_text_wrote() -> None:
+    assert launcher_module_id(launcher_text("/usr/bin/python3", "0123abcd-ef")) == "0123abcd-ef"
+    assert launcher_module_id("#!/usr/bin/python3 -IS\nprint('not ours')\n") is None
+    with pytest.raises(ValueError):
+        launcher_text("/usr/bin/python3", '../x", "y')
+
+
+def test_the_single_file_plugin_still_runs(tmp_path: Path) -> None:
+    """plugin_text() (the plugin as one script, used by the lab) stays a working plugin."""
+    plugin = tmp_path / "flannel"
+    plugin.write_text(plugin_text(find_interpreter()))
+    plugin.chmod(0o755)
+    proc = run_version(plugin)
+    assert proc.returncode == 0 and "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
 
 
 def test_default_conflist_is_the_kubernetes_one(tmp_path: Path) -> None:
