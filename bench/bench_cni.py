@@ -3,14 +3,17 @@
 Variants, interleaved in one run (every round runs each variant once, in a rotating order):
   bare      /usr/lib/cni/bridge (+ host-local) called directly with the delegate conf that the
             flannel plugin would build: the floor.
-  flannel   the plugin as `overlayctl install-cni` installs it (#!/usr/bin/python3 -IS).
-  no-IS     the same file with a plain `#!/usr/bin/python3` line (site and env processing on),
-            to show what the interpreter flags buy.
+  flannel   the plugin as `overlayctl install-cni` installs it: a launcher
+            (#!/usr/bin/python3 -IS) importing cni/flannel.py from its bytecode, compiled at
+            install time in <bin>/.flannel/<id>/.
+  single    the previous install: cni/flannel.py itself as the plugin, with the same
+            interpreter line (a script run directly is compiled on every exec).
 
 Every call is a real ADD into its own network namespace (a fresh veth on a real bridge, an
 address from host-local) followed by its DEL. The run happens inside a throwaway host namespace,
-so the bridge and any rule die with it. Also printed: interpreter start-up and the plugin's
-import profile (`python -X importtime`), i.e. where the plugin's own time goes.
+so the bridge and any rule die with it. Also printed: interpreter start-up, VERSION (start-up
++ loading the plugin, no delegate) for both installs, and the plugin's import profile
+(`python -X importtime`), i.e. where the plugin's own time goes.
 
     .venv/bin/python bench/bench_cni.py              # N=50 rounds
     .venv/bin/python bench/bench_cni.py --rounds 100 --json
@@ -37,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cni.flannel import build_delegate, json_dumps, parse_conf, parse_subnet_env
-from cni.install import install_cni
+from cni.install import install_cni, plugin_text
 
 REFERENCE = Path("/usr/lib/cni")
 SUBNET_ENV = (
@@ -77,7 +80,7 @@ def inner(args: argparse.Namespace) -> None:
     """Runs inside the host namespace: time every variant, print a JSON report on stdout."""
     work = Path(args.work)
     plugin = work / "bin" / "flannel"
-    plain = work / "bin-plain" / "flannel"
+    single = work / "bin-single" / "flannel"
     conf: dict[str, Any] = {
         "cniVersion": "1.0.0",
         "name": "benchnet",
@@ -92,7 +95,7 @@ def inner(args: argparse.Namespace) -> None:
     variants = {
         "bare": ([str(REFERENCE / "bridge")], json_dumps(delegate).encode()),
         "flannel": ([str(plugin)], json.dumps(conf).encode()),
-        "no-IS": ([str(plain)], json.dumps(conf).encode()),
+        "single": ([str(single)], json.dumps(conf).encode()),
     }
     names = list(variants)
     times: dict[str, dict[str, list[float]]] = {n: {"ADD": [], "DEL": []} for n in names}
@@ -118,10 +121,11 @@ def inner(args: argparse.Namespace) -> None:
     # Where the plugin's own time goes.
     interp = plugin.read_text().splitlines()[0][2:].split()
     startup = [timed_exec([*interp, "-c", "pass"], base_env, b"") for _ in range(args.rounds)]
-    version = [
-        timed_exec([str(plugin)], dict(base_env, CNI_COMMAND="VERSION"), b"{}")
-        for _ in range(args.rounds)
-    ]
+    version: dict[str, list[float]] = {"flannel": [], "single": []}
+    for _ in range(args.rounds):
+        for name, exe in (("flannel", plugin), ("single", single)):
+            env = dict(base_env, CNI_COMMAND="VERSION")
+            version[name].append(timed_exec([str(exe)], env, b"{}"))
     profile = subprocess.run(
         [*interp, "-X", "importtime", str(plugin)],
         input=b"{}",
@@ -136,11 +140,11 @@ def inner(args: argparse.Namespace) -> None:
             _, cumulative, module = (p.strip() for p in line[len("import time:") :].split("|"))
             if not module.startswith(" "):
                 imports.append((module.strip(), int(cumulative)))
-    source = plugin.read_text()
+    source = single.read_text()
     compile_ms = []
     for _ in range(20):
         start = time.perf_counter()
-        compile(source, str(plugin), "exec")
+        compile(source, str(single), "exec")
         compile_ms.append((time.perf_counter() - start) * 1000)
     report = {
         "compile_ms": min(compile_ms),
@@ -164,31 +168,37 @@ def summarize(report: dict[str, Any]) -> str:
         f"(plugin interpreter: {report['interpreter']})",
         f"(load average before/after: {report['load_before']} / {report['load_after']})",
         f"{'variant':10} {'ADD p50':>9} {'ADD p90':>9} {'ADD min':>9} {'DEL p50':>9} "
-        f"{'DEL p90':>9} {'DEL min':>9} {'ADD p50 vs bare':>16}",
+        f"{'DEL p90':>9} {'DEL min':>9} {'ADD p50 vs bare':>16} {'added ADD/DEL p50':>18}",
     ]
     bare_add = statistics.median(times["bare"]["ADD"])
+    bare_del = statistics.median(times["bare"]["DEL"])
     for name, per in times.items():
         add, dele = per["ADD"], per["DEL"]
+        add50, del50 = statistics.median(add), statistics.median(dele)
         lines.append(
-            f"{name:10} {statistics.median(add):7.1f}ms {percentile(add, 0.9):7.1f}ms "
-            f"{min(add):7.1f}ms {statistics.median(dele):7.1f}ms "
+            f"{name:10} {add50:7.1f}ms {percentile(add, 0.9):7.1f}ms "
+            f"{min(add):7.1f}ms {del50:7.1f}ms "
             f"{percentile(dele, 0.9):7.1f}ms {min(dele):7.1f}ms "
-            f"{statistics.median(add) / bare_add:15.2f}x"
+            f"{add50 / bare_add:15.2f}x "
+            f"{add50 - bare_add:+8.1f} /{del50 - bare_del:+6.1f} ms"
         )
-    flannel_add = statistics.median(times["flannel"]["ADD"])
-    flannel_del = statistics.median(times["flannel"]["DEL"])
-    bare_del = statistics.median(times["bare"]["DEL"])
-    lines.append(
-        f"flannel adds {flannel_add - bare_add:.1f} ms to the ADD median and "
-        f"{flannel_del - bare_del:.1f} ms to the DEL median"
-    )
+    for name in ("flannel", "single"):
+        add = statistics.median(times[name]["ADD"])
+        dele = statistics.median(times[name]["DEL"])
+        lines.append(
+            f"{name} adds {add - bare_add:.1f} ms to the ADD median and "
+            f"{dele - bare_del:.1f} ms to the DEL median"
+        )
+    version = report["version_ms"]
     lines.append(
         f"interpreter start-up ({report['interpreter']} -c pass): "
         f"p50 {statistics.median(report['startup_ms']):.1f} ms "
         f"(min {min(report['startup_ms']):.1f}); "
-        f"plugin VERSION (start-up + compile + imports + answer): "
-        f"p50 {statistics.median(report['version_ms']):.1f} ms "
-        f"(min {min(report['version_ms']):.1f}); "
+        f"plugin VERSION (start-up + loading the plugin + answer): "
+        f"flannel p50 {statistics.median(version['flannel']):.1f} ms "
+        f"(min {min(version['flannel']):.1f}), "
+        f"single p50 {statistics.median(version['single']):.1f} ms "
+        f"(min {min(version['single']):.1f}); "
         f"compiling the plugin's source: min {report['compile_ms']:.1f} ms"
     )
     lines.append(
@@ -228,12 +238,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-cni-"))
     made: list[str] = []
     try:
-        install_cni(work / "bin", work / "net.d", force=False)
-        install_cni(work / "bin-plain", work / "net.d-plain", force=False)
-        plain = work / "bin-plain" / "flannel"
-        body = plain.read_text().split("\n", 1)[1]
-        first = plain.read_text().splitlines()[0].split()[0]
-        plain.write_text(f"{first}\n{body}")
+        installed = install_cni(work / "bin", work / "net.d", force=False)
+        single = work / "bin-single" / "flannel"
+        single.parent.mkdir()
+        single.write_text(plugin_text(installed.interpreter))  # the old one-file install
+        single.chmod(0o755)
         (work / "subnet.env").write_text(SUBNET_ENV)
         for ns in [host, *spaces]:
             sh("ip", "netns", "add", ns)
