@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from backends.base import BackendAttrs, ExternalInterface
 from subnetmgr.model import Lease, NetworkConfig, Subnet
@@ -21,8 +21,10 @@ class AllocBackend:
     async def start(self, own: Lease) -> int:
         return self.ext.mtu
 
-    async def reconcile(self, peers: Mapping[Subnet, Lease]) -> None:
-        return None
+    async def reconcile(
+        self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None = None
+    ) -> None:
+        return None  # no data path: nothing to program, full pass or not
 
     async def close(self) -> None:
         return None

@@ -7,8 +7,15 @@ in two phases so that the backend never needs the subnet manager:
    (BackendType and BackendData, e.g. the VTEP MAC);
 2. the daemon acquires the lease with those attributes, then calls `start(own)`, which addresses
    the device for our subnet and returns the MTU for subnet.env;
-3. `reconcile(peers)` is called with the whole desired set of remote leases (other hosts only)
-   after every change and periodically; it makes the kernel match, idempotently.
+3. `reconcile(peers, changed)` is called with the whole desired set of remote leases (other
+   hosts only) after every change and periodically; it makes the kernel match, idempotently.
+   `changed=None` asks for a full pass: read everything the backend owns in the kernel and fix
+   any difference (the daemon does this on start, periodically and after an error). A
+   collection of subnets says that only the entries of those subnets may differ from the
+   previous call (the lease events since then): the backend reads and fixes only those, so an
+   event costs the same with 10,000 leases as with one, and the result for those subnets is
+   the one a full pass would give. Entries of other subnets are left for the next full pass,
+   even when they are wrong. A backend whose work is cheap anyway may treat it as a full pass.
 
 `close()` stops any loops the backend runs but leaves kernel state in place, so a restarted
 daemon does not cut traffic.
@@ -16,7 +23,7 @@ daemon does not cut traffic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any, Protocol
@@ -57,7 +64,9 @@ class Backend(Protocol):
 
     async def start(self, own: Lease) -> int: ...
 
-    async def reconcile(self, peers: Mapping[Subnet, Lease]) -> None: ...
+    async def reconcile(
+        self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None = None
+    ) -> None: ...
 
     async def close(self) -> None: ...
 

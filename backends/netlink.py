@@ -69,6 +69,7 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
 RTNH_F_ONLINK = 0x4
+RTM_F_FIB_MATCH = 0x2000
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NDMSG = struct.Struct("=BxxxiHBB")
@@ -237,6 +238,33 @@ def route_delete(route: Route) -> Request:
     if route.priority is not None:
         body += _attr(RTA_PRIORITY, _U32.pack(route.priority))
     return Request(RTM_DELROUTE, 0, body, f"route {route.dst} via {route.gateway} (delete)")
+
+
+# Targeted reads: one answer per request (the entry, or an error such as ENOENT), see query().
+
+
+def neigh_get(ifindex: int, dst: IPv4Address) -> Request:
+    """The neighbour entry for `dst` on one device (`ip neigh get DST dev DEV`)."""
+    body = _NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0) + _attr(NDA_DST, dst.packed)
+    return Request(RTM_GETNEIGH, 0, body, f"neighbour {dst} (get)")
+
+
+def fdb_get(ifindex: int, mac: str) -> Request:
+    """The FDB entry of a MAC on a vxlan device (`bridge fdb get MAC dev DEV self`).
+
+    The kernel answers with the entry's first destination only; see the vxlan backend for how
+    an entry with several destinations is handled."""
+    body = _NDMSG.pack(AF_BRIDGE, ifindex, 0, NTF_SELF, 0) + _attr(NDA_LLADDR, mac_bytes(mac))
+    return Request(RTM_GETNEIGH, 0, body, f"fdb {mac} (get)")
+
+
+def route_get(dst: IPv4Address) -> Request:
+    """The routing table entry a lookup of `dst` matches (`ip route get fibmatch DST`): the
+    most specific prefix, and among routes to that prefix the one with the lowest metric."""
+    body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH) + _attr(
+        RTA_DST, dst.packed
+    )
+    return Request(RTM_GETROUTE, 0, body, f"route get fibmatch {dst}")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -446,6 +474,50 @@ class RtnlSocket:
                     result.failed.append((by_seq[seq], code))
                 if seq == last_seq:
                     done = True
+
+    # ----------------------------------------------------------------------- targeted reads
+
+    async def query(
+        self, requests: list[Request], batch_size: int = BATCH_SIZE
+    ) -> list[memoryview | int]:
+        """Send GET requests (not dumps) in batches; per request, in order, the payload of the
+        kernel's answer or the errno it refused with (ENOENT: no such entry).
+
+        Each GET gets exactly one answer, so the cost is one send and a few reads per batch,
+        whatever the size of the tables: this is how a reconcile reads only what changed.
+        """
+        out: list[memoryview | int] = []
+        for first in range(0, len(requests), batch_size):
+            out.extend(await self._query_batch(requests[first : first + batch_size]))
+            if first + batch_size < len(requests):
+                await asyncio.sleep(0)
+        return out
+
+    async def _query_batch(self, batch: list[Request]) -> list[memoryview | int]:
+        slot: dict[int, int] = {}
+        parts: list[bytes] = []
+        for i, req in enumerate(batch):
+            seq = self._next_seq()
+            slot[seq] = i
+            parts.append(
+                _NLMSGHDR.pack(16 + len(req.body), req.type, NLM_F_REQUEST | req.flags, seq, 0)
+            )
+            parts.append(req.body)
+        self._sock.send(b"".join(parts))
+        answers: list[memoryview | int | None] = [None] * len(batch)
+        pending = len(batch)
+        while pending:
+            data = memoryview(bytes(await self._recv()))  # the buffer is reused: copy
+            for kind, _flags, seq, payload in _messages(data):
+                if seq not in slot:
+                    continue  # a late answer to an earlier request of this socket
+                i = slot.pop(seq)
+                pending -= 1
+                if kind == NLMSG_ERROR:  # a refusal (an ack, 0, would mean "no entry" too)
+                    answers[i] = -_ERR.unpack_from(payload, 0)[0]
+                else:
+                    answers[i] = payload
+        return [a if a is not None else errno.ENOENT for a in answers]
 
     # ----------------------------------------------------------------------- dumps
 

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
@@ -202,68 +202,125 @@ def desired_peers(
 
 
 @dataclass
+class DesiredIndex:
+    """The desired peers, indexed by the kernel keys they own: the neighbour's address and the
+    FDB entry's MAC. Two leases may share one (a host that re-acquired another subnet keeps its
+    VtepMAC and PublicIP while its old lease lives on): an entry stays while any peer wants it.
+    """
+
+    peers: dict[IPv4Network, Peer] = field(default_factory=dict)
+    by_addr: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
+    by_mac: dict[str, set[IPv4Network]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, desired: Mapping[IPv4Network, Peer]) -> DesiredIndex:
+        index = cls()
+        for subnet, peer in desired.items():
+            index.put(subnet, peer)
+        return index
+
+    def put(self, subnet: IPv4Network, peer: Peer | None) -> None:
+        """Record `peer` as the desired state of `subnet` (None: nothing wanted)."""
+        old = self.peers.pop(subnet, None)
+        if old is not None and not old.direct:
+            _discard(self.by_addr, subnet.network_address, subnet)
+            _discard(self.by_mac, old.vtep_mac, subnet)
+        if peer is None:
+            return
+        self.peers[subnet] = peer
+        if not peer.direct:
+            self.by_addr.setdefault(subnet.network_address, set()).add(subnet)
+            self.by_mac.setdefault(peer.vtep_mac, set()).add(subnet)
+
+    def want_neigh(self, addr: IPv4Address) -> str | None:
+        """The MAC the neighbour at `addr` must have, or None when no peer wants one."""
+        users = self.by_addr.get(addr)
+        return self.peers[min(users)].vtep_mac if users else None
+
+    def want_fdb(self, mac: str) -> set[IPv4Address]:
+        """The destinations the FDB entry of `mac` must have."""
+        return {self.peers[s].public_ip for s in self.by_mac.get(mac, ())}
+
+
+def _discard(
+    index: dict[Any, set[IPv4Network]], key: IPv4Address | str, subnet: IPv4Network
+) -> None:
+    users = index.get(key)
+    if users is not None:
+        users.discard(subnet)
+        if not users:
+            del index[key]
+
+
+@dataclass
 class Plan:
     """The requests that make the kernel match, and what they are (for logs and tests)."""
 
     adds: list[nl.Request] = field(default_factory=list)
     deletes: list[nl.Request] = field(default_factory=list)
+    route_deletes: list[tuple[nl.Request, IPv4Network]] = field(default_factory=list)
+    """The route deletes again, with their destination (an incremental pass looks again)."""
+    fdb_deletes: list[tuple[nl.Request, str]] = field(default_factory=list)
+    """The FDB deletes again, with their MAC (an incremental pass looks again)."""
 
     def __len__(self) -> int:
         return len(self.adds) + len(self.deletes)
 
 
-def plan(
+def plan_neighbours(
+    want: Mapping[IPv4Address, str], neighbours: list[nl.Neighbour], vx_index: int
+) -> tuple[list[nl.Request], list[nl.Request]]:
+    """Neighbours keyed by the remote subnet's network address: (replaces, deletes).
+
+    `neighbours` are the kernel's entries for the keys considered; ours are the permanent ones on
+    the vxlan device."""
+    adds: list[nl.Request] = []
+    deletes: list[nl.Request] = []
+    have = {n.dst: n for n in neighbours if n.ifindex == vx_index}
+    for dst, mac in want.items():
+        cur = have.get(dst)
+        if cur is None or cur.lladdr != mac or not cur.permanent:
+            adds.append(nl.neigh_replace(vx_index, dst, mac))
+    for dst, cur in have.items():
+        if dst not in want and cur.permanent:
+            deletes.append(nl.neigh_delete(vx_index, dst))
+    return adds, deletes
+
+
+def plan_fdb(
+    want: set[tuple[str, IPv4Address]], fdb: list[nl.FdbEntry], vx_index: int
+) -> tuple[list[nl.Request], list[tuple[nl.Request, str]]]:
+    """FDB entries keyed by (MAC, destination): (replaces, deletes with their MAC).
+
+    A replace rewrites the MAC's first destination; ours are the non-zero MACs on the device."""
+    adds: list[nl.Request] = []
+    deletes: list[tuple[nl.Request, str]] = []
+    have = {(f.lladdr, f.dst): f for f in fdb if f.ifindex == vx_index and f.lladdr != _ZERO_MAC}
+    for mac, ip in want:
+        cur = have.get((mac, ip))
+        if cur is None or not cur.state & nl.NUD_PERMANENT:
+            adds.append(nl.fdb_replace(vx_index, mac, ip))
+    for mac, dst_ip in have:
+        if (mac, dst_ip) not in want:
+            deletes.append((nl.fdb_delete(vx_index, mac, dst_ip), mac))
+    return adds, deletes
+
+
+def plan_routes(
     desired: Mapping[IPv4Network, Peer],
+    routes: list[nl.Route],
     *,
     vx_index: int,
     ext_index: int,
     network: IPv4Network,
-    neighbours: list[nl.Neighbour],
-    fdb: list[nl.FdbEntry],
-    routes: list[nl.Route],
-) -> Plan:
-    """The difference between the kernel's entries and the desired peers, as requests.
+) -> tuple[list[nl.Request], list[tuple[nl.Request, IPv4Network]]]:
+    """Routes keyed by destination: (replaces, deletes with their destination).
 
-    Adds come in flannel's order (neighbours, FDB, routes); deletes remove routes first.
-    Which kernel entries are ours: permanent neighbours and non-zero-MAC FDB entries on the vxlan
-    device; main-table routes through the vxlan device (but not the kernel's own routes for
-    addresses, protocol "kernel"); main-table routes with a gateway on the
-    external interface to a subnet strictly inside the cluster network (DirectRouting's).
-    """
-    neigh_adds: list[nl.Request] = []
-    fdb_adds: list[nl.Request] = []
-    route_adds: list[nl.Request] = []
-    neigh_deletes: list[nl.Request] = []
-    fdb_deletes: list[nl.Request] = []
-    route_deletes: list[nl.Request] = []
-
-    # Neighbours: keyed by the remote subnet's network address.
-    have_neigh = {n.dst: n for n in neighbours if n.ifindex == vx_index}
-    want_neigh = {
-        peer.subnet.network_address: peer.vtep_mac for peer in desired.values() if not peer.direct
-    }
-    for dst, mac in want_neigh.items():
-        cur = have_neigh.get(dst)
-        if cur is None or cur.lladdr != mac or not cur.permanent:
-            neigh_adds.append(nl.neigh_replace(vx_index, dst, mac))
-    for dst, cur in have_neigh.items():
-        if dst not in want_neigh and cur.permanent:
-            neigh_deletes.append(nl.neigh_delete(vx_index, dst))
-
-    # FDB: keyed by (MAC, destination); a replace rewrites the MAC's first destination.
-    have_fdb = {
-        (f.lladdr, f.dst): f for f in fdb if f.ifindex == vx_index and f.lladdr != _ZERO_MAC
-    }
-    want_fdb = {(peer.vtep_mac, peer.public_ip) for peer in desired.values() if not peer.direct}
-    for mac, ip in want_fdb:
-        cur_fdb = have_fdb.get((mac, ip))
-        if cur_fdb is None or not cur_fdb.state & nl.NUD_PERMANENT:
-            fdb_adds.append(nl.fdb_replace(vx_index, mac, ip))
-    for mac, dst_ip in have_fdb:
-        if (mac, dst_ip) not in want_fdb:
-            fdb_deletes.append(nl.fdb_delete(vx_index, mac, dst_ip))
-
-    # Routes: keyed by destination.
+    Ours: main-table routes through the vxlan device (but not the kernel's own routes for
+    addresses, protocol "kernel"); main-table routes with a gateway on the external interface to
+    a subnet strictly inside the cluster network (DirectRouting's)."""
+    adds: list[nl.Request] = []
+    deletes: list[tuple[nl.Request, IPv4Network]] = []
     by_dst: dict[IPv4Network, list[nl.Route]] = {}
     for r in routes:
         if r.table != nl.RT_TABLE_MAIN or r.type != nl.RTN_UNICAST or r.protocol == RTPROT_KERNEL:
@@ -291,15 +348,58 @@ def plan(
             None,
         )
         if keep is None:
-            route_adds.append(nl.route_replace(subnet, gw, oif, onlink=onlink))
+            adds.append(nl.route_replace(subnet, gw, oif, onlink=onlink))
         # A replace overwrites the metric-0 route; routes with other metrics are stale.
-        route_deletes.extend(nl.route_delete(r) for r in group if r is not keep and r.priority)
-    for group in by_dst.values():
-        route_deletes.extend(nl.route_delete(r) for r in group)
+        deletes.extend((nl.route_delete(r), subnet) for r in group if r is not keep and r.priority)
+    for dst, group in by_dst.items():
+        deletes.extend((nl.route_delete(r), dst) for r in group)
+    return adds, deletes
 
+
+def plan(
+    desired: Mapping[IPv4Network, Peer],
+    *,
+    vx_index: int,
+    ext_index: int,
+    network: IPv4Network,
+    neighbours: list[nl.Neighbour],
+    fdb: list[nl.FdbEntry],
+    routes: list[nl.Route],
+    index: DesiredIndex | None = None,
+    neigh_keys: set[IPv4Address] | None = None,
+    mac_keys: set[str] | None = None,
+) -> Plan:
+    """The difference between the kernel's entries and the desired peers, as requests.
+
+    Adds come in flannel's order (neighbours, FDB, routes); deletes remove routes first.
+    A full pass passes every entry the kernel has and every desired peer. An incremental pass
+    restricts all three to the keys that may differ: `desired` holds the peers of the changed
+    subnets, `neigh_keys` and `mac_keys` name the neighbours and FDB MACs considered (wanted
+    values come from `index`, the whole desired set), and the kernel lists hold what the kernel
+    has for those keys; the same rules then give the same result as a full pass for those keys.
+    """
+    if index is None:
+        index = DesiredIndex.build(desired)
+    if neigh_keys is None:
+        neigh_keys = set(index.by_addr)
+    if mac_keys is None:
+        mac_keys = set(index.by_mac)
+    want_neigh: dict[IPv4Address, str] = {}
+    for addr in neigh_keys:
+        mac = index.want_neigh(addr)
+        if mac is not None:
+            want_neigh[addr] = mac
+    want_fdb = {(mac, ip) for mac in mac_keys for ip in index.want_fdb(mac)}
+    neigh_adds, neigh_deletes = plan_neighbours(want_neigh, neighbours, vx_index)
+    fdb_adds, fdb_deletes = plan_fdb(want_fdb, fdb, vx_index)
+    route_adds, route_deletes = plan_routes(
+        desired, routes, vx_index=vx_index, ext_index=ext_index, network=network
+    )
     return Plan(
         adds=neigh_adds + fdb_adds + route_adds,
-        deletes=route_deletes + neigh_deletes + fdb_deletes,
+        deletes=[r for r, _ in route_deletes] + neigh_deletes + [r for r, _ in fdb_deletes],
+        route_deletes=route_deletes,
+        fdb_deletes=fdb_deletes,
     )
 
 
@@ -314,6 +414,15 @@ class ReconcileStats:
     applied: int = 0
     failed: int = 0
     device_created: bool = False
+    full: bool = True
+    """False: an incremental pass (only the changed subnets' entries were read and compared)."""
+    reads: int = 0
+    """Targeted kernel reads of an incremental pass (a full pass reads three whole tables)."""
+
+
+MAX_ROUNDS = 4
+"""An incremental pass looks again at a key after deleting an entry there (a route with another
+metric or another FDB destination may have been hidden behind it); at most this many times."""
 
 
 class VxlanBackend:
@@ -343,6 +452,15 @@ class VxlanBackend:
         self._nl: nl.RtnlSocket | None = None
         self._lock = asyncio.Lock()
         self._skipped: set[tuple[str, str]] = set()
+        self._desired: DesiredIndex | None = None
+        """The desired peers of the passes so far; None until a full pass succeeded (an
+        incremental pass needs it to know which entries other peers still want)."""
+        self._desired_for: tuple[int, IPv4Network | None, tuple[IPv4Network, ...] | None] = (
+            -1,
+            None,
+            None,
+        )
+        """(device index, own subnet, on-link networks) that `_desired` was built for."""
 
     # ----------------------------------------------------------------------- protocol
 
@@ -361,8 +479,17 @@ class VxlanBackend:
             await self._ensure_address(index)
         return self.mtu
 
-    async def reconcile(self, peers: Mapping[Subnet, Lease]) -> None:
-        """Make the kernel hold exactly the entries for `peers` (vxlan leases only)."""
+    async def reconcile(
+        self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None = None
+    ) -> None:
+        """Make the kernel hold exactly the entries for `peers` (vxlan leases only).
+
+        `changed=None`: a full pass (three dumps, everything compared). A collection: only these
+        subnets may differ from the previous call; only their neighbour, FDB entry and route
+        are read (targeted netlink GETs) and fixed, with the same rules as a full pass. Entries
+        of other subnets are not looked at, even when wrong: that is the periodic full pass's
+        job. The first pass, a pass after an error, a recreated device, a new own lease or
+        changed on-link networks (DirectRouting) are always full."""
         async with self._lock:
             stats = ReconcileStats()
             before = self.ifindex
@@ -372,53 +499,167 @@ class VxlanBackend:
                 await self._ensure_address(index)
             onlink = await self._onlink_networks() if self.options.direct_routing else None
             own_subnet = self.own.subnet if self.own is not None else None
-            desired = desired_peers(peers, own_subnet, onlink, self._skipped)
+            key = (index, own_subnet, tuple(onlink) if onlink is not None else None)
+            if changed is not None and self._desired is not None and key == self._desired_for:
+                stats.full = False
+            self._desired_for = key
             sock = self._socket()
             try:
-                neighbours = await sock.neighbours(index)
-                fdb = await sock.fdb(index)
-                routes = await sock.routes()
-                todo = plan(
-                    desired,
-                    vx_index=index,
-                    ext_index=self.ext.index,
-                    network=self.config.network,
-                    neighbours=neighbours,
-                    fdb=fdb,
-                    routes=routes,
-                )
-                result = await sock.apply([*todo.adds, *todo.deletes]) if todo else None
-            except (OSError, TimeoutError) as e:
-                # Start over with a fresh socket next time (a half-read answer stays behind).
-                sock.close()
-                self._nl = None
-                raise BackendError(f"reading or programming {self.device}'s peers: {e}") from e
-            stats.peers = len(desired)
-            if result is not None:
-                deletes = {id(r) for r in todo.deletes}
-                for req, code in result.failed:
-                    if id(req) in deletes and code in _IGNORED_DELETE_ERRORS:
-                        continue
-                    stats.failed += 1
-                    if stats.failed <= MAX_LOGGED_FAILURES:
-                        log.warning("%s on %s failed: %s", req.what, self.device, os.strerror(code))
-                if stats.failed > MAX_LOGGED_FAILURES:
-                    log.warning(
-                        "%d more entries on %s failed (not logged one by one)",
-                        stats.failed - MAX_LOGGED_FAILURES,
-                        self.device,
+                if stats.full:
+                    self._desired = None
+                    desired = desired_peers(peers, own_subnet, onlink, self._skipped)
+                    desired_index = DesiredIndex.build(desired)
+                    todo, result = await self._full_pass(sock, index, desired, desired_index)
+                    self._desired = desired_index
+                else:
+                    assert self._desired is not None and changed is not None
+                    todo, result = await self._changed_pass(
+                        sock, index, peers, set(changed), own_subnet, onlink, stats
                     )
-                stats.applied = result.sent - stats.failed
-                log.info(
-                    "vxlan reconcile: %d peers, %d changes (%d added/replaced, %d removed), "
-                    "%d failed",
-                    len(desired),
-                    len(todo),
-                    len(todo.adds),
-                    len(todo.deletes),
-                    stats.failed,
-                )
+            except BaseException as e:
+                self._desired = None  # the next pass is a full one
+                if isinstance(e, (OSError, TimeoutError)):
+                    # Start over with a fresh socket next time (a half-read answer stays behind).
+                    sock.close()
+                    self._nl = None
+                    raise BackendError(f"reading or programming {self.device}'s peers: {e}") from e
+                raise
+            stats.peers = len(self._desired.peers) if self._desired is not None else 0
+            self._account(todo, result, stats)
             self.last = stats
+
+    async def _full_pass(
+        self,
+        sock: nl.RtnlSocket,
+        index: int,
+        desired: dict[IPv4Network, Peer],
+        desired_index: DesiredIndex,
+    ) -> tuple[Plan, nl.BatchResult]:
+        neighbours = await sock.neighbours(index)
+        fdb = await sock.fdb(index)
+        routes = await sock.routes()
+        todo = plan(
+            desired,
+            vx_index=index,
+            ext_index=self.ext.index,
+            network=self.config.network,
+            neighbours=neighbours,
+            fdb=fdb,
+            routes=routes,
+            index=desired_index,
+        )
+        result = await sock.apply([*todo.adds, *todo.deletes]) if todo else nl.BatchResult()
+        return todo, result
+
+    async def _changed_pass(
+        self,
+        sock: nl.RtnlSocket,
+        index: int,
+        peers: Mapping[Subnet, Lease],
+        changed: set[Subnet],
+        own_subnet: IPv4Network | None,
+        onlink: list[IPv4Network] | None,
+        stats: ReconcileStats,
+    ) -> tuple[Plan, nl.BatchResult]:
+        """Read, compare and fix only the entries of `changed` (see reconcile)."""
+        state = self._desired
+        assert state is not None
+        new = desired_peers(
+            {s: peers[s] for s in changed if s in peers}, own_subnet, onlink, self._skipped
+        )
+        # The MACs whose FDB entries may change: the old and the new peer's.
+        mac_keys = {
+            p.vtep_mac for s in changed if (p := state.peers.get(s)) is not None and not p.direct
+        }
+        mac_keys |= {p.vtep_mac for p in new.values() if not p.direct}
+        for s in changed:
+            state.put(s, new.get(s))
+        route_keys: set[IPv4Network] = set(changed)
+        neigh_keys = {s.network_address for s in changed}
+        total = Plan()
+        result = nl.BatchResult()
+        for _round in range(MAX_ROUNDS):
+            rkeys, nkeys = sorted(route_keys), sorted(neigh_keys)
+            answers = await sock.query(
+                [nl.route_get(k.network_address) for k in rkeys]
+                + [nl.neigh_get(index, a) for a in nkeys]
+            )
+            routes: dict[tuple[object, ...], nl.Route] = {}
+            for answer in answers[: len(rkeys)]:
+                route = None if isinstance(answer, int) else nl.parse_route(answer)
+                # The lookup may match a less specific route: only routes to these keys count.
+                if route is not None and route.dst in route_keys:
+                    ident = (route.dst, route.oif, route.gateway, route.priority, route.table)
+                    routes[ident] = route
+            neighbours: list[nl.Neighbour] = []
+            for answer in answers[len(rkeys) :]:
+                entry = None if isinstance(answer, int) else nl.parse_neighbour(answer)
+                if isinstance(entry, nl.Neighbour):
+                    neighbours.append(entry)
+                    if entry.lladdr is not None and entry.lladdr != _ZERO_MAC:
+                        mac_keys.add(entry.lladdr)  # a MAC set by hand or by an older lease
+            mkeys = sorted(mac_keys)
+            fdb: list[nl.FdbEntry] = []
+            for answer in await sock.query([nl.fdb_get(index, m) for m in mkeys]):
+                entry = None if isinstance(answer, int) else nl.parse_neighbour(answer)
+                if isinstance(entry, nl.FdbEntry):
+                    fdb.append(entry)
+            stats.reads += len(answers) + len(mkeys)
+            todo = plan(
+                {s: p for s in route_keys if (p := state.peers.get(s)) is not None},
+                vx_index=index,
+                ext_index=self.ext.index,
+                network=self.config.network,
+                neighbours=neighbours,
+                fdb=fdb,
+                routes=list(routes.values()),
+                index=state,
+                neigh_keys=neigh_keys,
+                mac_keys=mac_keys,
+            )
+            if not todo:
+                break
+            step = await sock.apply([*todo.adds, *todo.deletes])
+            for name in ("adds", "deletes", "route_deletes", "fdb_deletes"):
+                getattr(total, name).extend(getattr(todo, name))
+            result.sent += step.sent
+            result.failed.extend(step.failed)
+            # Look again where an entry was deleted: another one may have been behind it.
+            refused = {id(req) for req, _code in step.failed}
+            route_keys = {k for req, k in todo.route_deletes if id(req) not in refused}
+            mac_keys = {m for req, m in todo.fdb_deletes if id(req) not in refused}
+            neigh_keys = set()
+            if not route_keys and not mac_keys:
+                break
+        return total, result
+
+    def _account(self, todo: Plan, result: nl.BatchResult, stats: ReconcileStats) -> None:
+        """Count and log what a pass applied and what the kernel refused."""
+        if not result.sent:
+            return
+        deletes = {id(r) for r in todo.deletes}
+        for req, code in result.failed:
+            if id(req) in deletes and code in _IGNORED_DELETE_ERRORS:
+                continue
+            stats.failed += 1
+            if stats.failed <= MAX_LOGGED_FAILURES:
+                log.warning("%s on %s failed: %s", req.what, self.device, os.strerror(code))
+        if stats.failed > MAX_LOGGED_FAILURES:
+            log.warning(
+                "%d more entries on %s failed (not logged one by one)",
+                stats.failed - MAX_LOGGED_FAILURES,
+                self.device,
+            )
+        stats.applied = result.sent - stats.failed
+        log.info(
+            "vxlan reconcile (%s): %d peers, %d changes (%d added/replaced, %d removed), %d failed",
+            "full" if stats.full else f"{stats.reads} entries read",
+            stats.peers,
+            len(todo),
+            len(todo.adds),
+            len(todo.deletes),
+            stats.failed,
+        )
 
     async def close(self) -> None:
         """Close our sockets; devices, neighbours, FDB entries and routes stay in place."""
