@@ -121,6 +121,16 @@ def _read(path: str | None, what: str) -> bytes | None:
         raise RegistryError(f"cannot read the etcd {what} {path!r}: {e.strerror}") from None
 
 
+def _cancel_requested() -> bool:
+    """Whether someone asked to cancel the current task.
+
+    grpc.aio raises `asyncio.CancelledError` also in a task nobody cancelled, when the call's
+    channel is closed under it (`EtcdConnection.failover` by a concurrent call): such an error
+    is an etcd failure to retry, not a cancellation to pass on."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def _describe(e: grpc.aio.AioRpcError) -> str:
     return f"{e.code().name}: {e.details()}"
 
@@ -227,6 +237,14 @@ class EtcdConnection:
             try:
                 md = await self.metadata()
                 return await fn(self, md)
+            except asyncio.CancelledError:
+                if _cancel_requested():
+                    raise
+                # Not ours: grpc cancels every call on a channel that is closed, and another
+                # call's failover closed this one. Retry on the channel that replaced it.
+                errors.append(f"{url}: cut by a failover")
+                attempts += 1
+                continue
             except grpc.aio.AioRpcError as e:
                 if e.code() in _FAILOVER_CODES:
                     errors.append(f"{url}: {_describe(e)}")
@@ -258,33 +276,38 @@ class EtcdConnection:
             await self.failover(_describe(e))
             raise RegistryError(f"etcd watch failed at {url}: {_describe(e)}") from None
         try:
-            await asyncio.wait_for(
-                stream.write(rpc.WatchRequest(create_request=request)), self.opts.timeout
-            )
-            created = False
-            while True:
-                if created:
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of an
+                # awaitable that completed just as the caller was cancelled, losing the
+                # cancellation, and this generator then read the quiet stream for ever.
+                async with asyncio.timeout(self.opts.timeout):
+                    await stream.write(rpc.WatchRequest(create_request=request))
                     resp = await stream.read()
-                else:
-                    resp = await asyncio.wait_for(stream.read(), self.opts.timeout)
+            except TimeoutError:
+                await self.failover("watch not created in time")
+                raise RegistryError(
+                    f"etcd at {url} did not answer a watch request within {self.opts.timeout}s"
+                ) from None
+            while True:
                 if resp is grpc.aio.EOF:
                     raise RegistryError(f"etcd at {url} closed the watch stream")
-                created = True
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision, request.start_revision)
                 if resp.canceled:
                     raise RegistryError(f"etcd at {url} cancelled the watch: {resp.cancel_reason}")
                 yield resp
+                resp = await stream.read()
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._token = None
             else:
                 await self.failover(_describe(e))
             raise RegistryError(f"etcd watch at {url} broke: {_describe(e)}") from None
-        except TimeoutError:
-            await self.failover("watch not created in time")
+        except asyncio.CancelledError:
+            if _cancel_requested():
+                raise
             raise RegistryError(
-                f"etcd at {url} did not answer a watch request within {self.opts.timeout}s"
+                f"etcd watch at {url} was cut: its channel was closed after another call failed"
             ) from None
         finally:
             stream.cancel()

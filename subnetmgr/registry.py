@@ -362,9 +362,12 @@ class EtcdRegistry:
         compare = rpc.Compare(
             key=key, target=rpc.Compare.VERSION, result=rpc.Compare.EQUAL, version=0
         )
+        # After an error, give the etcd lease back. Not when cancelled: a remote call would hold
+        # the cancellation up for a timeout when etcd is slow. An etcd lease with no key expires
+        # by itself; a key created just before the cancel is ours at the next acquisition.
         try:
             resp = await self._txn([compare], [_put_op(key, attrs.to_json().encode(), lease_id)])
-        except BaseException:
+        except Exception:
             await self._revoke(lease_id)
             raise
         if not resp.succeeded:
@@ -420,12 +423,10 @@ class EtcdRegistry:
             key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=kv.mod_revision
         )
         put_value = kv.value if value is None else value
-        try:
-            txn = await self._txn([compare], [_put_op(key, put_value, new_id)])
-        except BaseException:
-            if new_id:
-                await self._revoke(new_id)
-            raise
+        # No revoke of new_id when the transaction fails with an error or is cancelled: it may
+        # have committed all the same, and revoking would then delete the key we renewed. An
+        # etcd lease that no key uses expires by itself.
+        txn = await self._txn([compare], [_put_op(key, put_value, new_id)])
         if not txn.succeeded:
             if new_id:
                 await self._revoke(new_id)
