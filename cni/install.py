@@ -122,8 +122,9 @@ def plugin_text(interpreter: str) -> str:
 def launcher_text(interpreter: str, module_id: str) -> str:
     """The launcher: imports the plugin from <its own dir>/.flannel/<module_id>/ and runs it.
 
-    The dir is found through the launcher's real path, so a symlink to it works. When the code
-    is missing, the runtime gets a CNI error (code 104) saying to reinstall.
+    The dir is found next to the path the launcher was exec'd by (no `os` import: ~0.7 ms), or
+    next to its real path (a symlink to it works). When the code is missing, the runtime gets
+    a CNI error (code 104) saying to reinstall.
     """
     if not module_id or not all(c.isalnum() or c == "-" for c in module_id):
         raise ValueError(f"bad module id {module_id!r}")
@@ -131,26 +132,31 @@ def launcher_text(interpreter: str, module_id: str) -> str:
 # The flannel CNI plugin (overlay), installed by `overlayctl install-cni`: its code is
 # {MODULE_DIR}/{module_id}/{MODULE_NAME}.py next to this file, loaded from the bytecode compiled
 # at install time. Reinstall rather than edit.
-import os
 import sys
 
-here = os.path.dirname(os.path.realpath(__file__))
-sys.path.insert(0, os.path.join(here, "{MODULE_DIR}", "{module_id}"))
+sys.path.insert(0, (__file__.rpartition("/")[0] or ".") + "/{MODULE_DIR}/{module_id}")
 try:
     from {MODULE_NAME} import main
-except ImportError as e:
-    from _json import encode_basestring_ascii as quote
+except ImportError:
+    import os  # exec'd through a symlink? look next to the real file
 
-    msg = f"the flannel plugin's code is missing ({{e}}): run overlayctl install-cni again"
-    sys.stdout.write(f'{{{{"cniVersion":"1.0.0","code":{ERR_BROKEN_INSTALL},"msg":{{quote(msg)}}}}}}')
-    sys.exit(1)
+    here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[0] = os.path.join(here, "{MODULE_DIR}", "{module_id}")
+    try:
+        from {MODULE_NAME} import main
+    except ImportError as e:
+        from _json import encode_basestring_ascii as quote
+
+        msg = f"the flannel plugin's code is missing ({{e}}): run overlayctl install-cni again"
+        sys.stdout.write(f'{{{{"cniVersion":"1.0.0","code":{ERR_BROKEN_INSTALL},"msg":{{quote(msg)}}}}}}')
+        sys.exit(1)
 sys.exit(main())
 """
 
 
 def launcher_module_id(text: str) -> str | None:
     """The module id an installed launcher names (None: not one of our launchers)."""
-    needle = f'"{MODULE_DIR}", "'
+    needle = f"/{MODULE_DIR}/"
     for line in text.splitlines():
         if line.startswith("sys.path.insert(0, ") and needle in line:
             return line.split(needle, 1)[1].split('"', 1)[0] or None

@@ -99,6 +99,49 @@ def test_installs_a_launcher_and_the_byte_compiled_plugin(tmp_path: Path) -> Non
     assert {p.name for p in (tmp_path / "bin").iterdir()} == {"flannel", ".flannel"}
 
 
+def test_the_started_plugin_loads_no_heavy_modules(tmp_path: Path) -> None:
+    """What keeps start-up in milliseconds: no os, json, re, typing, subprocess, enum."""
+    result = install_cni(tmp_path / "bin", tmp_path / "net.d", force=False)
+    conf = json.dumps(
+        {"cniVersion": "1.0.0", "name": "n", "type": "flannel", "subnetFile": str(tmp_path / "no")}
+    ).encode()
+    calls = [
+        ({"CNI_COMMAND": "VERSION"}, b"{}", 0),
+        # An ADD that gets as far as reading subnet.env (missing: code 11) without root.
+        (
+            {
+                "CNI_COMMAND": "ADD",
+                "CNI_CONTAINERID": "c1",
+                "CNI_IFNAME": "eth0",
+                "CNI_NETNS": "/run/netns/none",
+                "CNI_PATH": "/usr/lib/cni",
+            },
+            conf,
+            1,
+        ),
+    ]
+    for env, stdin, status in calls:
+        proc = subprocess.run(
+            [result.interpreter, "-IS", "-X", "importtime", str(result.plugin)],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == status, proc
+        if status:
+            assert json.loads(proc.stdout)["code"] == 11
+        loaded = {
+            line.rsplit("|", 1)[1].strip()
+            for line in proc.stderr.decode().splitlines()
+            if line.startswith("import time:") and "|" in line
+        }
+        assert "flannel" in loaded and "_json" in loaded, loaded
+        heavy = {"os", "json", "re", "typing", "subprocess", "enum", "ipaddress", "posixpath"}
+        assert not loaded & heavy, loaded & heavy
+
+
 def test_a_reinstall_swaps_the_launcher_and_keeps_only_the_previous_code(tmp_path: Path) -> None:
     bins = tmp_path / "bin"
     first = install_cni(bins, tmp_path / "net.d", force=False)

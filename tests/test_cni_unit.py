@@ -256,6 +256,25 @@ def test_json_helpers_match_go() -> None:
             json_loads(bad)
 
 
+def test_the_posix_helpers_do_what_os_does(tmp_path: Path) -> None:
+    for directory, name in [("/a/b", "c"), ("/a/b/", "c"), ("/", "x"), ("", "x"), ("rel", "y")]:
+        assert flannel.path_join(directory, name) == os.path.join(directory, name)
+    assert flannel.process_environ() == dict(os.environ)
+    (tmp_path / "f").write_text("x")
+    assert flannel.is_file(str(tmp_path / "f"))
+    assert not flannel.is_file(str(tmp_path)) and not flannel.is_file(str(tmp_path / "nope"))
+    # make_dirs: parents created, the leaf gets the mode, an existing dir is fine.
+    leaf = tmp_path / "a" / "b" / "c"
+    flannel.make_dirs(str(leaf), 0o700)
+    assert leaf.is_dir() and (leaf.stat().st_mode & 0o777) == 0o700
+    flannel.make_dirs(str(leaf), 0o700)
+    flannel.make_dirs(str(leaf) + "/", 0o700)
+    with pytest.raises(FileExistsError, match="not a directory"):
+        flannel.make_dirs(str(tmp_path / "f"), 0o700)
+    with pytest.raises(NotADirectoryError):
+        flannel.make_dirs(str(tmp_path / "f" / "sub"), 0o700)
+
+
 def test_the_plugin_imports_nothing_but_the_standard_library() -> None:
     source = Path(flannel.__file__).read_text()
     imports = {
@@ -263,7 +282,7 @@ def test_the_plugin_imports_nothing_but_the_standard_library() -> None:
         for line in source.splitlines()
         if line.strip().startswith(("import ", "from ")) and not line.startswith("#")
     }
-    assert imports <= {"__future__", "os", "sys", "typing", "_json", "json", "fcntl", "time"} | {
+    assert imports <= {"__future__", "posix", "sys", "typing", "_json", "json", "fcntl", "time"} | {
         "select",
         "ipaddress",
     }, imports
