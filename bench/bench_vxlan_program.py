@@ -13,9 +13,12 @@ flannel.1 device, set up before the clock starts):
 The clock stops when the tool returns; the entries are then counted in the kernel (not timed)
 and a run that left any out fails the benchmark.
 
-Then, with 1,000 leases present, the event-to-kernel latency of adding one lease by reconcile()
-(p50, p99 over --events adds; each added lease is removed again, untimed), and the process's
-resident memory after programming 10,000 leases.
+Then, with 1,000 and 10,000 leases present (--latency-sizes), the event-to-kernel latency of one
+lease event: adding one lease, then removing it again, each by a full pass (reconcile(peers): three
+dumps, everything compared) and by an incremental pass (reconcile(peers, {subnet}): targeted
+reads of that subnet's entries only), interleaved event by event so that drift hits both alike;
+p50/p99 over --events events per mode. And the process's resident memory after programming
+10,000 leases.
 
 Everything happens inside namespaces created here and deleted at the end; no packet is sent.
 """
@@ -197,27 +200,35 @@ def check(counts: tuple[int, int, int], n: int, who: str) -> None:
         raise SystemExit(f"{who}: kernel holds {counts} (neigh, fdb, routes), expected {n} each")
 
 
-async def latency(present: int, events: int) -> tuple[list[float], list[float]]:
+async def latency(present: int, events: int) -> dict[str, dict[str, list[float]]]:
+    """Per mode ("full", "incremental") and kind ("add", "remove"): seconds per event."""
     peers = leases(present)
-    adds: list[float] = []
-    removes: list[float] = []
+    out: dict[str, dict[str, list[float]]] = {
+        mode: {"add": [], "remove": []} for mode in ("full", "incremental")
+    }
     with namespace() as (ns, ext):
         b = await new_backend(ns, ext)
         try:
             await b.reconcile(peers)
             for i in range(events):
                 extra = leases(1, offset=present + i)
-                t0 = time.perf_counter()
-                await b.reconcile({**peers, **extra})
-                adds.append(time.perf_counter() - t0)
-                if b.last.applied != 3:
-                    raise SystemExit(f"adding one lease applied {b.last.applied} operations, not 3")
-                t0 = time.perf_counter()
-                await b.reconcile(peers)
-                removes.append(time.perf_counter() - t0)
+                (subnet,) = extra
+                for mode in ("full", "incremental") if i % 2 else ("incremental", "full"):
+                    changed = None if mode == "full" else {subnet}
+                    t0 = time.perf_counter()
+                    await b.reconcile({**peers, **extra}, changed)
+                    out[mode]["add"].append(time.perf_counter() - t0)
+                    if b.last.applied != 3 or b.last.full != (mode == "full"):
+                        raise SystemExit(f"{mode}: adding one lease applied {b.last.applied}")
+                    t0 = time.perf_counter()
+                    await b.reconcile(peers, changed)
+                    out[mode]["remove"].append(time.perf_counter() - t0)
+                    if b.last.applied != 3:
+                        raise SystemExit(f"{mode}: removing one lease applied {b.last.applied}")
+            check(await count_entries(ns), present, "latency")
         finally:
             await b.close()
-    return adds, removes
+    return out
 
 
 def rss_kib() -> tuple[int, int]:
@@ -252,18 +263,33 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", default="1000,10000")
-    ap.add_argument("--events", type=int, default=200)
+    ap.add_argument("--events", type=int, default=100, help="lease events per mode and size")
+    ap.add_argument("--latency-sizes", default="1000,10000")
+    ap.add_argument("--skip-cold", action="store_true", help="latency only")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
 
     print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    adds, removes = await latency(1000, args.events)
-    print(f"event-to-kernel, one lease added by reconcile(), 1000 present, {args.events} events")
-    print(f"  add:    p50 {pct(adds, 0.5) * 1e3:6.1f} ms   p99 {pct(adds, 0.99) * 1e3:6.1f} ms")
     print(
-        f"  remove: p50 {pct(removes, 0.5) * 1e3:6.1f} ms   p99 {pct(removes, 0.99) * 1e3:6.1f} ms"
+        f"event-to-kernel latency of one lease event ({args.events} events per mode, "
+        "full and incremental interleaved)"
     )
+    print(
+        f"{'present':>7} {'event':>6} {'full p50':>9} {'full p99':>9} {'incr p50':>9} "
+        f"{'incr p99':>9} {'p50 ratio':>9} {'p99 ratio':>9}   (ms; ratio = full / incremental)"
+    )
+    for present in (int(x) for x in args.latency_sizes.split(",")):
+        got = await latency(present, args.events)
+        for kind in ("add", "remove"):
+            f, inc = got["full"][kind], got["incremental"][kind]
+            f50, f99, i50, i99 = pct(f, 0.5), pct(f, 0.99), pct(inc, 0.5), pct(inc, 0.99)
+            print(
+                f"{present:>7} {kind:>6} {f50 * 1e3:9.2f} {f99 * 1e3:9.2f} {i50 * 1e3:9.2f} "
+                f"{i99 * 1e3:9.2f} {f50 / i50:9.1f} {f99 / i99:9.1f}"
+            )
+    if args.skip_cold:
+        return
 
     print(f"\ncold start, median of {args.repeats} runs, each in a fresh namespace")
     print(

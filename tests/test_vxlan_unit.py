@@ -10,6 +10,7 @@ import pytest
 from backends import netlink as nl
 from backends.base import ExternalInterface
 from backends.vxlan import (
+    DesiredIndex,
     Peer,
     VxlanOptions,
     desired_peers,
@@ -247,3 +248,59 @@ def test_netlink_requests_decode_back_to_what_was_asked() -> None:
 def test_mac_parsing_names_the_bad_value(bad: str) -> None:
     with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(")):
         nl.mac_bytes(bad)
+
+
+def test_desired_index_keeps_a_shared_vtep_until_its_last_lease_goes() -> None:
+    """Two leases of one host (its old subnet still leased) share VtepMAC and PublicIP."""
+    a = _peer(2)
+    b = Peer(IPv4Network("10.5.8.0/24"), a.vtep_mac, a.public_ip, False)
+    index = DesiredIndex.build({a.subnet: a, b.subnet: b})
+    index.put(a.subnet, None)
+    assert index.want_fdb(a.vtep_mac) == {a.public_ip}
+    assert index.want_neigh(a.subnet.network_address) is None
+    assert index.want_neigh(b.subnet.network_address) == a.vtep_mac
+    index.put(b.subnet, Peer(b.subnet, b.vtep_mac, b.public_ip, True))  # now DirectRouting
+    assert index.want_fdb(a.vtep_mac) == set() and index.by_mac == {} and index.by_addr == {}
+    assert list(index.peers) == [b.subnet]
+
+
+def test_plan_restricted_to_keys_leaves_other_entries_alone() -> None:
+    """An incremental plan sees only the changed subnets' keys: a wrong entry elsewhere in the
+    kernel lists is not its business (the full pass's)."""
+    a, b, c = _peer(2), _peer(3), _peer(4)
+    index = DesiredIndex.build({a.subnet: a, b.subnet: b, c.subnet: c})
+    neigh, fdb, routes = _kernel_for([b, c])  # a is new; b and c are right...
+    neigh[0] = nl.Neighbour(VX, b.subnet.network_address, "0a:bb:bb:bb:bb:bb", nl.NUD_PERMANENT)
+    p = plan(
+        {a.subnet: a},
+        vx_index=VX,
+        ext_index=EXT,
+        network=NET,
+        neighbours=[n for n in neigh if n.dst == a.subnet.network_address],
+        fdb=[f for f in fdb if f.lladdr == a.vtep_mac],
+        routes=[r for r in routes if r.dst == a.subnet],
+        index=index,
+        neigh_keys={a.subnet.network_address},
+        mac_keys={a.vtep_mac},
+    )
+    assert [r.what for r in p.adds] == [
+        "neighbour 10.5.2.0 lladdr 0a:00:00:00:00:02",
+        "fdb 0a:00:00:00:00:02 dst 192.168.90.2",
+        "route 10.5.2.0/24 via 10.5.2.0 dev #10 onlink",
+    ]
+    assert p.deletes == []
+    # ...while the full plan over the same kernel state fixes b's neighbour too.
+    full = plan(index.peers, vx_index=VX, ext_index=EXT, network=NET, neighbours=neigh,
+                fdb=fdb, routes=routes)  # fmt: skip
+    assert "neighbour 10.5.3.0 lladdr 0a:00:00:00:00:03" in [r.what for r in full.adds]
+
+
+def test_get_requests_encode_what_they_ask_for() -> None:
+    dst, mac = IPv4Address("10.5.2.0"), "0a:00:00:00:00:02"
+    neigh = nl.parse_neighbour(memoryview(nl.neigh_get(7, dst).body))
+    assert neigh == nl.Neighbour(7, dst, None, 0)
+    fdb = nl.parse_neighbour(memoryview(nl.fdb_get(7, mac).body))
+    assert fdb == nl.FdbEntry(7, mac, None, 0, nl.NTF_SELF)
+    route = nl.parse_route(memoryview(nl.route_get(dst).body))
+    assert route is not None and route.dst == IPv4Network("10.5.2.0/32")
+    assert route.flags == nl.RTM_F_FIB_MATCH
