@@ -42,6 +42,7 @@ LOCK_NAME = ".lock"  # starts with ".", so it can never be a container ID
 TMP_PREFIX = ".tmp-"
 ATTACHMENT_KEY = "overlay.attachment"  # kept in the saved file only, never sent to a delegate
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
+VERSIONS_CACHE = ".delegate-versions"  # in dataDir: what each delegate binary speaks
 
 # CNI error codes (spec) and this plugin's own (100+).
 ERR_INCOMPATIBLE_VERSION = 1
@@ -841,24 +842,102 @@ def _wait_exit(pid: int, timeout: float) -> None:
 
 
 class Delegate:
-    """Calls the delegate plugin named by a delegate conf, converting versions when needed."""
+    """Calls the delegate plugin named by a delegate conf, converting versions when needed.
 
-    def __init__(self, args: Args, conf: dict[str, Any]) -> None:
+    A delegate that refuses the conf's version is asked which versions it speaks (VERSION) and
+    called again at the newest older one. With a `cache_dir` (the dataDir), that answer is
+    remembered per delegate binary (path, inode, size, mtime), so later calls go straight to the
+    right version: one exec instead of three (e.g. a 1.1.0 network with the 1.0.0 reference
+    plugins).
+    """
+
+    def __init__(self, args: Args, conf: dict[str, Any], cache_dir: str | None = None) -> None:
         self.args = args
         self.conf = conf
         self.exe = find_plugin(str(conf["type"]), args.path)
+        self.cache_dir = cache_dir
 
-    def supported_versions(self) -> list[str]:
+    def supported_versions(self, fresh: bool = False) -> list[str]:
+        if not fresh:
+            cached = self.cached_versions()
+            if cached is not None:
+                return cached
         env = dict(self.args.environ, CNI_COMMAND="VERSION")
         status, out = exec_plugin(self.exe, b'{"cniVersion":"0.3.0"}', env)
         try:
             reply = json_loads(out.decode())
             versions = reply["supportedVersions"]
             if status == 0 and isinstance(versions, list):
-                return [str(v) for v in versions]
+                supported = [str(v) for v in versions]
+                self.remember_versions(supported)
+                return supported
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             pass
         return []
+
+    def _exe_key(self) -> list[int] | None:
+        try:
+            st = posix.stat(self.exe)
+        except OSError:
+            return None
+        return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+    def _read_cache(self) -> dict[str, Any]:
+        if not self.cache_dir:
+            return {}
+        try:
+            with open(path_join(self.cache_dir, VERSIONS_CACHE), encoding="utf-8") as f:
+                cache = json_loads(f.read())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        return cache if isinstance(cache, dict) else {}
+
+    def cached_versions(self) -> list[str] | None:
+        """What this delegate binary said it speaks, if it was asked before and is unchanged."""
+        entry = self._read_cache().get(self.exe)
+        if not isinstance(entry, dict) or not isinstance(entry.get("versions"), list):
+            return None
+        if entry.get("stat") != self._exe_key():
+            return None
+        return [str(v) for v in entry["versions"]]
+
+    def remember_versions(self, versions: list[str]) -> None:
+        """Best effort (a cache): written atomically, errors ignored."""
+        key = self._exe_key()
+        if not self.cache_dir or key is None:
+            return
+        cache = self._read_cache()
+        cache[self.exe] = {"stat": key, "versions": versions}
+        path = path_join(self.cache_dir, VERSIONS_CACHE)
+        tmp = path_join(self.cache_dir, f"{TMP_PREFIX}{VERSIONS_CACHE}.{posix.getpid()}")
+        try:
+            flags = posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC
+            fd = posix.open(tmp, flags, 0o600)
+            try:
+                posix.write(fd, json_dumps(cache).encode())
+            finally:
+                posix.close(fd)
+            posix.rename(tmp, path)
+        except OSError:
+            try:
+                posix.unlink(tmp)
+            except OSError:
+                pass
+
+    def _at_version(self, version: str) -> dict[str, Any]:
+        conf = dict(self.conf, cniVersion=version)
+        if isinstance(conf.get("prevResult"), dict):
+            conf["prevResult"] = convert_result(conf["prevResult"], version)
+        return conf
+
+    @staticmethod
+    def _newest_older(supported: list[str], want: str) -> str | None:
+        older = [
+            v
+            for v in supported
+            if v in SUPPORTED_VERSIONS and version_tuple(v) < version_tuple(want)
+        ]
+        return max(older, key=version_tuple) if older else None
 
     def call(self, command: str, extra_env: dict[str, str] | None = None) -> bytes:
         """Run `command`; the result as our conf's version (raw bytes when no conversion)."""
@@ -866,24 +945,22 @@ class Delegate:
         if extra_env:
             env.update(extra_env)
         want = str(self.conf.get("cniVersion", "0.3.0"))
-        status, out = exec_plugin(self.exe, json_dumps(self.conf).encode(), env)
+        conf = self.conf
+        known = self.cached_versions()
+        if known is not None and want not in known:
+            use = self._newest_older(known, want)
+            if use:
+                conf = self._at_version(use)
+        status, out = exec_plugin(self.exe, json_dumps(conf).encode(), env)
         if status != 0:
             error = self._error(out, command, status)
             if error.get("code") != ERR_INCOMPATIBLE_VERSION:
                 raise _DelegateError(out, error)
-            # The delegate does not speak our version: use the newest older one it does.
-            supported = self.supported_versions()
-            older = [
-                v
-                for v in supported
-                if v in SUPPORTED_VERSIONS and version_tuple(v) < version_tuple(want)
-            ]
-            if not older:
+            # The delegate does not speak that version: use the newest older one it does.
+            use = self._newest_older(self.supported_versions(fresh=True), want)
+            if not use or use == conf.get("cniVersion"):
                 raise _DelegateError(out, error)
-            use = max(older, key=version_tuple)
-            conf = dict(self.conf, cniVersion=use)
-            if isinstance(conf.get("prevResult"), dict):
-                conf["prevResult"] = convert_result(conf["prevResult"], use)
+            conf = self._at_version(use)
             status, out = exec_plugin(self.exe, json_dumps(conf).encode(), env)
             if status != 0:
                 raise _DelegateError(out, self._error(out, command, status))
@@ -945,7 +1022,7 @@ def cmd_add(args: Args, conf: NetConf, out: IO[bytes]) -> None:
             **{ATTACHMENT_KEY: {"containerID": args.container_id, "ifname": args.ifname}},
         )
         data.write(path, json_dumps(saved))
-        delegate = Delegate(args, delegate_conf)
+        delegate = Delegate(args, delegate_conf, data.path)
         try:
             result = delegate.call("ADD")
         except (CNIError, _DelegateError):
@@ -973,7 +1050,7 @@ def cmd_del(args: Args, conf: NetConf) -> None:
             saved = data.read(path)
         if saved is None:
             return  # already deleted, or never added: success
-        Delegate(args, strip_saved(saved)).call("DEL")
+        Delegate(args, strip_saved(saved), data.path).call("DEL")
         data.remove(path)
     finally:
         data.unlock()
@@ -1012,12 +1089,12 @@ def cmd_check(args: Args, conf: NetConf) -> None:
     if isinstance(prev, dict):
         delegate_conf["prevResult"] = fill_route_gateways(convert_result(prev, conf.cni_version))
     delegate_conf["cniVersion"] = conf.cni_version
-    Delegate(args, delegate_conf).call("CHECK")
+    Delegate(args, delegate_conf, conf.data_dir).call("CHECK")
 
 
 def cmd_status(args: Args, conf: NetConf) -> None:
     env = load_subnet_env(conf.subnet_file, missing_code=ERR_NOT_AVAILABLE)
-    delegate = Delegate(args, build_delegate(conf, env))
+    delegate = Delegate(args, build_delegate(conf, env), conf.data_dir)
     if conf.cni_version in delegate.supported_versions():
         delegate.call("STATUS")
 
@@ -1057,7 +1134,7 @@ def cmd_gc(args: Args, conf: NetConf) -> None:
                     cid = attachment.get("containerID") or name
                     ifname = attachment.get("ifname") or "eth0"  # flannel's files: eth0
                     env = {"CNI_CONTAINERID": cid, "CNI_IFNAME": ifname, "CNI_NETNS": ""}
-                    Delegate(args, strip_saved(saved)).call("DEL", env)
+                    Delegate(args, strip_saved(saved), data.path).call("DEL", env)
                     data.remove(path)
                 except (CNIError, _DelegateError) as e:
                     failures.append(f"{name}: {e}")
@@ -1071,7 +1148,7 @@ def cmd_gc(args: Args, conf: NetConf) -> None:
     if env_file is not None:
         delegate_conf = build_delegate(conf, env_file)
         delegate_conf[VALID_ATTACHMENTS_KEY] = valid
-        delegate = Delegate(args, delegate_conf)
+        delegate = Delegate(args, delegate_conf, conf.data_dir)
         if conf.cni_version in delegate.supported_versions():
             delegate.call("GC")
     if failures:

@@ -292,3 +292,47 @@ def test_missing_delegate_plugin_is_a_clear_error(net: Net, netns: Namespaces) -
     reply = net.call("ADD", f"np-{net.name}", ns, conf=conf)
     assert reply.rc != 0 and reply.code == 101
     assert "nosuchplugin" in reply.out["msg"]
+
+
+def test_a_delegate_that_refuses_the_version_is_asked_once(net: Net, netns: Namespaces) -> None:
+    """A 1.1.0 network on the 1.0.0 reference bridge: the first call learns (refused ADD,
+    VERSION, ADD at 1.0.0), later calls go straight to 1.0.0, until the binary changes."""
+    log = net.data_dir.parent / "delegate.log"
+    wrapper = net.plugin.parent / "logbridge"  # logs each call, then runs the real bridge
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'conf="$(cat)"\n'
+        'version="$(printf %s "$conf" | grep -o \'"cniVersion":"[0-9.]*"\' | head -n 1)"\n'
+        f'echo "$CNI_COMMAND $CNI_CONTAINERID $version" >> {log}\n'
+        'printf %s "$conf" | exec /usr/lib/cni/bridge\n'
+    )
+    wrapper.chmod(0o755)
+    conf = net.conf("1.1.0")
+    conf["delegate"].update(type="logbridge", isGateway=True)
+
+    def calls() -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return [line.replace('"cniVersion":', "").replace('"', "") for line in lines]
+
+    first, second, third = netns.add("a"), netns.add("b"), netns.add("c")
+    reply = net.call("ADD", "v1", first, conf=conf)
+    assert reply.rc == 0 and reply.out["cniVersion"] == "1.1.0", reply.raw + reply.stderr
+    assert calls() == ["ADD v1 1.1.0", "VERSION v1 0.3.0", "ADD v1 1.0.0"]
+    reply = net.call("ADD", "v2", second, conf=conf)
+    assert reply.rc == 0 and reply.out["cniVersion"] == "1.1.0", reply.raw + reply.stderr
+    assert calls() == ["ADD v2 1.0.0"]
+    assert net.call("DEL", "v1", first, conf=conf).rc == 0
+    assert calls() == ["DEL v1 1.0.0"]
+    cache = net.data_dir / ".delegate-versions"
+    assert (cache.stat().st_mode & 0o777) == 0o600
+    assert json.loads(cache.read_text())[str(wrapper)]["versions"][-1] == "1.0.0"
+    # An upgraded delegate binary (new mtime) is asked again.
+    st = wrapper.stat()
+    os.utime(wrapper, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    reply = net.call("ADD", "v3", third, conf=conf)
+    assert reply.rc == 0, reply.raw + reply.stderr
+    assert calls() == ["ADD v3 1.1.0", "VERSION v3 0.3.0", "ADD v3 1.0.0"]
+    for cid, ns in (("v2", second), ("v3", third)):
+        assert net.call("DEL", cid, ns, conf=conf).rc == 0
+    assert net.allocations() == {}
