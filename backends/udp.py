@@ -62,7 +62,8 @@ class LoopOptions:
     tso: bool = True
     """With vnet_hdr: read 64 KiB TSO super-packets and segment them here (else the kernel does)."""
     udp_segment: bool = True
-    """Send a super-packet's segments with one sendmsg (UDP_SEGMENT); needs vnet_hdr to matter."""
+    """Send a super-packet's segments, or a run of same-size packets to one peer, with one
+    sendmsg (UDP_SEGMENT)."""
     udp_gro: bool = True
     """Receive coalesced datagrams with one recvmsg (UDP_GRO)."""
 

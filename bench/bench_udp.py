@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians kept")
     parser.add_argument(
-        "--variants", default="ours,ours-batch,ours-vnet,ours-gro,ours-plain,c,vxlan"
+        "--variants", default="ours,ours-notso,ours-batch,ours-vnet,ours-gro,ours-plain,c,vxlan"
     )
     args = parser.parse_args()
     if os.geteuid() != 0:
