@@ -5,7 +5,8 @@
 - `SubnetManager.keep` renews before expiry without changing the value, and when our key is
   deleted, revoked or overwritten logs a WARNING and acquires again (same subnet when free).
 - `LeaseMirror` keeps every valid lease in memory: list, then watch from the next revision;
-  resumes after a disconnect from the last revision seen, re-lists after compaction.
+  resumes after a disconnect from the last revision seen, re-lists after compaction; reports
+  added, changed, renewed and removed leases.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ class AcquireConflict(RuntimeError):
 
 
 def _same(a: Lease, b: Lease) -> bool:
-    """Equal for the data path: the same value and kind, whatever the expiry."""
-    return (a.attrs, a.ipv6_subnet, a.reserved) == (b.attrs, b.ipv6_subnet, b.reserved)
+    """Nothing to report: the same value, kind and expiration (a renewal is a change). The
+    registry caches each etcd lease's expiry, so an unchanged lease keeps the same number."""
+    value = (a.attrs, a.ipv6_subnet, a.reserved) == (b.attrs, b.ipv6_subnet, b.reserved)
+    return value and a.expiration == b.expiration
 
 
 class _Backoff:
@@ -352,7 +355,10 @@ class LeaseMirror:
     ) -> None:
         """Until cancelled: list (on_change with every subnet), then follow the watch and call
         on_change(snapshot, changed subnets) per batch. Removed subnets are in `changed` and
-        absent from the snapshot. Called again after a cancel, it resumes from `revision`."""
+        absent from the snapshot. A renewal is a change too: the same value with a new
+        expiration (so that a daemon learns of its own renewal at once); a consumer that cares
+        only for the data path compares `attrs`. Called again after a cancel, it resumes from
+        `revision`."""
         backoff = _Backoff()
         need_list = not self.ready.is_set()  # run() again after a cancel resumes the watch
         self._outage = False

@@ -14,8 +14,8 @@ import aetcd
 import pytest
 
 from integration.etcdserver import EtcdServer
-from subnetmgr.manager import LeaseMirror
-from subnetmgr.model import Lease, LeaseAttrs, Subnet
+from subnetmgr.manager import LeaseMirror, SubnetManager
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
 from subnetmgr.registry import EtcdOptions, EtcdRegistry
 from tests.test_registry import raw_client
 
@@ -64,7 +64,8 @@ class Recorder:
 async def running(mirror: LeaseMirror, rec: Recorder) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(mirror.run(rec))
     try:
-        await asyncio.wait_for(mirror.ready.wait(), 10)
+        async with asyncio.timeout(10):
+            await mirror.ready.wait()
         yield task
     finally:
         task.cancel()
@@ -103,12 +104,17 @@ async def test_list_then_watch_reports_adds_changes_and_removals(
             await rec.wait_for(lambda s: net(3) in s)
             assert rec.calls[-1][1] == {net(3)}
             assert mirror.snapshot[net(3)].attrs == attrs(3)
-            # A changed value is reported; a renewal (same value) is not.
+            # A renewal (same value, later expiry) is reported, then a changed value.
             calls = len(rec.calls)
-            renewed = await reg.renew_lease(mirror.snapshot[net(3)], 600)
+            before = mirror.snapshot[net(3)]
+            renewed = await reg.renew_lease(before, 900)
+            assert renewed.expiration is not None and before.expiration is not None
+            assert renewed.expiration > before.expiration + 200
+            await rec.wait_for(lambda s: s[net(3)].expiration == renewed.expiration)
+            assert mirror.snapshot[net(3)].attrs == attrs(3)
             await reg.update_lease(renewed, attrs(33), 600)
             await rec.wait_for(lambda s: s[net(3)].attrs == attrs(33))
-            assert [c for _, c in rec.calls[calls:]] == [{net(3)}]
+            assert [c for _, c in rec.calls[calls:]] == [{net(3)}, {net(3)}]
             await reg.delete_lease(net(1))
             await rec.wait_for(lambda s: net(1) not in s)
             assert rec.calls[-1] == (frozenset({net(2), net(3)}), {net(1)})
@@ -274,10 +280,54 @@ async def test_mirror_started_while_etcd_is_down_lists_once_it_is_up(
                 await asyncio.sleep(1.0)  # several failed lists meanwhile
                 assert not mirror.ready.is_set() and not task.done()
                 server.start()
-                await asyncio.wait_for(mirror.ready.wait(), 20)
+                async with asyncio.timeout(20):
+                    await mirror.ready.wait()
                 assert set(mirror.snapshot) == {net(1)}
                 await writer.create_lease(net(2), attrs(2), 600)
                 await rec.wait_for(lambda s: net(2) in s)
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.slow
+async def test_renewals_by_keep_are_reported_at_once_by_every_mirror(
+    etcd_server: EtcdServer, etcd_prefix: str, raw: aetcd.Client
+) -> None:
+    """keep() renews (a short TTL); the renewing host's mirror and another host's both report
+    each renewal as a change of that subnet with the new expiration, without any resync."""
+    cfg = NetworkConfig.from_dict({"Network": "10.8.0.0/16", "Backend": {"Type": "vxlan"}})
+    async with (
+        registry_for(etcd_server, etcd_prefix) as reg,
+        registry_for(etcd_server, etcd_prefix) as other,
+    ):
+        await reg.create_lease(net(9), attrs(9), 600)  # a quiet peer: never reported again
+        mgr = SubnetManager(reg, ttl=6, renew_margin=4.0)  # renews every ~2 s
+        own = await mgr.acquire(cfg, attrs(1))
+        assert own.expiration is not None
+        mirrors = [(LeaseMirror(r), Recorder()) for r in (reg, other)]
+        async with running(*mirrors[0]), running(*mirrors[1]):
+
+            async def lost(new: Lease) -> None:
+                raise AssertionError(f"keep() lost the lease and re-acquired {new}")
+
+            keeper = asyncio.create_task(mgr.keep(cfg, own, lost))
+            try:
+                for _mirror, rec in mirrors:
+                    first = rec.snapshot[own.subnet].expiration
+                    assert first is not None
+
+                    def renewed_twice(s: dict[Subnet, Lease], first: float = first) -> bool:
+                        exp = s[own.subnet].expiration
+                        return exp is not None and exp >= first + 3
+
+                    await rec.wait_for(renewed_twice, within=15)
+                for mirror, rec in mirrors:
+                    assert rec.all_changed() == {own.subnet, net(9)}  # net(9): the first list
+                    assert [c for _, c in rec.calls[1:]] == [{own.subnet}] * (len(rec.calls) - 1)
+                    assert mirror.snapshot[own.subnet].attrs == attrs(1)
+                    assert not mirror.snapshot[own.subnet].reserved
+                assert not keeper.done()
+            finally:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
