@@ -105,7 +105,7 @@ class CniSetup:
     @classmethod
     def install(cls, bin_dir: Path) -> CniSetup:
         """Write the flannel plugin into `bin_dir` with a real interpreter line."""
-        from cni.install import find_interpreter, plugin_text
+        from cni.install import find_interpreter, install_plugin
 
         if not (REFERENCE_PLUGINS / "bridge").exists():
             raise AttachError(
@@ -113,11 +113,8 @@ class CniSetup:
                 "apt-get install containernetworking-plugins (or run scripts/bootstrap.sh)"
             )
         bin_dir.mkdir(parents=True, exist_ok=True)
-        plugin = bin_dir / "flannel"
-        tmp = bin_dir / ".flannel.tmp"
-        tmp.write_text(plugin_text(find_interpreter([os.path.realpath(sys.executable)])))
-        tmp.chmod(0o755)
-        tmp.rename(plugin)
+        # The same launcher + bytecode layout `overlayctl install-cni` installs.
+        install_plugin(bin_dir, find_interpreter([os.path.realpath(sys.executable)]))
         return cls(bin_dir)
 
     @property
