@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -502,6 +503,49 @@ def test_peer_table_updates_apply_without_restarting_the_loop(lab: Lab) -> None:
         lab.default_peers()
     assert tcp_probe(lab.ca, lab.cb, CB, 5010) == f"{CA} 101"
     assert (lab.a.pids(), lab.b.pids()) == (pids_a, pids_b)
+
+
+def test_interoperates_with_a_flannel_style_peer(lab: Lab) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _with_flannel_style_peer(lab, os.path.join(tmp, "udp_baseline"))
+
+
+def _with_flannel_style_peer(lab: Lab, binary: str) -> None:
+    # bench/udp_baseline.c moves one packet per system call like flannel's C proxy: it receives
+    # plain datagrams (no UDP_GRO) and writes each inner packet as it is into its TUN device, so
+    # hB's kernel checks every checksum we put on the wire. Flannel itself (Go) cannot be built
+    # here; this C peer stands in for its data path.
+    gcc = shutil.which("gcc")
+    assert gcc, "gcc is needed to build the flannel-style peer"
+    sh(gcc, "-O2", "-o", binary, str(ROOT / "bench" / "udp_baseline.c"))
+    lab.b.close()
+    peer = subprocess.Popen(
+        ["ip", "netns", "exec", lab.hb, binary, "flannel0", HB_IP, "8285", "10.201.1.0", "24",
+         HA_IP],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert peer.stdout is not None
+        assert peer.stdout.readline().strip() == "ready"
+        sh("ip", "-n", lab.hb, "link", "set", "flannel0", "mtu", "1472", "up")
+        sh("ip", "-n", lab.hb, "addr", "add", "10.201.2.0/32", "dev", "flannel0")
+        sh("ip", "-n", lab.hb, "route", "add", NETWORK, "dev", "flannel0")
+        assert tcp_probe(lab.ca, lab.cb, CB, 5012, size=500_000) == f"{CA} 500001"
+        assert tcp_probe(lab.cb, lab.ca, CA, 5013, size=500_000) == f"{CB} 500001"
+        sink = start(lab.cb, UDP_SINK, CB, "7101", "101")
+        try:
+            sent = in_ns(lab.ca, UDP_BURST, CB, "7101", "100")
+        finally:
+            got = finish(sink)
+        assert got.strip() == sent.stdout.strip()
+    finally:
+        peer.kill()
+        peer.wait()
+        if peer.stdout is not None:
+            peer.stdout.close()
+        lab.drivers["b"] = Driver(lab.hb, lab.ub, B_SUB)
+        lab.b.peers((A_SUB, HA_IP, "udp"))
+    assert tcp_probe(lab.ca, lab.cb, CB, 5014) == f"{CA} 101"
 
 
 def test_a_dead_worker_is_restarted_by_the_next_reconcile(lab: Lab) -> None:
