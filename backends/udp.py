@@ -26,7 +26,7 @@ import mmap
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -147,8 +147,14 @@ class UdpBackend:
         )
         return self.mtu
 
-    async def reconcile(self, peers: Mapping[Subnet, Lease]) -> None:
-        """Hand the loop the new peer table; return once every worker has applied it."""
+    async def reconcile(
+        self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None = None
+    ) -> None:
+        """Hand the loop the new peer table; return once every worker has applied it.
+
+        `changed` (the subnets a lease event touched) is ignored: every pass rebuilds the whole
+        table in memory and hands it to the workers, no kernel state is read, so a pass costs
+        microseconds per peer and an incremental variant would save little."""
         table: dict[Subnet, IPv4Address] = {}
         for subnet, lease in peers.items():
             if lease.attrs.backend_type not in ACCEPTED_TYPES:
