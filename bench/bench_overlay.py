@@ -3,13 +3,18 @@
 1. Throughput: iperf3 TCP, container to container across the overlay (h1c0 -> h2c0), against
    the raw underlay (host h1 -> host h2 over the same veth/bridge underlay), rounds alternating,
    reported as medians and the overlay/underlay ratio. Once per backend (vxlan, udp).
-2. Lease-event-to-route latency through the real daemon: with N leases already in etcd (and
-   programmed), write one more lease and time until its route appears in the host namespace
-   (`ip monitor route`), M times; p50/p99.
+2. Lease-event-to-route latency through the real daemon, full vs incremental reconcile side by
+   side: two vxlan hosts in one lab, h1's overlayd with OVERLAYD_FULL_RECONCILE=1 (every lease
+   event makes a full pass, as before incremental reconcile) and h2's with the default
+   (incremental passes over the changed subnets). With N leases already in etcd (and programmed
+   on both), write one more lease and time until its route appears in each host namespace
+   (`ip monitor route`), M times; p50/p99 per host. Both daemons see each event at the same
+   moment and share the machine, so drift hits both alike.
 
     .venv/bin/python bench/bench_overlay.py                       # both, vxlan and udp
     .venv/bin/python bench/bench_overlay.py --backends vxlan --seconds 5 --rounds 3
     .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 1000 --events 50
+    .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 1000,10000 --events 100
     .venv/bin/python bench/bench_overlay.py --realtime   # iperf3 under SCHED_FIFO: less noise
 
 Root only. Every lab is torn down at the end, also on failure. Not a test: no asserts on speed.
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.lab import Lab
 from integration.netns import in_ns, netns_pids, run
+from overlay.daemon import FULL_RECONCILE_ENV
 
 IPERF_PORT = 5201
 
@@ -135,19 +141,33 @@ async def route_count(ns: str) -> int:
     return len(out.splitlines())
 
 
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(samples, 50), 1),
+        "p99_ms": round(percentile(samples, 99), 1),
+        "max_ms": round(max(samples), 1),
+    }
+
+
 async def lease_latency(leases: int, events: int) -> dict[str, Any]:
     import aetcd
 
     lab = Lab(f"b{uuid.uuid4().hex[:6]}", progress=log)
-    monitor: asyncio.subprocess.Process | None = None
+    monitors: list[asyncio.subprocess.Process] = []
     client: Any = None
+    saved = os.environ.pop(FULL_RECONCILE_ENV, None)
     try:
+        # h1: every event a full pass (the daemon inherits this process's environment)...
+        os.environ[FULL_RECONCILE_ENV] = "1"
         await lab.up(nodes=1, backend="vxlan", containers_per_node=0, network="10.128.0.0/9")
-        node = lab.state.nodes[0]
+        # ...h2: incremental passes (the default).
+        del os.environ[FULL_RECONCILE_ENV]
+        await lab.add_node()
+        nodes = {"full": lab.state.nodes[0], "incremental": lab.state.nodes[1]}
         host, _, port = lab.state.etcd_endpoint.removeprefix("http://").rpartition(":")
         client = aetcd.Client(host=host, port=int(port), timeout=10)
-        own = IPv4Network(node.subnet)
-        pool = [s for s in IPv4Network("10.200.0.0/13").subnets(new_prefix=24) if s != own]
+        owns = {IPv4Network(n.subnet) for n in nodes.values()}
+        pool = [s for s in IPv4Network("10.192.0.0/10").subnets(new_prefix=24) if s not in owns]
         prefix = f"{lab.state.prefix}/subnets/"
         grant = await client.lease(86400)
 
@@ -161,49 +181,65 @@ async def lease_latency(leases: int, events: int) -> dict[str, Any]:
         t0 = time.monotonic()
         for first in range(0, leases, 100):
             await asyncio.gather(*(put(i) for i in range(first, min(first + 100, leases))))
-        while await route_count(node.ns) < leases:
-            if time.monotonic() - t0 > 300:
-                raise RuntimeError("the daemon did not program the initial leases in 300 s")
-            await asyncio.sleep(0.2)
+        for node in nodes.values():  # leases + the other host's subnet
+            while await route_count(node.ns) < leases + 1:
+                if time.monotonic() - t0 > 600:
+                    raise RuntimeError("the daemons did not program the initial leases in 600 s")
+                await asyncio.sleep(0.2)
         initial = time.monotonic() - t0
-        log(f"{leases} leases written and programmed in {initial:.1f} s")
-        monitor = await asyncio.create_subprocess_exec(
-            *in_ns(node.ns, ["ip", "monitor", "route"]), stdout=asyncio.subprocess.PIPE
-        )
-        assert monitor.stdout is not None
+        log(f"{leases} leases written and programmed on both hosts in {initial:.1f} s")
+        streams: dict[str, asyncio.StreamReader] = {}
+        for mode, node in nodes.items():
+            mon = await asyncio.create_subprocess_exec(
+                *in_ns(node.ns, ["ip", "monitor", "route"]), stdout=asyncio.subprocess.PIPE
+            )
+            monitors.append(mon)
+            assert mon.stdout is not None
+            streams[mode] = mon.stdout
         await asyncio.sleep(0.3)
-        samples: list[float] = []
+        samples: dict[str, list[float]] = {mode: [] for mode in nodes}
+
+        async def seen(mode: str, needle: bytes, t_put: float) -> None:
+            while True:
+                line = await asyncio.wait_for(streams[mode].readline(), 30)
+                if line.startswith(needle):
+                    samples[mode].append((time.monotonic() - t_put) * 1000)
+                    return
+
         for e in range(events):
             i = leases + e
-            sub = pool[i]
-            needle = f"{sub} via".encode()
+            needle = f"{pool[i]} via".encode()
             t_put = time.monotonic()
             await put(i)
-            while True:
-                line = await asyncio.wait_for(monitor.stdout.readline(), 30)
-                if line.startswith(needle):
-                    break
-            samples.append((time.monotonic() - t_put) * 1000)
+            await asyncio.gather(*(seen(mode, needle, t_put) for mode in nodes))
             await asyncio.sleep(0.05)
         return {
             "leases_present": leases,
             "events": events,
             "initial_program_s": round(initial, 2),
-            "p50_ms": round(percentile(samples, 50), 1),
-            "p99_ms": round(percentile(samples, 99), 1),
-            "max_ms": round(max(samples), 1),
+            **{mode: summary(values) for mode, values in samples.items()},
+            "p50_ratio": round(
+                percentile(samples["full"], 50) / percentile(samples["incremental"], 50), 1
+            ),
+            "p99_ratio": round(
+                percentile(samples["full"], 99) / percentile(samples["incremental"], 99), 1
+            ),
         }
     finally:
-        if monitor is not None and monitor.returncode is None:
-            monitor.terminate()
-            await monitor.wait()
+        os.environ.pop(FULL_RECONCILE_ENV, None)
+        if saved is not None:
+            os.environ[FULL_RECONCILE_ENV] = saved
+        for mon in monitors:
+            if mon.returncode is None:
+                mon.terminate()
+                await mon.wait()
         if client is not None:
             await client.close()
         await lab.down()
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"throughput": [], "latency": None}
+    result: dict[str, Any] = {"throughput": [], "latency": []}
     if not args.skip_throughput:
         for backend in args.backends.split(","):
             try:
@@ -214,7 +250,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"{backend}: failed: {e}")
                 result["throughput"].append({"backend": backend, "error": str(e)})
     if not args.skip_latency:
-        result["latency"] = await lease_latency(args.leases, args.events)
+        for n in (int(x) for x in str(args.leases).split(",")):
+            result["latency"].append(await lease_latency(n, args.events))
+            log(f"latency: {json.dumps(result['latency'][-1])}")
     return result
 
 
@@ -223,7 +261,9 @@ def main() -> int:
     parser.add_argument("--backends", default="vxlan,udp")
     parser.add_argument("--seconds", type=int, default=5, help="per iperf3 run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--leases", type=int, default=1000, help="leases present")
+    parser.add_argument(
+        "--leases", default="1000", help="leases present; a comma-separated list runs each"
+    )
     parser.add_argument("--events", type=int, default=50, help="lease events timed")
     parser.add_argument(
         "--realtime",
@@ -247,13 +287,17 @@ def main() -> int:
                 f"overlay {t['overlay_gbps']:.2f} Gbit/s, ratio {t['ratio']:.2f} "
                 f"(median of {t['rounds']} x {t['seconds']} s)"
             )
-    lat = result["latency"]
-    if lat:
+    for lat in result["latency"]:
+        for mode in ("full", "incremental"):
+            m = lat[mode]
+            print(
+                f"lease event -> route, {mode:>11} reconcile: p50 {m['p50_ms']} ms, "
+                f"p99 {m['p99_ms']} ms, max {m['max_ms']} ms over {lat['events']} events with "
+                f"{lat['leases_present']} leases present"
+            )
         print(
-            f"lease event -> route: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, "
-            f"max {lat['max_ms']} ms over {lat['events']} events with {lat['leases_present']} "
-            f"leases present (initial {lat['leases_present']} programmed in "
-            f"{lat['initial_program_s']} s)"
+            f"  full/incremental: p50 x{lat['p50_ratio']}, p99 x{lat['p99_ratio']} "
+            f"(initial {lat['leases_present']} programmed on both in {lat['initial_program_s']} s)"
         )
     print(json.dumps(result))
     return 0

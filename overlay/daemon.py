@@ -2,9 +2,11 @@
 
 wait_for_config -> choose the backend -> backend.prepare() -> acquire the lease with those
 attributes -> backend.start(own) -> subnet.env (+ iptables with --ip-masq) -> ready; then, side by
-side in one TaskGroup: the lease mirror feeding backend.reconcile(peers) on change, a periodic
-full reconcile, keep() renewing the lease (re-acquiring and restarting the backend when it is
-lost), the iptables resync, and the MQTT publisher.
+side in one TaskGroup: the lease mirror feeding backend.reconcile(peers, changed) with the subnets
+that changed (an incremental pass, whose cost does not grow with the number of leases), a full
+pass (changed=None) at start, every --resync-period seconds and after an error, keep() renewing
+the lease (re-acquiring and restarting the backend when it is lost), the iptables resync, and
+the MQTT publisher.
 
 SIGTERM/SIGINT stop everything and leave kernel state (devices, routes, rules) in place: exit 0.
 Fatal problems (no interface, out of subnets, a backend that cannot start) exit 1 with a message.
@@ -16,10 +18,11 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
 import backends
@@ -40,6 +43,34 @@ log = logging.getLogger("overlayd")
 
 MAX_BACKOFF = 30.0
 SHUTDOWN_TIMEOUT = 5.0
+RETRY_AFTER_ERROR = 1.0
+"""Seconds before the full pass that follows a failed reconcile (doubling up to MAX_BACKOFF)."""
+FULL_RECONCILE_ENV = "OVERLAYD_FULL_RECONCILE"
+"""Set to 1: every lease event makes a full pass, as before incremental reconcile existed (for
+benchmarks side by side and for ruling the incremental path out when chasing a problem)."""
+
+
+class PeersView(Mapping[Subnet, Lease]):
+    """The mirror's leases without our own, as a live view: made in O(1) for every event, where a
+    copy would cost O(leases). Backends read it without awaiting in between (see Backend)."""
+
+    def __init__(self, leases: Mapping[Subnet, Lease], own: Subnet | None) -> None:
+        self._leases = leases
+        self._own = own
+
+    def __getitem__(self, subnet: Subnet) -> Lease:
+        if subnet == self._own:
+            raise KeyError(subnet)
+        return self._leases[subnet]
+
+    def __contains__(self, subnet: object) -> bool:
+        return subnet != self._own and subnet in self._leases
+
+    def __iter__(self) -> Iterator[Subnet]:
+        return (s for s in self._leases if s != self._own)
+
+    def __len__(self) -> int:
+        return len(self._leases) - (self._own is not None and self._own in self._leases)
 
 
 class FatalError(RuntimeError):
@@ -87,7 +118,9 @@ class Overlayd:
         *,
         iptables_prefix: Sequence[str] = (),
         manager: SubnetManager | None = None,
+        incremental: bool = True,
     ) -> None:
+        """`incremental=False`: lease events make full passes too (see FULL_RECONCILE_ENV)."""
         self.opts = opts
         self.registry = registry
         self.ext = ext
@@ -105,7 +138,14 @@ class Overlayd:
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()  # one backend call at a time
         self._changed = asyncio.Event()
-        self._last_peers: dict[Subnet, LeaseAttrs] | None = None
+        self.incremental = incremental
+        self._pending: set[Subnet] = set()
+        """Subnets changed by lease events since the last pass took them."""
+        self._full_due = True
+        """The next pass is a full one: at start, after a new own lease, after an error."""
+        self._last_full = 0.0
+        self._retry_at = 0.0
+        self._error_backoff = RETRY_AFTER_ERROR
         self._known_peers: set[Subnet] = set()
         self._loss_reported = False
         self._stale_until = 0  # mirror revisions up to this one cannot report our lease lost
@@ -210,7 +250,7 @@ class Overlayd:
             m.lease_public_ip = str(own.attrs.public_ip)
             m.lease_backend = own.attrs.backend_type or self.backend.type
             m.lease_expiration = own.expiration
-            self._last_peers = None  # the next reconcile is a full one
+            self._full_due = True  # the next reconcile is a full one
         self._changed.set()
 
     def _mark_ready(self) -> None:
@@ -274,6 +314,7 @@ class Overlayd:
                 self._known_peers.discard(subnet)
                 log.info("peer removed: %s", subnet)
                 self.events.publish("peer_removed", subnet=str(subnet))
+        self._pending |= changed
         self._changed.set()
 
     def _own_seen(self, own: Lease, lease: Lease | None) -> None:
@@ -303,47 +344,68 @@ class Overlayd:
         if prev is None or lease.expiration > prev:
             self.metrics.lease_expiration = lease.expiration
 
-    def _peers(self) -> dict[Subnet, Lease]:
+    def _peers(self) -> PeersView:
         own = self.own
-        return {
-            s: lease for s, lease in self.mirror.snapshot.items() if own is None or s != own.subnet
-        }
+        return PeersView(self.mirror.snapshot, own.subnet if own is not None else None)
 
     async def _reconcile_loop(self) -> None:
+        """An incremental pass per batch of lease events; a full pass when one is due: every
+        --resync-period seconds (counted from the last full pass, so steady events do not
+        put it off), at start, after a new own lease and after an error (with a backoff)."""
         await self.mirror.ready.wait()
+        period = self.opts.resync_period
         while True:
-            trigger = "full"
-            try:
-                async with asyncio.timeout(self.opts.resync_period):
-                    await self._changed.wait()
-                    trigger = "change"
-            except TimeoutError:
-                pass
+            now = time.monotonic()
+            if self._full_due:
+                if self._retry_at > now:
+                    await asyncio.sleep(self._retry_at - now)
+            else:
+                wait = self._last_full + period - now
+                if wait > 0:
+                    try:
+                        async with asyncio.timeout(wait):
+                            await self._changed.wait()
+                    except TimeoutError:
+                        pass
+                if time.monotonic() >= self._last_full + period:
+                    self._full_due = True
             self._changed.clear()
             self._check_renewal()
-            await self.reconcile(trigger)
+            await self.reconcile("full" if self._full_due else "change")
 
     async def reconcile(self, trigger: str) -> None:
-        """Hand the backend the peers; on "change" only when they differ from the last pass."""
+        """Hand the backend the peers: on "change" with the subnets changed since the last pass
+        (nothing to do when none did), else (or when a full pass is due) for a full pass."""
         assert self.backend is not None
         async with self._lock:
-            peers = self._peers()
-            wanted = {s: lease.attrs for s, lease in peers.items()}
-            if trigger == "change" and wanted == self._last_peers:
+            full = trigger == "full" or self._full_due or not self.incremental
+            changed, self._pending = self._pending, set()
+            if not full and not changed:
                 return
+            peers: Mapping[Subnet, Lease] = self._peers()
+            if full:
+                peers = dict(peers)  # a full pass reads all of it anyway: a stable copy
             started = time.monotonic()
             ok = False
             try:
-                await self.backend.reconcile(peers)
+                await self.backend.reconcile(peers, None if full else changed)
                 ok = True
-                self._last_peers = wanted
+                if full:
+                    self._full_due = False
+                    self._last_full = started
+                self._error_backoff = RETRY_AFTER_ERROR
             except Exception as e:  # a backend bug or kernel error must not stop the daemon
-                log.error("reconcile (%s, %d peers) failed: %s", trigger, len(peers), e,
-                          exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+                self._full_due = True
+                self._retry_at = time.monotonic() + self._error_backoff
+                self._error_backoff = min(self._error_backoff * 2, MAX_BACKOFF)
+                log.error("reconcile (%s, %d peers) failed: %s; a full pass follows", trigger,
+                          len(peers), e, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
             finally:
+                kind = "full" if full else "change"
                 self.metrics.peers = len(peers)
-                self.metrics.observe_reconcile(trigger, time.monotonic() - started, ok)
-            log.debug("reconciled %d peers (%s)", len(peers), trigger)
+                self.metrics.observe_reconcile(kind, time.monotonic() - started, ok)
+            log.debug("reconciled %d peers (%s)", len(peers),
+                      "full" if full else f"{len(changed)} changed")  # fmt: skip
 
     async def _masq_loop(self) -> None:
         assert self.masq is not None
@@ -403,11 +465,14 @@ async def serve(opts: Options, stop: asyncio.Event) -> int:
     events = EventPublisher(opts.mqtt_broker, opts.mqtt_topic_prefix, ext.public_ip, metrics)
     registry: EtcdRegistry | None = None
     daemon: Overlayd | None = None
+    incremental = os.environ.get(FULL_RECONCILE_ENV, "") not in ("1", "true", "yes")
+    if not incremental:
+        log.warning("%s is set: every lease event makes a full reconcile", FULL_RECONCILE_ENV)
 
     async def body() -> None:
         nonlocal registry, daemon
         registry = await _connect(opts, metrics)
-        daemon = Overlayd(opts, registry, ext, metrics, events)
+        daemon = Overlayd(opts, registry, ext, metrics, events, incremental=incremental)
         await daemon.run()
 
     async def everything() -> None:
