@@ -304,10 +304,11 @@ _UDP_KEY = struct.Struct("!BB4x2sBB2x12s")
 """The same for UDP/IPv4: up to the ports; lengths, IP ID and checksums left out."""
 
 
-def coalesce(pkts: list[memoryview]) -> list[IoVec]:
+def coalesce(pkts: list[memoryview], ttl: bool = False) -> list[IoVec]:
     """Userspace GRO: join runs of consecutive segments of one TCP or UDP flow into GSO writes.
 
-    `pkts` are whole, validated IPv4 packets (TTL already decremented) in arrival order. The
+    `pkts` are whole, validated IPv4 packets in arrival order. With `ttl`, every packet's TTL
+    must be above 1 and each write's TTL is decremented once (cheaper than per packet). The
     result is one iovec per TUN write, each starting with a virtio_net_hdr: NONE for a packet
     written as it is; TCPV4 with gso_size = MSS for a run, with one new IP/TCP header and the
     payloads following, the TCP checksum left partial (pseudo-header sum) for the kernel, which
@@ -384,6 +385,9 @@ def coalesce(pkts: list[memoryview]) -> list[IoVec]:
         iov[0] = _TCP_GSO_VNET(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, hlen, mss, 20, 16)
         iov[1] = hdr
         out.append(iov)
+    if ttl:
+        for iov in out:
+            decrement_ttl(iov[1])  # type: ignore[arg-type]
     return out
 
 

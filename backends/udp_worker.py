@@ -372,7 +372,7 @@ def run_rx(
                 pkt = mv[start:end]
                 if check(pkt, end - start, mtu):
                     c[6] += 1
-                elif not decrement_ttl(pkt):
+                elif pkt[8] <= 1:  # coalesce() decrements the TTL once per write
                     c[7] += 1
                 else:
                     total = (pkt[2] << 8) | pkt[3]
@@ -380,10 +380,10 @@ def run_rx(
                     c[4] += total
             c[3] += len(batch)
             try:
-                writes = coalesce(batch)
+                writes = coalesce(batch, True)
             except Exception:  # a bug must not stop the data path: write them one by one
                 c[6] += 1
-                writes = [[hdr, pkt] for pkt in batch]
+                writes = [[hdr, pkt] for pkt in batch if decrement_ttl(pkt)]
             for iov in writes:
                 try:
                     writev(tun, iov)

@@ -251,8 +251,8 @@ def test_udp_backend_rejects_a_bad_port_by_name() -> None:
 
 
 def _udp(payload: bytes, sport: int = 7000, ttl: int = 63) -> memoryview:
-    return memoryview(raw(IP(src="10.1.1.2", dst="10.1.2.2", ttl=ttl) / UDP(sport=sport, dport=53)
-                          / payload))  # fmt: skip
+    pkt = IP(src="10.1.1.2", dst="10.1.2.2", ttl=ttl) / UDP(sport=sport, dport=53) / payload
+    return memoryview(bytearray(raw(pkt)))
 
 
 def test_coalesce_joins_a_udp_burst_into_a_udp_l4_gso_packet() -> None:
@@ -295,3 +295,14 @@ def test_coalesce_passes_odd_tcp_headers_through_untouched() -> None:
     for pkts in ([memoryview(bad), good[1]], [good[0], memoryview(bad)]):
         writes = P.coalesce(pkts)
         assert [_joined(w) for w in writes] == [((0, 0, 0, 0, 0, 0), bytes(p)) for p in pkts]
+
+
+def test_coalesce_can_decrement_the_ttl_once_per_write() -> None:
+    segs = _segments(os.urandom(1400 * 3), 1400)  # TTL 63 after segment_tcp4
+    lone = _udp(b"x", ttl=5)
+    writes = P.coalesce([*segs, lone], ttl=True)
+    assert len(writes) == 2
+    _, merged = _joined(writes[0])
+    _, single = _joined(writes[1])
+    assert (merged[8], single[8]) == (62, 4)
+    assert valid_ip_checksum(merged[:20]) and valid_ip_checksum(single[:20])
