@@ -8,6 +8,9 @@ error is already queued on the socket. Only failures are reported (no NLM_F_ACK 
 plus one acknowledged fence at the end of each batch, so a batch costs one send and a few reads.
 Each failure carries the sequence number of its request, which maps back to the entry.
 
+Targeted reads (`query()`: `ip neigh get`, `bridge fdb get`, `ip route get fibmatch`) are
+batched the same way, one answer per request, for passes that look only at what changed.
+
 Dumps (neighbours, FDB, routes) are parsed with `struct` directly: only the attributes the
 backends need are decoded, which keeps a 30,000-entry read in the low hundreds of milliseconds.
 

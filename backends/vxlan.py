@@ -13,8 +13,11 @@ With DirectRouting, a peer whose PublicIP is on-link on the external interface g
 `reconcile()` is level-triggered: it reads what the kernel has (three netlink dumps), computes the
 difference with the desired set and applies it in bulk (see backends/netlink.py), so it is
 idempotent, repairs entries deleted by hand, removes stale ones and never touches entries that
-are already right. A device deleted by hand is recreated with the same MAC; on restart an
-existing compatible device (same VNI, port, local address, link, GBP) is reused with its MAC.
+are already right. `reconcile(peers, changed)` does the same for the changed subnets only,
+reading their entries with targeted netlink GETs, so a lease event costs the same with 10,000
+leases as with one; the periodic full pass repairs the rest. A device deleted by hand is
+recreated with the same MAC; on restart an existing compatible device (same VNI, port, local
+address, link, GBP) is reused with its MAC.
 """
 
 from __future__ import annotations
