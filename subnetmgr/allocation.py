@@ -21,7 +21,9 @@ MAX_CANDIDATES = 100
 def _span(net: IPv4Network) -> tuple[int, int]:
     """The half-open integer range [first, last + 1) of the addresses in `net`."""
     start = int(net.network_address)
-    return start, start + net.num_addresses
+    # From the prefix length: `num_addresses` builds the broadcast address, and allocation
+    # computes this for every lease on every attempt.
+    return start, start + (1 << (32 - net.prefixlen))
 
 
 def _merged_spans(taken: Iterable[IPv4Network]) -> list[tuple[int, int]]:
@@ -36,20 +38,14 @@ def _merged_spans(taken: Iterable[IPv4Network]) -> list[tuple[int, int]]:
     return merged
 
 
-def free_subnets(
-    config: NetworkConfig, taken: Iterable[IPv4Network], limit: int = MAX_CANDIDATES
-) -> list[Subnet]:
-    """Walk SubnetMin..SubnetMax in SubnetLen steps and return up to `limit` subnets that
-    overlap none of `taken` (leases and reservations of any size), lowest first.
-
-    Runs in O(len(taken) + walked subnets): the taken ranges are merged and swept once.
-    """
+def _free_starts(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int) -> list[int]:
+    """The first addresses of up to `limit` free subnets, lowest first (see free_subnets)."""
     step = 1 << (32 - config.subnet_len)
     addr = int(config.subnet_min.network_address)
     last = int(config.subnet_max.network_address)
     spans = _merged_spans(taken)
     i = 0
-    out: list[Subnet] = []
+    out: list[int] = []
     while addr <= last and len(out) < limit:
         while i < len(spans) and spans[i][1] <= addr:
             i += 1
@@ -58,9 +54,20 @@ def free_subnets(
             end = spans[i][1]
             addr += ((end - addr + step - 1) // step) * step
             continue
-        out.append(IPv4Network((addr, config.subnet_len)))
+        out.append(addr)
         addr += step
     return out
+
+
+def free_subnets(
+    config: NetworkConfig, taken: Iterable[IPv4Network], limit: int = MAX_CANDIDATES
+) -> list[Subnet]:
+    """Walk SubnetMin..SubnetMax in SubnetLen steps and return up to `limit` subnets that
+    overlap none of `taken` (leases and reservations of any size), lowest first.
+
+    Runs in O(len(taken) + walked subnets): the taken ranges are merged and swept once.
+    """
+    return [IPv4Network((a, config.subnet_len)) for a in _free_starts(config, taken, limit)]
 
 
 def is_free(subnet: IPv4Network, taken: Iterable[IPv4Network]) -> bool:
@@ -105,12 +112,13 @@ def choose(
     public_ip: IPv4Address,
     previous: IPv4Network | None = None,
     rng: random.Random | None = None,
+    candidates: int = MAX_CANDIDATES,
 ) -> Choice | None:
     """Flannel's order of preference; None means "out of subnets".
 
     1. a lease or reservation whose PublicIP is ours and that fits the config;
     2. `previous` (from subnet.env) when it fits the config and overlaps no other lease;
-    3. a random one among the first `MAX_CANDIDATES` free subnets.
+    3. a random one among the first `candidates` free subnets (flannel: 100).
     """
     mine = own_leases(config, leases, public_ip)
     if mine:
@@ -119,7 +127,8 @@ def choose(
     taken = [lease.subnet for lease in leases]
     if previous is not None and config.contains(previous) and is_free(previous, taken):
         return Choice(previous, "previous")
-    candidates = free_subnets(config, taken)
-    if not candidates:
+    free = _free_starts(config, taken, candidates)
+    if not free:
         return None
-    return Choice((rng or random.Random()).choice(candidates), "random")
+    start = (rng or random.Random()).choice(free)
+    return Choice(IPv4Network((start, config.subnet_len)), "random")

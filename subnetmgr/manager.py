@@ -49,6 +49,9 @@ mirror_log = logging.getLogger("overlay.subnetmgr.mirror")
 ACQUIRE_ATTEMPTS = 10
 """Transactions tried before giving up on conflicts, as flannel."""
 
+WIDEN_STEPS = 4
+"""The candidate pool grows 4x after each lost race, up to 2**WIDEN_STEPS x (100 -> 1,600)."""
+
 CONFIG_EXAMPLE = '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}'
 
 
@@ -164,9 +167,36 @@ class SubnetManager:
                 "(no IPv6 subnet in the lease key); IPv6 traffic is not routed"
             )
             self._warned_ipv6 = True
+        known: dict[str, Lease] = {}
+        revision = 0
+        relist = True
         for attempt in range(1, self.max_attempts + 1):
-            leases, _ = await self.registry.list_leases(expirations=False)
-            choice = allocation.choose(config, leases, attrs.public_ip, previous, self._rng)
+            if relist:
+                listed, revision = await self.registry.list_leases(expirations=False)
+                known = {lease.key: lease for lease in listed}
+            else:
+                # We lost a create race: add the keys created since our list (one, or a few
+                # when many hosts join at once) instead of listing and decoding every lease
+                # again. Keys deleted meanwhile stay taken in our view: that is safe.
+                new, revision = await self.registry.list_leases(
+                    expirations=False, created_after=revision
+                )
+                known.update((lease.key, lease) for lease in new)
+            leases = list(known.values())
+            # Flannel picks among the first 100 free subnets. After a lost race, pick among
+            # more (400, then 1,600): hosts joining at once then stop colliding on the same
+            # few subnets. An uncontended join is flannel's exactly.
+            pool = allocation.MAX_CANDIDATES << min(2 * (attempt - 1), WIDEN_STEPS)
+            choice = allocation.choose(
+                config, leases, attrs.public_ip, previous, self._rng, candidates=pool
+            )
+            if choice is None and not relist:  # perhaps freed meanwhile: look at everything
+                listed, revision = await self.registry.list_leases(expirations=False)
+                known = {lease.key: lease for lease in listed}
+                leases = listed
+                choice = allocation.choose(
+                    config, leases, attrs.public_ip, previous, self._rng, candidates=pool
+                )
             if choice is None:
                 raise OutOfSubnets(
                     f"out of subnets: no free /{config.subnet_len} left between "
@@ -174,6 +204,9 @@ class SubnetManager:
                     f"in {config.network} ({len(leases)} leases); widen Network or SubnetMin/"
                     "SubnetMax, or delete stale leases"
                 )
+            # Only a lost create race is repaired by the keys created since; after anything
+            # else (an own lease that changed under us) the next attempt lists everything.
+            relist = choice.existing is not None
             if choice.existing is not None:
                 lease = await self.registry.update_lease(choice.existing, attrs, self.ttl)
             else:

@@ -77,12 +77,18 @@ class Registry(Protocol):
 
     async def put_config_text(self, text: str) -> None: ...
 
-    async def list_leases(self, *, expirations: bool = True) -> tuple[list[Lease], int]:
+    async def list_leases(
+        self, *, expirations: bool = True, created_after: int = 0
+    ) -> tuple[list[Lease], int]:
         """Valid leases and the store revision; malformed ones are logged and skipped.
 
         `expirations=False` skips looking up each etcd lease's time to live: leases whose
         expiry is not known yet get `expiration=math.inf` (still not None, so they are told
-        from reservations). Allocation needs nothing more."""
+        from reservations). Allocation needs nothing more.
+
+        `created_after=REVISION` lists only the keys created after that revision (a key
+        deleted meanwhile is not reported): what a host that lost a race needs to add to the
+        list it had."""
         ...
 
     async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
@@ -189,9 +195,13 @@ class EtcdRegistry:
     def timeout(self) -> float:
         return self.opts.timeout
 
-    async def _range(self, key: bytes, range_end: bytes | None = None) -> Any:
+    async def _range(
+        self, key: bytes, range_end: bytes | None = None, min_create_revision: int = 0
+    ) -> Any:
         async def go(c: EtcdConnection, md: Any) -> Any:
-            req = rpc.RangeRequest(key=key, range_end=range_end or b"")
+            req = rpc.RangeRequest(
+                key=key, range_end=range_end or b"", min_create_revision=min_create_revision
+            )
             return await c.kv.Range(req, timeout=self.timeout, metadata=md)
 
         return await self._conn.call("get", go)
@@ -318,7 +328,11 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ leases
 
-    async def list_leases(self, *, expirations: bool = True) -> tuple[list[Lease], int]:
+    async def list_leases(
+        self, *, expirations: bool = True, created_after: int = 0
+    ) -> tuple[list[Lease], int]:
+        if created_after > 0:
+            return await self._list_created_after(created_after, expirations)
         resp = await self._range(self._subnets, self._subnets_end)
         ids = {kv.lease for kv in resp.kvs}
         if expirations:
@@ -331,20 +345,47 @@ class EtcdRegistry:
         decoded: dict[bytes, tuple[bytes, int, Lease | None]] = {}
         old = self._decoded
         for kv in resp.kvs:
-            key, value, lease_id = kv.key, kv.value, kv.lease
-            hit = old.get(key)
-            if hit is not None and hit[0] == value and hit[1] == lease_id:
-                lease = hit[2]  # unchanged since the last list (a malformed one was logged then)
-                if lease is not None and lease_id and lease.expiration == math.inf:
-                    known = self._expiry.get(lease_id)
-                    if known is not None:
-                        lease = replace(lease, expiration=known)
-            else:
-                lease = self._decode(key, value, lease_id, math.inf if not expirations else 0.0)
-            decoded[key] = (value, lease_id, lease)
+            lease = self._decode_cached(old, decoded, kv, expirations)
             if lease is not None:
                 leases.append(lease)
         self._decoded = decoded
+        return leases, int(resp.header.revision)
+
+    def _decode_cached(
+        self,
+        old: dict[bytes, tuple[bytes, int, Lease | None]],
+        new: dict[bytes, tuple[bytes, int, Lease | None]],
+        kv: Any,
+        expirations: bool,
+    ) -> Lease | None:
+        """Decode `kv`, or reuse its lease from `old` when its value and etcd lease are the
+        same; record it in `new`."""
+        key, value, lease_id = kv.key, kv.value, kv.lease
+        hit = old.get(key)
+        if hit is not None and hit[0] == value and hit[1] == lease_id:
+            lease = hit[2]  # unchanged since the last list (a malformed one was logged then)
+            if lease is not None and lease_id and lease.expiration == math.inf:
+                known = self._expiry.get(lease_id)
+                if known is not None:
+                    lease = replace(lease, expiration=known)
+        else:
+            lease = self._decode(key, value, lease_id, math.inf if not expirations else 0.0)
+        new[key] = (value, lease_id, lease)
+        return lease
+
+    async def _list_created_after(
+        self, revision: int, expirations: bool
+    ) -> tuple[list[Lease], int]:
+        """The keys created after `revision`, through the decoded cache of the full lists (into
+        which they go too: concurrent acquisitions on one registry see the same new keys)."""
+        resp = await self._range(self._subnets, self._subnets_end, revision + 1)
+        if expirations:
+            await self._expirations({kv.lease for kv in resp.kvs})
+        leases = []
+        for kv in resp.kvs:
+            lease = self._decode_cached(self._decoded, self._decoded, kv, expirations)
+            if lease is not None:
+                leases.append(lease)
         return leases, int(resp.header.revision)
 
     async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:

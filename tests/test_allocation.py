@@ -150,3 +150,13 @@ def test_choose_skips_a_dual_stack_lease_of_ours() -> None:
     choice = choose(config(), [dual], ME, rng=random.Random(4))
     assert choice is not None and choice.reason == "random"
     assert not choice.subnet.overlaps(dual.subnet)
+
+
+def test_choose_draws_from_a_wider_pool_when_asked() -> None:
+    c = config("10.0.0.0/8")
+    seen = {
+        choose(c, [], ME, rng=random.Random(s), candidates=400).subnet  # type: ignore[union-attr]
+        for s in range(200)
+    }
+    assert any(s > IPv4Network("10.0.100.0/24") for s in seen)  # beyond flannel's 100
+    assert all(IPv4Network("10.0.1.0/24") <= s <= IPv4Network("10.1.144.0/24") for s in seen)

@@ -279,3 +279,44 @@ async def test_keep_rides_out_an_etcd_restart_without_losing_the_lease(
             assert new.subnet == own.subnet
         finally:
             await stop(task)
+
+
+class RacedRegistry(EtcdRegistry):
+    """The real registry, with another host's moves injected right before our first create:
+    the only way to make a race land at an exact moment. etcd and the code are all real."""
+
+    interfere: Callable[[], Awaitable[None]] | None = None
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        interfere, self.interfere = self.interfere, None
+        if interfere is not None:
+            await interfere()
+        return await super().create_lease(subnet, attrs, ttl)
+
+
+async def test_a_lost_race_retries_with_the_keys_created_since_and_relists_when_full(
+    make_registry: MakeRegistry, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    cfg = config("10.50.0.0/22")  # three free /24s: 10.50.1.0, 10.50.2.0, 10.50.3.0
+    other = await make_registry()
+    held = [await SubnetManager(other).acquire(cfg, host(i)) for i in (1, 2)]
+    free = ({IPv4Network(f"10.50.{i}.0/24") for i in (1, 2, 3)} - {x.subnet for x in held}).pop()
+    opts = EtcdOptions(endpoints=(etcd_server.endpoint,), prefix=etcd_prefix)
+    async with RacedRegistry(opts) as ours:
+
+        async def another_host_moves() -> None:
+            # Takes the one subnet we saw free, and a lease we saw taken goes away.
+            assert await other.create_lease(free, host(3), 600) is not None
+            assert await other.delete_lease(held[0].subnet)
+
+        ours.interfere = another_host_moves
+        got = await SubnetManager(ours).acquire(cfg, host(9))
+    # The keys created since our list show `free` taken; our view still holds the deleted
+    # lease, so it looks full: a full list then finds the freed subnet.
+    assert got.subnet == held[0].subnet and got.attrs == host(9)
+    stored, _ = await other.list_leases()
+    assert {(x.subnet, x.attrs.public_ip) for x in stored} == {
+        (held[0].subnet, host(9).public_ip),
+        (held[1].subnet, host(2).public_ip),
+        (free, host(3).public_ip),
+    }

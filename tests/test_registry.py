@@ -376,3 +376,22 @@ async def test_dual_stack_keys_from_flannel_are_read(
     assert str(lease.attrs.public_ipv6) == "fd00::12"
     assert lease.key == "10.12.13.0-24&fd00:12:13::-56"
     assert lease.attrs.to_json().encode() == value
+
+
+async def test_list_created_after_a_revision_gives_only_newer_keys(
+    registry: EtcdRegistry, raw: aetcd.Client
+) -> None:
+    old = await registry.create_lease(IPv4Network("10.5.70.0/24"), VXLAN, 600)
+    gone = await registry.create_lease(IPv4Network("10.5.71.0/24"), VXLAN, 600)
+    assert old is not None and gone is not None
+    _, revision = await registry.list_leases(expirations=False)
+    await registry.update_lease(old, LeaseAttrs(IPv4Address("192.168.64.3")), 600)  # rewritten
+    await registry.delete_lease(gone.subnet)
+    new = await registry.create_lease(IPv4Network("10.5.72.0/24"), VXLAN, 600)
+    assert new is not None
+    listed, head = await registry.list_leases(expirations=False, created_after=revision)
+    assert [(x.subnet, x.attrs) for x in listed] == [(new.subnet, VXLAN)]
+    assert head > revision
+    assert await registry.list_leases(expirations=False, created_after=head) == ([], head)
+    everything, _ = await registry.list_leases()
+    assert {str(x.subnet) for x in everything} == {"10.5.70.0/24", "10.5.72.0/24"}
