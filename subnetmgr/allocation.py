@@ -44,12 +44,13 @@ def _free_starts(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int
     addr = int(config.subnet_min.network_address)
     last = int(config.subnet_max.network_address)
     spans = _merged_spans(taken)
+    n = len(spans)
     i = 0
     out: list[int] = []
     while addr <= last and len(out) < limit:
-        while i < len(spans) and spans[i][1] <= addr:
+        while i < n and spans[i][1] <= addr:
             i += 1
-        if i < len(spans) and spans[i][0] < addr + step:
+        if i < n and spans[i][0] < addr + step:
             # Overlaps a taken range: jump to the first aligned subnet after it.
             end = spans[i][1]
             addr += ((end - addr + step - 1) // step) * step

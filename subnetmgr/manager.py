@@ -17,6 +17,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from ipaddress import IPv6Network
 from types import MappingProxyType
 
 from subnetmgr import allocation
@@ -167,13 +168,13 @@ class SubnetManager:
                 "(no IPv6 subnet in the lease key); IPv6 traffic is not routed"
             )
             self._warned_ipv6 = True
-        known: dict[str, Lease] = {}
+        known: dict[tuple[Subnet, IPv6Network | None], Lease] = {}
         revision = 0
         relist = True
         for attempt in range(1, self.max_attempts + 1):
             if relist:
                 listed, revision = await self.registry.list_leases(expirations=False)
-                known = {lease.key: lease for lease in listed}
+                known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
             else:
                 # We lost a create race: add the keys created since our list (one, or a few
                 # when many hosts join at once) instead of listing and decoding every lease
@@ -181,7 +182,7 @@ class SubnetManager:
                 new, revision = await self.registry.list_leases(
                     expirations=False, created_after=revision
                 )
-                known.update((lease.key, lease) for lease in new)
+                known.update(((lease.subnet, lease.ipv6_subnet), lease) for lease in new)
             leases = list(known.values())
             # Flannel picks among the first 100 free subnets. After a lost race, pick among
             # more (400, then 1,600): hosts joining at once then stop colliding on the same
@@ -192,7 +193,7 @@ class SubnetManager:
             )
             if choice is None and not relist:  # perhaps freed meanwhile: look at everything
                 listed, revision = await self.registry.list_leases(expirations=False)
-                known = {lease.key: lease for lease in listed}
+                known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
                 leases = listed
                 choice = allocation.choose(
                     config, leases, attrs.public_ip, previous, self._rng, candidates=pool
