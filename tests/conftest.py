@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import aetcd
 import pytest
 
 from integration.etcdserver import EtcdServer
@@ -57,3 +58,23 @@ def etcd_factory() -> Iterator[Callable[..., EtcdServer]]:
 def unique() -> str:
     """A short unique token for names of namespaces, links and files (kernel names <= 15 chars)."""
     return uuid.uuid4().hex[:6]
+
+
+def raw_client(server: EtcdServer) -> aetcd.Client:
+    host, port = server.endpoint.rsplit("//", 1)[1].rsplit(":", 1)
+    return aetcd.Client(host=host, port=int(port), timeout=5)
+
+
+@pytest.fixture
+async def raw(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
+    """aetcd's own client, to check and disturb etcd independently of the code under test.
+
+    Deletes the test's prefix at the end.
+    """
+    client = raw_client(etcd_server)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.delete_prefix(etcd_prefix.encode())
+        await client.close()

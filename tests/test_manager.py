@@ -16,21 +16,9 @@ from integration.etcdserver import EtcdServer
 from subnetmgr.manager import OutOfSubnets, SubnetManager
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
 from subnetmgr.registry import EtcdOptions, EtcdRegistry
-from tests.test_registry import raw_client
+from tests.conftest import raw_client
 
 MakeRegistry = Callable[[], Awaitable[EtcdRegistry]]
-
-
-@pytest.fixture
-async def raw(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    """aetcd's own client, to check and disturb etcd independently of the code under test."""
-    client = raw_client(etcd_server)
-    await client.connect()
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
 
 
 @pytest.fixture

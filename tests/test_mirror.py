@@ -17,7 +17,7 @@ from integration.etcdserver import EtcdServer
 from subnetmgr.manager import LeaseMirror, SubnetManager
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
 from subnetmgr.registry import EtcdOptions, EtcdRegistry
-from tests.test_registry import raw_client
+from tests.conftest import raw_client
 
 
 def attrs(i: int) -> LeaseAttrs:
@@ -77,17 +77,6 @@ async def registry_for(server: EtcdServer, prefix: str) -> AsyncIterator[EtcdReg
     opts = EtcdOptions(endpoints=(server.endpoint,), prefix=prefix, timeout=2)
     async with await EtcdRegistry.connect(opts) as reg:
         yield reg
-
-
-@pytest.fixture
-async def raw(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    client = raw_client(etcd_server)
-    await client.connect()
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
 
 
 async def test_list_then_watch_reports_adds_changes_and_removals(

@@ -20,6 +20,7 @@ import pytest
 from integration.etcdserver import EtcdServer, TLSFiles, free_port
 from subnetmgr.model import LeaseAttrs
 from subnetmgr.registry import EtcdOptions, EtcdRegistry, LeaseLost, RegistryError
+from tests.conftest import raw_client
 from tests.tls import make_pki
 
 VXLAN = LeaseAttrs(
@@ -30,22 +31,6 @@ VXLAN_BYTES = (
     b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
 )
 S1 = IPv4Network("10.5.52.0/24")
-
-
-def raw_client(server: EtcdServer) -> aetcd.Client:
-    host, port = server.endpoint.rsplit("//", 1)[1].rsplit(":", 1)
-    return aetcd.Client(host=host, port=int(port), timeout=5)
-
-
-@pytest.fixture
-async def raw(etcd_server: EtcdServer, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    client = raw_client(etcd_server)
-    await client.connect()
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
 
 
 @pytest.fixture
