@@ -274,6 +274,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for v in variants:
         if v not in ("default", "no-expirations"):
             raise SystemExit(f"--variants: {v!r} is not one of default, no-expirations")
+    if sizes[0] < 1:
+        raise SystemExit("--sizes: at least 1 lease (the clock stops on the kernel's entries)")
     if sizes[-1] > POOL.num_addresses // 256:
         raise SystemExit(f"--sizes: at most {POOL.num_addresses // 256} leases")
     lab = ColdStartLab(f"cs{uuid.uuid4().hex[:6]}", progress=log)
