@@ -12,8 +12,8 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any, TypeVar
 
 DEFAULT_PREFIX = "/coreos.com/network"
 LEASE_TTL_SECONDS = 24 * 3600
@@ -223,29 +223,7 @@ class NetworkConfig:
         if network.prefixlen > 28:
             raise ConfigError("Network", net_raw, "too small: the prefix must be /28 or shorter")
 
-        if doc.get("subnetlen") is not None and not (
-            type(doc["subnetlen"]) is int and doc["subnetlen"] == 0
-        ):
-            subnet_len = _int(doc, "subnetlen", "SubnetLen")
-        elif network.prefixlen <= 22:
-            subnet_len = 24
-        else:
-            subnet_len = network.prefixlen + 2
-        if subnet_len > 30:
-            raise ConfigError("SubnetLen", subnet_len, "must be 30 or less")
-        if subnet_len < network.prefixlen + 2:
-            raise ConfigError(
-                "SubnetLen",
-                subnet_len,
-                f"must be at least the network prefix + 2 (/{network.prefixlen + 2} for {network})",
-            )
-        step = 1 << (32 - subnet_len)
-        first = int(network.network_address)
-        last = int(network.broadcast_address) + 1 - step
-        subnet_min = _bound(doc, "subnetmin", "SubnetMin", network, subnet_len, first + step)
-        subnet_max = _bound(doc, "subnetmax", "SubnetMax", network, subnet_len, last)
-        if int(subnet_min.network_address) > int(subnet_max.network_address):
-            raise ConfigError("SubnetMin", str(subnet_min.network_address), "is above SubnetMax")
+        subnet_len, subnet_min, subnet_max = _subnet_range(doc, network)
 
         ipv6_network = None
         v6_len = 0
@@ -260,7 +238,7 @@ class NetworkConfig:
                 raise ConfigError(
                     "IPv6Network", v6_raw, "too small: the prefix must be /124 or shorter"
                 )
-            v6_len, v6_min, v6_max = _ipv6_subnets(doc, ipv6_network)
+            v6_len, v6_min, v6_max = _subnet_range(doc, ipv6_network)
 
         backend_raw = doc.get("backend")
         defaulted = backend_raw is None
@@ -312,65 +290,57 @@ def _int(doc: Mapping[str, Any], key: str, name: str) -> int:
     return value
 
 
-def _bound(
-    doc: Mapping[str, Any], key: str, name: str, network: IPv4Network, subnet_len: int, default: int
-) -> IPv4Network:
-    raw = doc.get(key)
-    if raw in (None, ""):
-        return IPv4Network((default, subnet_len))
-    try:
-        addr = IPv4Address(str(raw).split("/")[0])
-    except ValueError:
-        raise ConfigError(name, raw, "not an IPv4 address") from None
-    if addr not in network:
-        raise ConfigError(name, raw, f"is outside Network {network}")
-    step = 1 << (32 - subnet_len)
-    if (int(addr) - int(network.network_address)) % step:
-        raise ConfigError(name, raw, f"is not aligned to SubnetLen /{subnet_len}")
-    return IPv4Network((int(addr), subnet_len))
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
 
-def _ipv6_subnets(
-    doc: Mapping[str, Any], network: IPv6Network
-) -> tuple[int, IPv6Network, IPv6Network]:
-    """IPv6SubnetLen, IPv6SubnetMin and IPv6SubnetMax, checked like their IPv4 twins."""
-    if doc.get("ipv6subnetlen") is not None and not (
-        type(doc["ipv6subnetlen"]) is int and doc["ipv6subnetlen"] == 0
-    ):
-        subnet_len = _int(doc, "ipv6subnetlen", "IPv6SubnetLen")
-    elif network.prefixlen <= 62:
-        subnet_len = 64
+def _subnet_range(doc: Mapping[str, Any], network: _Net) -> tuple[int, _Net, _Net]:
+    """SubnetLen, SubnetMin and SubnetMax (or their IPv6 twins) with flannel's defaults, checked.
+
+    SubnetLen defaults to 24 (IPv6: 64) for a network of /22 (/62) or shorter, else the network
+    prefix + 2; it must lie between prefix + 2 and 30 (126). Min defaults to the second subnet,
+    Max to the last; both must lie inside the network, aligned to SubnetLen, Min <= Max.
+    """
+    tag = "IPv6" if network.version == 6 else ""
+    bits = network.max_prefixlen
+    default_len = 64 if network.version == 6 else 24
+    len_key, len_name = f"{tag.lower()}subnetlen", f"{tag}SubnetLen"
+    raw_len = doc.get(len_key)
+    if raw_len is not None and not (type(raw_len) is int and raw_len == 0):
+        subnet_len = _int(doc, len_key, len_name)
+    elif network.prefixlen <= default_len - 2:
+        subnet_len = default_len
     else:
         subnet_len = network.prefixlen + 2
-    if subnet_len > 126:
-        raise ConfigError("IPv6SubnetLen", subnet_len, "must be 126 or less")
+    if subnet_len > bits - 2:
+        raise ConfigError(len_name, subnet_len, f"must be {bits - 2} or less")
     if subnet_len < network.prefixlen + 2:
         raise ConfigError(
-            "IPv6SubnetLen",
+            len_name,
             subnet_len,
             f"must be at least the network prefix + 2 (/{network.prefixlen + 2} for {network})",
         )
-    step = 1 << (128 - subnet_len)
+    step = 1 << (bits - subnet_len)
     first = int(network.network_address)
     last = int(network.broadcast_address) + 1 - step
     bounds = []
-    for key, name, default in (
-        ("ipv6subnetmin", "IPv6SubnetMin", first + step),
-        ("ipv6subnetmax", "IPv6SubnetMax", last),
-    ):
-        raw = doc.get(key)
+    for bound, default in (("Min", first + step), ("Max", last)):
+        name = f"{tag}Subnet{bound}"
+        raw = doc.get(name.lower())
         if raw in (None, ""):
-            bounds.append(IPv6Network((default, subnet_len)))
+            bounds.append(type(network)((default, subnet_len)))
             continue
         try:
-            addr = IPv6Address(str(raw).split("/")[0])
+            addr = ip_address(str(raw).split("/")[0])
         except ValueError:
-            raise ConfigError(name, raw, "not an IPv6 address") from None
+            addr = None
+        if addr is None or addr.version != network.version:
+            raise ConfigError(name, raw, f"not an IPv{network.version} address")
         if addr not in network:
-            raise ConfigError(name, raw, f"is outside IPv6Network {network}")
+            raise ConfigError(name, raw, f"is outside {tag}Network {network}")
         if (int(addr) - first) % step:
-            raise ConfigError(name, raw, f"is not aligned to IPv6SubnetLen /{subnet_len}")
-        bounds.append(IPv6Network((int(addr), subnet_len)))
-    if int(bounds[0].network_address) > int(bounds[1].network_address):
-        raise ConfigError("IPv6SubnetMin", str(bounds[0].network_address), "is above IPv6SubnetMax")
-    return subnet_len, bounds[0], bounds[1]
+            raise ConfigError(name, raw, f"is not aligned to {len_name} /{subnet_len}")
+        bounds.append(type(network)((int(addr), subnet_len)))
+    low, high = bounds
+    if int(low.network_address) > int(high.network_address):
+        raise ConfigError(f"{tag}SubnetMin", str(low.network_address), f"is above {tag}SubnetMax")
+    return subnet_len, low, high
