@@ -11,6 +11,8 @@ are malformed ones; the counters are attributes of the backend.
 
 The packet loop runs in two worker processes (tun->udp and udp->tun, see `backends.udp_worker`
 for why processes) and gets the peer table over a socket, so reconcile() never restarts it.
+flannel0 is persistent (TUNSETPERSIST): a daemon that stops or dies leaves it, its address and
+its route in place, and the next one attaches to it (replacing it only when its flags differ).
 By default the TUN device uses virtio-net offloads (the kernel hands over 64 KiB TCP super-packets
 that the loop cuts into MTU-sized packets itself), the socket sends them with UDP_SEGMENT and
 receives with UDP_GRO. On the wire it is still one raw IP packet per datagram.
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from backends import udp_worker
 from backends.base import BackendAttrs, BackendError, ExternalInterface
-from backends.tun import open_tun
+from backends.tun import TunBusy, open_tun
 from subnetmgr.model import Lease, NetworkConfig, Subnet
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ ACCEPTED_TYPES = frozenset({"", "udp"})
 ROLES = ("tx", "rx")
 """One worker process per direction; its index is its stats slot."""
 NETLINK_TIMEOUT = 5.0
+BUSY_WAIT = 5.0
+"""Seconds to wait for a flannel0 still held by a previous loop (its workers exit on EOF)."""
+IFF_TUN_TYPE = 1  # IFLA_TUN_TYPE of a TUN (not TAP) device
 APPLY_TIMEOUT = 5.0
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = 32  # Linux values; the socket module does not export them
@@ -97,13 +102,18 @@ class UdpBackend:
         *,
         device: str = DEVICE,
         options: LoopOptions | None = None,
+        persist: bool = True,
     ) -> None:
+        """`persist`: flannel0 outlives the daemon (TUNSETPERSIST), see `prepare`."""
         self.config = config
         self.ext = ext
         self.device = device
         self.port = _port(config)
         self.options = options or LoopOptions()
         self.mtu = ext.mtu - ENCAP_OVERHEAD
+        self.persist = persist
+        self.reused_device = False
+        """Whether prepare() attached to a flannel0 that was already there (kept as it was)."""
         self._tun: int | None = None
         self._sock: socket.socket | None = None
         self._stats_fd: int | None = None
@@ -116,15 +126,27 @@ class UdpBackend:
     # ------------------------------------------------------------------ Backend protocol
 
     async def prepare(self) -> BackendAttrs:
-        """Create flannel0 (MTU, up) and bind the UDP socket; publish what flannel publishes."""
+        """Create flannel0 (MTU, up) and bind the UDP socket; publish what flannel publishes.
+
+        flannel0 is persistent: stopping or killing the daemon leaves it, its address and its
+        route in place (packets to remote subnets queue and drop there instead of taking
+        another route), and the next prepare() attaches to it. An existing flannel0 that is
+        not a TUN device with our flags (IFF_NO_PI, IFF_VNET_HDR as LoopOptions.vnet_hdr says,
+        single queue) is deleted and created anew, with a log line."""
         if self.mtu < 68:
             raise BackendError(
                 f"udp backend: external interface {self.ext.name} has MTU {self.ext.mtu}; "
                 f"flannel0 needs at least {68 + ENCAP_OVERHEAD}"
             )
         if self._tun is None:
-            self._tun = open_tun(self.device, vnet_hdr=self.options.vnet_hdr, tso=self.options.tso)
-            self._sock = self._bind()
+            self.reused_device = await self._check_existing_device()
+            self._tun = await self._open_device()
+            try:
+                self._sock = self._bind()
+            except BackendError:
+                os.close(self._tun)
+                self._tun = None
+                raise
         await self._configure_link()
         return BackendAttrs("")
 
@@ -175,7 +197,9 @@ class UdpBackend:
             await self._send_table()
 
     async def close(self) -> None:
-        """Stop the loop (EOF on its control sockets) and release our descriptors."""
+        """Stop the loop (EOF on its control sockets) and release our descriptors.
+
+        A persistent flannel0 stays, with its address and route, for the next daemon."""
         for _proc, ctl in self._workers:
             ctl.close()
         for proc, _ctl in self._workers:
@@ -251,6 +275,71 @@ class UdpBackend:
         return bool(self._workers) and all(p.returncode is None for p, _ in self._workers)
 
     # ------------------------------------------------------------------ internals
+
+    async def _check_existing_device(self) -> bool:
+        """True when a compatible flannel0 exists (we attach to it); delete an incompatible one."""
+        from pyroute2 import AsyncIPRoute
+
+        want_vnet = 1 if self.options.vnet_hdr else 0
+        try:
+            async with asyncio.timeout(NETLINK_TIMEOUT), AsyncIPRoute() as ipr:
+                idx = await ipr.link_lookup(ifname=self.device)
+                if not idx:
+                    log.info("udp backend: creating %s", self.device)
+                    return False
+                links = list(await ipr.link("get", index=idx[0]))
+                info = links[0].get("IFLA_LINKINFO") if links else None
+                kind = info.get("IFLA_INFO_KIND") if info else None
+                data = info.get("IFLA_INFO_DATA") if info else None
+                found = {
+                    "kind": kind,
+                    "type": data.get("IFLA_TUN_TYPE") if data else None,
+                    "pi": data.get("IFLA_TUN_PI") if data else None,
+                    "vnet_hdr": data.get("IFLA_TUN_VNET_HDR") if data else None,
+                    "multi_queue": data.get("IFLA_TUN_MULTI_QUEUE") if data else None,
+                    "persist": data.get("IFLA_TUN_PERSIST") if data else None,
+                }
+                want = {"kind": "tun", "type": IFF_TUN_TYPE, "pi": 0, "vnet_hdr": want_vnet,
+                        "multi_queue": 0}  # fmt: skip
+                if all(found[k] == v for k, v in want.items()):
+                    log.info(
+                        "udp backend: attaching to the existing %s (index %d, persistent %s), "
+                        "keeping its address and routes",
+                        self.device,
+                        idx[0],
+                        bool(found["persist"]),
+                    )
+                    return True
+                log.warning(
+                    "udp backend: replacing the existing %s: it is %s, we need %s",
+                    self.device,
+                    {k: found[k] for k in want},
+                    want,
+                )
+                await ipr.link("del", index=idx[0])
+                return False
+        except (OSError, TimeoutError) as e:
+            raise BackendError(
+                f"udp backend: cannot inspect or replace the existing {self.device}: {e!r}; "
+                f"delete it with `ip link del {self.device}`"
+            ) from None
+
+    async def _open_device(self) -> int:
+        """open_tun, waiting up to BUSY_WAIT s for a previous loop's workers to let go."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_WAIT
+        while True:
+            try:
+                return open_tun(
+                    self.device,
+                    vnet_hdr=self.options.vnet_hdr,
+                    tso=self.options.tso,
+                    persist=self.persist,
+                )
+            except TunBusy:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -519,6 +519,8 @@ def _with_flannel_style_peer(lab: Lab, binary: str) -> None:
     assert gcc, "gcc is needed to build the flannel-style peer"
     sh(gcc, "-O2", "-o", binary, str(ROOT / "bench" / "udp_baseline.c"))
     lab.b.close()
+    # Our flannel0 is persistent and outlives the driver; the C peer makes its own device.
+    sh("ip", "-n", lab.hb, "link", "del", "flannel0")
     peer = subprocess.Popen(
         ["ip", "netns", "exec", lab.hb, binary, "flannel0", HB_IP, "8285", "10.201.1.0", "24",
          HA_IP],
@@ -561,3 +563,59 @@ def test_a_dead_worker_is_restarted_by_the_next_reconcile(lab: Lab) -> None:
     new_tx, new_rx = lab.b.pids()
     assert new_tx == tx and new_rx != rx
     assert tcp_probe(lab.ca, lab.cb, CB, 5011, size=100_000) == f"{CA} 100001"
+
+
+def flannel0(ns: str) -> tuple[dict[str, object], set[str], set[str]]:
+    """flannel0's link (with -d details), its IPv4 addresses and the routes through it."""
+    link = json.loads(sh("ip", "-n", ns, "-j", "-d", "link", "show", "flannel0").stdout)[0]
+    addrs = json.loads(sh("ip", "-n", ns, "-j", "-4", "addr", "show", "flannel0").stdout)[0]
+    routes = json.loads(sh("ip", "-n", ns, "-j", "route", "show", "dev", "flannel0").stdout)
+    return (
+        link,
+        {f"{a['local']}/{a['prefixlen']}" for a in addrs["addr_info"]},
+        {r["dst"] for r in routes},
+    )
+
+
+def test_flannel0_outlives_the_backend_and_is_reused(lab: Lab) -> None:
+    link, addrs, routes = flannel0(lab.hb)
+    assert link["linkinfo"]["info_data"]["persist"] is True
+    lab.b.close()  # the backend stops: workers gone, descriptors closed
+    # The device, its address and the route stay: nothing falls back to another route.
+    after_link, after_addrs, after_routes = flannel0(lab.hb)
+    assert after_link["ifindex"] == link["ifindex"]
+    assert (after_addrs, after_routes) == ({"10.201.2.0/32"}, {NETWORK})
+    assert (addrs, routes) == (after_addrs, after_routes)
+    lab.drivers["b"] = Driver(lab.hb, lab.ub, B_SUB)
+    lab.b.peers((A_SUB, HA_IP, "udp"))
+    again_link, again_addrs, again_routes = flannel0(lab.hb)
+    assert again_link["ifindex"] == link["ifindex"]  # attached to, not recreated
+    assert (again_addrs, again_routes) == (addrs, routes)
+    assert tcp_probe(lab.ca, lab.cb, CB, 5015, size=100_000) == f"{CA} 100001"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        ["tuntap", "add", "dev", "flannel0", "mode", "tun", "pi", "vnet_hdr"],  # packet info on
+        ["tuntap", "add", "dev", "flannel0", "mode", "tun"],  # no vnet header
+        ["tuntap", "add", "dev", "flannel0", "mode", "tap", "vnet_hdr"],  # a TAP device
+        ["link", "add", "flannel0", "type", "veth", "peer", "name", "flannel0p"],  # no TUN
+    ],
+    ids=["tun-pi", "tun-no-vnet", "tap", "veth"],
+)
+def test_an_incompatible_flannel0_is_replaced(lab: Lab, make: list[str]) -> None:
+    lab.b.close()
+    sh("ip", "-n", lab.hb, "link", "del", "flannel0")
+    sh("ip", "-n", lab.hb, *make)
+    stranger = json.loads(sh("ip", "-n", lab.hb, "-j", "link", "show", "flannel0").stdout)[0]
+    lab.drivers["b"] = Driver(lab.hb, lab.ub, B_SUB)
+    lab.b.peers((A_SUB, HA_IP, "udp"))
+    link, addrs, routes = flannel0(lab.hb)
+    assert link["ifindex"] != stranger["ifindex"]
+    info = link["linkinfo"]["info_data"]
+    assert (link["linkinfo"]["info_kind"], info["type"], info["pi"], info["vnet_hdr"]) == (
+        "tun", "tun", False, True,
+    )  # fmt: skip
+    assert (addrs, routes) == ({"10.201.2.0/32"}, {NETWORK})
+    assert tcp_probe(lab.ca, lab.cb, CB, 5016) == f"{CA} 101"
