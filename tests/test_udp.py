@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -565,7 +566,7 @@ def test_a_dead_worker_is_restarted_by_the_next_reconcile(lab: Lab) -> None:
     assert tcp_probe(lab.ca, lab.cb, CB, 5011, size=100_000) == f"{CA} 100001"
 
 
-def flannel0(ns: str) -> tuple[dict[str, object], set[str], set[str]]:
+def flannel0(ns: str) -> tuple[dict[str, Any], set[str], set[str]]:
     """flannel0's link (with -d details), its IPv4 addresses and the routes through it."""
     link = json.loads(sh("ip", "-n", ns, "-j", "-d", "link", "show", "flannel0").stdout)[0]
     addrs = json.loads(sh("ip", "-n", ns, "-j", "-4", "addr", "show", "flannel0").stdout)[0]
