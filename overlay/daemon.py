@@ -167,6 +167,9 @@ class Overlayd:
                  config.subnet_len, config.backend_type)  # fmt: skip
         try:
             self.backend = backends.create(config, self.ext)
+            counters = getattr(self.backend, "counters", None)
+            if callable(counters):  # the udp backend's packet loop counters, on /metrics
+                self.metrics.publish_backend_counters(self.backend.type, counters)
             attrs = await self.backend.prepare()
         except BackendError as e:
             raise FatalError(f"backend {config.backend_type!r}: {e}") from None

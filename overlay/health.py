@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 5.0
+_METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def _escape(value: str) -> str:
@@ -56,6 +59,16 @@ class Metrics:
     masq_resyncs: int = 0
     masq_repairs: int = 0
     started: float = field(default_factory=time.time)
+    backend_type: str = ""
+    backend_counters: Callable[[], Mapping[str, int]] | None = None
+    """The backend's `counters()` when it has one (udp): each one is rendered at every scrape
+    as `overlay_<backend_type>_<name>`, e.g. `overlay_udp_tx_packets`."""
+
+    def publish_backend_counters(
+        self, backend_type: str, counters: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self.backend_type = backend_type
+        self.backend_counters = counters
 
     def observe_reconcile(self, kind: str, seconds: float, ok: bool) -> None:
         self.reconciles[kind] += 1
@@ -115,7 +128,26 @@ class Metrics:
                [("", self.masq_resyncs)])  # fmt: skip
         metric("overlay_masq_repairs_total", "counter", "iptables rule checks that rewrote rules.",
                [("", self.masq_repairs)])  # fmt: skip
+        self._render_backend_counters(metric)
         return "\n".join(out) + "\n"
+
+    def _render_backend_counters(
+        self, metric: Callable[[str, str, str, list[tuple[str, float]]], None]
+    ) -> None:
+        if self.backend_counters is None:
+            return
+        try:
+            values = dict(self.backend_counters())
+        except Exception as e:  # a scrape must not fail because of a backend bug
+            log.warning("metrics: cannot read the %s backend's counters: %r", self.backend_type, e)
+            return
+        for name, value in values.items():
+            full = f"overlay_{self.backend_type}_{name}"
+            if not _METRIC_NAME.fullmatch(full):
+                log.debug("metrics: skipping backend counter %r (not a metric name)", name)
+                continue
+            metric(full, "counter", f"{self.backend_type} backend: {name.replace('_', ' ')}.",
+                   [("", value)])  # fmt: skip
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",

@@ -95,3 +95,34 @@ def test_sd_notify_sends_to_notify_socket(tmp_path: Path) -> None:
     assert sd_notify("READY=1", environ={}) is False
     # A socket that went away is logged, not raised.
     assert sd_notify("READY=1", environ={"NOTIFY_SOCKET": str(path)}) is False
+
+
+async def test_backend_counters_are_published_at_every_scrape() -> None:
+    # The counters come from a plain function standing in for UdpBackend.counters (the real
+    # backend's counters on a real daemon's /metrics: tests/test_integration_udp.py).
+    values = {"tx_packets": 5, "dropped_unknown_source": 0, "bad-name": 1}
+    metrics = Metrics()
+    server = HealthServer(metrics, "127.0.0.1", 0, serve_metrics=True)
+    port = await server.start()
+    try:
+        _, text = await http_get(port, "/metrics")
+        assert "overlay_udp_" not in text  # no backend counters published yet
+        metrics.publish_backend_counters("udp", lambda: values)
+        _, text = await http_get(port, "/metrics")
+        lines = text.splitlines()
+        assert "# TYPE overlay_udp_tx_packets counter" in lines
+        assert "overlay_udp_tx_packets 5" in lines
+        assert "overlay_udp_dropped_unknown_source 0" in lines
+        assert not any("bad-name" in line for line in lines)  # not a metric name: skipped
+        values["tx_packets"] = 2**40 + 1  # read at every scrape, printed exactly
+        _, text = await http_get(port, "/metrics")
+        assert f"overlay_udp_tx_packets {2**40 + 1}" in text.splitlines()
+
+        def broken() -> dict[str, int]:
+            raise RuntimeError("stats block gone")
+
+        metrics.publish_backend_counters("udp", broken)
+        status, text = await http_get(port, "/metrics")
+        assert status == 200 and "overlay_up 1" in text and "overlay_udp_" not in text
+    finally:
+        await server.close()
