@@ -252,13 +252,19 @@ async def list_like_daemon(lab: Lab, expirations: bool) -> tuple[float, int]:
         await registry.close()
 
 
-async def import_seconds() -> float:
-    """A fresh interpreter importing overlay.daemon (what every start pays)."""
+async def import_figures() -> tuple[float, float]:
+    """A fresh interpreter importing overlay.daemon (what every start pays): seconds, and its
+    peak RSS in MiB (the part of the daemon's memory that does not depend on leases)."""
+    code = "import resource, overlay.daemon; print(resource.getrusage(resource.RUSAGE_SELF)[2])"
     t0 = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import overlay.daemon")
-    if await proc.wait() != 0:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
         raise RuntimeError("importing overlay.daemon failed")
-    return time.perf_counter() - t0
+    return elapsed, int(out) / 1024
 
 
 # --------------------------------------------------------------------------- main
@@ -291,6 +297,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             batch: list[float] = []
             backend: list[float] = []
             imports: list[float] = []
+            import_rss: list[float] = []
             for r in range(args.repeats):
                 for v in variants:
                     lab.variant = v
@@ -299,7 +306,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"N={n} run {r + 1} {v}: {json.dumps(got)}")
                 batch.append(await run_batch(n))
                 backend.append(await run_ours(n))
-                imports.append(await import_seconds())
+                seconds, mib = await import_figures()
+                imports.append(seconds)
+                import_rss.append(mib)
                 log(f"N={n} run {r + 1}: ip -batch {batch[-1]:.3f} s, backend {backend[-1]:.3f} s")
             lists: dict[str, list[float]] = {"expirations": [], "no expirations": []}
             for _ in range(args.repeats):
@@ -314,6 +323,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "ip_batch_s": med(batch),
                 "backend_s": med(backend),
                 "import_s": med(imports),
+                "import_rss_mib": round(statistics.median(import_rss), 1),
                 "list_s": {k: med(v) for k, v in lists.items()},
                 "variants": {},
             }
@@ -347,7 +357,8 @@ def report(result: dict[str, Any], poll: float) -> None:
         print(
             f"  baseline ip -batch + bridge -batch: {e['ip_batch_s']:.3f} s; "
             f"backend alone (in-process reconcile): {e['backend_s']:.3f} s; "
-            f"python -c 'import overlay.daemon': {e['import_s']:.3f} s"
+            f"python -c 'import overlay.daemon': {e['import_s']:.3f} s, "
+            f"{e['import_rss_mib']} MiB RSS"
         )
         for v, d in e["variants"].items():
             t = d["total_s"]
