@@ -239,15 +239,16 @@ async def cold_start(lab: ColdStartLab, n: int, poll: float, settle: float) -> d
 # --------------------------------------------------------------------------- the mirror's list
 
 
-async def list_like_daemon(lab: Lab, expirations: bool) -> tuple[float, int]:
-    """A fresh registry: acquire's list (no expirations), then the mirror's list, timed."""
+async def list_like_daemon(lab: Lab, expirations: bool) -> tuple[float, float, int]:
+    """A fresh registry: acquire's list (no expirations), then the mirror's list, timed:
+    (wall seconds, this process's CPU seconds, leases listed)."""
     opts = EtcdOptions(endpoints=(lab.state.etcd_endpoint,), prefix=lab.state.prefix, timeout=30)
     registry = await EtcdRegistry.connect(opts)
     try:
         await registry.list_leases(expirations=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         leases, _revision = await registry.list_leases(expirations=expirations)
-        return time.perf_counter() - t0, len(leases)
+        return time.perf_counter() - t0, time.process_time() - c0, len(leases)
     finally:
         await registry.close()
 
@@ -311,12 +312,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 import_rss.append(mib)
                 log(f"N={n} run {r + 1}: ip -batch {batch[-1]:.3f} s, backend {backend[-1]:.3f} s")
             lists: dict[str, list[float]] = {"expirations": [], "no expirations": []}
+            list_cpu: dict[str, list[float]] = {"expirations": [], "no expirations": []}
             for _ in range(args.repeats):
                 for key, exp in (("expirations", True), ("no expirations", False)):
-                    seconds, count = await list_like_daemon(lab, exp)
+                    seconds, cpu, count = await list_like_daemon(lab, exp)
                     if count != n:
                         raise RuntimeError(f"listed {count} leases, expected {n}")
                     lists[key].append(seconds)
+                    list_cpu[key].append(cpu)
             entry: dict[str, Any] = {
                 "leases": n,
                 "repeats": args.repeats,
@@ -325,6 +328,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "import_s": med(imports),
                 "import_rss_mib": round(statistics.median(import_rss), 1),
                 "list_s": {k: med(v) for k, v in lists.items()},
+                "list_cpu_s": {k: med(v) for k, v in list_cpu.items()},
                 "variants": {},
             }
             for v, vr in runs.items():
@@ -378,7 +382,8 @@ def report(result: dict[str, Any], poll: float) -> None:
         print(
             f"  mirror list after acquire's list (fresh registry): with expirations "
             f"{ls['expirations']:.3f} s, without {ls['no expirations']:.3f} s "
-            f"(x{ls['expirations'] / max(ls['no expirations'], 1e-9):.1f})"
+            f"(x{ls['expirations'] / max(ls['no expirations'], 1e-9):.1f}); client CPU "
+            f"{e['list_cpu_s']['expirations']:.3f} s vs {e['list_cpu_s']['no expirations']:.3f} s"
         )
     print(f"\nload average at the end: {result['load_at_end']}")
 
