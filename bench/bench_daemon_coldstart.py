@@ -220,6 +220,9 @@ async def cold_start(lab: ColdStartLab, n: int, poll: float, settle: float) -> d
         await asyncio.sleep(settle)
         later = proc_figures(node.daemon_pid)
         log_text = (lab.node_dir(node.index) / "overlayd.log").read_text(errors="replace")
+        bad = [line for line in log_text.splitlines() if " ERROR " in line or "Traceback" in line]
+        if bad:  # a start that went wrong is no figure
+            raise RuntimeError(f"{ns}: overlayd logged errors:\n" + "\n".join(bad[:10]))
         env = SubnetEnv.read(lab.subnet_file(node.index))
         node.subnet = str(env.subnet.network)  # so that remove_node deletes its lease
         lab.save()
