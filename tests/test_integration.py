@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from integration.containers import SubnetEnv
 from integration.etcdserver import EtcdServer
 from integration.lab import Lab
 from integration.netns import in_ns, ip_json, list_netns, pid_alive, run
+from tests.labtools import assert_full_connectivity, eventually, remote_subnets
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -40,31 +41,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         asyncio.run(lab.down())
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, limit: float = 20.0) -> None:
-    """Poll `check` until it holds; fail naming `what` if it never does within `limit` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"never happened within {limit}s: {what}")
-        await asyncio.sleep(0.1)
-
-
 async def overlay_routes(lab: Lab, index: int) -> set[str]:
     """The subnets routed over flannel.1 in host `index`."""
     routes = await ip_json("route", "show", "dev", "flannel.1", ns=lab.node(index).ns)
     return {r["dst"] for r in routes}
-
-
-async def assert_full_connectivity(lab: Lab) -> None:
-    entries = await lab.matrix()
-    n = len(lab.containers())
-    assert len(entries) == n * (n - 1) * 2
-    assert [e for e in entries if not e.ok] == []
-
-
-def remote_subnets(lab: Lab, index: int) -> set[str]:
-    return {str(n.subnet) for n in lab.state.nodes if n.index != index and n.subnet}
 
 
 # --------------------------------------------------------------------------- looking

@@ -31,6 +31,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import bind_layers, raw
 from scapy.utils import rdpcap
 
+from tests.labtools import ICMP_PROBE
+
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,22 +225,6 @@ try:
     print(s.recv(100).decode())
 except OSError as e:
     print("error", e.errno)
-"""
-
-ICMP_PROBE = """
-import socket, struct, sys, select
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR: queue every ICMP error on the socket
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"anyone")
-if not select.select([s], [], [], 3)[0]:
-    print("no answer"); sys.exit()
-msg, anc, flags, addr = s.recvmsg(100, 512, socket.MSG_ERRQUEUE)
-for level, kind, data in anc:
-    if level == socket.IPPROTO_IP and kind == 11:
-        err, origin, icmp_type, code = struct.unpack_from("=IBBB", data)
-        offender = socket.inet_ntoa(data[20:24])
-        print(err, origin, icmp_type, code, offender)
 """
 
 SEND_DATAGRAMS = """
