@@ -236,6 +236,9 @@ async def test_restart_keeps_subnet_device_and_traffic(
     h1 = lab.node(1)
     lease_before = (await lab.leases())[IPv4Network(h1.subnet)]
     device_before = await flannel0(lab, 1)
+    log = lab.node_dir(1) / "overlayd.log"
+    said = "attaching to the existing flannel0" if not delete_device else "creating flannel0"
+    said_before = log.read_text().count(said)
     (_, target) = next((n, c) for n, c in lab.containers() if n.index == 1)
     (_, source) = next((n, c) for n, c in lab.containers() if n.index == 2)
     streamer = await asyncio.create_subprocess_exec(
@@ -271,4 +274,5 @@ async def test_restart_keeps_subnet_device_and_traffic(
         assert index != device_before[0]
     else:
         assert index == device_before[0]  # the restarted daemon attached to the same device
+    assert log.read_text().count(said) == said_before + 1  # and said so in its log
     await assert_full_connectivity(lab)
