@@ -110,6 +110,10 @@ def stop(lab: Lab) -> None:
                 p.kill()
                 p.wait()
     lab.procs.clear()
+    # The udp backend's flannel0 is persistent (it outlives its daemon, as a restart needs):
+    # remove it so that the next variant starts from clean namespaces.
+    for ns in (lab.a, lab.b):
+        sh("ip", "-n", ns, "link", "del", "flannel0", check=False)
 
 
 def start_ours(lab: Lab, flags: list[str]) -> None:
