@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration.containers import SubnetEnv
 from integration.lab import Lab
 from integration.netns import in_ns, netns_pids, run
 from overlay.daemon import FULL_RECONCILE_ENV
@@ -58,17 +59,53 @@ async def wait_listening(ns: str, port: int) -> None:
     raise RuntimeError(f"iperf3 server in {ns} did not start")
 
 
-async def iperf(ns: str, target: str, seconds: int, rt: list[str]) -> float:
+async def iperf(ns: str, target: str, seconds: int, rt: list[str], *extra: str) -> float:
     """Gbit/s received by the server of one iperf3 TCP run from namespace `ns`."""
     out = await run(
-        *rt, "iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+        *rt, "iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", *extra,
         ns=ns, limit=seconds + 30,
     )  # fmt: skip
     doc = json.loads(out)
     return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-async def throughput(backend: str, seconds: int, rounds: int, realtime: bool) -> dict[str, Any]:
+PATHS = ("underlay", "overlay", "underlay_mss", "overlay_host", "direct_c2c")
+"""What `throughput` measures, one iperf3 run each per round, in this order:
+
+- underlay: host h1 -> host h2 on the underlay (eth0 -> br0 -> eth0), MSS from MTU 1500.
+- overlay: container h1c0 -> container h2c0 across the overlay (the headline figure).
+- underlay_mss: the underlay again with the overlay's MSS (`-M`, overlay MTU - 52): how much of
+  the gap is the smaller payload per packet alone.
+- overlay_host: host h1 -> h2's overlay address (the lease's network address on flannel.1 or
+  flannel0): the encapsulation alone, without the container veths, cni0 and forwarding.
+- direct_c2c: container -> container without encapsulation: for this run only, a /32 route
+  to the other container via the other host's underlay address on each host (as host-gw
+  would route), so the same veths, cni0, forwarding and --ip-masq rules, minus the overlay.
+"""
+
+
+async def _direct_routes(lab: Lab, add: bool) -> None:
+    """/32 routes container -> other host's eth0 (host-gw style) on both hosts, or remove them."""
+    h1, h2 = lab.state.nodes
+    for here, there in ((h1, h2), (h2, h1)):
+        dst = there.containers[0].ip
+        if add:
+            await run("ip", "route", "replace", f"{dst}/32", "via", there.ip, "dev", "eth0",
+                      ns=here.ns)  # fmt: skip
+        else:
+            await run("ip", "route", "del", f"{dst}/32", ns=here.ns, check=False)
+
+
+async def _set_rps(lab: Lab, mask: str) -> None:
+    """Receive packet steering on every host's underlay eth0 (see --rps)."""
+    for node in lab.state.nodes:
+        await run("sh", "-c", f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus",
+                  ns=node.ns)  # fmt: skip
+
+
+async def throughput(
+    backend: str, seconds: int, rounds: int, realtime: bool, rps: bool = False
+) -> dict[str, Any]:
     rt = ["chrt", "--fifo", "10"] if realtime else []
     lab = Lab(f"b{uuid.uuid4().hex[:6]}", progress=log)
     servers: list[asyncio.subprocess.Process] = []
@@ -82,7 +119,9 @@ async def throughput(backend: str, seconds: int, rounds: int, realtime: bool) ->
             for ns in (h1.ns, h2.ns):
                 for pid in await netns_pids(ns):
                     await run("chrt", "--all-tasks", "--fifo", "-p", "10", str(pid))
-        assert c2.ip is not None
+        if rps:
+            await _set_rps(lab, format((1 << (os.cpu_count() or 1)) - 1, "x"))
+        assert c2.ip is not None and c1.ip is not None and h2.subnet is not None
         for ns in (h2.ns, c2.ns):
             servers.append(
                 await asyncio.create_subprocess_exec(
@@ -92,24 +131,50 @@ async def throughput(backend: str, seconds: int, rounds: int, realtime: bool) ->
                 )
             )
             await wait_listening(ns, IPERF_PORT)
-        under: list[float] = []
-        over: list[float] = []
+        env = SubnetEnv.read(lab.subnet_file(h1.index))
+        overlay_mss = str(env.mtu - 52)  # IPv4 + TCP headers with timestamps
+        h2_overlay_ip = str(IPv4Network(h2.subnet).network_address)
+        runs: dict[str, list[float]] = {p: [] for p in PATHS}
         for r in range(rounds):
-            under.append(await iperf(h1.ns, h2.ip, seconds, rt))
-            over.append(await iperf(c1.ns, c2.ip, seconds, rt))
-            log(f"{backend} round {r + 1}: underlay {under[-1]:.2f}, overlay {over[-1]:.2f} Gbit/s")
-        mtu = (await run("cat", str(lab.subnet_file(h1.index)))).strip().splitlines()
+            runs["underlay"].append(await iperf(h1.ns, h2.ip, seconds, rt))
+            runs["overlay"].append(await iperf(c1.ns, c2.ip, seconds, rt))
+            runs["underlay_mss"].append(await iperf(h1.ns, h2.ip, seconds, rt, "-M", overlay_mss))
+            runs["overlay_host"].append(await iperf(h1.ns, h2_overlay_ip, seconds, rt))
+            await _direct_routes(lab, add=True)
+            try:
+                runs["direct_c2c"].append(await iperf(c1.ns, c2.ip, seconds, rt))
+            finally:
+                await _direct_routes(lab, add=False)
+            log(
+                f"{backend} round {r + 1}: "
+                + ", ".join(f"{p} {runs[p][-1]:.2f}" for p in PATHS)
+                + " Gbit/s"
+            )
+        med = {p: statistics.median(v) for p, v in runs.items()}
+        under = med["underlay"]
         return {
             "backend": backend,
-            "underlay_gbps": round(statistics.median(under), 2),
-            "overlay_gbps": round(statistics.median(over), 2),
-            "ratio": round(statistics.median(over) / statistics.median(under), 2),
+            "underlay_gbps": round(under, 2),
+            "overlay_gbps": round(med["overlay"], 2),
+            "ratio": round(med["overlay"] / under, 2),
+            "medians_gbps": {p: round(v, 2) for p, v in med.items()},
+            "ratios": {
+                "overlay/underlay": round(med["overlay"] / under, 2),
+                "underlay_mss/underlay": round(med["underlay_mss"] / under, 2),
+                "overlay_host/underlay": round(med["overlay_host"] / under, 2),
+                "direct_c2c/underlay": round(med["direct_c2c"] / under, 2),
+                "overlay/direct_c2c": round(med["overlay"] / med["direct_c2c"], 2),
+            },
+            "round_ratios": [
+                round(o / u, 2) for o, u in zip(runs["overlay"], runs["underlay"], strict=True)
+            ],
             "rounds": rounds,
             "seconds": seconds,
             "realtime": realtime,
-            "underlay_runs": [round(x, 2) for x in under],
-            "overlay_runs": [round(x, 2) for x in over],
-            "subnet_env": mtu,
+            "rps": rps,
+            "runs_gbps": {p: [round(x, 2) for x in v] for p, v in runs.items()},
+            "overlay_mss": int(overlay_mss),
+            "subnet_env": {"mtu": env.mtu, "ipmasq": env.ipmasq},
         }
     finally:
         for s in servers:
@@ -254,7 +319,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for backend in args.backends.split(","):
             try:
                 result["throughput"].append(
-                    await throughput(backend, args.seconds, args.rounds, args.realtime)
+                    await throughput(backend, args.seconds, args.rounds, args.realtime, args.rps)
                 )
             except Exception as e:  # report the other backend's figures anyway
                 log(f"{backend}: failed: {e}")
@@ -282,6 +347,13 @@ def main() -> int:
         help="run iperf3 (client and server) under SCHED_FIFO (chrt) so that other load on a "
         "busy machine does not dominate the figures",
     )
+    parser.add_argument(
+        "--rps",
+        action="store_true",
+        help="receive packet steering over all CPUs on every host's underlay eth0 (for every "
+        "path alike): the receiving host's work may then run on another CPU than the sender's, "
+        "as it does on a real second machine (see docs/lab.md)",
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument(
@@ -301,8 +373,15 @@ def main() -> int:
             print(
                 f"{t['backend']:6} iperf3 TCP: underlay {t['underlay_gbps']:.2f} Gbit/s, "
                 f"overlay {t['overlay_gbps']:.2f} Gbit/s, ratio {t['ratio']:.2f} "
-                f"(median of {t['rounds']} x {t['seconds']} s)"
+                f"(median of {t['rounds']} x {t['seconds']} s{', rps' if t['rps'] else ''})"
             )
+            m = t["medians_gbps"]
+            print(
+                f"       underlay at MSS {t['overlay_mss']} {m['underlay_mss']:.2f}, "
+                f"overlay host->host {m['overlay_host']:.2f}, "
+                f"container->container without encapsulation {m['direct_c2c']:.2f} Gbit/s"
+            )
+            print("       ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratios"].items()))
     for lat in result["latency"]:
         for mode in ("full", "incremental"):
             if mode not in lat:
