@@ -8,7 +8,7 @@ DEB_PACKAGES=(
   etcd-server etcd-client          # the real etcd the daemon, tests and lab use
   mosquitto mosquitto-clients      # the real MQTT broker for events
   containernetworking-plugins      # reference CNI plugins: bridge, host-local, portmap, loopback
-  iproute2 iptables nftables ethtool
+  iproute2 iptables nftables ethtool procps util-linux   # ip, bridge, sysctl, chrt, unshare, nsenter
   iperf3 tcpdump socat             # traffic, capture, baselines
   podman busybox-static            # a real container runtime for the CNI end-to-end test
   python3 python3-venv python3-pip
