@@ -96,16 +96,81 @@ async def _direct_routes(lab: Lab, add: bool) -> None:
             await run("ip", "route", "del", f"{dst}/32", ns=here.ns, check=False)
 
 
-async def _set_rps(lab: Lab, mask: str) -> None:
-    """Receive packet steering on every host's underlay eth0 (see --rps)."""
+# Ablations: (command to apply, command to revert), run in both host namespaces; "{dev}" is
+# the backend's device (flannel.1 or flannel0). Each is one setting an operator could change.
+ABLATIONS: dict[str, tuple[list[str], list[str]]] = {
+    # bridged frames on cni0 skip iptables (br_netfilter's hook); kube-proxy needs it on
+    "no-br-nf": (
+        ["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"],
+        ["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
+    ),
+    # GRO and UDP GRO forwarding on the underlay interface (so VXLAN GRO can happen there)
+    "eth0-gro": (
+        ["ethtool", "-K", "eth0", "gro", "on", "rx-udp-gro-forwarding", "on"],
+        ["ethtool", "-K", "eth0", "gro", "off", "rx-udp-gro-forwarding", "off"],
+    ),
+    # flannel's workaround for the NAT checksum bug (Backend.DisableTxChecksumOffload)
+    "no-tx-csum": (
+        ["ethtool", "-K", "{dev}", "tx-checksum-ip-generic", "off"],
+        ["ethtool", "-K", "{dev}", "tx-checksum-ip-generic", "on"],
+    ),
+    # no connection tracking at all (breaks --ip-masq's NAT: a cost probe, not advice)
+    "notrack": (
+        [
+            "sh",
+            "-c",
+            "iptables -t raw -I PREROUTING -j NOTRACK && iptables -t raw -I OUTPUT -j NOTRACK",
+        ],
+        [
+            "sh",
+            "-c",
+            "iptables -t raw -D PREROUTING -j NOTRACK; iptables -t raw -D OUTPUT -j NOTRACK",
+        ],
+    ),
+    # the masquerade rules' nat chain bypassed (the daemon's rules stay; -t nat only)
+    "no-masq-rules": (
+        ["iptables", "-t", "nat", "-I", "POSTROUTING", "-j", "ACCEPT"],
+        ["iptables", "-t", "nat", "-D", "POSTROUTING", "-j", "ACCEPT"],
+    ),
+}
+
+
+async def _ablate(lab: Lab, name: str, on: bool) -> None:
+    dev = "flannel.1" if lab.state.backend == "vxlan" else "flannel0"
+    argv = [x.replace("{dev}", dev) for x in ABLATIONS[name][0 if on else 1]]
     for node in lab.state.nodes:
-        await run("sh", "-c", f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus",
-                  ns=node.ns)  # fmt: skip
+        await run(*argv, ns=node.ns)
+
+
+async def _split_cpus(lab: Lab, servers: list[int], on: bool) -> None:
+    """Host h1 (the sender) on CPU 0, host h2 (the receiver) on CPU 1, or back to any CPU.
+
+    On two real machines the receiving host's packet processing runs on the receiver's CPUs.
+    In the lab a veth delivers in the sender's context, so h2's whole receive path (underlay
+    eth0, decapsulation, cni0, the container's veth) runs on the sending CPU unless receive
+    packet steering (RPS) on each host's underlay eth0 hands it to that host's CPU. The iperf3
+    servers (in h2 and h2c0) are pinned to CPU 1, the clients (--split-cpus: taskset) to CPU 0.
+    """
+    h1, h2 = lab.state.nodes
+    for node, mask in ((h1, "1"), (h2, "2")):
+        rps = "/sys/class/net/eth0/queues/rx-0/rps_cpus"
+        await run("sh", "-c", f"echo {mask if on else 0} > {rps}", ns=node.ns)
+    any_cpu = f"0-{(os.cpu_count() or 1) - 1}"
+    for pid in servers:
+        await run("taskset", "-a", "-p", "-c", "1" if on else any_cpu, str(pid))
 
 
 async def throughput(
-    backend: str, seconds: int, rounds: int, realtime: bool, rps: bool = False
+    backend: str,
+    seconds: int,
+    rounds: int,
+    realtime: bool,
+    split: bool = False,
+    ablations: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}: use some of {', '.join(ABLATIONS)}")
     rt = ["chrt", "--fifo", "10"] if realtime else []
     lab = Lab(f"b{uuid.uuid4().hex[:6]}", progress=log)
     servers: list[asyncio.subprocess.Process] = []
@@ -119,8 +184,6 @@ async def throughput(
             for ns in (h1.ns, h2.ns):
                 for pid in await netns_pids(ns):
                     await run("chrt", "--all-tasks", "--fifo", "-p", "10", str(pid))
-        if rps:
-            await _set_rps(lab, format((1 << (os.cpu_count() or 1)) - 1, "x"))
         assert c2.ip is not None and c1.ip is not None and h2.subnet is not None
         for ns in (h2.ns, c2.ns):
             servers.append(
@@ -134,44 +197,70 @@ async def throughput(
         env = SubnetEnv.read(lab.subnet_file(h1.index))
         overlay_mss = str(env.mtu - 52)  # IPv4 + TCP headers with timestamps
         h2_overlay_ip = str(IPv4Network(h2.subnet).network_address)
-        runs: dict[str, list[float]] = {p: [] for p in PATHS}
+        # With --split-cpus every round measures all paths twice, as is and with one CPU per
+        # host, side by side.
+        settings = ("", "+split") if split else ("",)
+        server_pids = [srv.pid for srv in servers]
+        rt_all = rt
+        runs: dict[str, list[float]] = {p + st: [] for st in settings for p in PATHS}
+        runs |= {f"overlay:{a}": [] for a in ablations}
         for r in range(rounds):
-            runs["underlay"].append(await iperf(h1.ns, h2.ip, seconds, rt))
-            runs["overlay"].append(await iperf(c1.ns, c2.ip, seconds, rt))
-            runs["underlay_mss"].append(await iperf(h1.ns, h2.ip, seconds, rt, "-M", overlay_mss))
-            runs["overlay_host"].append(await iperf(h1.ns, h2_overlay_ip, seconds, rt))
-            await _direct_routes(lab, add=True)
-            try:
-                runs["direct_c2c"].append(await iperf(c1.ns, c2.ip, seconds, rt))
-            finally:
-                await _direct_routes(lab, add=False)
-            log(
-                f"{backend} round {r + 1}: "
-                + ", ".join(f"{p} {runs[p][-1]:.2f}" for p in PATHS)
-                + " Gbit/s"
-            )
+            for st in settings:
+                await _split_cpus(lab, server_pids, on=bool(st))
+                rt = [*rt_all, "taskset", "-c", "0"] if st else rt_all
+                runs["underlay" + st].append(await iperf(h1.ns, h2.ip, seconds, rt))
+                runs["overlay" + st].append(await iperf(c1.ns, c2.ip, seconds, rt))
+                runs["underlay_mss" + st].append(
+                    await iperf(h1.ns, h2.ip, seconds, rt, "-M", overlay_mss)
+                )
+                runs["overlay_host" + st].append(await iperf(h1.ns, h2_overlay_ip, seconds, rt))
+                await _direct_routes(lab, add=True)
+                try:
+                    runs["direct_c2c" + st].append(await iperf(c1.ns, c2.ip, seconds, rt))
+                finally:
+                    await _direct_routes(lab, add=False)
+                log(
+                    f"{backend} round {r + 1}{st}: "
+                    + ", ".join(f"{p} {runs[p + st][-1]:.2f}" for p in PATHS)
+                    + " Gbit/s"
+                )
+            await _split_cpus(lab, server_pids, on=False)
+            rt = rt_all
+            for a in ablations:
+                await _ablate(lab, a, on=True)
+                try:
+                    runs[f"overlay:{a}"].append(await iperf(c1.ns, c2.ip, seconds, rt))
+                finally:
+                    await _ablate(lab, a, on=False)
+                log(f"{backend} round {r + 1}: overlay with {a}: {runs[f'overlay:{a}'][-1]:.2f}")
         med = {p: statistics.median(v) for p, v in runs.items()}
         under = med["underlay"]
+        ratios: dict[str, float] = {}
+        for st in settings:
+            m = {p: med[p + st] for p in PATHS}
+            ratios |= {
+                f"overlay/underlay{st}": round(m["overlay"] / m["underlay"], 2),
+                f"underlay_mss/underlay{st}": round(m["underlay_mss"] / m["underlay"], 2),
+                f"overlay_host/underlay{st}": round(m["overlay_host"] / m["underlay"], 2),
+                f"direct_c2c/underlay{st}": round(m["direct_c2c"] / m["underlay"], 2),
+                f"overlay/direct_c2c{st}": round(m["overlay"] / m["direct_c2c"], 2),
+            }
+        for a in ablations:
+            ratios[f"overlay:{a}/overlay"] = round(med[f"overlay:{a}"] / med["overlay"], 2)
         return {
             "backend": backend,
             "underlay_gbps": round(under, 2),
             "overlay_gbps": round(med["overlay"], 2),
             "ratio": round(med["overlay"] / under, 2),
             "medians_gbps": {p: round(v, 2) for p, v in med.items()},
-            "ratios": {
-                "overlay/underlay": round(med["overlay"] / under, 2),
-                "underlay_mss/underlay": round(med["underlay_mss"] / under, 2),
-                "overlay_host/underlay": round(med["overlay_host"] / under, 2),
-                "direct_c2c/underlay": round(med["direct_c2c"] / under, 2),
-                "overlay/direct_c2c": round(med["overlay"] / med["direct_c2c"], 2),
-            },
+            "ratios": ratios,
             "round_ratios": [
                 round(o / u, 2) for o, u in zip(runs["overlay"], runs["underlay"], strict=True)
             ],
             "rounds": rounds,
             "seconds": seconds,
             "realtime": realtime,
-            "rps": rps,
+            "split_cpus": split,
             "runs_gbps": {p: [round(x, 2) for x in v] for p, v in runs.items()},
             "overlay_mss": int(overlay_mss),
             "subnet_env": {"mtu": env.mtu, "ipmasq": env.ipmasq},
@@ -315,11 +404,22 @@ async def lease_latency(
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"throughput": [], "latency": []}
+    ablations = tuple(a for a in args.ablations.split(",") if a)
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"--ablations: unknown {unknown}; use some of {', '.join(ABLATIONS)}")
     if not args.skip_throughput:
         for backend in args.backends.split(","):
             try:
                 result["throughput"].append(
-                    await throughput(backend, args.seconds, args.rounds, args.realtime, args.rps)
+                    await throughput(
+                        backend,
+                        args.seconds,
+                        args.rounds,
+                        args.realtime,
+                        args.split_cpus,
+                        ablations,
+                    )
                 )
             except Exception as e:  # report the other backend's figures anyway
                 log(f"{backend}: failed: {e}")
@@ -330,6 +430,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             result["latency"].append(await lease_latency(n, args.events, modes))
             log(f"latency: {json.dumps(result['latency'][-1])}")
     return result
+
+
+def ablations_of(t: dict[str, Any]) -> list[str]:
+    return [k.split(":", 1)[1] for k in t["medians_gbps"] if k.startswith("overlay:")]
 
 
 def main() -> int:
@@ -348,11 +452,17 @@ def main() -> int:
         "busy machine does not dominate the figures",
     )
     parser.add_argument(
-        "--rps",
+        "--split-cpus",
         action="store_true",
-        help="receive packet steering over all CPUs on every host's underlay eth0 (for every "
-        "path alike): the receiving host's work may then run on another CPU than the sender's, "
-        "as it does on a real second machine (see docs/lab.md)",
+        help="also measure every path with one CPU per host, side by side: sender h1 on CPU 0, "
+        "receiver h2 on CPU 1 (iperf3 pinned, RPS on each host's underlay eth0), as on two real "
+        "machines; needs 2 CPUs (see docs/lab.md)",
+    )
+    parser.add_argument(
+        "--ablations",
+        default="",
+        help=f"comma-separated, each applied on both hosts, measured (overlay) and reverted "
+        f"within every round: {', '.join(ABLATIONS)}",
     )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
@@ -373,14 +483,19 @@ def main() -> int:
             print(
                 f"{t['backend']:6} iperf3 TCP: underlay {t['underlay_gbps']:.2f} Gbit/s, "
                 f"overlay {t['overlay_gbps']:.2f} Gbit/s, ratio {t['ratio']:.2f} "
-                f"(median of {t['rounds']} x {t['seconds']} s{', rps' if t['rps'] else ''})"
+                f"(median of {t['rounds']} x {t['seconds']} s)"
             )
             m = t["medians_gbps"]
-            print(
-                f"       underlay at MSS {t['overlay_mss']} {m['underlay_mss']:.2f}, "
-                f"overlay host->host {m['overlay_host']:.2f}, "
-                f"container->container without encapsulation {m['direct_c2c']:.2f} Gbit/s"
-            )
+            for st in ("", "+split") if t["split_cpus"] else ("",):
+                print(
+                    f"       {st or 'as is'}: underlay {m['underlay' + st]:.2f}, "
+                    f"overlay {m['overlay' + st]:.2f}, underlay at MSS {t['overlay_mss']} "
+                    f"{m['underlay_mss' + st]:.2f}, overlay host->host "
+                    f"{m['overlay_host' + st]:.2f}, container->container without "
+                    f"encapsulation {m['direct_c2c' + st]:.2f} Gbit/s"
+                )
+            for a in ablations_of(t):
+                print(f"       overlay with {a}: {m['overlay:' + a]:.2f} Gbit/s")
             print("       ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratios"].items()))
     for lat in result["latency"]:
         for mode in ("full", "incremental"):
