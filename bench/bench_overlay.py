@@ -2,7 +2,12 @@
 
 1. Throughput: iperf3 TCP, container to container across the overlay (h1c0 -> h2c0), against
    the raw underlay (host h1 -> host h2 over the same veth/bridge underlay), rounds alternating,
-   reported as medians and the overlay/underlay ratio. Once per backend (vxlan, udp).
+   reported as medians and the overlay/underlay ratio. Once per backend (vxlan, udp). In the
+   same rounds, to say where the gap goes (PATHS): the underlay at the overlay's MSS, host to
+   host through the overlay device (encapsulation alone), and container to container without
+   encapsulation (host-gw style /32 routes: the container path alone). `--split-cpus` repeats
+   every path with one CPU per host; `--ablations` measures the overlay with one setting
+   changed on both hosts (ABLATIONS), applied and reverted within each round.
 2. Lease-event-to-route latency through the real daemon, full vs incremental reconcile side by
    side: two vxlan hosts in one lab, h1's overlayd with OVERLAYD_FULL_RECONCILE=1 (every lease
    event makes a full pass, as before incremental reconcile) and h2's with the default
@@ -18,6 +23,8 @@
     .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 1000,10000 --events 100
     .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 10000 --modes incremental
     .venv/bin/python bench/bench_overlay.py --realtime   # iperf3 under SCHED_FIFO: less noise
+    .venv/bin/python bench/bench_overlay.py --backends vxlan --skip-latency --realtime \
+        --split-cpus --ablations no-br-nf,eth0-gro,no-tx-csum,notrack,no-masq-rules
 
 Root only. Every lab is torn down at the end, also on failure. Not a test: no asserts on speed.
 """
