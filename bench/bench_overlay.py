@@ -178,6 +178,8 @@ async def throughput(
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}: use some of {', '.join(ABLATIONS)}")
+    if split and (os.cpu_count() or 1) < 2:
+        raise ValueError(f"--split-cpus needs 2 CPUs, this machine has {os.cpu_count()}")
     rt = ["chrt", "--fifo", "10"] if realtime else []
     lab = Lab(f"b{uuid.uuid4().hex[:6]}", progress=log)
     servers: list[asyncio.subprocess.Process] = []
