@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+import math
 import os
 import signal
 import sys
@@ -105,6 +106,11 @@ async def _logged(name: str, coro: Coroutine[Any, Any, None]) -> None:
     log.debug("%s: finished", name)
 
 
+def _known(expiration: float | None) -> float | None:
+    """An expiry that is known: None for a reservation or one the mirror did not look up (inf)."""
+    return expiration if expiration is not None and math.isfinite(expiration) else None
+
+
 class Overlayd:
     """One running daemon: owns the lease, the backend and the loops around them."""
 
@@ -130,7 +136,10 @@ class Overlayd:
         self.manager = manager or SubnetManager(
             registry, renew_margin=opts.subnet_lease_renew_margin * 60.0
         )
-        self.mirror = LeaseMirror(registry)
+        # Without per-lease expiry lookups the first list is ~40x faster (10,000 leases: 0.03 s
+        # instead of 1.1 s, bench/bench_daemon_coldstart.py). Nothing in the data path reads other
+        # hosts' expiry; leases listed at start carry expiration=inf ("unknown") until they change.
+        self.mirror = LeaseMirror(registry, expirations=False)
         self.backend: Backend | None = None
         self.config: NetworkConfig | None = None
         self.own: Lease | None = None
@@ -212,7 +221,8 @@ class Overlayd:
             "subnet": str(lease.subnet),
             "public_ip": str(lease.attrs.public_ip),
             "backend": lease.attrs.backend_type,
-            "expiration": lease.expiration,
+            # None for a reservation, and for an expiry not looked up (inf): JSON has no Infinity.
+            "expiration": _known(lease.expiration),
         }
 
     async def _apply_own(self, own: Lease) -> None:
@@ -252,7 +262,7 @@ class Overlayd:
             m.lease_subnet = str(own.subnet)
             m.lease_public_ip = str(own.attrs.public_ip)
             m.lease_backend = own.attrs.backend_type or self.backend.type
-            m.lease_expiration = own.expiration
+            m.lease_expiration = _known(own.expiration)
             self._full_due = True  # the next reconcile is a full one
         self._changed.set()
 
@@ -338,14 +348,17 @@ class Overlayd:
         if own is None or self._loss_reported:
             return
         lease = self.mirror.snapshot.get(own.subnet)
-        if lease is None or lease.attrs != own.attrs or lease.expiration is None:
+        if lease is None or lease.attrs != own.attrs:
+            return
+        expiration = _known(lease.expiration)
+        if expiration is None:
             return
         prev = self.metrics.lease_expiration
-        if prev is not None and lease.expiration > prev + 1:
-            log.info("lease %s renewed until %s", own.subnet, time.ctime(lease.expiration))
+        if prev is not None and expiration > prev + 1:
+            log.info("lease %s renewed until %s", own.subnet, time.ctime(expiration))
             self.events.publish("lease_renewed", **self._lease_details(lease))
-        if prev is None or lease.expiration > prev:
-            self.metrics.lease_expiration = lease.expiration
+        if prev is None or expiration > prev:
+            self.metrics.lease_expiration = expiration
 
     def _peers(self) -> PeersView:
         own = self.own

@@ -321,13 +321,20 @@ async def test_events_from_the_daemon(
     d: Daemon | None = None
     try:
         etcdctl(site, "put", f"{etcd_prefix}/config", ALLOC_CONFIG)
+        # A peer that exists before the daemon starts, on an etcd lease as a real host's: its
+        # expiry is not looked up at the first list, and its event must still be valid JSON.
+        grant = etcdctl(site, "lease", "grant", "600").split()
+        early = '{"PublicIP":"192.0.2.77","PublicIPv6":null,"BackendType":"alloc"}'
+        etcdctl(site, "put", f"--lease={grant[1]}", f"{etcd_prefix}/subnets/10.77.10.0-24", early)
         topic = f"ev{unique}/{site.node_ip}/events"
         async with subscriber(broker.port, topic, f"sub{unique}", host=site.host_ip) as sub:
             d = daemon_factory("--mqtt-broker", f"{site.host_ip}:{broker.port}",
                                "--mqtt-topic-prefix", f"ev{unique}")  # fmt: skip
             d.start()
-            got = await receive(sub, 2)
-            assert [m["event"] for m in got] == ["lease_acquired", "ready"]
+            got = await receive(sub, 3)
+            assert [m["event"] for m in got] == ["lease_acquired", "ready", "peer_added"]
+            assert got[2]["subnet"] == "10.77.10.0/24" and got[2]["public_ip"] == "192.0.2.77"
+            assert got[2]["expiration"] is None or got[2]["expiration"] > time.time()
             own = got[0]["subnet"]
             assert got[0]["public_ip"] == site.node_ip
             peer = '{"PublicIP":"192.0.2.78","PublicIPv6":null,"BackendType":"alloc"}'

@@ -97,12 +97,17 @@ async def subscriber(
         yield client
 
 
+def _not_json(name: str) -> None:
+    raise AssertionError(f"an event carries {name}, which is not JSON")
+
+
 async def receive(client: aiomqtt.Client, count: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     async with asyncio.timeout(15):
         async for message in client.messages:
             assert isinstance(message.payload, bytes)
-            out.append(json.loads(message.payload))
+            # Strict JSON, as any consumer parses it: Infinity or NaN would be a defect.
+            out.append(json.loads(message.payload, parse_constant=_not_json))
             if len(out) == count:
                 break
     return out
