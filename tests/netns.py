@@ -2,10 +2,7 @@
 
 Usage (as a fixture, so cleanup also runs when the test fails)::
 
-    @pytest.fixture
-    def lab() -> Iterator[NetnsLab]:
-        with NetnsLab() as lab:
-            yield lab
+    lab = pytest.fixture(netns_lab, name="lab")
 
     def test_x(lab):
         a, b = lab.netns("a"), lab.netns("b")
@@ -24,7 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -163,3 +160,9 @@ class NetnsLab:
         self.namespaces.clear()
         if errors:
             raise RuntimeError("netns cleanup failed: " + "; ".join(errors))
+
+
+def netns_lab() -> Iterator[NetnsLab]:
+    """For a fixture (`lab = pytest.fixture(netns_lab, name="lab")`): a lab removed at the end."""
+    with NetnsLab() as lab:
+        yield lab

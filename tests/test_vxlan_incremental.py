@@ -7,20 +7,18 @@ pass. Real devices in throwaway namespaces; assertions with `ip -j` / `bridge -j
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Network
 
 import pytest
 
-from backends.base import ExternalInterface
 from backends.vxlan import VxlanBackend
 from subnetmgr.model import Lease, Subnet
-from tests.netns import NetnsLab
+from tests.netns import netns_lab
 from tests.test_vxlan_kernel import (
-    HOST_IP,
     PEER_A,
     PEER_B,
     Host,
+    closing_backends,
     config,
     expected,
     kernel_state,
@@ -28,6 +26,7 @@ from tests.test_vxlan_kernel import (
     lease_of,
     peers,
     started,
+    underlay_host,
 )
 
 pytestmark = pytest.mark.root
@@ -36,28 +35,9 @@ PEER_C = ("10.5.4.0/24", "0a:00:00:00:00:04", "192.168.90.4")
 PEER_D = ("10.5.5.0/24", "0a:00:00:00:00:05", "192.168.77.5")
 
 
-@pytest.fixture
-def lab() -> Iterator[NetnsLab]:
-    with NetnsLab() as lab:
-        yield lab
-
-
-@pytest.fixture
-def host(lab: NetnsLab) -> Host:
-    h = lab.netns("h")
-    u = lab.netns("u")
-    veth, _ = lab.veth(h, u, f"{HOST_IP}/24", "192.168.90.254/24")
-    return Host(h, ExternalInterface(veth, h.ifindex(veth), HOST_IP, HOST_IP, 1500))
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[list[VxlanBackend]]:
-    made: list[VxlanBackend] = []
-    try:
-        yield made
-    finally:
-        for b in made:
-            await b.close()
+lab = pytest.fixture(netns_lab, name="lab")
+host = pytest.fixture(underlay_host, name="host")
+backends = pytest.fixture(closing_backends, name="backends")
 
 
 def subnet(entry: tuple[str, str, str]) -> Subnet:

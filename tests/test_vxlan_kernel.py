@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -15,7 +15,7 @@ import pytest
 from backends.base import BackendError, ExternalInterface
 from backends.vxlan import VxlanBackend
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
-from tests.netns import Netns, NetnsLab
+from tests.netns import Netns, NetnsLab, netns_lab
 
 pytestmark = pytest.mark.root
 
@@ -30,14 +30,7 @@ class Host:
     ext: ExternalInterface
 
 
-@pytest.fixture
-def lab() -> Iterator[NetnsLab]:
-    with NetnsLab() as lab:
-        yield lab
-
-
-@pytest.fixture
-def host(lab: NetnsLab) -> Host:
+def underlay_host(lab: NetnsLab) -> Host:
     """A host namespace whose external interface is a veth (192.168.90.1/24) to an underlay ns."""
     h = lab.netns("h")
     u = lab.netns("u")
@@ -46,15 +39,20 @@ def host(lab: NetnsLab) -> Host:
     return Host(h, ext)
 
 
-@pytest.fixture
-async def backends() -> AsyncIterator[list[VxlanBackend]]:
-    """Backends made by a test; closed (sockets only, kernel state stays) at the end."""
+async def closing_backends() -> AsyncIterator[list[VxlanBackend]]:
+    """For a fixture: backends made by a test; closed (sockets only, kernel state stays) at the
+    end."""
     made: list[VxlanBackend] = []
     try:
         yield made
     finally:
         for b in made:
             await b.close()
+
+
+lab = pytest.fixture(netns_lab, name="lab")
+host = pytest.fixture(underlay_host, name="host")
+backends = pytest.fixture(closing_backends, name="backends")
 
 
 def config(**backend: Any) -> NetworkConfig:

@@ -13,7 +13,6 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 from backends.base import ExternalInterface
 from backends.vxlan import VxlanBackend
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
-from tests.netns import Netns, NetnsLab
+from tests.netns import Netns, NetnsLab, netns_lab
+from tests.test_vxlan_kernel import closing_backends
 
 pytestmark = pytest.mark.root
 
@@ -47,20 +47,8 @@ PROBE = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def lab() -> Iterator[NetnsLab]:
-    with NetnsLab() as lab:
-        yield lab
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[list[VxlanBackend]]:
-    made: list[VxlanBackend] = []
-    try:
-        yield made
-    finally:
-        for b in made:
-            await b.close()
+lab = pytest.fixture(netns_lab, name="lab")
+backends = pytest.fixture(closing_backends, name="backends")
 
 
 def _container(lab: NetnsLab, host: Netns, role: str, n: int) -> Netns:
