@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from integration.lab import Lab
-from integration.netns import run
+from integration.netns import in_ns, run
 
 ICMP_PROBE = """
 # argv: target port. Prints "errno origin icmp_type icmp_code offender" for the first ICMP
@@ -59,3 +65,82 @@ async def assert_full_connectivity(lab: Lab) -> None:
 def remote_subnets(lab: Lab, index: int) -> set[str]:
     """The subnets of every host of the lab but host `index`."""
     return {str(n.subnet) for n in lab.state.nodes if n.index != index and n.subnet}
+
+
+def running_lab(
+    tmp_path_factory: pytest.TempPathFactory, letter: str, backend: str, resync_period: str
+) -> Iterator[Lab]:
+    """For a module fixture (`yield from`): a 3-host lab named `<letter><random>`, taken down
+    (daemons, etcd, namespaces, state) at the end, also when `up` fails."""
+    lab = Lab(f"{letter}{uuid.uuid4().hex[:6]}", state_root=tmp_path_factory.mktemp("labs"))
+    try:
+        asyncio.run(lab.up(nodes=3, backend=backend, resync_period=resync_period))
+        yield lab
+    finally:
+        asyncio.run(lab.down())
+
+
+class LabCrash(Exception):
+    """Raised by a `crash_on` progress callback."""
+
+
+def crash_on(prefix: str) -> Callable[[str], None]:
+    """A Lab progress callback that raises LabCrash at the first message starting with `prefix`
+    (to make `Lab.up` die at that step)."""
+
+    def progress(msg: str) -> None:
+        if msg.startswith(prefix):
+            raise LabCrash(msg)
+
+    return progress
+
+
+@asynccontextmanager
+async def probe_stream(lab: Lab, source: int, target: int) -> AsyncIterator[dict[str, Any]]:
+    """A probe stream (`integration.probe stream`, one probe every 10 ms) from the container of
+    host `source` to the one of host `target` while the block runs. The dict yielded holds the
+    stream's JSON summary (sent, received, ...) once the block has ended without an error."""
+    (_, src) = next((n, c) for n, c in lab.containers() if n.index == source)
+    (_, dst) = next((n, c) for n, c in lab.containers() if n.index == target)
+    summary: dict[str, Any] = {}
+    streamer = await asyncio.create_subprocess_exec(
+        *in_ns(src.ns, [sys.executable, "-m", "integration.probe", "stream",
+                        "--interval", "0.01", str(dst.ip)]),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield summary
+    finally:
+        streamer.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(streamer.communicate(), 10)
+    summary.update(json.loads(out))
+
+
+@asynccontextmanager
+async def underlay_capture(
+    lab: Lab, index: int, pcap: Path, *capture_filter: str
+) -> AsyncIterator[None]:
+    """tcpdump (with `capture_filter`) on host `index`'s port on the underlay bridge (a bridge
+    device itself only sees frames addressed to it, not the ones it forwards), writing `pcap`
+    while the block runs. Once the block has ended without an error, waits until at least 4
+    packets are on disk; tcpdump is stopped in any case."""
+    from scapy.utils import rdpcap
+
+    dump = await asyncio.create_subprocess_exec(
+        *in_ns(lab.underlay_ns, ["tcpdump", "-i", f"h{index}", "--immediate-mode",
+                                 "-U", "-n", "-w", str(pcap), *capture_filter]),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert dump.stderr is not None
+        first = await asyncio.wait_for(dump.stderr.readline(), 10)
+        assert b"listening on" in first, first
+        yield
+
+        async def written() -> bool:  # tcpdump has the packets; wait until they are on disk
+            return len(rdpcap(str(pcap))) >= 4
+
+        await eventually(written, "tcpdump wrote the probe's packets", 10)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        await asyncio.wait_for(dump.wait(), 10)

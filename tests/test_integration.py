@@ -23,8 +23,17 @@ import pytest
 from integration.containers import SubnetEnv
 from integration.etcdserver import EtcdServer
 from integration.lab import Lab
-from integration.netns import in_ns, ip_json, list_netns, pid_alive, run
-from tests.labtools import assert_full_connectivity, eventually, remote_subnets
+from integration.netns import ip_json, list_netns, pid_alive, run
+from tests.labtools import (
+    LabCrash,
+    assert_full_connectivity,
+    crash_on,
+    eventually,
+    probe_stream,
+    remote_subnets,
+    running_lab,
+    underlay_capture,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -33,12 +42,7 @@ RESYNC = "1"  # seconds: the daemons' full reconcile pass, so repairs are quick 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(f"i{uuid.uuid4().hex[:6]}", state_root=tmp_path_factory.mktemp("labs"))
-    try:
-        asyncio.run(lab.up(nodes=3, backend="vxlan", resync_period=RESYNC))
-        yield lab
-    finally:
-        asyncio.run(lab.down())
+    yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC)
 
 
 async def overlay_routes(lab: Lab, index: int) -> set[str]:
@@ -82,29 +86,9 @@ async def test_underlay_carries_flannel_vxlan(lab: Lab, tmp_path: Path) -> None:
 
     pcap = tmp_path / "underlay.pcap"
     (src_node, src), (_, dst) = lab.containers()[0], lab.containers()[1]
-    # The source host's port on the underlay bridge (a bridge device itself only sees frames
-    # addressed to it, not the ones it forwards).
-    port = f"h{src_node.index}"
-    dump = await asyncio.create_subprocess_exec(
-        *in_ns(
-            lab.underlay_ns,
-            ["tcpdump", "-i", port, "--immediate-mode", "-U", "-n", "-w", str(pcap), "udp"],
-        ),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert dump.stderr is not None
-        assert b"listening on" in await asyncio.wait_for(dump.stderr.readline(), 10)
+    async with underlay_capture(lab, src_node.index, pcap, "udp"):
         out = await run(sys.executable, "-m", "integration.probe", "check", str(dst.ip), ns=src.ns)
         assert all(r["ok"] for r in json.loads(out))
-
-        async def written() -> bool:  # tcpdump has the packets; wait until they are on disk
-            return len(rdpcap(str(pcap))) >= 4
-
-        await eventually(written, "tcpdump wrote the probe's packets", 10)
-    finally:
-        dump.send_signal(signal.SIGINT)
-        await asyncio.wait_for(dump.wait(), 10)
     inner = []
     for pkt in rdpcap(str(pcap)):
         if UDP in pkt and pkt[UDP].dport == 8472:
@@ -263,24 +247,13 @@ async def test_restart_keeps_subnet_and_traffic(
     h1 = lab.node(1)
     lease_before = (await lab.leases())[IPv4Network(h1.subnet)]
     routes_before = {n.index: await overlay_routes(lab, n.index) for n in lab.state.nodes}
-    (_, target) = next((n, c) for n, c in lab.containers() if n.index == 1)
-    (_, source) = next((n, c) for n, c in lab.containers() if n.index == 2)
-    streamer = await asyncio.create_subprocess_exec(
-        *in_ns(source.ns, [sys.executable, "-m", "integration.probe", "stream",
-                           "--interval", "0.01", str(target.ip)]),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    async with probe_stream(lab, source=2, target=1) as summary:
         await asyncio.sleep(0.5)
         await lab.stop_daemon(1, sig)
         # The daemon is gone: nothing it programmed may have gone with it.
         assert await overlay_routes(lab, 1) == routes_before[1]
         await lab.start_daemon(1)
         await asyncio.sleep(1.0)
-    finally:
-        streamer.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(streamer.communicate(), 10)
-    summary = json.loads(out)
     # The loss figure (reported, not asserted: it depends on the machine's load).
     print(f"\nrestart with {sig.name}: {summary}")
     record_property(f"loss_during_{sig.name}_restart", summary)
@@ -354,17 +327,9 @@ async def test_down_after_up_crashed_with_daemons_running(tmp_path: Path) -> Non
     """`up` dies while its daemons start: a fresh `down` still stops them and removes it all."""
     name = f"k{uuid.uuid4().hex[:6]}"
     root = tmp_path / "labs"
-
-    class Crash(Exception):
-        pass
-
-    def crash_while_waiting(msg: str) -> None:
-        if msg.startswith("waiting for /readyz"):
-            raise Crash(msg)
-
-    lab = Lab(name, state_root=root, progress=crash_while_waiting)
+    lab = Lab(name, state_root=root, progress=crash_on("waiting for /readyz"))
     try:
-        with pytest.raises(Crash):
+        with pytest.raises(LabCrash):
             await lab.up(nodes=2)
         pids = [n.daemon_pid for n in lab.state.nodes]
         assert len(pids) == 2 and all(pid is not None and pid_alive(pid) for pid in pids)

@@ -15,7 +15,6 @@ import asyncio
 import json
 import signal
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -25,8 +24,15 @@ import pytest
 
 from integration.containers import SubnetEnv
 from integration.lab import HEALTH_PORT, Lab
-from integration.netns import in_ns, ip_json, run
-from tests.labtools import assert_full_connectivity, eventually, icmp_error
+from integration.netns import ip_json, run
+from tests.labtools import (
+    assert_full_connectivity,
+    eventually,
+    icmp_error,
+    probe_stream,
+    running_lab,
+    underlay_capture,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -35,16 +41,11 @@ RESYNC = "1"  # seconds: the daemons' full reconcile pass
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(f"u{uuid.uuid4().hex[:6]}", state_root=tmp_path_factory.mktemp("labs"))
     # The lab's daemons inherit this process's environment: turn /metrics on for all of them,
     # including the ones the tests start later (a joining host, a restart).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLANNELD_METRICS", "true")
-        try:
-            asyncio.run(lab.up(nodes=3, backend="udp", resync_period=RESYNC))
-            yield lab
-        finally:
-            asyncio.run(lab.down())
+        yield from running_lab(tmp_path_factory, "u", "udp", RESYNC)
 
 
 async def flannel0(lab: Lab, index: int) -> tuple[int, set[str], set[str]]:
@@ -115,24 +116,9 @@ async def test_underlay_carries_flannel_udp(lab: Lab, tmp_path: Path) -> None:
 
     (src_node, src), (_, dst) = lab.containers()[0], lab.containers()[1]
     pcap = tmp_path / "udp.pcap"
-    dump = await asyncio.create_subprocess_exec(
-        *in_ns(lab.underlay_ns, ["tcpdump", "-i", f"h{src_node.index}", "--immediate-mode",
-                                 "-U", "-n", "-w", str(pcap), "udp", "port", "8285"]),
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert dump.stderr is not None
-        assert b"listening on" in await asyncio.wait_for(dump.stderr.readline(), 10)
+    async with underlay_capture(lab, src_node.index, pcap, "udp", "port", "8285"):
         results = await probe(lab, src.ns, str(dst.ip))
         assert results["tcp"]["ok"] and results["udp"]["ok"]
-
-        async def written() -> bool:  # tcpdump has the packets; wait until they are on disk
-            return len(rdpcap(str(pcap))) >= 4
-
-        await eventually(written, "tcpdump wrote the probe's packets", 10)
-    finally:
-        dump.send_signal(signal.SIGINT)
-        await asyncio.wait_for(dump.wait(), 10)
     bind_layers(UDP, IP, dport=8285)
     pairs = set()
     for pkt in rdpcap(str(pcap)):
@@ -239,14 +225,7 @@ async def test_restart_keeps_subnet_device_and_traffic(
     log = lab.node_dir(1) / "overlayd.log"
     said = "attaching to the existing flannel0" if not delete_device else "creating flannel0"
     said_before = log.read_text().count(said)
-    (_, target) = next((n, c) for n, c in lab.containers() if n.index == 1)
-    (_, source) = next((n, c) for n, c in lab.containers() if n.index == 2)
-    streamer = await asyncio.create_subprocess_exec(
-        *in_ns(source.ns, [sys.executable, "-m", "integration.probe", "stream",
-                           "--interval", "0.01", str(target.ip)]),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    async with probe_stream(lab, source=2, target=1) as summary:
         await asyncio.sleep(0.5)
         await lab.stop_daemon(1, sig)
         # The daemon is gone: flannel0, its address and its route stay.
@@ -255,10 +234,6 @@ async def test_restart_keeps_subnet_device_and_traffic(
             await run("ip", "link", "del", "flannel0", ns=h1.ns)
         await lab.start_daemon(1)
         await asyncio.sleep(1.0)
-    finally:
-        streamer.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(streamer.communicate(), 10)
-    summary = json.loads(out)
     # The loss figure (reported, not asserted: it depends on the machine's load).
     name = f"{sig.name}{'-flannel0-deleted' if delete_device else ''}"
     print(f"\nudp restart with {name}: {summary}")

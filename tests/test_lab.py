@@ -23,6 +23,7 @@ from integration.containers import SubnetEnv, SubnetEnvError, container_address
 from integration.lab import Lab, LabError, validate_name
 from integration.netns import list_netns, run
 from integration.probe import check, stream
+from tests.labtools import LabCrash, crash_on
 
 
 def test_lab_names_are_checked() -> None:
@@ -152,17 +153,9 @@ async def test_hand_made_flannel_hosts_reach_each_other(hand_lab: Lab) -> None:
 async def test_down_cleans_up_after_a_crashed_up(unique: str, tmp_path: Path) -> None:
     name = f"t{unique}"
     root = tmp_path / "labs"
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_first_host(msg: str) -> None:
-        if msg.startswith("h1: namespace"):
-            raise Crash(msg)
-
-    lab = Lab(name, state_root=root, progress=crash_after_first_host)
+    lab = Lab(name, state_root=root, progress=crash_on("h1: namespace"))
     try:
-        with pytest.raises(Crash):
+        with pytest.raises(LabCrash):
             await lab.up(nodes=2)
         # Something the state file does not know about but that carries the lab's prefix.
         await run("ip", "netns", "add", f"{lab.ns_prefix}h9")
