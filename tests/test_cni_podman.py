@@ -26,6 +26,7 @@ import pytest
 
 from tests.test_cni_support import (  # noqa: F401  (fixtures)
     Namespaces,
+    allocations,
     netns,
     plugin,
     write_subnet_env,
@@ -158,17 +159,6 @@ def flannel_conflist(
             ],
         }
     )
-
-
-def allocations(ipam_dir: Path, network: str) -> dict[str, str]:
-    store = ipam_dir / network
-    if not store.is_dir():
-        return {}
-    return {
-        p.name: p.read_bytes().decode()
-        for p in store.iterdir()
-        if p.name[0].isdigit() and p.name.count(".") == 3
-    }
 
 
 def saved_confs(data_dir: Path) -> list[str]:

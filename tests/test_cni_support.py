@@ -183,14 +183,20 @@ class Net:
 
     def allocations(self) -> dict[str, str]:
         """host-local's store: allocated IP -> the attachment it records."""
-        store = self.ipam_dir / self.name
-        if not store.is_dir():
-            return {}
-        return {
-            p.name: p.read_bytes().decode()
-            for p in store.iterdir()
-            if p.name[0].isdigit() and p.name.count(".") == 3
-        }
+        return allocations(self.ipam_dir, self.name)
+
+
+def allocations(ipam_dir: Path, network: str) -> dict[str, str]:
+    """host-local's store in `ipam_dir` for `network`: allocated IP -> the attachment it records
+    (empty when there is no store)."""
+    store = ipam_dir / network
+    if not store.is_dir():
+        return {}
+    return {
+        p.name: p.read_bytes().decode()
+        for p in store.iterdir()
+        if p.name[0].isdigit() and p.name.count(".") == 3
+    }
 
 
 @pytest.fixture
