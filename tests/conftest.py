@@ -11,6 +11,9 @@ import pytest
 
 from integration.etcdserver import EtcdServer
 
+# Helper modules with asserts of their own: the same detailed failure messages as in tests.
+pytest.register_assert_rewrite("tests.labtools")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:

@@ -9,12 +9,14 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from integration.lab import Lab
+from integration.containers import SubnetEnv
+from integration.lab import Lab, LeaseView
 from integration.netns import in_ns, run
 
 ICMP_PROBE = """
@@ -144,3 +146,13 @@ async def underlay_capture(
     finally:
         dump.send_signal(signal.SIGINT)
         await asyncio.wait_for(dump.wait(), 10)
+
+
+async def assert_kept_subnet_and_lease(lab: Lab, index: int, lease_before: LeaseView) -> None:
+    """After host `index`'s daemon restarted: the same subnet in its subnet.env and a lease in
+    etcd for it with the same attributes as `lease_before`."""
+    subnet = lab.node(index).subnet
+    env = SubnetEnv.read(lab.subnet_file(index))
+    assert str(env.subnet.network) == subnet
+    lease_after = (await lab.leases())[IPv4Network(subnet)]
+    assert lease_after.attrs == lease_before.attrs

@@ -27,6 +27,7 @@ from integration.netns import ip_json, list_netns, pid_alive, run
 from tests.labtools import (
     LabCrash,
     assert_full_connectivity,
+    assert_kept_subnet_and_lease,
     crash_on,
     eventually,
     probe_stream,
@@ -258,10 +259,8 @@ async def test_restart_keeps_subnet_and_traffic(
     print(f"\nrestart with {sig.name}: {summary}")
     record_property(f"loss_during_{sig.name}_restart", summary)
     assert summary["received"] > 0
-    env = SubnetEnv.read(lab.subnet_file(1))
-    assert str(env.subnet.network) == h1.subnet
-    lease_after = (await lab.leases())[IPv4Network(h1.subnet)]
-    assert lease_after.attrs == lease_before.attrs  # same public IP, same VTEP MAC
+    # The same subnet; a lease with the same public IP and VTEP MAC.
+    await assert_kept_subnet_and_lease(lab, 1, lease_before)
     for n in lab.state.nodes:
         assert await overlay_routes(lab, n.index) == routes_before[n.index]
     await assert_full_connectivity(lab)

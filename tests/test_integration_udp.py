@@ -27,6 +27,7 @@ from integration.lab import HEALTH_PORT, Lab
 from integration.netns import ip_json, run
 from tests.labtools import (
     assert_full_connectivity,
+    assert_kept_subnet_and_lease,
     eventually,
     icmp_error,
     probe_stream,
@@ -239,10 +240,7 @@ async def test_restart_keeps_subnet_device_and_traffic(
     print(f"\nudp restart with {name}: {summary}")
     record_property(f"loss_during_{name}_restart", summary)
     assert summary["received"] > 0
-    env = SubnetEnv.read(lab.subnet_file(1))
-    assert str(env.subnet.network) == h1.subnet
-    lease_after = (await lab.leases())[IPv4Network(h1.subnet)]
-    assert lease_after.attrs == lease_before.attrs
+    await assert_kept_subnet_and_lease(lab, 1, lease_before)
     index, addrs, routes = await flannel0(lab, 1)
     assert (addrs, routes) == device_before[1:]
     if delete_device:
