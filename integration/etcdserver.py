@@ -8,9 +8,7 @@ data, so a watch can be tested across a server restart.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,6 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from integration.netns import kill_group
 
 ETCD_BINARY = "etcd"
 
@@ -158,10 +158,8 @@ class EtcdServer:
 
     def kill(self) -> None:
         """Stop the process (SIGKILL) but keep the data directory, for restart()."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            kill_group(self.proc)
         self.proc = None
 
     def restart(self, timeout: float = 20.0) -> EtcdServer:

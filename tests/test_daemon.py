@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from integration.etcdserver import EtcdServer, free_port
+from integration.netns import kill_group
 from tests.test_events import Broker, receive, subscriber
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -117,10 +118,8 @@ class Daemon:
         return rc
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            kill_group(self.proc)
         self.proc = None
 
     def get(self, path: str) -> tuple[int, str]:
