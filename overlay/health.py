@@ -58,6 +58,9 @@ class Metrics:
     events_dropped: int = 0
     masq_resyncs: int = 0
     masq_repairs: int = 0
+    leases_ignored: Counter[str] = field(default_factory=Counter)
+    """Lease keys or values from etcd that were skipped, by reason (e.g. "not_json",
+    "outside_network", "overlaps_older"); each distinct key and value is counted once."""
     started: float = field(default_factory=time.time)
     backend_type: str = ""
     backend_counters: Callable[[], Mapping[str, int]] | None = None
@@ -128,6 +131,10 @@ class Metrics:
                [("", self.masq_resyncs)])  # fmt: skip
         metric("overlay_masq_repairs_total", "counter", "iptables rule checks that rewrote rules.",
                [("", self.masq_repairs)])  # fmt: skip
+        ignored = sorted(self.leases_ignored.items())
+        metric("overlay_leases_ignored_total", "counter",
+               "Lease keys or values read from etcd and skipped, by reason.",
+               [(_labels({"reason": k}), v) for k, v in ignored])  # fmt: skip
         self._render_backend_counters(metric)
         return "\n".join(out) + "\n"
 
