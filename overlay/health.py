@@ -197,16 +197,15 @@ class _Reject(Exception):
         self.why = why
 
 
-async def _read_line(
-    reader: asyncio.StreamReader, what: str, too_long: int, *, first: bool = False
-) -> bytes | None:
-    """One line without its CRLF (or bare LF); None for a clean EOF before a request."""
+async def _read_line(reader: asyncio.StreamReader, what: str, too_long: int) -> bytes | None:
+    """One line without its CRLF (or bare LF); None when the peer closed before sending any
+    byte of it. A longer line than the reader's limit is a _Reject with status `too_long`."""
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         raise _Reject(too_long, f"{what} longer than {MAX_REQUEST_LINE} bytes") from None
     except asyncio.IncompleteReadError as e:
-        if first and not e.partial:
+        if not e.partial:
             return None
         raise _Reject(400, f"connection closed in the middle of the {what}") from None
     line = line[:-1]
@@ -218,7 +217,7 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
 
     None when the peer closed without sending anything. Raises _Reject for anything else that
     is not a well-formed request within the limits."""
-    line = await _read_line(reader, "request line", 400, first=True)
+    line = await _read_line(reader, "request line", 400)
     if line is None:
         return None
     parts = line.split(b" ")
@@ -232,7 +231,8 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
     total = count = 0
     while True:
         header = await _read_line(reader, "header line", 431)
-        assert header is not None
+        if header is None:
+            raise _Reject(400, "connection closed in the middle of the headers")
         if not header:
             break
         total += len(header) + 2
