@@ -280,10 +280,13 @@ def test_connection_limit_refuses_the_extra_connection_until_a_slot_frees() -> N
 
 def test_idle_connections_are_closed_after_the_request_timeout() -> None:
     with threaded_server(request_timeout=0.3) as (server, port, records):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the end of the headers
-            assert sock.recv(100) == b""  # closed by the server, without an answer
-        wait_until(lambda: server.connections == 0, "the slot freed")
+        silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with silent, slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the end of the headers
+            # Both closed by the server, without an answer.
+            assert silent.recv(100) == b"" and slow.recv(100) == b""
+        wait_until(lambda: server.connections == 0, "the slots freed")
         assert healthz(port) == 200
     assert_quiet(records)
 
