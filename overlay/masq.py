@@ -174,8 +174,9 @@ class Masquerade:
             current = await self._current(spec)
             rewrite = current is None or not await self._chain_ok(spec, current)
             rc, _ = await self._run("-t", spec.table, "-C", spec.parent, *_jump(spec), check=False)
-            if rewrite or rc != 0:
-                await self._restore(restore_input(spec, rules=rewrite, jump=rc != 0))
+            jump_missing = rc != 0
+            if rewrite or jump_missing:
+                await self._restore(restore_input(spec, rules=rewrite, jump=jump_missing))
                 changed = True
         return changed
 
