@@ -163,8 +163,7 @@ class Metrics:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}  # fmt: skip
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}  # fmt: skip
 
 MAX_CONNECTIONS = 32
 """Connections served at once; one more is answered 503 and closed at once (never queued)."""
@@ -194,7 +193,6 @@ class _Reject(Exception):
     def __init__(self, status: int, why: str) -> None:
         super().__init__(why)
         self.status = status
-        self.why = why
 
 
 async def _read_line(reader: asyncio.StreamReader, what: str, too_long: int) -> bytes | None:
@@ -376,8 +374,8 @@ class HealthServer:
                 try:
                     request = await _read_request(reader)
                 except _Reject as e:
-                    log.debug("health server: %d for a request: %s", e.status, e.why)
-                    writer.write(_response(e.status, "text/plain", f"{e.why}\n"))
+                    log.debug("health server: %d for a request: %s", e.status, e)
+                    writer.write(_response(e.status, "text/plain", f"{e}\n"))
                 else:
                     if request is None:
                         return
