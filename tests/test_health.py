@@ -240,6 +240,17 @@ def test_a_100k_request_line_is_400_and_headers_over_the_limit_431() -> None:
     assert_quiet(records)
 
 
+def test_head_and_method_not_allowed() -> None:
+    with threaded_server() as (_, port, records):
+        status, headers, body = parse_response(
+            exchange(port, b"HEAD /healthz HTTP/1.0\r\n\r\n"), head=True
+        )
+        assert (status, headers["content-length"], body) == (200, "3", b"")
+        status, headers, _ = parse_response(exchange(port, b"DELETE /healthz HTTP/1.1\r\n\r\n"))
+        assert (status, headers["allow"]) == (405, "GET, HEAD")
+    assert_quiet(records)
+
+
 def test_garbage_beyond_every_limit_is_cut_off_and_the_server_carries_on() -> None:
     # 8 MiB without a newline, sent without waiting: more than the server reads before it
     # answers 400 and closes (LINGER_BYTES). The client sees the 400 or, when its data was
@@ -367,7 +378,7 @@ def test_any_request_bytes_get_a_well_formed_answer_or_a_close() -> None:
     requests built from valid and invalid parts: every one gets a well-formed HTTP/1.0 answer
     with a 2xx or 4xx status, or (only for no bytes at all) a close without an answer. No
     WARNING or ERROR is logged, and /healthz is answered after each one."""
-    with threaded_server() as (_, port, records):
+    with threaded_server() as (server, port, records):
 
         @given(st.one_of(ANY_BYTES.map(lambda b: (b, None)), structured_requests()))
         def check(case: tuple[bytes, int | None]) -> None:
@@ -384,6 +395,7 @@ def test_any_request_bytes_get_a_well_formed_answer_or_a_close() -> None:
             assert_quiet(records)
 
         check()
+        wait_until(lambda: server.connections == 0, "every connection ended")
 
 
 # --------------------------------------------------------------------------- the exposition
