@@ -1,8 +1,13 @@
 """The health server: /healthz, /readyz and /metrics (Prometheus text format 0.0.4).
 
-A tiny HTTP/1.0 server on asyncio streams, standard library only. `/healthz` is 200 while the
-daemon runs; `/readyz` is 200 only once subnet.env and the data path are in place (503 before);
-`/metrics` is served when metrics are on (404 otherwise).
+A small HTTP/1.0 server on asyncio streams. `/healthz` is 200 while the daemon runs; `/readyz`
+is 200 only once subnet.env and the data path are in place (503 before); `/metrics` is served
+when metrics are on (404 otherwise). It is bounded (HealthServer: connections, request size,
+time) and answers any malformed request with a 4xx, never a traceback.
+
+Our metrics are rendered by hand (Metrics.render: exact names, integer values as integers);
+the standard process_* metrics come from prometheus_client's ProcessCollector. Why not aiohttp
+for the server or prometheus_client for everything: docs/daemon.md, bench/bench_health.py.
 """
 
 from __future__ import annotations
@@ -157,34 +162,170 @@ class Metrics:
                    [("", value)])  # fmt: skip
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",
-            400: "Bad Request"}  # fmt: skip
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}  # fmt: skip
+
+MAX_CONNECTIONS = 32
+"""Connections served at once; one more is answered 503 and closed at once (never queued)."""
+MAX_REQUEST_LINE = 8 * 1024
+"""Bytes of the request line (and of any one header line); a longer request line is a 400."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Bytes of all header lines together; more is a 431, as are more than MAX_HEADERS lines."""
+MAX_HEADERS = 64
+REQUEST_TIMEOUT = 5.0
+"""Seconds for one connection to send its request and take the answer; an idle or slow
+connection is closed when they run out."""
+LINGER_BYTES = 256 * 1024
+LINGER_SECONDS = 1.0
+"""After an answer, what the client still sends is read and dropped, up to these limits,
+before the connection is closed: closing with unread input would make the kernel reset the
+connection, and the client could lose the answer."""
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
+_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+class _Reject(Exception):
+    """A request answered with a 4xx before it was read to its end."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+async def _read_line(reader: asyncio.StreamReader, what: str, too_long: int) -> bytes | None:
+    """One line without its CRLF (or bare LF); None when the peer closed before sending any
+    byte of it. A longer line than the reader's limit is a _Reject with status `too_long`."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _Reject(too_long, f"{what} longer than {MAX_REQUEST_LINE} bytes") from None
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise _Reject(400, f"connection closed in the middle of the {what}") from None
+    line = line[:-1]
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
+    """Method and target of one HTTP/1.x request, its headers read, checked and dropped.
+
+    None when the peer closed without sending anything. Raises _Reject for anything else that
+    is not a well-formed request within the limits."""
+    line = await _read_line(reader, "request line", 400)
+    if line is None:
+        return None
+    parts = line.split(b" ")
+    if (
+        len(parts) != 3
+        or not _TOKEN.fullmatch(parts[0])
+        or not _TARGET.fullmatch(parts[1])
+        or not _VERSION.fullmatch(parts[2])
+    ):
+        raise _Reject(400, "malformed request line")
+    total = count = 0
+    while True:
+        header = await _read_line(reader, "header line", 431)
+        if header is None:
+            raise _Reject(400, "connection closed in the middle of the headers")
+        if not header:
+            break
+        total += len(header) + 2
+        count += 1
+        if total > MAX_HEADER_BYTES or count > MAX_HEADERS:
+            raise _Reject(431, f"headers over {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} lines")
+        name, colon, value = header.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            raise _Reject(400, "malformed header line")
+    return parts[0].decode("ascii"), parts[1].decode("ascii")
+
+
+def _process_metrics() -> Callable[[], str]:
+    """The standard process_* metrics (CPU seconds, resident and virtual memory, open and max
+    fds, start time) from prometheus_client's ProcessCollector, rendered by the library.
+
+    Imported here, so a daemon without --metrics does not pay for the import."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+
+    def render() -> str:
+        try:
+            return generate_latest(registry).decode()
+        except Exception as e:  # a scrape must not fail because /proc could not be read
+            log.warning("metrics: cannot read the process metrics: %r", e)
+            return ""
+
+    return render
+
+
+def _response(status: int, ctype: str, body: str, *, head_only: bool = False) -> bytes:
+    data = body.encode()
+    extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
+    head = (
+        f"HTTP/1.0 {status} {_REASONS.get(status, '')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n{extra}"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + (b"" if head_only else data)
 
 
 class HealthServer:
-    """Serves one Metrics object. `start()` binds; `close()` stops listening."""
+    """Serves one Metrics object. `start()` binds; `close()` stops listening.
 
-    def __init__(self, metrics: Metrics, host: str, port: int, *, serve_metrics: bool) -> None:
+    Bounded: at most `max_connections` at once (one more is answered 503 and closed), request
+    line and headers within MAX_REQUEST_LINE / MAX_HEADER_BYTES / MAX_HEADERS (else 400 or 431),
+    each connection closed after its answer or after `request_timeout` seconds, whichever comes
+    first. A malformed request is a 4xx and a DEBUG line, never a traceback."""
+
+    def __init__(
+        self, metrics: Metrics, host: str, port: int, *, serve_metrics: bool,
+        max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:  # fmt: skip
         self.metrics = metrics
         self.host = host
         self.port = port
         self.serve_metrics = serve_metrics
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.refused = 0
+        """Connections answered 503 because max_connections were open (for tests and logs)."""
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals: set[asyncio.Task[None]] = set()
+        self._process: Callable[[], str] | None = _process_metrics() if serve_metrics else None
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0 in tests)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=MAX_REQUEST_LINE
+        )
         bound: int = self._server.sockets[0].getsockname()[1]
         log.info("health server on http://%s:%d (/healthz, /readyz%s)", self.host, bound,
                  ", /metrics" if self.serve_metrics else "")  # fmt: skip
         return bound
 
     async def close(self) -> None:
+        """Stop listening and end the connections still open."""
         if self._server is not None:
             self._server.close()
+            tasks = self._tasks | self._refusals
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                async with asyncio.timeout(2):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    await self._server.wait_closed()
             self._server = None
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return len(self._tasks)
 
     def respond(self, method: str, path: str) -> tuple[int, str, str]:
         path = path.split("?", 1)[0]
@@ -196,34 +337,67 @@ class HealthServer:
             if self.metrics.ready:
                 return 200, "text/plain", "ready\n"
             return 503, "text/plain", "not ready: lease, data path or subnet.env not in place\n"
-        if path == "/metrics" and self.serve_metrics:
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
+        if path == "/metrics" and self._process is not None:
+            text = self.metrics.render() + self._process()
+            return 200, "text/plain; version=0.0.4; charset=utf-8", text
         return 404, "text/plain", "not found\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                request = await reader.readline()
-                while (await reader.readline()).strip():  # skip headers
-                    pass
-                parts = request.decode("latin-1").split()
-                if len(parts) < 2:
-                    status, ctype, body = 400, "text/plain", "bad request\n"
-                    method = "GET"
-                else:
-                    method = parts[0]
-                    status, ctype, body = self.respond(method, parts[1])
-                data = body.encode()
-                head = (
-                    f"HTTP/1.0 {status} {_REASONS.get(status, '')}\r\n"
-                    f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                    "Connection: close\r\n\r\n"
-                )
-                writer.write(head.encode() + (b"" if method == "HEAD" else data))
-                await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
+            if task is None or len(self._tasks) >= self.max_connections:
+                self.refused += 1
+                log.debug("health server: %d connections open, refusing one more",
+                          len(self._tasks))  # fmt: skip
+                writer.write(_response(503, "text/plain", "too many connections\n"))
+                # Lingering (so the client reads the 503 rather than a reset) is bounded too:
+                # past max_connections refusals at once, the extra ones are just closed.
+                if task is not None and len(self._refusals) < self.max_connections:
+                    self._refusals.add(task)
+                    await self._linger(reader, writer)
+                return
+            self._tasks.add(task)
+            await self._serve(reader, writer)
+        except Exception as e:  # a bug here must not kill the server or print a traceback
+            log.warning("health server: request failed: %r", e)
         finally:
+            if task is not None:
+                self._tasks.discard(task)
+                self._refusals.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                try:
+                    request = await _read_request(reader)
+                except _Reject as e:
+                    log.debug("health server: %d for a request: %s", e.status, e)
+                    writer.write(_response(e.status, "text/plain", f"{e}\n"))
+                else:
+                    if request is None:
+                        return
+                    method, target = request
+                    status, ctype, body = self.respond(method, target)
+                    writer.write(_response(status, ctype, body, head_only=method == "HEAD"))
+                await writer.drain()
+        except (TimeoutError, ConnectionError):
+            return
+        # The client may have sent more than we read (a body, the rest of an oversized line).
+        await self._linger(reader, writer)
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then drop what the client still sends (bounded), so it gets the answer."""
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(LINGER_SECONDS):
+                dropped = 0
+                while dropped < LINGER_BYTES:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    dropped += len(chunk)

@@ -14,6 +14,7 @@ DEB_PACKAGES=(
   python3 python3-venv python3-pip
   gcc libc6-dev                    # benchmark baselines written in C
   openssl                          # test certificates for etcd TLS
+  prometheus                       # promtool check metrics on a live /metrics page (tests)
 )
 
 missing=()
@@ -27,8 +28,9 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's etcd and mosquitto packages start system services; overlay starts its own servers.
-for svc in etcd mosquitto; do
+# Debian's etcd, mosquitto and prometheus packages start services: overlay starts its own
+# etcd and broker, and only needs promtool from prometheus.
+for svc in etcd mosquitto prometheus; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   fi
