@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import struct
 from ipaddress import IPv4Address
@@ -401,3 +402,55 @@ def test_counter_reply_cut_or_corrupted_is_a_reply_or_nft_error(
         return
     if reply.counter is not None:
         assert 0 <= reply.counter.packets < 1 << 64 and 0 <= reply.counter.bytes < 1 << 64
+
+
+# --------------------------------------------------------------------------- the nft command
+# The real nft cannot be made to hang, print garbage or fail with an arbitrary message on
+# demand, so these use a stand-in `nft` script first on PATH (a test double, for those failure
+# modes only; tests/test_vxlan_filter.py runs the real one).
+
+
+@pytest.fixture
+def fake_nft(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    def install(body: str) -> None:
+        script = tmp_path / "nft"
+        script.write_text("#!/bin/sh\n" + body + "\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+
+    return install
+
+
+async def test_a_hanging_nft_is_killed_after_the_timeout(
+    fake_nft: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pidfile = tmp_path / "pid"
+    fake_nft(f"echo $$ > {pidfile}; exec sleep 60")
+    monkeypatch.setattr(nftset, "COMMAND_TIMEOUT", 0.5)
+    table = nftset.NftTable(SPEC)
+    with pytest.raises(NftError, match="did not finish"):
+        await table.sync(frozenset({IPv4Address("10.0.0.1")}))
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped: no such process any more
+
+
+async def test_nft_output_that_is_not_a_listing_is_an_error(fake_nft: Any) -> None:
+    fake_nft('echo \'{"nftables": [{"table": "not an object"}]}\'')
+    with pytest.raises(NftError, match="not an object"):
+        await nftset.NftTable(SPEC).read()
+    fake_nft("echo '[[[['")
+    with pytest.raises(NftError, match="not JSON"):
+        await nftset.NftTable(SPEC).read()
+
+
+async def test_nft_failures_carry_its_message_cut_to_size(fake_nft: Any) -> None:
+    fake_nft("head -c 100000 /dev/zero | tr '\\0' x >&2; exit 1")
+    with pytest.raises(NftError) as info:
+        await nftset.NftTable(SPEC).apply("add table ip t\n")
+    assert "nft -f - failed (1): xxx" in str(info.value)
+    assert len(str(info.value)) < nftset.MAX_ERROR_TEXT + 100
+    fake_nft("echo 'Error: No such file or directory' >&2; exit 1")
+    assert await nftset.NftTable(SPEC).read() is None, "a missing table is not an error"
+    with pytest.raises(NftError, match="No such file"):
+        await nftset.NftTable(SPEC).update(frozenset({IPv4Address("10.0.0.1")}), frozenset())

@@ -513,6 +513,43 @@ async def test_nft_missing_is_a_clear_error(
     await off.prepare()
 
 
+async def test_only_valid_vxlan_leases_are_admitted(world: World, made: list[VxlanBackend]) -> None:
+    """Leases that the data path skips are not admitted either: another backend type with x's
+    PublicIP, a vxlan lease of x without a usable VtepMAC, and leases whose PublicIP is our
+    own. Odd but well-formed PublicIPs (0.0.0.0, broadcast, multicast, loopback) go into the
+    set like any other address and do not break the transaction."""
+    b2 = await started_world(world, made, FilterPeers=True)
+    h1, h2 = world.leases["h1"], world.leases["h2"]
+    x_ip = IPv4Address("192.168.93.66")
+
+    def other(n: int, ip: IPv4Address, btype: str, data: dict[str, Any] | None) -> Lease:
+        return Lease(IPv4Network(f"10.5.{n}.0/24"), LeaseAttrs(ip, None, btype, data))
+
+    skipped = [
+        other(20, x_ip, "udp", None),
+        other(21, x_ip, "host-gw", None),
+        other(22, x_ip, "vxlan", None),
+        other(23, x_ip, "vxlan", {"VtepMAC": "ff:ff:ff:ff:ff:ff"}),
+        other(24, x_ip, "vxlan", {"VtepMAC": 12}),
+        other(25, x_ip, "vxlan", {"VtepMAC": "0a:00:00:00:00:zz"}),
+        other(26, h2.attrs.public_ip, "vxlan", {"VtepMAC": "0a:00:00:00:00:26"}),
+    ]
+    odd = {
+        other(30 + i, IPv4Address(ip), "vxlan", {"VtepMAC": f"0a:00:00:00:01:{i:02x}"})
+        for i, ip in enumerate(["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1"])
+    }
+    everything = peers_of(h1, *skipped, *odd)
+    await b2.reconcile(everything)
+    assert filter_elements(world.h2.ns) == {"192.168.93.1"} | {
+        str(le.attrs.public_ip) for le in odd
+    }
+    for lease in skipped:  # one by one, as lease events
+        await b2.reconcile(peers_of(h1, lease), {lease.subnet, *(le.subnet for le in odd)})
+        assert filter_elements(world.h2.ns) == {"192.168.93.1"}, lease
+    world.inject_from_x("still-out", count=2)
+    assert wait_dropped(b2, 2) == 2
+
+
 def test_nft_accepts_the_generated_scripts(lab: NetnsLab) -> None:
     """The pure scripts are valid nft input for the installed nftables (`nft -c`: checked by
     the kernel, nothing committed) and, applied, give the listing parse_table reads back."""
