@@ -135,6 +135,44 @@ async def events(n: int, count: int) -> dict[str, list[float]]:
     return out
 
 
+async def filter_alone(n: int, repeats: int) -> dict[str, list[float]]:
+    """The nft part by itself (no vxlan device work): create the table with n elements, a full
+    pass with nothing to change (list + compare), one element in and out (incremental), and
+    for scale the cost of entering the namespace (`ip netns exec NS true`), which every nft
+    run here pays and a daemon in its own namespace does not."""
+    peers = frozenset(IPv4Address(int(prog.EXT_IP) + 1 + i) for i in range(n))
+    spec = nftset.PortFilter(FILTER_TABLE, 8472, "bench")
+    out: dict[str, list[float]] = {
+        k: [] for k in ("create", "steady", "one in", "one out", "netns exec")
+    }
+    for _ in range(repeats):
+        with prog.namespace() as (ns, _ext):
+            table = nftset.NftTable(spec, ns)
+            t0 = time.perf_counter()
+            result = await table.sync(peers)
+            out["create"].append(time.perf_counter() - t0)
+            if not result.created or set_size(ns) != n:
+                raise SystemExit("the table was not created with every element")
+            t0 = time.perf_counter()
+            result = await table.sync(peers)
+            out["steady"].append(time.perf_counter() - t0)
+            if result.transactions:
+                raise SystemExit("a steady pass changed the table")
+            extra = IPv4Address("198.18.0.1")
+            for _ in range(10):
+                t0 = time.perf_counter()
+                await table.update(frozenset({extra}), frozenset())
+                out["one in"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await table.update(frozenset(), frozenset({extra}))
+                out["one out"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await run("ip", "netns", "exec", ns, "true")
+                out["netns exec"].append(time.perf_counter() - t0)
+            table.close()
+    return out
+
+
 async def counter_reads(n: int) -> dict[str, list[float]]:
     with prog.namespace() as (ns, ext):
         b = await new_backend(ns, ext, True)
@@ -268,6 +306,11 @@ async def main() -> None:
     args = parser.parse_args()
     n = args.peers
     print(f"load average at start: {loadavg()}")
+
+    alone = await filter_alone(n, args.repeats)
+    print(f"\nthe nft part alone, {n} elements, medians (ms)")
+    for name, values in alone.items():
+        print(f"{name:12} {statistics.median(values) * 1000:8.2f}  ({len(values)} runs)")
 
     prog_times = await programming(n, args.repeats)
     med = {k: statistics.median(v) * 1000 for k, v in prog_times.items()}
