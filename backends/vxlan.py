@@ -579,19 +579,22 @@ class VxlanBackend:
         state = self._desired
         assert state is not None
         own = self.ext.public_ip
-        want = {ip for ip in state.by_ip if ip != own}
+
+        def want() -> set[IPv4Address]:  # O(peers): full passes only
+            return {ip for ip in state.by_ip if ip != own}
+
         try:
             if candidates is None or not self._filter_synced:
-                result = await self.filter.sync(want)
+                result = await self.filter.sync(want())
             else:
-                admit = {ip for ip in candidates if ip in want}
+                admit = {ip for ip in candidates if ip != own and ip in state.by_ip}
                 try:
                     result = await self.filter.update(admit, candidates - admit)
                 except nftset.NftError as e:
                     log.warning(
                         "peer filter: incremental update failed, running a full pass: %s", e
                     )
-                    result = await self.filter.sync(want)
+                    result = await self.filter.sync(want())
         except nftset.NftError as e:
             self._filter_synced = False
             self._desired = None  # the next pass is a full one
@@ -599,16 +602,17 @@ class VxlanBackend:
                 f"{FILTER_PEERS_KEY}: cannot program nft table {nftset.FAMILY} {FILTER_TABLE}: {e}"
             ) from e
         self._filter_synced = True
+        admitted = len(state.by_ip) - (own in state.by_ip)
         if result.rebuilt:
             log.warning(
                 "peer filter: nft table %s %s replaced (%d peers): %s",
                 nftset.FAMILY,
                 FILTER_TABLE,
-                len(want),
+                admitted,
                 "; ".join(result.rebuilt),
             )
         elif result.transactions:
-            log.info("peer filter (%d peers): %s", len(want), nftset.describe(result))
+            log.info("peer filter (%d peers): %s", admitted, nftset.describe(result))
         return result
 
     async def _remove_filter(self) -> None:
