@@ -1,7 +1,8 @@
 """What the vxlan backend's FilterPeers costs, measured side by side with it off, in one run.
 
 Run as root:  .venv/bin/python bench/bench_vxlan_filter.py [--peers 10000] [--repeats 3]
-              [--events 50] [--seconds 5] [--rounds 3] [--skip-throughput]
+              [--events 50] [--seconds 5] [--rounds 3] [--skip-throughput] [--realtime]
+              [--only alone,program,events,counter,throughput]
 
 1. Programming N peers (fresh namespace each time, as bench_vxlan_program.py builds it):
    a cold full reconcile with FilterPeers off and on (on = the same plus one nft transaction
@@ -43,6 +44,7 @@ from backends.vxlan import FILTER_TABLE, VxlanBackend
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
 
 IPERF_PORT = 5201
+SECTIONS = ("alone", "program", "events", "counter", "throughput")
 
 
 def config(filter_peers: bool) -> NetworkConfig:
@@ -197,9 +199,9 @@ async def counter_reads(n: int) -> dict[str, list[float]]:
     return {"netlink GETOBJ": netlink, "nft -j list counter": command}
 
 
-async def iperf(ns: str, target: str, seconds: int) -> float:
+async def iperf(ns: str, target: str, seconds: int, rt: list[str]) -> float:
     proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, "iperf3", "-c", target, "-p", str(IPERF_PORT),
+        "ip", "netns", "exec", ns, *rt, "iperf3", "-c", target, "-p", str(IPERF_PORT),
         "-t", str(seconds), "-J",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -209,7 +211,8 @@ async def iperf(ns: str, target: str, seconds: int) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-async def throughput(n: int, seconds: int, rounds: int) -> dict[str, list[float]]:
+async def throughput(n: int, seconds: int, rounds: int, realtime: bool) -> dict[str, list[float]]:
+    rt = ["chrt", "--fifo", "10"] if realtime else []
     token = uuid.uuid4().hex[:6]
     h1, h2 = f"bvf1-{token}", f"bvf2-{token}"
     ips = {h1: IPv4Address("172.16.0.1"), h2: IPv4Address("172.16.0.2")}
@@ -244,7 +247,7 @@ async def throughput(n: int, seconds: int, rounds: int) -> dict[str, list[float]
             return {**others, subnets[other]: leases[other]}
 
         server = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", h2, "iperf3", "-s", "-p", str(IPERF_PORT),
+            "ip", "netns", "exec", h2, *rt, "iperf3", "-s", "-p", str(IPERF_PORT),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         await asyncio.sleep(0.5)
@@ -260,7 +263,7 @@ async def throughput(n: int, seconds: int, rounds: int) -> dict[str, list[float]
                         await b.reconcile(peers_of(ns))
                 if on and set_size(h2) != n:
                     raise SystemExit(f"h2's set holds {set_size(h2)} elements, not {n}")
-                gbps = await iperf(h1, target, seconds)
+                gbps = await iperf(h1, target, seconds, rt)
                 out["on" if on else "off"].append(gbps)
                 print(f"bench: round {r + 1} filter {'on' if on else 'off'}: {gbps:.2f} Gbit/s",
                       file=sys.stderr, flush=True)  # fmt: skip
@@ -303,25 +306,45 @@ async def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}"
+    )
+    parser.add_argument("--realtime", action="store_true", help="iperf3 under SCHED_FIFO")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; use {SECTIONS}")
+    if args.skip_throughput:
+        only.discard("throughput")
     n = args.peers
     print(f"load average at start: {loadavg()}")
 
-    alone = await filter_alone(n, args.repeats)
-    print(f"\nthe nft part alone, {n} elements, medians (ms)")
-    for name, values in alone.items():
-        print(f"{name:12} {statistics.median(values) * 1000:8.2f}  ({len(values)} runs)")
+    if "alone" in only:
+        alone = await filter_alone(n, args.repeats)
+        print(f"\nthe nft part alone, {n} elements, medians (ms)")
+        for name, values in alone.items():
+            print(f"{name:12} {statistics.median(values) * 1000:8.2f}  ({len(values)} runs)")
 
-    prog_times = await programming(n, args.repeats)
-    med = {k: statistics.median(v) * 1000 for k, v in prog_times.items()}
-    print(f"\nfull reconcile of {n} peers, median of {args.repeats} (ms)")
-    print("pass      filter off  filter on   on/off")
-    for kind in ("cold", "steady"):
-        off, on = med[f"{kind} off"], med[f"{kind} on"]
-        print(f"{kind:8} {off:11.1f} {on:10.1f} {on / off:8.2f}")
+    if "program" in only:
+        prog_times = await programming(n, args.repeats)
+        med = {k: statistics.median(v) * 1000 for k, v in prog_times.items()}
+        print(f"\nfull reconcile of {n} peers, median of {args.repeats} (ms)")
+        print("pass      filter off  filter on   on/off")
+        for kind in ("cold", "steady"):
+            off, on = med[f"{kind} off"], med[f"{kind} on"]
+            print(f"{kind:8} {off:11.1f} {on:10.1f} {on / off:8.2f}")
 
-    ev = await events(n, args.events)
-    print(f"\none lease event with {n} present, incremental pass, {args.events} events (ms)")
+    if "events" in only:
+        await print_events(n, args.events)
+    if "counter" in only:
+        await print_counter(n)
+    if "throughput" in only:
+        await print_throughput(n, args.seconds, args.rounds, args.realtime)
+
+
+async def print_events(n: int, count: int) -> None:
+    ev = await events(n, count)
+    print(f"\none lease event with {n} present, incremental pass, {count} events (ms)")
     print("event   off p50  off p99   on p50   on p99  p50 on/off")
     for kind in ("add", "remove"):
         off, on = ev[f"{kind} off"], ev[f"{kind} on"]
@@ -330,6 +353,8 @@ async def main() -> None:
             f"{ms(on, 0.99):8.2f} {ms(on, 0.5) / ms(off, 0.5):11.2f}"
         )
 
+
+async def print_counter(n: int) -> None:
     reads = await counter_reads(n)
     print(f"\nreading the drop counter with {n} elements in the set (median)")
     for name, values in reads.items():
@@ -337,14 +362,18 @@ async def main() -> None:
     a, b = (statistics.median(v) for v in reads.values())
     print(f"{'ratio':22} {b / a:10.0f}x")
 
-    if not args.skip_throughput:
-        tp = await throughput(n, args.seconds, args.rounds)
-        off, on = statistics.median(tp["off"]), statistics.median(tp["on"])
-        print(f"\niperf3 TCP host to host through flannel.1, {args.rounds} rounds of "
-              f"{args.seconds} s, {n} elements in the set (Gbit/s)")  # fmt: skip
-        print(f"filter off {off:.2f} (runs {[round(x, 2) for x in tp['off']]})")
-        print(f"filter on  {on:.2f} (runs {[round(x, 2) for x in tp['on']]})")
-        print(f"on/off     {on / off:.2f}")
+
+async def print_throughput(n: int, seconds: int, rounds: int, realtime: bool) -> None:
+    tp = await throughput(n, seconds, rounds, realtime)
+    off, on = statistics.median(tp["off"]), statistics.median(tp["on"])
+    print(f"\niperf3 TCP host to host through flannel.1, {rounds} rounds of "
+          f"{seconds} s{' (SCHED_FIFO)' if realtime else ''}, {n} elements in the set "
+          "(Gbit/s)")  # fmt: skip
+    print(f"filter off {off:.2f} (runs {[round(x, 2) for x in tp['off']]})")
+    print(f"filter on  {on:.2f} (runs {[round(x, 2) for x in tp['on']]})")
+    paired = [a / b for a, b in zip(tp["on"], tp["off"], strict=True)]
+    print(f"on/off     {on / off:.2f} (medians); per round {[round(x, 2) for x in paired]}, "
+          f"median {statistics.median(paired):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

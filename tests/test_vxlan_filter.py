@@ -353,9 +353,12 @@ async def test_full_pass_repairs_the_filter_changed_by_hand(
     world.inject_from_x("x", count=4)
     assert wait_dropped(b2, 4) == 4
 
-    # Table deleted by hand: the next full pass recreates it (counter restarts at 0 then).
+    # Table deleted by hand: no counter to publish; the next full pass recreates it (the
+    # counter restarts at 0 then).
     ns.run("nft", "delete", "table", "ip", FILTER_TABLE)
+    assert b2.counters() == {}
     await b2.reconcile(peers)
+    assert b2.counters() == {"peer_filter_dropped_packets": 0, "peer_filter_dropped_bytes": 0}
     assert b2.last.filter is not None and b2.last.filter.created
     assert filter_elements(ns) == {"192.168.93.1"}
 
