@@ -644,8 +644,8 @@ class VxlanBackend:
         if counter is None:
             return {}
         return {
-            "peer_filter_dropped_packets": counter.packets,
-            "peer_filter_dropped_bytes": counter.bytes,
+            "peer_filter_dropped_packets_total": counter.packets,
+            "peer_filter_dropped_bytes_total": counter.bytes,
         }
 
     async def _full_pass(

@@ -186,7 +186,10 @@ async def counter_reads(n: int) -> dict[str, list[float]]:
                 t0 = time.perf_counter()
                 values = b.counters()
                 netlink.append(time.perf_counter() - t0)
-            if set(values) != {"peer_filter_dropped_packets", "peer_filter_dropped_bytes"}:
+            if set(values) != {
+                "peer_filter_dropped_packets_total",
+                "peer_filter_dropped_bytes_total",
+            }:
                 raise SystemExit(f"counters() gave {values}")
             command = []
             argv = ["ip", "netns", "exec", ns, "nft", "-j", "list", "counter", "ip", FILTER_TABLE]
@@ -268,7 +271,7 @@ async def throughput(n: int, seconds: int, rounds: int, realtime: bool) -> dict[
                 print(f"bench: round {r + 1} filter {'on' if on else 'off'}: {gbps:.2f} Gbit/s",
                       file=sys.stderr, flush=True)  # fmt: skip
         drops = backs[f"{h2} True"].counters()
-        if drops.get("peer_filter_dropped_packets", 0):
+        if drops.get("peer_filter_dropped_packets_total", 0):
             raise SystemExit(f"the filter dropped legitimate traffic: {drops}")
     finally:
         if server is not None and server.returncode is None:

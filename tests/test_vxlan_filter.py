@@ -200,7 +200,7 @@ def tables(ns: Netns) -> set[tuple[str, str]]:
 
 
 def dropped(b: VxlanBackend) -> int:
-    return b.counters().get("peer_filter_dropped_packets", 0)
+    return b.counters().get("peer_filter_dropped_packets_total", 0)
 
 
 def rx_packets(ns: Netns) -> int:
@@ -284,14 +284,14 @@ async def test_filter_drops_a_third_host_and_admits_lease_hosts(
     assert rx_packets(world.h2.ns) == rx_before, "no injected frame reached flannel.1"
     world.send_from_h1("legit-2")
     assert world.received() == "legit-2 10.5.1.0", "the injected datagrams never arrived"
-    assert on.counters()["peer_filter_dropped_bytes"] > 0
+    assert on.counters()["peer_filter_dropped_bytes_total"] > 0
 
     # The counter is on /metrics as the daemon publishes it.
     metrics = Metrics()
     metrics.publish_backend_counters(on.type, on.counters)
     page = metrics.render()
-    assert "# TYPE overlay_vxlan_peer_filter_dropped_packets counter" in page
-    assert "\noverlay_vxlan_peer_filter_dropped_packets 5\n" in page
+    assert "# TYPE overlay_vxlan_peer_filter_dropped_packets_total counter" in page
+    assert "\noverlay_vxlan_peer_filter_dropped_packets_total 5\n" in page
 
     # FilterPeers off again: prepare() deletes our table (and only ours); x gets through again.
     world.h2.ns.run("nft", "add", "table", "ip", "someone_else")
@@ -358,7 +358,10 @@ async def test_full_pass_repairs_the_filter_changed_by_hand(
     ns.run("nft", "delete", "table", "ip", FILTER_TABLE)
     assert b2.counters() == {}
     await b2.reconcile(peers)
-    assert b2.counters() == {"peer_filter_dropped_packets": 0, "peer_filter_dropped_bytes": 0}
+    assert b2.counters() == {
+        "peer_filter_dropped_packets_total": 0,
+        "peer_filter_dropped_bytes_total": 0,
+    }
     assert b2.last.filter is not None and b2.last.filter.created
     assert filter_elements(ns) == {"192.168.93.1"}
 
