@@ -45,6 +45,7 @@ import re
 import shutil
 import socket
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -395,7 +396,7 @@ def parse_counter_reply(data: bytes, seq: int) -> CounterReply:
 class CounterReader:
     """A blocking netfilter netlink socket for reading named counters, in a namespace or not.
 
-    `read()` is synchronous (the metrics renderer is) and bounded by COUNTER_TIMEOUT."""
+    `read()` is synchronous (the metrics renderer is) and takes at most COUNTER_TIMEOUT."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
@@ -421,13 +422,18 @@ class CounterReader:
 
     def read(self, table: str, name: str) -> Counter | None:
         """The counter's values; None when the table or counter does not exist."""
-        sock = self._socket()
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         seq = self._seq
         try:
+            sock = self._socket()
             sock.send(counter_request(table, name, seq))
             counter: Counter | None = None
+            deadline = time.monotonic() + COUNTER_TIMEOUT
             for _ in range(16):  # our answer and its acknowledgement; stale answers skipped
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no answer within {COUNTER_TIMEOUT} s")
+                sock.settimeout(left)
                 reply = parse_counter_reply(sock.recv(65536), seq)
                 counter = reply.counter or counter
                 if reply.error is not None:
@@ -487,13 +493,16 @@ class NftTable:
         cmd = [nft, *args]
         if self.netns is not None:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "LC_ALL": "C"},
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "LC_ALL": "C"},
+            )
+        except OSError as e:
+            raise NftError(f"cannot run {' '.join(cmd)}: {e}") from e
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 out, err = await proc.communicate(script.encode() if script is not None else None)

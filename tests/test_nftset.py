@@ -454,3 +454,20 @@ async def test_nft_failures_carry_its_message_cut_to_size(fake_nft: Any) -> None
     assert await nftset.NftTable(SPEC).read() is None, "a missing table is not an error"
     with pytest.raises(NftError, match="No such file"):
         await nftset.NftTable(SPEC).update(frozenset({IPv4Address("10.0.0.1")}), frozenset())
+
+
+def test_counter_reader_in_a_missing_namespace_is_an_nft_error() -> None:
+    reader = nftset.CounterReader(f"overlay-missing-{os.getpid()}")
+    with pytest.raises(NftError, match="does not exist"):
+        reader.read("overlay_vxlan", "dropped")
+    reader.close()
+
+
+async def test_nft_that_cannot_be_started_is_an_nft_error(
+    fake_nft: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A netns given, but `ip` cannot be found: NftError naming the command, not an OSError."""
+    fake_nft("exit 0")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nft found, ip not
+    with pytest.raises(NftError, match="cannot run ip netns exec"):
+        await nftset.NftTable(SPEC, netns="overlay-any").read()
