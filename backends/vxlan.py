@@ -18,6 +18,12 @@ reading their entries with targeted netlink GETs, so a lease event costs the sam
 leases as with one; the periodic full pass repairs the rest. A device deleted by hand is
 recreated with the same MAC; on restart an existing compatible device (same VNI, port, local
 address, link, GBP) is reused with its MAC.
+
+`FilterPeers: true` (ours, not flannel's) admits the VXLAN port only from the PublicIPs of the
+vxlan leases, through an nftables table of our own (`table ip overlay_vxlan`, see
+backends/nftset.py): a full pass makes the table and its set match the peers, an incremental
+pass adds or deletes only the changed peers' addresses, each in one nft transaction. With the
+option off, a table left from an earlier run is deleted in `prepare()`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 from backends import netlink as nl
+from backends import nftset
 from backends.base import BackendAttrs, BackendError, ExternalInterface
 from subnetmgr.model import ConfigError, Lease, NetworkConfig, Subnet
 
@@ -46,6 +53,11 @@ VXLAN_OVERHEAD_V4 = 50
 VXLAN_OVERHEAD_V6 = 70
 TX_CHECKSUM_KEY = "DisableTxChecksumOffload"
 """Our Backend key (not flannel's): turn tx-checksum-ip-generic off on the device."""
+FILTER_PEERS_KEY = "FilterPeers"
+"""Our Backend key (not flannel's): admit the VXLAN port only from lease PublicIPs (nftables)."""
+FILTER_TABLE = "overlay_vxlan"
+"""The nftables table (family ip) of the peer filter."""
+FILTER_COMMENT = "overlay vxlan: admit only lease PublicIPs (FilterPeers)"
 COMMAND_TIMEOUT = 10.0
 """Seconds allowed for a helper command (ethtool) or a pyroute2 request."""
 
@@ -73,6 +85,7 @@ class VxlanOptions:
     """0: derived from the external interface (MTU - 50, or - 70 on an IPv6 underlay)."""
     direct_routing: bool = False
     disable_tx_checksum: bool = False
+    filter_peers: bool = False
 
     @property
     def device(self) -> str:
@@ -104,6 +117,7 @@ class VxlanOptions:
             disable_tx_checksum=_bool_opt(
                 doc, TX_CHECKSUM_KEY.lower(), f"Backend.{TX_CHECKSUM_KEY}"
             ),
+            filter_peers=_bool_opt(doc, FILTER_PEERS_KEY.lower(), f"Backend.{FILTER_PEERS_KEY}"),
         )
 
 
@@ -214,6 +228,8 @@ class DesiredIndex:
     peers: dict[IPv4Network, Peer] = field(default_factory=dict)
     by_addr: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
     by_mac: dict[str, set[IPv4Network]] = field(default_factory=dict)
+    by_ip: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
+    """Every peer (DirectRouting's too) by PublicIP: the addresses the peer filter admits."""
 
     @classmethod
     def build(cls, desired: Mapping[IPv4Network, Peer]) -> DesiredIndex:
@@ -225,12 +241,15 @@ class DesiredIndex:
     def put(self, subnet: IPv4Network, peer: Peer | None) -> None:
         """Record `peer` as the desired state of `subnet` (None: nothing wanted)."""
         old = self.peers.pop(subnet, None)
+        if old is not None:
+            _discard(self.by_ip, old.public_ip, subnet)
         if old is not None and not old.direct:
             _discard(self.by_addr, subnet.network_address, subnet)
             _discard(self.by_mac, old.vtep_mac, subnet)
         if peer is None:
             return
         self.peers[subnet] = peer
+        self.by_ip.setdefault(peer.public_ip, set()).add(subnet)
         if not peer.direct:
             self.by_addr.setdefault(subnet.network_address, set()).add(subnet)
             self.by_mac.setdefault(peer.vtep_mac, set()).add(subnet)
@@ -421,6 +440,8 @@ class ReconcileStats:
     """False: an incremental pass (only the changed subnets' entries were read and compared)."""
     reads: int = 0
     """Targeted kernel reads of an incremental pass (a full pass reads three whole tables)."""
+    filter: nftset.SyncResult | None = None
+    """What the pass did to the peer filter's table (None: FilterPeers is off)."""
 
 
 MAX_ROUNDS = 4
@@ -464,6 +485,12 @@ class VxlanBackend:
             None,
         )
         """(device index, own subnet, on-link networks) that `_desired` was built for."""
+        self.filter = nftset.NftTable(
+            nftset.PortFilter(FILTER_TABLE, self.options.port, FILTER_COMMENT), netns
+        )
+        """The peer filter's table (FilterPeers); with the option off only ever deleted."""
+        self._filter_synced = False
+        """True once a full filter pass succeeded; an incremental one needs it."""
 
     # ----------------------------------------------------------------------- protocol
 
@@ -471,6 +498,8 @@ class VxlanBackend:
         """Create (or reuse) flannel.<VNI>; publish {"VNI": n, "VtepMAC": mac}."""
         async with self._lock:
             await self._ensure_device()
+            if not self.options.filter_peers:
+                await self._remove_filter()
         assert self.mac is not None
         return BackendAttrs(self.type, {"VNI": self.options.vni, "VtepMAC": self.mac})
 
@@ -514,11 +543,14 @@ class VxlanBackend:
                     desired_index = DesiredIndex.build(desired)
                     todo, result = await self._full_pass(sock, index, desired, desired_index)
                     self._desired = desired_index
+                    candidates = None
                 else:
                     assert self._desired is not None and changed is not None
+                    candidates = self._public_ips(changed)  # the old peers' ...
                     todo, result = await self._changed_pass(
                         sock, index, peers, set(changed), own_subnet, onlink, stats
                     )
+                    candidates |= self._public_ips(changed)  # ... and the new ones'
             except BaseException as e:
                 self._desired = None  # the next pass is a full one
                 if isinstance(e, (OSError, TimeoutError)):
@@ -529,7 +561,92 @@ class VxlanBackend:
                 raise
             stats.peers = len(self._desired.peers) if self._desired is not None else 0
             self._account(todo, result, stats)
+            if self.options.filter_peers:
+                stats.filter = await self._filter_pass(candidates)
             self.last = stats
+
+    def _public_ips(self, subnets: Collection[Subnet]) -> set[IPv4Address]:
+        state = self._desired
+        assert state is not None
+        return {p.public_ip for s in subnets if (p := state.peers.get(s)) is not None}
+
+    async def _filter_pass(self, candidates: set[IPv4Address] | None) -> nftset.SyncResult:
+        """Make the peer filter admit exactly the desired peers' PublicIPs (not our own).
+
+        `candidates=None`: a full pass (read the table, repair it, fix every element); else
+        only these addresses are put in or taken out, per the desired index. An incremental
+        update that fails (the set or table was deleted by hand) is followed by a full pass."""
+        state = self._desired
+        assert state is not None
+        own = self.ext.public_ip
+
+        def want() -> set[IPv4Address]:  # O(peers): full passes only
+            return {ip for ip in state.by_ip if ip != own}
+
+        try:
+            if candidates is None or not self._filter_synced:
+                result = await self.filter.sync(want())
+            else:
+                admit = {ip for ip in candidates if ip != own and ip in state.by_ip}
+                try:
+                    result = await self.filter.update(admit, candidates - admit)
+                except nftset.NftError as e:
+                    log.warning(
+                        "peer filter: incremental update failed, running a full pass: %s", e
+                    )
+                    result = await self.filter.sync(want())
+        except nftset.NftError as e:
+            self._filter_synced = False
+            self._desired = None  # the next pass is a full one
+            raise BackendError(
+                f"{FILTER_PEERS_KEY}: cannot program nft table {nftset.FAMILY} {FILTER_TABLE}: {e}"
+            ) from e
+        self._filter_synced = True
+        admitted = len(state.by_ip) - (own in state.by_ip)
+        if result.rebuilt:
+            log.warning(
+                "peer filter: nft table %s %s replaced (%d peers): %s",
+                nftset.FAMILY,
+                FILTER_TABLE,
+                admitted,
+                "; ".join(result.rebuilt),
+            )
+        elif result.transactions:
+            log.info("peer filter (%d peers): %s", admitted, nftset.describe(result))
+        return result
+
+    async def _remove_filter(self) -> None:
+        """FilterPeers is off: delete a peer filter table left from an earlier run."""
+        try:
+            if await self.filter.delete():
+                log.warning(
+                    "%s is off: deleted the leftover nft table %s %s",
+                    FILTER_PEERS_KEY,
+                    nftset.FAMILY,
+                    FILTER_TABLE,
+                )
+        except nftset.NftError as e:
+            if nftset.nft_command() is None:
+                log.debug("nft is not installed, so no peer filter table to remove: %s", e)
+                return
+            raise BackendError(
+                f"{FILTER_PEERS_KEY} is off but the nft table {nftset.FAMILY} {FILTER_TABLE} "
+                f"could not be checked or removed ({e}); it would keep dropping VXLAN from new "
+                f"peers: delete it by hand (nft delete table {nftset.FAMILY} {FILTER_TABLE})"
+            ) from e
+
+    def counters(self) -> dict[str, int]:
+        """The peer filter's drop counter, read now (one netlink request, bounded time); empty
+        when FilterPeers is off or the table is missing. Published as overlay_vxlan_<name>."""
+        if not self.options.filter_peers:
+            return {}
+        counter = self.filter.counter()
+        if counter is None:
+            return {}
+        return {
+            "peer_filter_dropped_packets_total": counter.packets,
+            "peer_filter_dropped_bytes_total": counter.bytes,
+        }
 
     async def _full_pass(
         self,
@@ -665,7 +782,9 @@ class VxlanBackend:
         )
 
     async def close(self) -> None:
-        """Close our sockets; devices, neighbours, FDB entries and routes stay in place."""
+        """Close our sockets; devices, neighbours, FDB entries, routes and the peer filter stay
+        in place."""
+        self.filter.close()
         if self._nl is not None:
             self._nl.close()
             self._nl = None

@@ -6,6 +6,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backends import netlink as nl
 from backends.base import ExternalInterface
@@ -48,6 +50,14 @@ def test_options_defaults_follow_flannel() -> None:
     )
     assert o.device == "flannel.1"
     assert not o.disable_tx_checksum
+    assert not o.filter_peers
+
+
+def test_filter_peers_option() -> None:
+    assert VxlanOptions.from_backend({"FilterPeers": True}).filter_peers
+    assert VxlanOptions.from_backend({"filterPEERS": True}).filter_peers
+    assert not VxlanOptions.from_backend({"FilterPeers": False}).filter_peers
+    assert not VxlanOptions.from_backend({"FilterPeers": None}).filter_peers  # as if absent
 
 
 def test_options_are_case_insensitive_and_port_zero_means_8472() -> None:
@@ -69,6 +79,10 @@ def test_options_are_case_insensitive_and_port_zero_means_8472() -> None:
         ("learning", "yes", "Backend.Learning"),
         ("directrouting", 1, "Backend.DirectRouting"),
         ("disabletxchecksumoffload", "off", "Backend.DisableTxChecksumOffload"),
+        ("filterpeers", "true", "Backend.FilterPeers"),
+        ("filterpeers", 1, "Backend.FilterPeers"),
+        ("FilterPeers", {"on": True}, "Backend.FilterPeers"),
+        ("FilterPeers", [True], "Backend.FilterPeers"),
     ],
 )
 def test_bad_options_name_the_field_and_value(key: str, value: object, field: str) -> None:
@@ -262,6 +276,35 @@ def test_desired_index_keeps_a_shared_vtep_until_its_last_lease_goes() -> None:
     index.put(b.subnet, Peer(b.subnet, b.vtep_mac, b.public_ip, True))  # now DirectRouting
     assert index.want_fdb(a.vtep_mac) == set() and index.by_mac == {} and index.by_addr == {}
     assert list(index.peers) == [b.subnet]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 7),  # which subnet 10.5.<n>.0/24
+            st.one_of(st.none(), st.tuples(st.integers(1, 3), st.booleans())),  # (host, direct)
+        ),
+        max_size=40,
+    )
+)
+def test_desired_index_by_ip_follows_any_sequence_of_changes(
+    changes: list[tuple[int, tuple[int, bool] | None]],
+) -> None:
+    """The peer filter's index: after any sequence of puts, by_ip names exactly the subnets
+    whose peer has that PublicIP (DirectRouting peers too), and no empty entries."""
+    index = DesiredIndex()
+    for n, what in changes:
+        subnet = IPv4Network(f"10.5.{n}.0/24")
+        if what is None:
+            index.put(subnet, None)
+        else:
+            host, direct = what
+            mac = f"0a:00:00:00:00:{host:02x}"
+            index.put(subnet, Peer(subnet, mac, IPv4Address(f"192.168.90.{host}"), direct))
+    want: dict[IPv4Address, set[IPv4Network]] = {}
+    for subnet, peer in index.peers.items():
+        want.setdefault(peer.public_ip, set()).add(subnet)
+    assert index.by_ip == want
 
 
 def test_plan_restricted_to_keys_leaves_other_entries_alone() -> None:
