@@ -21,12 +21,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Helper modules with asserts of their own: the same detailed failure messages as in tests.
 pytest.register_assert_rewrite("tests.labtools")
 
-# Property-based tests: "ci" (the default) keeps each target to a few seconds; run more examples
-# with HYPOTHESIS_PROFILE=long.
-settings.register_profile("ci", max_examples=200, deadline=None)
-settings.register_profile("long", max_examples=5000, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
