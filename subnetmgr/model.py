@@ -9,6 +9,7 @@ config JSON with case-insensitive keys.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,13 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; Go does not
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python makes it inf, Go refuses it
+        raise ValueError(f"number {brief(text)} is out of range")
+    return value
+
+
 def load_json(data: str | bytes) -> Any:
     """Decode a document from outside within explicit limits, or raise JsonRejected.
 
@@ -130,7 +138,7 @@ def load_json(data: str | bytes) -> Any:
     if json_too_deep(text):
         raise JsonRejected("too_deep", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite)
     except RecursionError:
         raise JsonRejected("too_deep", "nested too deeply to decode") from None
     except MemoryError:
