@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from ipaddress import IPv6Network
+from ipaddress import IPv4Address, IPv6Network
 from types import MappingProxyType
 
 from subnetmgr import allocation
@@ -54,6 +54,8 @@ ACQUIRE_ATTEMPTS = 10
 
 WIDEN_STEPS = 4
 """The candidate pool grows 4x after each lost race, up to 2**WIDEN_STEPS x (100 -> 1,600)."""
+
+_NOBODY = LeaseAttrs(IPv4Address(0))
 
 CONFIG_EXAMPLE = '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}'
 
@@ -189,7 +191,7 @@ class SubnetManager:
                     expirations=False, created_after=revision
                 )
                 known.update(((lease.subnet, lease.ipv6_subnet), lease) for lease in new)
-            leases = list(known.values())
+            leases = list(known.values()) + self._undecodable_keys()
             # Flannel picks among the first 100 free subnets. After a lost race, pick among
             # more (400, then 1,600): hosts joining at once then stop colliding on the same
             # few subnets. An uncontended join is flannel's exactly.
@@ -200,7 +202,7 @@ class SubnetManager:
             if choice is None and not relist:  # perhaps freed meanwhile: look at everything
                 listed, revision = await self.registry.list_leases(expirations=False)
                 known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
-                leases = listed
+                leases = listed + self._undecodable_keys()
                 choice = allocation.choose(
                     config, leases, attrs.public_ip, previous, self._rng, candidates=pool
                 )
@@ -239,6 +241,16 @@ class SubnetManager:
             f"could not claim a subnet for {attrs.public_ip} in {self.max_attempts} attempts: "
             "other hosts took each one first; try again"
         )
+
+    def _undecodable_keys(self) -> list[Lease]:
+        """A stand-in lease (PublicIP 0.0.0.0, so never ours) for each key whose value does not
+        decode: its subnet is taken all the same (creating the key would fail, attempt after
+        attempt), where allocation could not see it among the listed leases."""
+        return [
+            Lease(ig.subnet, _NOBODY)
+            for ig in self.registry.ignored.current.values()
+            if ig.lease is None and ig.subnet is not None
+        ]
 
     # ------------------------------------------------------------------ keep
 

@@ -327,6 +327,7 @@ class EtcdRegistry:
 
         `unknown` is the expiration of a lease whose expiry was not looked up."""
         text = self.key_text(key)
+        subnet = None
         try:
             try:
                 key.decode()
@@ -338,7 +339,8 @@ class EtcdRegistry:
             if record:
                 self._undecodable.add(text)
                 digest = hashlib.blake2b(value, digest_size=16).digest()
-                self.ignored.ignore(Ignored(text, e.reason, str(e), revision), digest)
+                ignored = Ignored(text, e.reason, str(e), revision, None, subnet)
+                self.ignored.ignore(ignored, digest)
             return None
         if record and text in self._undecodable:
             self._undecodable.discard(text)

@@ -163,6 +163,9 @@ class Ignored:
     """The etcd revision that last wrote the key (0 when not known)."""
     lease: Lease | None = None
     """The decoded lease, when it decoded (ignored by validation, not by the codec)."""
+    subnet: Subnet | None = None
+    """The subnet its key names, when the key parsed (its value did not decode): allocation
+    treats it as taken, since creating that key would fail."""
 
 
 class IgnoredLeases:
