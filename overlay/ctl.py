@@ -32,7 +32,7 @@ from typing import Any
 
 from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, resolve
 from subnetmgr.model import ConfigError, Lease, NetworkConfig
-from subnetmgr.validate import Ignored, select_leases
+from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
 log = logging.getLogger("overlayctl")
 
@@ -207,6 +207,9 @@ async def cmd_reserve(registry: Any, args: argparse.Namespace) -> int:
         raise UsageError(
             f"public IP {args.public_ip!r} is not an IPv4 address such as 192.168.1.20"
         ) from None
+    why = unusable_public_ip(public_ip)
+    if why is not None:
+        raise UsageError(f"public IP {public_ip} is {why}: overlayd would ignore the reservation")
     text = await registry.get_config_text()
     if text is not None:
         try:

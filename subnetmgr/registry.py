@@ -432,7 +432,13 @@ class EtcdRegistry:
         same; record it in `new`."""
         key, value, lease_id = kv.key, kv.value, kv.lease
         hit = old.get(key)
-        if hit is not None and hit[0] == value and hit[1] == lease_id:
+        if (
+            hit is not None
+            and hit[0] == value
+            and hit[1] == lease_id
+            # a reservation deleted and put again has the same value and no etcd lease
+            and (hit[2] is None or hit[2].create_revision == kv.create_revision)
+        ):
             lease = hit[2]  # unchanged since the last list (a malformed one was logged then)
             if lease is not None and lease_id and lease.expiration == math.inf:
                 known = self._expiry.get(lease_id)

@@ -140,6 +140,8 @@ def test_reserve_and_unreserve(
     for args, needle in [
         (("reserve", "10.1.8.1/24", "192.168.1.30"), "'10.1.8.1/24'"),
         (("reserve", "10.1.8.0/24", "192.168.1.300"), "'192.168.1.300'"),
+        (("reserve", "10.1.8.0/24", "127.0.0.1"), "127.0.0.1 is loopback"),
+        (("reserve", "10.1.8.0/24", "224.0.0.1"), "224.0.0.1 is multicast"),
         (("reserve", "10.2.8.0/24", "192.168.1.30"), "does not fit the network config"),
         (("reserve", "10.1.8.0/25", "192.168.1.30"), "does not fit the network config"),
         (("unreserve", "banana"), "'banana'"),

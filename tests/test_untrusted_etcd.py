@@ -282,3 +282,25 @@ async def test_overlayctl_leases_shows_what_is_ignored_and_why(
                for line in lines)  # fmt: skip
     assert any("key 10.5.2.0-24" in line and "ignored: too_deep" in line for line in lines)
     assert "ignored by overlayd" in table
+
+
+async def test_leases_carry_the_creation_revision_the_overlap_rule_compares(
+    etcd_server: EtcdServer, etcd_prefix: str, raw: aetcd.Client
+) -> None:
+    subnet = IPv4Network("10.5.9.0/24")
+    async with registry_for(etcd_server, etcd_prefix) as reg:
+        created = await reg.create_lease(subnet, LeaseAttrs(IPv4Address("192.168.1.9")), 600)
+        assert created is not None and created.create_revision > 0
+        (listed,), _ = await reg.list_leases()
+        assert listed.create_revision == created.create_revision
+        renewed = await reg.renew_lease(listed, 600)  # a renewal re-puts: still the same key
+        assert renewed.create_revision == created.create_revision
+        await reg.delete_lease(subnet)
+        await reg.reserve(subnet, IPv4Address("192.168.1.9"))
+        (first,), _ = await reg.list_leases()
+        await reg.unreserve(subnet)
+        await reg.reserve(subnet, IPv4Address("192.168.1.9"))  # same bytes, no etcd lease
+        (again,), _ = await reg.list_leases()
+        assert again.create_revision > first.create_revision
+        kv = await raw.get(key(etcd_prefix, "10.5.9.0-24"))
+        assert again.create_revision == kv.create_revision > created.create_revision
