@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, resolve
-from subnetmgr.model import ConfigError, Lease, NetworkConfig
+from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
 from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
 log = logging.getLogger("overlayctl")
@@ -118,12 +118,6 @@ def _ignored_row(ignored: Ignored, now: float) -> dict[str, Any]:
     return row
 
 
-def _printable(value: object, limit: int = 60) -> str:
-    """For the table: control and other unprintable characters escaped, long text cut."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value)[: limit * 2])
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _human_ttl(seconds: int | None) -> str:
     if seconds is None:
         return "-"
@@ -138,17 +132,17 @@ def render_leases_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "TTL", "RESERVED", "STATUS")
     body = [
         (
-            r["subnet"] or _printable(f"key {r['key']}"),
+            r["subnet"] or printable(f"key {r['key']}", 60),
             r["public_ip"] or "-",
             r["backend"] or "-",
-            _printable(r["vtep_mac"] or "-"),
+            printable(r["vtep_mac"] or "-", 60),
             _human_ttl(r["ttl"]),
             "-" if r["reserved"] is None else "yes" if r["reserved"] else "no",
             f"ignored: {r['ignored']}" if r["ignored"] else "ok",
         )
         for r in rows
     ]
-    notes = [f"  {_printable(r['key'])}: {_printable(r['detail'], 200)}"
+    notes = [f"  {printable(r['key'])}: {printable(r['detail'], 200)}"
              for r in rows if r["ignored"]]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from itertools import accumulate
 from typing import Any, TypeVar
 
 DEFAULT_PREFIX = "/coreos.com/network"
@@ -43,6 +44,13 @@ def brief(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """`text` with unprintable characters escaped (no terminal control sequences from etcd in
+    a log or on a terminal), cut to `limit` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 class MalformedLease(ValueError):
     """A lease key or value in etcd that does not follow flannel's format.
 
@@ -60,8 +68,8 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, value: object, reason: str) -> None:
         self.field = field_name
         self.value = value
-        self.reason = reason
-        super().__init__(f"network config: {field_name}={brief(value)}: {reason}")
+        self.reason = printable(reason)  # it may quote a library's message about the value
+        super().__init__(f"network config: {field_name}={brief(value)}: {self.reason}")
 
 
 # --------------------------------------------------------------------------- bounded JSON
@@ -76,36 +84,26 @@ class JsonRejected(ValueError):
         self.reason = reason
 
 
-_JSON_SPECIAL = re.compile(r'[\\"\[\]{}]')
+_JSON_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_JSON_STRING = re.compile(r'"[^"]*"')  # once escapes are gone: linear, no backtracking
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether `text` nests arrays and objects deeper than `limit` (brackets inside strings do
-    not count). Linear, and nearly free for ordinary documents (one count of the openers)."""
+    not count; unclosed ones do). Linear and done in C but for one pass over the brackets left
+    outside strings; nearly free for ordinary documents (one count of the openers).
+
+    Exact for valid JSON. For invalid JSON it never says less than the depth json.loads could
+    reach before it stops at the error (only what follows a stray backslash or an unclosed
+    string is read differently, and json.loads never gets that far)."""
     if text.count("[") + text.count("{") <= limit:
         return False
-    depth = 0
-    in_string = False
-    escaped_at = -1  # the index of a character escaped by a backslash
-    for m in _JSON_SPECIAL.finditer(text):
-        i = m.start()
-        if i == escaped_at:
-            continue
-        c = text[i]
-        if in_string:
-            if c == "\\":
-                escaped_at = i + 1
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in "]}":
-            depth -= 1
-    return False
+    outside = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text)))
+    if outside.count("[") + outside.count("{") <= limit:
+        return False
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, outside.encode()))) > limit
 
 
 def _no_constants(name: str) -> Any:

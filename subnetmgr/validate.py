@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from subnetmgr.model import Lease, NetworkConfig, Subnet
+from subnetmgr.model import Lease, NetworkConfig, Subnet, printable
 
 __all__ = [
     "Ignored",
@@ -201,9 +201,9 @@ class IgnoredLeases:
             logging.DEBUG if self.quiet else logging.WARNING,
             "ignoring lease key %s%s (revision %d): %s [%s]",
             self.key_prefix,
-            key if len(key) <= 100 else key[:97] + "...",
+            printable(key, 100),
             ignored.revision,
-            ignored.detail,
+            printable(ignored.detail, 300),
             ignored.reason,
         )
         if self.on_new is not None:
@@ -226,7 +226,7 @@ class IgnoredLeases:
                 logging.DEBUG if self.quiet else logging.INFO,
                 "lease key %s%s is no longer ignored (%s)",
                 self.key_prefix,
-                key if len(key) <= 100 else key[:97] + "...",
+                printable(key, 100),
                 "deleted" if deleted else "now valid",
             )
 

@@ -197,6 +197,36 @@ def test_depth_check_agrees_with_the_real_depth(doc: object, limit: int) -> None
     assert json_too_deep(raw, limit) == (depth(doc) > limit)
 
 
+def reference_depth(text: str) -> int:
+    """The deepest nesting a JSON parser reaches reading `text` left to right, up to a stray
+    backslash or an unclosed string (where any parser stops with an error)."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            break
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            if i >= n:
+                break
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+@given(st.text(alphabet='[]{}"\\a,', max_size=120), st.integers(0, 40))
+def test_depth_check_never_underestimates_what_a_parser_reaches(text: str, limit: int) -> None:
+    if reference_depth(text) > limit:
+        assert json_too_deep(text, limit)
+
+
 def test_limits_come_before_the_interpreter() -> None:
     """Deep nesting, 1 MiB, NaN: refused with their own reason (RecursionError never escapes)."""
     for data, reason in [

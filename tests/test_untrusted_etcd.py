@@ -18,7 +18,7 @@ import pytest
 from integration.etcdserver import EtcdServer
 from overlay.ctl import main as ctl_main
 from subnetmgr.manager import LeaseMirror, SubnetManager
-from subnetmgr.model import ConfigError, LeaseAttrs, NetworkConfig, subnet_key
+from subnetmgr.model import ConfigError, LeaseAttrs, NetworkConfig, printable, subnet_key
 from subnetmgr.registry import EtcdOptions, EtcdRegistry
 from tests.labtools import eventually
 from tests.test_mirror import Recorder, running
@@ -54,6 +54,7 @@ UNDECODABLE: list[tuple[bytes, bytes, str]] = [
     (b"10.5.8.0-24", b'"just a string"', "not_object"),
     (b"10.5.9.0-024", b'{"PublicIP":"192.168.1.9"}', "bad_key"),
     (b"10.5.10.0-24", b'{"PublicIP":"192.168.1.9","BackendType":"v\\nx"}', "bad_backend_type"),
+    (b"10.5.11.0-24\x1b[2J", b'{"PublicIP":"192.168.1.9"}', "bad_key"),  # a terminal escape
 ]
 # Keys that decode but do not fit CONFIG.
 UNFIT: list[tuple[str, bytes, str]] = [
@@ -115,9 +116,11 @@ async def test_hostile_keys_are_skipped_logged_once_and_cleared(
                 assert set(mirror.snapshot) == {good, IPv4Network("10.5.6.0/24")}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     for text, reason in expected.items():
-        hits = [m for m in warnings if f"/subnets/{text} " in m and f"[{reason}]" in m]
+        shown = printable(text, 100)  # as logged: control characters escaped
+        hits = [m for m in warnings if f"/subnets/{shown} " in m and f"[{reason}]" in m]
         assert len(hits) == 1, (text, hits)
     assert all(len(m) < 600 for m in warnings)  # a 1 MiB value is not copied into the log
+    assert "\x1b" not in caplog.text  # nor a terminal escape sequence from a key
 
 
 async def _until(check: Callable[[], bool], within: float = 10.0) -> None:
