@@ -348,7 +348,9 @@ class EtcdRegistry:
         # An expiry not looked up (the previous value of a deleted key: 0.0; a list without
         # expirations: inf) is never None: None would make a lease look like a reservation.
         expiration = self._expiry.get(lease_id, unknown) if lease_id else None
-        return Lease(subnet, attrs, v6, expiration, create_revision)
+        lease = Lease(subnet, attrs, v6, expiration, create_revision)
+        lease.__dict__["key"] = text  # Lease.key, cached: a key that parses is canonical
+        return lease
 
     def _forget(self, key: bytes) -> None:
         """`key` was deleted: nothing about it is ignored any more."""

@@ -59,8 +59,13 @@ def unusable_public_ip(ip: IPv4Address) -> str | None:
 def check_lease(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
     """(reason, detail) when `lease` on its own cannot be a peer under `config`, else None."""
     subnet = lease.subnet
-    if not subnet.subnet_of(config.network):
-        return "outside_network", f"{subnet} is not inside Network {config.network}"
+    net = config.network
+    # subnet_of, in integers: this runs for every lease of a fresh mirror.
+    if subnet.prefixlen < net.prefixlen or (
+        int(subnet.network_address) >> (32 - net.prefixlen)
+        != int(net.network_address) >> (32 - net.prefixlen)
+    ):
+        return "outside_network", f"{subnet} is not inside Network {net}"
     if subnet.prefixlen != config.subnet_len:
         return (
             "wrong_prefix_len",
