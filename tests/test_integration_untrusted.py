@@ -79,14 +79,19 @@ async def ignored_metrics(lab: Lab, index: int) -> dict[str, int]:
     return out
 
 
-async def kernel_view(lab: Lab, index: int) -> tuple[set[str], set[str], set[str], list[str]]:
-    """Host `index`: the routes over flannel.1, the neighbours and FDB destinations on it, and
-    every route destination of the host's main table."""
+async def kernel_view(
+    lab: Lab, index: int
+) -> tuple[set[str], dict[str, str], dict[str, str], list[str]]:
+    """Host `index`: the routes over flannel.1, its neighbours (address -> MAC) and FDB entries
+    (MAC -> destination), and every route destination of all the host's routing tables."""
     ns = lab.node(index).ns
     routes = {r["dst"] for r in await ip_json("route", "show", "dev", "flannel.1", ns=ns)}
-    neigh = {n["dst"] for n in await ip_json("neigh", "show", "dev", "flannel.1", ns=ns)}
+    neigh = {
+        n["dst"]: n.get("lladdr", "")
+        for n in await ip_json("neigh", "show", "dev", "flannel.1", ns=ns)
+    }
     out = await run("bridge", "-j", "fdb", "show", "dev", "flannel.1", ns=ns)
-    fdb = {e["dst"] for e in json.loads(out or "[]") if "dst" in e}
+    fdb = {e["mac"]: e["dst"] for e in json.loads(out or "[]") if "dst" in e}
     everything = [r["dst"] for r in await ip_json("route", "show", "table", "all", ns=ns)]
     return routes, neigh, fdb, everything
 
@@ -96,7 +101,6 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
     nodes = list(lab.state.nodes)
     h1, h2 = nodes[0], nodes[1]
     s1, s2 = IPv4Network(h1.subnet), IPv4Network(h2.subnet)
-    good_ips = {n.ip for n in nodes}
     # key -> (value, reason every host records; None: decodes and is left to the backend)
     hostile: dict[bytes, tuple[bytes, str | None]] = {
         b"10.1.250.0-24": (NESTED, "too_deep"),
@@ -124,6 +128,10 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
     dup_key = f"{subnet_key(s2)}&fd00::-56"
     hostile_subnets = {"0.0.0.0/0", "default", "10.200.0.0/24", f"{s1.network_address}/25"} | {
         f"10.1.{i}.0/24" for i in range(240, 255)
+    }
+    macs = {
+        str(s): str((lease.attrs.backend_data or {})["VtepMAC"])
+        for s, lease in (await lab.leases()).items()
     }
     config_key = f"{lab.state.prefix}/config".encode()
     etcd = client(lab)
@@ -161,8 +169,11 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
             assert await ignored_metrics(lab, n.index) == expected(n.index)  # still once
             routes, neigh, fdb, everything = await kernel_view(lab, n.index)
             assert routes == remote_subnets(lab, n.index)
-            assert neigh == {str(IPv4Network(s).network_address) for s in routes}
-            assert fdb <= good_ips - {n.ip}
+            # Each remote subnet's neighbour and FDB entry are its real host's: the newer key
+            # for h2's subnet (VtepMAC 0e:..:99, h1's address) is not used anywhere.
+            assert neigh == {str(IPv4Network(s).network_address): macs[s] for s in routes}
+            by_ip = {m.ip: macs[m.subnet] for m in nodes}
+            assert fdb == {mac: ip for ip, mac in by_ip.items() if ip != n.ip}
             assert hostile_subnets.isdisjoint(everything), everything
             log = (lab.node_dir(n.index) / "overlayd.log").read_text(errors="replace")
             assert "Traceback" not in log
@@ -200,9 +211,10 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
 
             await eventually(everyone_routes_to_it, "every host routes to the joined host")
             assert await ignored_metrics(lab, joined.index) == expected(joined.index)
-            _, _, fdb, everything = await kernel_view(lab, joined.index)
+            _, neigh, fdb, everything = await kernel_view(lab, joined.index)
             assert hostile_subnets.isdisjoint(everything)
-            assert fdb <= {n.ip for n in lab.state.nodes} - {joined.ip}
+            assert set(fdb.values()) == {n.ip for n in lab.state.nodes} - {joined.ip}
+            assert "0e:00:00:00:00:99" not in set(fdb) | set(neigh.values())
             await assert_full_connectivity(lab)
         finally:
             await lab.remove_node(joined.index)
