@@ -59,7 +59,7 @@ from integration.netns import (
     wait_pid_gone,
 )
 from integration.probe import DEFAULT_PORT as PROBE_PORT
-from subnetmgr.model import LeaseAttrs, MalformedLease, parse_subnet_key
+from subnetmgr.model import LeaseAttrs, MalformedLease, parse_subnet_key, subnet_key
 
 STATE_ROOT = Path("/run/overlay-lab")
 UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
@@ -547,10 +547,7 @@ class Lab:
         node = self.node(index)
         await self.stop_daemon(index)
         if delete_lease and node.subnet is not None:
-            sub = IPv4Network(node.subnet)
-            await self.etcdctl(
-                "del", f"{self.state.prefix}/subnets/{sub.network_address}-{sub.prefixlen}"
-            )
+            await self.etcdctl("del", self.lease_key(IPv4Network(node.subnet)))
         for cont in node.containers:
             await delete_netns(cont.ns)
             self._forget_ns(cont.ns)
@@ -584,8 +581,7 @@ class Lab:
         value = flannelhost.flannel_vxlan_lease_value(IPv4Address(node.ip), node.vtep_mac)
         out = await self.etcdctl("lease", "grant", "86400")
         lease_id = out.split()[1]
-        key = f"{self.state.prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
-        await self.etcdctl("put", f"--lease={lease_id}", key, value)
+        await self.etcdctl("put", f"--lease={lease_id}", self.lease_key(subnet), value)
         mtu = 1500 - 50
         await flannelhost.setup_flannel_device(
             node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
@@ -626,6 +622,10 @@ class Lab:
             await flannelhost.add_peer(node.ns, peer)
 
     # ------------------------------------------------------------------ etcd
+
+    def lease_key(self, subnet: IPv4Network) -> str:
+        """The etcd key of `subnet`'s lease, through the one lease key codec (subnetmgr.model)."""
+        return f"{self.state.prefix}/subnets/{subnet_key(subnet)}"
 
     async def etcdctl(self, *args: str, limit: float = 10.0) -> str:
         env = dict(os.environ, ETCDCTL_API="3")

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, resolve
-from subnetmgr.model import ConfigError, Lease, NetworkConfig
+from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
+from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
 log = logging.getLogger("overlayctl")
 
@@ -49,18 +50,22 @@ class CommandError(Exception):
 # ---------------------------------------------------------------------- commands
 
 
-def _config_text(arg: str) -> str:
+def _config_bytes(arg: str) -> bytes:
+    """The config exactly as given: a file's bytes, or the argument's (bytes that are not UTF-8
+    come back as they were, so that they are refused as overlayd would refuse them)."""
     if arg.startswith("@"):
         path = Path(arg[1:])
         try:
-            return path.read_text()
+            return path.read_bytes()
         except OSError as e:
             raise UsageError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
-    return arg
+    return os.fsencode(arg)
 
 
 async def cmd_config_set(registry: Any, args: argparse.Namespace) -> int:
-    text = _config_text(args.config).strip()
+    # The daemon's own parser and limits (NetworkConfig.from_json): what it would refuse is
+    # refused here, with the same message.
+    text = _config_bytes(args.config).strip()
     try:
         config = NetworkConfig.from_json(text)
     except ConfigError as e:
@@ -88,14 +93,29 @@ async def cmd_config_get(registry: Any, args: argparse.Namespace) -> int:
 def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
     data = lease.attrs.backend_data or {}
     ttl = None if lease.expiration is None else max(0, int(lease.expiration - now))
+    mac = data.get("VtepMAC")
     return {
         "subnet": str(lease.subnet),
         "public_ip": str(lease.attrs.public_ip),
         "backend": lease.attrs.backend_type or "udp",
-        "vtep_mac": data.get("VtepMAC"),
+        "vtep_mac": mac if isinstance(mac, str) and len(mac) <= 64 else None,
         "ttl": ttl,
         "reserved": lease.reserved,
+        "key": lease.key,
+        "ignored": None,
+        "detail": None,
     }
+
+
+def _ignored_row(ignored: Ignored, now: float) -> dict[str, Any]:
+    if ignored.lease is not None:
+        row = _lease_row(ignored.lease, now)
+    else:  # it did not decode: only its key is known
+        row = {"subnet": None, "public_ip": None, "backend": None, "vtep_mac": None,
+               "ttl": None, "reserved": None, "key": ignored.key}  # fmt: skip
+    row["ignored"] = ignored.reason
+    row["detail"] = ignored.detail
+    return row
 
 
 def _human_ttl(seconds: int | None) -> str:
@@ -107,28 +127,54 @@ def _human_ttl(seconds: int | None) -> str:
 
 
 def render_leases_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "TTL", "RESERVED")
+    """One line per key; an ignored one says why (`ignored: outside_network`), with the details
+    listed under the table."""
+    header = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "TTL", "RESERVED", "STATUS")
     body = [
         (
-            r["subnet"],
-            r["public_ip"],
-            r["backend"],
-            r["vtep_mac"] or "-",
+            r["subnet"] or printable(f"key {r['key']}", 60),
+            r["public_ip"] or "-",
+            r["backend"] or "-",
+            printable(r["vtep_mac"] or "-", 60),
             _human_ttl(r["ttl"]),
-            "yes" if r["reserved"] else "no",
+            "-" if r["reserved"] is None else "yes" if r["reserved"] else "no",
+            f"ignored: {r['ignored']}" if r["ignored"] else "ok",
         )
         for r in rows
     ]
+    notes = [f"  {printable(r['key'])}: {printable(r['detail'], 200)}"
+             for r in rows if r["ignored"]]  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
              for row in (header, *body)]  # fmt: skip
+    if notes:
+        lines += ["", "ignored by overlayd (the data path does not use them):", *notes]
     return "\n".join(lines)
 
 
 async def cmd_leases(registry: Any, args: argparse.Namespace) -> int:
+    """Every key under <prefix>/subnets/, the ones overlayd ignores with the reason: those that
+    do not decode, and (when the config is valid) those that do not fit the network, checked as
+    overlayd checks them (subnetmgr.validate; without "overlaps_own", which only a host knows)."""
+    registry.ignored.quiet = True  # shown in the output instead of logged
     leases, _revision = await registry.list_leases()
+    config = None
+    text, _ = await registry.get_config_value()
+    if text is not None:
+        try:
+            config = NetworkConfig.from_json(text)
+        except ConfigError as e:
+            print(f"overlayctl: {e}; leases are not checked against it", file=sys.stderr)
     now = time.time()
-    rows = [_lease_row(lease, now) for lease in sorted(leases, key=lambda x: x.subnet)]
+    selection = select_leases(config, leases)
+    by_key = {lease.key: lease for lease in leases}
+    ignored = dict(registry.ignored.current)
+    for key, (reason, detail) in selection.ignored.items():
+        lease = by_key[key]
+        ignored[key] = Ignored(key, reason, detail, lease.create_revision, lease)
+    valid = sorted(selection.valid.values(), key=lambda x: x.subnet)
+    rows = [_lease_row(lease, now) for lease in valid]
+    rows += [_ignored_row(ignored[key], now) for key in sorted(ignored)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -155,6 +201,9 @@ async def cmd_reserve(registry: Any, args: argparse.Namespace) -> int:
         raise UsageError(
             f"public IP {args.public_ip!r} is not an IPv4 address such as 192.168.1.20"
         ) from None
+    why = unusable_public_ip(public_ip)
+    if why is not None:
+        raise UsageError(f"public IP {public_ip} is {why}: overlayd would ignore the reservation")
     text = await registry.get_config_text()
     if text is not None:
         try:
@@ -267,7 +316,9 @@ def build_parser(plugin_modules: Sequence[str] = PLUGIN_MODULES) -> argparse.Arg
         "leases",
         help="list subnet leases",
         description="List every lease: subnet, public IP, backend, VTEP MAC, TTL left, and "
-        "whether it is a reservation (no TTL). Malformed leases are skipped (logged).",
+        "whether it is a reservation (no TTL). Keys that overlayd ignores (malformed, or not "
+        "fitting the network config) are listed too, with the reason (STATUS; --json: "
+        '"ignored" and "detail").',
     )
     leases.add_argument("--json", action="store_true", help="print JSON instead of a table")
     leases.set_defaults(func=_etcd_command(cmd_leases))

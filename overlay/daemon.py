@@ -3,10 +3,12 @@
 wait_for_config -> choose the backend -> backend.prepare() -> acquire the lease with those
 attributes -> backend.start(own) -> subnet.env (+ iptables with --ip-masq) -> ready; then, side by
 side in one TaskGroup: the lease mirror feeding backend.reconcile(peers, changed) with the subnets
-that changed (an incremental pass, whose cost does not grow with the number of leases), a full
-pass (changed=None) at start, every --resync-period seconds and after an error, keep() renewing
-the lease (re-acquiring and restarting the backend when it is lost), the iptables resync, and
-the MQTT publisher.
+that changed (an incremental pass, whose cost does not grow with the number of leases; only
+leases that fit the network config, see subnetmgr.validate: the others are logged once and
+counted in overlay_leases_ignored_total{reason}), a full pass (changed=None) at start, every
+--resync-period seconds and after an error, keep() renewing the lease (re-acquiring and
+restarting the backend when it is lost), a watch on the network config (a change is logged; it
+applies at the next start, as in flannel), the iptables resync, and the MQTT publisher.
 
 SIGTERM/SIGINT stop everything and leave kernel state (devices, routes, rules) in place: exit 0.
 Fatal problems (no interface, out of subnets, a backend that cannot start) exit 1 with a message.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import hashlib
 import logging
 import math
 import os
@@ -37,8 +40,9 @@ from overlay.options import Options, parse_options
 from overlay.sdnotify import sd_notify
 from overlay.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from subnetmgr.manager import AcquireConflict, LeaseMirror, OutOfSubnets, SubnetManager
-from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
-from subnetmgr.registry import EtcdRegistry, Registry, RegistryError
+from subnetmgr.model import ConfigError, Lease, LeaseAttrs, NetworkConfig, Subnet
+from subnetmgr.registry import Compacted, EtcdRegistry, Registry, RegistryError
+from subnetmgr.validate import Ignored
 
 log = logging.getLogger("overlayd")
 
@@ -158,6 +162,14 @@ class Overlayd:
         self._known_peers: set[Subnet] = set()
         self._loss_reported = False
         self._stale_until = 0  # mirror revisions up to this one cannot report our lease lost
+        self._config_revision = 0
+        """The last revision of <prefix>/config looked at (the config watch resumes after it)."""
+        self._config_seen = b""
+        """A digest of the last config value logged about (each distinct value is logged once)."""
+        registry.ignored.on_new = self._count_ignored
+
+    def _count_ignored(self, ignored: Ignored) -> None:
+        self.metrics.leases_ignored[ignored.reason] += 1
 
     # ------------------------------------------------------------------ start-up
 
@@ -166,6 +178,7 @@ class Overlayd:
             "reading the network config", self.manager.wait_for_config, self.metrics
         )
         self.config = config
+        self._config_revision = self.manager.config_revision
         if config.backend_defaulted:
             log.info(
                 "the network config has no Backend: using the default backend %r "
@@ -205,6 +218,10 @@ class Overlayd:
             raise FatalError(f"{e}; widen Network or free a lease (overlayctl leases)") from None
         self.metrics.lease_acquisitions += 1
         log.info("acquired lease %s for %s", own.subnet, own.attrs.public_ip)
+        # From here on the backends see only leases that fit this config, and never a lease
+        # over our own subnet.
+        self.mirror.config = config
+        self.mirror.set_own(own)
         self.events.publish("lease_acquired", **self._lease_details(own))
         await self._apply_own(own)
         self._mark_ready()
@@ -213,6 +230,9 @@ class Overlayd:
             tg.create_task(_logged("lease mirror", self._supervise("mirror", self._run_mirror)))
             tg.create_task(_logged("reconcile loop", self._reconcile_loop()))
             tg.create_task(_logged("lease keeper", self._supervise("renewal", self._run_keep)))
+            tg.create_task(
+                _logged("config watch", self._supervise("config watch", self._watch_config))
+            )
             if self.masq is not None and self.opts.iptables_resync > 0:
                 tg.create_task(_logged("iptables resync", self._masq_loop()))
 
@@ -310,7 +330,51 @@ class Overlayd:
             _raise_if_cancelling(e)
             self._stale_until = self.mirror.revision
         self.events.publish("lease_reacquired", **self._lease_details(new))
+        self._pending |= self.mirror.set_own(new)
         await self._apply_own(new)
+
+    async def _watch_config(self) -> None:
+        """Follow <prefix>/config and log each change: the running config stays (flannel also
+        reads it once); a valid new one applies at the next start."""
+        while True:
+            try:
+                async for value, revision in self.registry.watch_config(self._config_revision + 1):
+                    self._config_revision = revision
+                    self._config_changed(value, revision)
+            except Compacted:
+                value, self._config_revision = await self.registry.get_config_value()
+                self._config_changed(value, self._config_revision)
+
+    def _config_changed(self, value: bytes | None, revision: int) -> None:
+        assert self.config is not None
+        digest = b"" if value is None else hashlib.blake2b(value, digest_size=16).digest()
+        if value is not None and digest == self._config_seen:
+            return
+        self._config_seen = digest
+        key = getattr(self.registry, "config_key", "<prefix>/config")
+        running = (
+            f"network {self.config.network}, /{self.config.subnet_len} subnets, "
+            f"backend {self.config.backend_type}"
+        )
+        if value is None:
+            log.warning("the network config at %s was deleted (revision %d); overlayd keeps "
+                        "the running config (%s)", key, revision, running)  # fmt: skip
+            return
+        try:
+            new = NetworkConfig.from_json(value)
+        except ConfigError as e:
+            log.warning("the network config at %s changed to an invalid one (revision %d): %s; "
+                        "overlayd keeps the running config (%s)", key, revision, e,
+                        running)  # fmt: skip
+            return
+        if new == self.config:
+            log.info("the network config at %s was rewritten (revision %d), same config", key,
+                     revision)  # fmt: skip
+            return
+        log.warning("the network config at %s changed (revision %d): network %s, /%d subnets, "
+                    "backend %s; it applies when overlayd restarts (the config is read once, "
+                    "at start, as flanneld does); running: %s", key, revision, new.network,
+                    new.subnet_len, new.backend_type, running)  # fmt: skip
 
     async def _on_leases(self, snapshot: Mapping[Subnet, Lease], changed: set[Subnet]) -> None:
         own = self.own

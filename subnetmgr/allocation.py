@@ -71,6 +71,25 @@ def free_subnets(
     return [IPv4Network((a, config.subnet_len)) for a in _free_starts(config, taken, limit)]
 
 
+def blocks(config: NetworkConfig, subnet: IPv4Network) -> bool:
+    """Whether an existing key for `subnet` makes the candidates it overlaps taken.
+
+    Every key does, except one that no config for this Network could ever have handed out
+    because it is too large: a prefix shorter than Network's + 2 (`0.0.0.0-0`, `10.0.0.0-8`,
+    the Network itself or a half of it; such a key would otherwise block the whole range), or
+    longer than /30. A key outside Network overlaps no candidate anyway. Everything else blocks,
+    also when the data path ignores it (a wrong length, a bad PublicIP, a newer duplicate):
+    its key exists, so creating it would fail, and a lease of another SubnetLen may belong to a
+    host still running with the previous config (a config change applies at restart)."""
+    net = config.network
+    return net.prefixlen + 2 <= subnet.prefixlen <= 30 and subnet.subnet_of(net)
+
+
+def taken_subnets(config: NetworkConfig, leases: Iterable[Lease]) -> list[IPv4Network]:
+    """The subnets of `leases` that block allocation (see `blocks`)."""
+    return [lease.subnet for lease in leases if blocks(config, lease.subnet)]
+
+
 def is_free(subnet: IPv4Network, taken: Iterable[IPv4Network]) -> bool:
     """Whether `subnet` overlaps none of `taken`."""
     return not any(subnet.overlaps(t) for t in taken)
@@ -120,12 +139,15 @@ def choose(
     1. a lease or reservation whose PublicIP is ours and that fits the config;
     2. `previous` (from subnet.env) when it fits the config and overlaps no other lease;
     3. a random one among the first `candidates` free subnets (flannel: 100).
+
+    "Overlaps" counts only the leases that `blocks` says block: a rogue `0.0.0.0-0` does not
+    make every subnet taken.
     """
     mine = own_leases(config, leases, public_ip)
     if mine:
         lease = mine[0]
         return Choice(lease.subnet, "reserved" if lease.reserved else "own", lease)
-    taken = [lease.subnet for lease in leases]
+    taken = taken_subnets(config, leases)
     if previous is not None and config.contains(previous) and is_free(previous, taken):
         return Choice(previous, "previous")
     free = _free_starts(config, taken, candidates)

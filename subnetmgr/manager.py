@@ -6,7 +6,8 @@
   deleted, revoked or overwritten logs a WARNING and acquires again (same subnet when free).
 - `LeaseMirror` keeps every valid lease in memory: list, then watch from the next revision;
   resumes after a disconnect from the last revision seen, re-lists after compaction; reports
-  added, changed, renewed and removed leases.
+  added, changed, renewed and removed leases. Given the network config, it hands on only the
+  leases that fit it (subnetmgr.validate) and records the others in `registry.ignored`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from ipaddress import IPv6Network
+from ipaddress import IPv4Address, IPv6Network
 from types import MappingProxyType
 
 from subnetmgr import allocation
@@ -36,6 +37,7 @@ from subnetmgr.registry import (
     Registry,
     RegistryError,
 )
+from subnetmgr.validate import Ignored, check_lease, pick
 
 __all__ = [
     "LeaseEvent",
@@ -52,6 +54,8 @@ ACQUIRE_ATTEMPTS = 10
 
 WIDEN_STEPS = 4
 """The candidate pool grows 4x after each lost race, up to 2**WIDEN_STEPS x (100 -> 1,600)."""
+
+_NOBODY = LeaseAttrs(IPv4Address(0))
 
 CONFIG_EXAMPLE = '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}'
 
@@ -111,6 +115,8 @@ class SubnetManager:
         self.max_attempts = max_attempts
         self._rng = rng or random.Random()
         self._warned_ipv6 = False
+        self.config_revision = 0
+        """The store revision at which wait_for_config read the config it returned."""
 
     # ------------------------------------------------------------------ config
 
@@ -118,14 +124,15 @@ class SubnetManager:
         """Poll `<prefix>/config` until it holds a valid network config.
 
         A missing or invalid config is logged once at WARNING, then every 60 s at INFO; an
-        unreachable etcd likewise.
+        unreachable etcd likewise. Any value (any size, nesting, encoding) is an invalid config
+        at worst (NetworkConfig.from_json), never an exception here.
         """
         key = getattr(self.registry, "config_key", "<prefix>/config")
         last_problem = ""
         last_logged = 0.0
         while True:
             try:
-                text = await self.registry.get_config_text()
+                text, revision = await self.registry.get_config_value()
                 if text is None:
                     problem = (
                         f"no network config at {key}; write one with "
@@ -140,6 +147,7 @@ class SubnetManager:
                     else:
                         if last_problem:
                             log.info("network config found at %s", key)
+                        self.config_revision = revision
                         return config
             except RegistryError as e:
                 problem = f"cannot read the network config: {e}"
@@ -183,7 +191,7 @@ class SubnetManager:
                     expirations=False, created_after=revision
                 )
                 known.update(((lease.subnet, lease.ipv6_subnet), lease) for lease in new)
-            leases = list(known.values())
+            leases = list(known.values()) + self._undecodable_keys()
             # Flannel picks among the first 100 free subnets. After a lost race, pick among
             # more (400, then 1,600): hosts joining at once then stop colliding on the same
             # few subnets. An uncontended join is flannel's exactly.
@@ -194,7 +202,7 @@ class SubnetManager:
             if choice is None and not relist:  # perhaps freed meanwhile: look at everything
                 listed, revision = await self.registry.list_leases(expirations=False)
                 known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
-                leases = listed
+                leases = listed + self._undecodable_keys()
                 choice = allocation.choose(
                     config, leases, attrs.public_ip, previous, self._rng, candidates=pool
                 )
@@ -233,6 +241,16 @@ class SubnetManager:
             f"could not claim a subnet for {attrs.public_ip} in {self.max_attempts} attempts: "
             "other hosts took each one first; try again"
         )
+
+    def _undecodable_keys(self) -> list[Lease]:
+        """A stand-in lease (PublicIP 0.0.0.0, so never ours) for each key whose value does not
+        decode: its subnet is taken all the same (creating the key would fail, attempt after
+        attempt), where allocation could not see it among the listed leases."""
+        return [
+            Lease(ig.subnet, _NOBODY)
+            for ig in self.registry.ignored.current.values()
+            if ig.lease is None and ig.subnet is not None
+        ]
 
     # ------------------------------------------------------------------ keep
 
@@ -340,14 +358,32 @@ class SubnetManager:
 
 
 class LeaseMirror:
-    """Every valid lease in etcd, kept current by a watch. Feed it to a backend's reconcile."""
+    """Every valid lease in etcd, kept current by a watch. Feed it to a backend's reconcile.
 
-    def __init__(self, registry: Registry, *, expirations: bool = True) -> None:
+    `snapshot` holds one lease per subnet. With `config`, only leases that fit it (see
+    subnetmgr.validate: inside Network, SubnetLen, a usable PublicIP, the oldest of several keys
+    for one subnet, never over our own); the others are in `registry.ignored` with a reason.
+    `set_own(lease)` names our own lease: its key keeps its subnet whatever it holds (the daemon
+    tells a takeover from that), and it is not checked."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        expirations: bool = True,
+        config: NetworkConfig | None = None,
+    ) -> None:
         """`expirations=False` lists without looking up each lease's expiry (see
         Registry.list_leases): a much faster start with 10,000 leases; the snapshot's leases
         of other hosts then show `expiration=inf` until they change."""
         self.registry = registry
         self.expirations = expirations
+        self.config = config
+        self._own: Lease | None = None
+        self._entries: dict[str, Lease] = {}
+        """Every lease that decoded, by key (two keys can name one subnet)."""
+        self._groups: dict[Subnet, set[str]] = {}
+        """subnet -> the keys in `_entries` that name it."""
         self._leases: dict[Subnet, Lease] = {}
         self.snapshot: Mapping[Subnet, Lease] = MappingProxyType(self._leases)
         self.ready = asyncio.Event()
@@ -357,32 +393,79 @@ class LeaseMirror:
         """How many times the mirror listed everything (1 + compactions)."""
         self._outage = False
 
+    def set_own(self, own: Lease | None) -> set[Subnet]:
+        """Name our own lease (None: none); returns the subnets whose kept lease changed."""
+        old, self._own = self._own, own
+        touched = {lease.subnet for lease in (old, own) if lease is not None}
+        return {s for s in touched if self._resolve(s)}
+
+    def _resolve(self, subnet: Subnet) -> bool:
+        """Decide which lease `subnet` keeps (recording the rejected keys); True if that changed."""
+        own = self._own if self._own is not None and self._own.subnet == subnet else None
+        candidates = []
+        ignored = self.registry.ignored
+        for key in self._groups.get(subnet, ()):
+            lease = self._entries[key]
+            problem = None
+            if self.config is not None and (own is None or key != own.key):
+                problem = check_lease(self.config, lease)
+            if problem is None:
+                candidates.append(lease)
+            else:
+                self._reject(key, lease, problem)
+        kept, losers = pick(subnet, candidates, own)
+        for lease in candidates:
+            problem = losers.get(lease.key)
+            if problem is None:
+                ignored.clear(lease.key, checked=True)
+            else:
+                self._reject(lease.key, lease, problem)
+        old = self._leases.get(subnet)
+        if kept is None:
+            return self._leases.pop(subnet, None) is not None
+        self._leases[subnet] = kept
+        return old is None or old.key != kept.key or not _same(old, kept)
+
+    def _reject(self, key: str, lease: Lease, problem: tuple[str, str]) -> None:
+        reason, detail = problem
+        ignored = Ignored(key, reason, detail, lease.create_revision, lease)
+        self.registry.ignored.ignore(ignored, (lease.attrs, lease.ipv6_subnet))
+
+    def _put(self, lease: Lease) -> None:
+        self._entries[lease.key] = lease
+        self._groups.setdefault(lease.subnet, set()).add(lease.key)
+
+    def _drop(self, key: str) -> Subnet | None:
+        lease = self._entries.pop(key, None)
+        if lease is None:
+            return None
+        group = self._groups[lease.subnet]
+        group.discard(key)
+        if not group:
+            del self._groups[lease.subnet]
+        self.registry.ignored.clear(key, checked=True)
+        return lease.subnet
+
     def _replace(self, leases: list[Lease]) -> set[Subnet]:
-        new = {lease.subnet: lease for lease in leases}
-        changed = {s for s in self._leases.keys() - new.keys()}
-        changed |= {
-            s
-            for s, lease in new.items()
-            if s not in self._leases or not _same(self._leases[s], lease)
-        }
-        self._leases.clear()
-        self._leases.update(new)
-        return changed
+        touched = set(self._leases)
+        new_keys = {lease.key for lease in leases}
+        for key in [k for k in self._entries if k not in new_keys]:
+            self._drop(key)
+        for lease in leases:
+            self._put(lease)
+        touched |= self._groups.keys()
+        return {s for s in touched if self._resolve(s)}
 
     def _apply(self, events: list[LeaseEvent]) -> set[Subnet]:
-        changed: set[Subnet] = set()
+        touched: set[Subnet] = set()
         for ev in events:
-            subnet = ev.lease.subnet
-            old = self._leases.get(subnet)
+            touched.add(ev.lease.subnet)
             if ev.kind == "added":
-                if old is None or not _same(old, ev.lease):
-                    changed.add(subnet)
-                self._leases[subnet] = ev.lease
-            elif old is not None:
-                del self._leases[subnet]
-                changed.add(subnet)
+                self._put(ev.lease)
+            else:
+                self._drop(ev.lease.key)
             self.revision = max(self.revision, ev.revision)
-        return changed
+        return {s for s in touched if self._resolve(s)}
 
     async def run(
         self, on_change: Callable[[Mapping[Subnet, Lease], set[Subnet]], Awaitable[None]]

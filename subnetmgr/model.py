@@ -9,10 +9,13 @@ config JSON with case-insensitive keys.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from itertools import accumulate
 from typing import Any, TypeVar
 
 DEFAULT_PREFIX = "/coreos.com/network"
@@ -21,13 +24,44 @@ LEASE_TTL_SECONDS = 24 * 3600
 Subnet = IPv4Network
 """A host's slice of the cluster network (IPv4). The mirror and the backends key leases by it."""
 
-_KEY_V4 = r"(?P<ip4>(?:\d{1,3}\.){3}\d{1,3})-(?P<len4>\d{1,2})"
-_KEY_V6 = r"(?P<ip6>[0-9a-fA-F:]+)-(?P<len6>\d{1,3})"
-_SUBNET_KEY_RE = re.compile(rf"^{_KEY_V4}(?:&{_KEY_V6})?$")
+MAX_VALUE_BYTES = 64 * 1024
+"""The largest lease value or network config decoded (flannel's are about 150 bytes)."""
+MAX_JSON_DEPTH = 32
+"""The deepest JSON nesting decoded (flannel's lease values and configs nest 3 levels)."""
+MAX_KEY_CHARS = 128
+"""The longest lease key element parsed (`255.255.255.255-32&` + a full IPv6 key is 64)."""
+
+# ASCII digits only (`\d` would take any Unicode digit), the whole text (`$` allows a final
+# newline): a key that parses is exactly the one subnet_key writes (checked in parse_subnet_key).
+_OCTET = r"(?:0|[1-9][0-9]{0,2})"  # no leading zero: one spelling per address
+_KEY_V4 = rf"(?P<ip4>(?:{_OCTET}\.){{3}}{_OCTET})-(?P<len4>0|[1-9][0-9]?)"
+_KEY_V6 = r"(?P<ip6>[0-9a-f:.]+)-(?P<len6>[0-9]{1,3})"
+_SUBNET_KEY_RE = re.compile(rf"{_KEY_V4}(?:&{_KEY_V6})?")
+_BACKEND_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: for messages about values from outside."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """`text` with unprintable characters escaped (no terminal control sequences from etcd in
+    a log or on a terminal), cut to `limit` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 class MalformedLease(ValueError):
-    """A lease key or value in etcd that does not follow flannel's format."""
+    """A lease key or value in etcd that does not follow flannel's format.
+
+    `reason` is a short snake_case code for metrics and `overlayctl leases` (e.g. "not_json",
+    "too_deep", "bad_key"); the message says what is wrong with which value."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConfigError(ValueError):
@@ -36,8 +70,88 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, value: object, reason: str) -> None:
         self.field = field_name
         self.value = value
+        self.reason = printable(reason)  # it may quote a library's message about the value
+        super().__init__(f"network config: {field_name}={brief(value)}: {self.reason}")
+
+
+# --------------------------------------------------------------------------- bounded JSON
+
+
+class JsonRejected(ValueError):
+    """A document refused before or while decoding; `reason` as in MalformedLease. The message
+    says what is wrong without naming the document ("not valid JSON: ...")."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
         self.reason = reason
-        super().__init__(f"network config: {field_name}={value!r}: {reason}")
+
+
+_JSON_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_JSON_STRING = re.compile(r'"[^"]*"')  # once escapes are gone: linear, no backtracking
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `text` nests arrays and objects deeper than `limit` (brackets inside strings do
+    not count; unclosed ones do). Linear and done in C but for one pass over the brackets left
+    outside strings; nearly free for ordinary documents (one count of the openers).
+
+    Exact for valid JSON. For invalid JSON it never says less than the depth json.loads could
+    reach before it stops at the error (only what follows a stray backslash or an unclosed
+    string is read differently, and json.loads never gets that far)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    outside = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text)))
+    if outside.count("[") + outside.count("{") <= limit:
+        return False
+    steps = outside.encode()
+    head = steps[: 16 * (limit + 1)]  # `[[[[...`: decided by the first brackets
+    if max(accumulate(map(_BRACKET_STEP.__getitem__, head))) > limit:
+        return True
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, steps))) > limit
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; Go does not
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python makes it inf, Go refuses it
+        raise ValueError(f"number {brief(text)} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
+
+
+def load_json(data: str | bytes) -> Any:
+    """Decode a document from outside within explicit limits, or raise JsonRejected.
+
+    Size first (MAX_VALUE_BYTES, before anything is decoded), then strict UTF-8, then the
+    nesting depth (MAX_JSON_DEPTH, before json.loads), then json.loads without NaN/Infinity.
+    RecursionError and MemoryError are caught as a last line."""
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    if size > MAX_VALUE_BYTES:
+        raise JsonRejected("too_large", f"too large: {size} bytes, the limit is {MAX_VALUE_BYTES}")
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JsonRejected("not_utf8", f"not UTF-8: {e}") from None
+    else:
+        text = data
+    if json_too_deep(text):
+        raise JsonRejected("too_deep", f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise JsonRejected("too_deep", "nested too deeply to decode") from None
+    except MemoryError:
+        raise JsonRejected("too_large", "too large to decode") from None
+    except ValueError as e:  # JSONDecodeError, NaN, integers beyond int_max_str_digits
+        raise JsonRejected("not_json", f"not valid JSON: {brief(str(e), 120)}") from None
 
 
 # --------------------------------------------------------------------------- lease keys
@@ -54,18 +168,29 @@ def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> s
 def parse_subnet_key(text: str) -> tuple[IPv4Network, IPv6Network | None]:
     """Parse the last path element of a lease key, rejecting anything not in flannel's form.
 
-    Host bits must be zero (`10.5.52.1-24` is refused), as flannel never writes such keys.
+    Host bits must be zero (`10.5.52.1-24` is refused), as flannel never writes such keys. Only
+    the canonical spelling parses (`subnet_key` of the result gives `text` back): `10.5.52.0-024`
+    or `10.5.52.0-24\\n` would otherwise be a second key for the same subnet.
     """
-    m = _SUBNET_KEY_RE.match(text)
+    m = _SUBNET_KEY_RE.fullmatch(text) if len(text) <= MAX_KEY_CHARS else None
     if m is None:
-        raise MalformedLease(f"lease key {text!r} is not of the form 10.5.52.0-24[&fd00::-56]")
+        raise MalformedLease(
+            f"lease key {brief(text)} is not of the form 10.5.52.0-24[&fd00::-56]", "bad_key"
+        )
     try:
         v4 = IPv4Network(f"{m['ip4']}/{int(m['len4'])}", strict=True)
         v6 = None
         if m["ip6"] is not None:
             v6 = IPv6Network(f"{m['ip6']}/{int(m['len6'])}", strict=True)
     except ValueError as e:
-        raise MalformedLease(f"lease key {text!r}: {e}") from None
+        raise MalformedLease(f"lease key {brief(text)}: {e}", "bad_key") from None
+    # An IPv4 key the pattern takes is canonical already (checked by the property tests);
+    # an IPv6 part has many spellings (`fd00:0::`, `FD00::`).
+    if v6 is not None and subnet_key(v4, v6) != text:
+        raise MalformedLease(
+            f"lease key {brief(text)} is not canonical (flannel writes {subnet_key(v4, v6)!r})",
+            "bad_key",
+        )
     return v4, v6
 
 
@@ -102,13 +227,15 @@ class LeaseAttrs:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LeaseAttrs:
-        """Decode a lease value; raise MalformedLease with the reason when it does not parse."""
+        """Decode a lease value; raise MalformedLease with the reason when it does not parse.
+
+        Any input gives a LeaseAttrs or MalformedLease (limits: see load_json)."""
         try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MalformedLease(f"lease value is not JSON: {e}") from None
+            doc = load_json(text)
+        except JsonRejected as e:
+            raise MalformedLease(f"lease value: {e}", e.reason) from None
         if not isinstance(doc, dict):
-            raise MalformedLease(f"lease value is not a JSON object: {text!r:.80}")
+            raise MalformedLease(f"lease value is not a JSON object: {brief(doc)}", "not_object")
         ip_raw = doc.get("PublicIP")
         try:
             # A string only: ipaddress would also accept an integer, flannel never writes one.
@@ -116,22 +243,34 @@ class LeaseAttrs:
                 raise TypeError(ip_raw)
             public_ip = IPv4Address(ip_raw)
         except (ValueError, TypeError):
-            raise MalformedLease(f"lease value has no valid PublicIP: {ip_raw!r}") from None
+            raise MalformedLease(
+                f"lease value has no valid PublicIP: {brief(ip_raw)}", "bad_public_ip"
+            ) from None
         v6_raw = doc.get("PublicIPv6")
         try:
             if v6_raw is not None and not isinstance(v6_raw, str):
                 raise TypeError(v6_raw)
             public_ipv6 = IPv6Address(v6_raw) if v6_raw else None
         except (ValueError, TypeError):
-            raise MalformedLease(f"lease value has an invalid PublicIPv6: {v6_raw!r}") from None
+            raise MalformedLease(
+                f"lease value has an invalid PublicIPv6: {brief(v6_raw)}", "bad_public_ipv6"
+            ) from None
         backend_type = doc.get("BackendType") or ""
-        if not isinstance(backend_type, str):
-            raise MalformedLease(f"lease value has a non-string BackendType: {backend_type!r}")
+        if not isinstance(backend_type, str) or (
+            backend_type and not _BACKEND_TYPE_RE.fullmatch(backend_type)
+        ):
+            raise MalformedLease(
+                f'lease value has a BackendType that is not a short name such as "vxlan": '
+                f"{brief(backend_type)}",
+                "bad_backend_type",
+            )
         data = doc.get("BackendData")
         v6_data = doc.get("BackendV6Data")
         for name, value in (("BackendData", data), ("BackendV6Data", v6_data)):
             if value is not None and not isinstance(value, dict):
-                raise MalformedLease(f"lease value has a non-object {name}: {value!r}")
+                raise MalformedLease(
+                    f"lease value has a non-object {name}: {brief(value)}", "bad_backend_data"
+                )
         return cls(public_ip, public_ipv6, backend_type, data or None, v6_data or None)
 
 
@@ -140,19 +279,24 @@ class Lease:
     """One host's subnet as stored in etcd.
 
     `expiration` is a Unix time, or None for a reservation (a key put without an etcd lease).
+    `create_revision` is the etcd revision that created the key (0 when not known): of two
+    leases for one subnet, every host keeps the older (see subnetmgr.validate). It takes no part
+    in comparisons: a lease is its subnet, value and expiry.
     """
 
     subnet: IPv4Network
     attrs: LeaseAttrs
     ipv6_subnet: IPv6Network | None = None
     expiration: float | None = None
+    create_revision: int = field(default=0, compare=False)
 
     @property
     def reserved(self) -> bool:
         return self.expiration is None
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """The last element of its etcd key (`10.5.52.0-24`); computed once per lease."""
         return subnet_key(self.subnet, self.ipv6_subnet)
 
 
@@ -195,10 +339,12 @@ class NetworkConfig:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> NetworkConfig:
+        """Parse and check a config; any input gives a NetworkConfig or ConfigError (limits: see
+        load_json). overlayd and `overlayctl config set` both use this, so they agree."""
         try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError("(document)", _short(text), f"not valid JSON: {e}") from None
+            doc = load_json(text)
+        except JsonRejected as e:
+            raise ConfigError("(document)", _short(text), str(e)) from None
         if not isinstance(doc, dict):
             raise ConfigError("(document)", _short(text), "must be a JSON object")
         return cls.from_dict(doc)
@@ -270,7 +416,7 @@ class NetworkConfig:
 
 
 def _short(text: str | bytes) -> str:
-    s = text.decode(errors="replace") if isinstance(text, bytes) else text
+    s = text[:240].decode(errors="replace") if isinstance(text, bytes) else text[:240]
     return s if len(s) <= 60 else s[:57] + "..."
 
 

@@ -5,12 +5,15 @@ Layout (v3 API, see shared/FLANNEL-COMPAT.md):
     <prefix>/subnets/10.5.52.0-24          a lease: flannel's value JSON, an etcd lease of 24 h
     <prefix>/subnets/10.5.53.0-24          a reservation: the same value, no etcd lease
 
-Keys or values that do not follow the format are logged and skipped, never fatal.
+Keys or values that do not follow the format are skipped, never fatal: each one is recorded in
+`EtcdRegistry.ignored` (logged and counted once per distinct key and value, see
+subnetmgr.validate.IgnoredLeases) until it is deleted or rewritten with a valid value.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -36,6 +39,7 @@ from subnetmgr.model import (
     parse_subnet_key,
     subnet_key,
 )
+from subnetmgr.validate import Ignored, IgnoredLeases
 
 __all__ = [
     "Compacted",
@@ -73,7 +77,19 @@ class LeaseLost(RuntimeError):
 
 
 class Registry(Protocol):
+    ignored: IgnoredLeases
+    """The keys skipped now because they do not decode; the mirror adds those it rejects."""
+
     async def get_config_text(self) -> str | None: ...
+
+    async def get_config_value(self) -> tuple[bytes | None, int]:
+        """The config's raw bytes (None when absent) and the store revision."""
+        ...
+
+    def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
+        """Each change of the config from `start_revision` on: (new bytes or None when deleted,
+        its revision). Raises Compacted / RegistryError as watch_lease_batches."""
+        ...
 
     async def put_config_text(self, text: str) -> None: ...
 
@@ -164,6 +180,12 @@ class EtcdRegistry:
         self._decoded: dict[bytes, tuple[bytes, int, Lease | None]] = {}
         """key -> (value, etcd lease ID, decoded lease or None when malformed) from the last
         list: a host acquiring among 1,000 others lists often, and decoding dominates."""
+        self.ignored = IgnoredLeases()
+        self.ignored.key_prefix = self._subnets.decode(errors="backslashreplace")
+        """Keys that do not decode (this registry's record) and, through the lease mirror,
+        leases that do not fit the network config. overlayd sets `ignored.on_new`."""
+        self._undecodable: set[str] = set()
+        """The keys in `ignored` because of this registry (the mirror clears only its own)."""
 
     @classmethod
     async def connect(cls, opts: EtcdOptions) -> EtcdRegistry:
@@ -285,26 +307,56 @@ class EtcdRegistry:
         # catch that), not an ExceptionGroup; the other lookups are shielded and finish anyway.
         await asyncio.gather(*(one(lease_id) for lease_id in missing))
 
+    def key_text(self, key: bytes) -> str:
+        """A key's last element as text (`10.1.5.0-24`), bytes that are not UTF-8 escaped."""
+        return key[len(self._subnets) :].decode("utf-8", "backslashreplace")
+
     def _decode(
-        self, key: bytes, value: bytes, lease_id: int, unknown: float = 0.0
+        self,
+        key: bytes,
+        value: bytes,
+        lease_id: int,
+        unknown: float = 0.0,
+        *,
+        revision: int = 0,
+        create_revision: int = 0,
+        record: bool = True,
     ) -> Lease | None:
-        """The lease in a key/value pair, or None (logged) when either is malformed.
+        """The lease in a key/value pair, or None when either is malformed: then recorded in
+        `ignored` (logged once per key and value) unless `record` is false (a previous value).
 
         `unknown` is the expiration of a lease whose expiry was not looked up."""
+        text = self.key_text(key)
+        subnet = None
         try:
-            name = key.decode()
-        except UnicodeDecodeError:
-            log.warning("skipping a lease key that is not UTF-8: %r", key)
-            return None
-        try:
-            subnet, v6 = parse_subnet_key(name[len(self._subnets) :])
+            try:
+                key.decode()
+            except UnicodeDecodeError:
+                raise MalformedLease("the lease key is not UTF-8", "key_not_utf8") from None
+            subnet, v6 = parse_subnet_key(text)
             attrs = LeaseAttrs.from_json(value)
         except MalformedLease as e:
-            log.warning("skipping malformed lease %s: %s", name, e)
+            if record:
+                self._undecodable.add(text)
+                digest = hashlib.blake2b(value, digest_size=16).digest()
+                ignored = Ignored(text, e.reason, str(e), revision, None, subnet)
+                self.ignored.ignore(ignored, digest)
             return None
+        if record and text in self._undecodable:
+            self._undecodable.discard(text)
+            self.ignored.clear(text, checked=False)
         # An expiry not looked up (the previous value of a deleted key: 0.0; a list without
         # expirations: inf) is never None: None would make a lease look like a reservation.
-        return Lease(subnet, attrs, v6, self._expiry.get(lease_id, unknown) if lease_id else None)
+        expiration = self._expiry.get(lease_id, unknown) if lease_id else None
+        lease = Lease(subnet, attrs, v6, expiration, create_revision)
+        lease.__dict__["key"] = text  # Lease.key, cached: a key that parses is canonical
+        return lease
+
+    def _forget(self, key: bytes) -> None:
+        """`key` was deleted: nothing about it is ignored any more."""
+        text = self.key_text(key)
+        self._undecodable.discard(text)
+        self.ignored.clear(text, deleted=True)
 
     # ------------------------------------------------------------------ config
 
@@ -315,12 +367,29 @@ class EtcdRegistry:
         value: bytes = resp.kvs[0].value
         return value.decode(errors="replace")
 
-    async def put_config_text(self, text: str) -> None:
+    async def get_config_value(self) -> tuple[bytes | None, int]:
+        resp = await self._range(self._config_key)
+        revision = int(resp.header.revision)
+        if not resp.kvs:
+            return None, revision
+        value: bytes = resp.kvs[0].value
+        return value, revision
+
+    async def put_config_text(self, text: str | bytes) -> None:
+        value = text.encode() if isinstance(text, str) else text
+
         async def go(c: EtcdConnection, md: Any) -> Any:
-            req = rpc.PutRequest(key=self._config_key, value=text.encode())
+            req = rpc.PutRequest(key=self._config_key, value=value)
             return await c.kv.Put(req, timeout=self.timeout, metadata=md)
 
         await self._conn.call("put config", go)
+
+    async def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
+        req = rpc.WatchCreateRequest(key=self._config_key, start_revision=start_revision)
+        async for resp in self._conn.watch_stream(req):
+            for ev in resp.events:
+                value: bytes | None = ev.kv.value if ev.type == 0 else None
+                yield value, int(ev.kv.mod_revision)
 
     @property
     def config_key(self) -> str:
@@ -349,6 +418,9 @@ class EtcdRegistry:
             if lease is not None:
                 leases.append(lease)
         self._decoded = decoded
+        listed = {self.key_text(kv.key) for kv in resp.kvs}
+        self._undecodable &= listed
+        self.ignored.retain(listed)  # keys deleted while nobody watched
         return leases, int(resp.header.revision)
 
     def _decode_cached(
@@ -362,14 +434,27 @@ class EtcdRegistry:
         same; record it in `new`."""
         key, value, lease_id = kv.key, kv.value, kv.lease
         hit = old.get(key)
-        if hit is not None and hit[0] == value and hit[1] == lease_id:
+        if (
+            hit is not None
+            and hit[0] == value
+            and hit[1] == lease_id
+            # a reservation deleted and put again has the same value and no etcd lease
+            and (hit[2] is None or hit[2].create_revision == kv.create_revision)
+        ):
             lease = hit[2]  # unchanged since the last list (a malformed one was logged then)
             if lease is not None and lease_id and lease.expiration == math.inf:
                 known = self._expiry.get(lease_id)
                 if known is not None:
                     lease = replace(lease, expiration=known)
         else:
-            lease = self._decode(key, value, lease_id, math.inf if not expirations else 0.0)
+            lease = self._decode(
+                key,
+                value,
+                lease_id,
+                math.inf if not expirations else 0.0,
+                revision=int(kv.mod_revision),
+                create_revision=int(kv.create_revision),
+            )
         new[key] = (value, lease_id, lease)
         return lease
 
@@ -395,7 +480,14 @@ class EtcdRegistry:
             return None, revision
         kv = resp.kvs[0]
         await self._expiration(kv.lease)
-        return self._decode(kv.key, kv.value, kv.lease), revision
+        lease = self._decode(
+            kv.key,
+            kv.value,
+            kv.lease,
+            revision=int(kv.mod_revision),
+            create_revision=int(kv.create_revision),
+        )
+        return lease, revision
 
     async def create_lease(self, subnet: Subnet, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         key = self.key(subnet)
@@ -414,7 +506,7 @@ class EtcdRegistry:
         if not resp.succeeded:
             await self._keep_spare(lease_id, ttl, expiry)
             return None
-        return Lease(subnet, attrs, None, expiry)
+        return Lease(subnet, attrs, None, expiry, int(resp.header.revision))
 
     async def _grant_or_spare(self, ttl: int) -> tuple[int, float]:
         """A fresh etcd lease: one left unattached by a lost race moments ago, else a new one.
@@ -457,8 +549,9 @@ class EtcdRegistry:
         if current.public_ip != lease.attrs.public_ip:
             return None, f"the key now belongs to {current.public_ip}"
         reserved = kv.lease == 0
-        if reserved and value is None:
-            return Lease(lease.subnet, current, lease.ipv6_subnet, None), ""  # nothing expires
+        created = int(kv.create_revision)
+        if reserved and value is None:  # nothing expires
+            return Lease(lease.subnet, current, lease.ipv6_subnet, None, created), ""
         new_id, expiry = (0, None) if reserved else await self._grant(ttl)
         compare = rpc.Compare(
             key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=kv.mod_revision
@@ -475,7 +568,7 @@ class EtcdRegistry:
         if kv.lease:
             await self._revoke(kv.lease)
         attrs = current if value is None else LeaseAttrs.from_json(value)
-        return Lease(lease.subnet, attrs, lease.ipv6_subnet, expiry), ""
+        return Lease(lease.subnet, attrs, lease.ipv6_subnet, expiry, created), ""
 
     async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         new, why = await self._rewrite(lease, attrs.to_json().encode(), ttl, None)
@@ -564,17 +657,32 @@ class EtcdRegistry:
         kv = ev.kv
         revision = int(kv.mod_revision)
         if ev.type == 0:  # PUT
-            lease = self._decode(kv.key, kv.value, kv.lease)
+            lease = self._decode(
+                kv.key,
+                kv.value,
+                kv.lease,
+                revision=revision,
+                create_revision=int(kv.create_revision),
+            )
             if lease is not None:
                 return LeaseEvent("added", lease, revision)
             # A valid lease overwritten with garbage is no longer a lease.
+        else:
+            self._forget(kv.key)
         try:
-            subnet, v6 = parse_subnet_key(kv.key.decode(errors="replace")[len(self._subnets) :])
+            subnet, v6 = parse_subnet_key(self.key_text(kv.key))
         except MalformedLease:
-            return None  # logged by _decode for PUTs; a DELETE of such a key changes nothing
+            return None  # recorded by _decode for PUTs; a DELETE of such a key changes nothing
         last = None
         if ev.HasField("prev_kv") and ev.prev_kv.value:
-            last = self._decode(ev.prev_kv.key, ev.prev_kv.value, ev.prev_kv.lease)
+            prev = ev.prev_kv
+            last = self._decode(
+                prev.key,
+                prev.value,
+                prev.lease,
+                create_revision=int(prev.create_revision),
+                record=False,
+            )
         if last is None:
             last = Lease(subnet, LeaseAttrs(IPv4Address(0)), v6)
         if ev.type == 1:

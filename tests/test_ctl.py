@@ -108,19 +108,20 @@ def test_leases_table_and_json(
     assert ctl(etcd_server, etcd_prefix, "leases") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "TTL",
-                                "RESERVED"]  # fmt: skip
+                                "RESERVED", "STATUS"]  # fmt: skip
     rows = [line.split() for line in lines[1:]]
     assert [r[0] for r in rows] == ["10.1.5.0/24", "10.1.6.0/24", "10.1.7.0/24"]
     assert rows[0][1:4] == ["192.168.1.11", "vxlan", "c6:d2:32:6f:8f:44"]
-    assert rows[0][4].startswith(("59m", "1h00m")) and rows[0][5] == "no"
+    assert rows[0][4].startswith(("59m", "1h00m")) and rows[0][5:] == ["no", "ok"]
     assert rows[1][1:4] == ["192.168.1.12", "udp", "-"] and rows[1][4].startswith(("9m", "10m"))
-    assert rows[2][1] == "192.168.1.20" and rows[2][4:] == ["-", "yes"]
+    assert rows[2][1] == "192.168.1.20" and rows[2][4:] == ["-", "yes", "ok"]
 
     assert ctl(etcd_server, etcd_prefix, "leases", "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc[0]["vtep_mac"] == "c6:d2:32:6f:8f:44" and 3500 < doc[0]["ttl"] <= 3600
     assert doc[2] == {"subnet": "10.1.7.0/24", "public_ip": "192.168.1.20", "backend": "udp",
-                      "vtep_mac": None, "ttl": None, "reserved": True}  # fmt: skip
+                      "vtep_mac": None, "ttl": None, "reserved": True, "key": "10.1.7.0-24",
+                      "ignored": None, "detail": None}  # fmt: skip
 
 
 def test_reserve_and_unreserve(
@@ -139,6 +140,8 @@ def test_reserve_and_unreserve(
     for args, needle in [
         (("reserve", "10.1.8.1/24", "192.168.1.30"), "'10.1.8.1/24'"),
         (("reserve", "10.1.8.0/24", "192.168.1.300"), "'192.168.1.300'"),
+        (("reserve", "10.1.8.0/24", "127.0.0.1"), "127.0.0.1 is loopback"),
+        (("reserve", "10.1.8.0/24", "224.0.0.1"), "224.0.0.1 is multicast"),
         (("reserve", "10.2.8.0/24", "192.168.1.30"), "does not fit the network config"),
         (("reserve", "10.1.8.0/25", "192.168.1.30"), "does not fit the network config"),
         (("unreserve", "banana"), "'banana'"),

@@ -102,8 +102,7 @@ async def test_three_hosts_full_connectivity_and_flannel_leases(lab: Lab) -> Non
         env = SubnetEnv.read(lab.subnet_file(node.index))
         assert env.mtu == 1500 - 28 and str(env.subnet.network) == node.subnet
         sub = IPv4Network(node.subnet)
-        key = f"{lab.state.prefix}/subnets/{sub.network_address}-{sub.prefixlen}"
-        raw = await lab.etcdctl("get", "--print-value-only", key)
+        raw = await lab.etcdctl("get", "--print-value-only", lab.lease_key(sub))
         assert raw.strip() == f'{{"PublicIP":"{node.ip}","PublicIPv6":null}}'  # flannel's udp
         _, addrs, routes = await flannel0(lab, node.index)
         assert addrs == {f"{sub.network_address}/32"} and routes == {network}

@@ -114,9 +114,9 @@ def test_lease_value_ipv6_and_empty_fields() -> None:
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("", "not JSON"),
-        ("{not json", "not JSON"),
-        (b"\xff\xfe", "not JSON"),
+        ("", "not valid JSON"),
+        ("{not json", "not valid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
         ("[1,2]", "not a JSON object"),
         ('"192.168.1.1"', "not a JSON object"),
         ("{}", "PublicIP"),
