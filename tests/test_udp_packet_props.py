@@ -474,6 +474,11 @@ def test_coalesce_with_ttl_never_raises_on_garbage(pkts: list[bytes]) -> None:
 
 PEER = ((0xFFFFFF00, 0x0A010100),)  # 10.1.1.0/24
 OWN = (0xFFFFFF00, 0x0A010200)  # 10.1.2.0/24
+PEERS = [
+    PEER,
+    ((0xFFFFFF00, 0x0A010300), (0xFFFFFE00, 0x0A010000)),  # two leases: 10.1.3.0/24, 10.1.0.0/23
+    (),  # none (the rx loop never asks for a PublicIP without a lease): nothing passes
+]
 
 
 def addr(value: int) -> bytes:
@@ -497,14 +502,16 @@ def in_net(value: int, mask: int, net: int) -> bool:
 @given(
     st.lists(st.one_of(inner_packets(), mutated(inner_packets()), hostile), max_size=8),
     st.booleans(),
+    st.sampled_from(PEERS),
 )
 def test_screen_keeps_exactly_the_packets_a_peer_may_send_us(
-    pkts: list[bytes], same_size: bool
+    pkts: list[bytes], same_size: bool, peer: W.Subnets
 ) -> None:
-    # A received datagram or UDP_GRO batch, from a peer whose lease is 10.1.1.0/24, to us
-    # (10.1.2.0/24). Every inner packet is either returned (sound IPv4, source in the peer's
-    # subnet, destination in ours, TTL above 1, cut to its total length) or counted under
-    # exactly one drop reason, the first that applies; nothing raises, whatever the bytes.
+    # A received datagram or UDP_GRO batch, from a peer whose leases are `peer` (one subnet,
+    # two, or none), to us (10.1.2.0/24). Every inner packet is either returned (sound IPv4,
+    # source in one of the peer's subnets, destination in ours, TTL above 1, cut to its total
+    # length) or counted under exactly one drop reason, the first that applies; nothing
+    # raises, whatever the bytes.
     if same_size:
         pkts = [p for p in pkts if p]  # a UDP_GRO batch holds no empty datagram
     if same_size and pkts:
@@ -516,13 +523,13 @@ def test_screen_keeps_exactly_the_packets_a_peer_may_send_us(
         seg = len(pkts[0]) if pkts else 0
     data = b"".join(pkts)
     c = [0] * (len(W.COUNTERS) + 1)
-    kept = W.screen(memoryview(bytearray(data)), len(data), seg, 1472, PEER, *OWN, c)
+    kept = W.screen(memoryview(bytearray(data)), len(data), seg, 1472, peer, *OWN, c)
     expected: list[bytes] = []
     reasons: dict[int, int] = {}
     for p in pkts or [b""]:
         if expected_reason(p, 1472) != P.OK:
             reason = W.C_MALFORMED
-        elif not in_net(int.from_bytes(p[12:16], "big"), *PEER[0]):
+        elif not any(in_net(int.from_bytes(p[12:16], "big"), *net) for net in peer):
             reason = W.C_INNER_SOURCE
         elif not in_net(int.from_bytes(p[16:20], "big"), *OWN):
             reason = W.C_INNER_DESTINATION
