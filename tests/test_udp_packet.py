@@ -12,9 +12,12 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw, raw
 
 from backends import udp_packet as P
+from backends import udp_worker as W
 from backends.base import BackendError, ExternalInterface
 from backends.udp import UdpBackend
+from overlay.health import HealthServer, Metrics
 from subnetmgr.model import NetworkConfig
+from tests.test_health import http_get
 
 
 def naive_sum(data: bytes) -> int:
@@ -351,3 +354,27 @@ def test_coalesce_merges_tiny_tcp_segments_with_options() -> None:
     vnet, pkt = _joined(writes[0])
     assert vnet[1:4] == (P.VNET_GSO_TCPV4, 52, 1)
     assert pkt[52:] == payload
+
+
+async def test_every_udp_counter_reaches_metrics_by_name() -> None:
+    # The daemon publishes UdpBackend.counters as overlay_udp_<name>; the drops by reason must
+    # come out as valid metric names, each one at every scrape (a backend not started reads 0).
+    addr = IPv4Address("192.0.2.1")
+    config = NetworkConfig.from_dict({"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}})
+    backend = UdpBackend(config, ExternalInterface("eth0", 2, addr, addr, 1500))
+    metrics = Metrics()
+    metrics.publish_backend_counters("udp", backend.counters)
+    server = HealthServer(metrics, "127.0.0.1", 0, serve_metrics=True)
+    port = await server.start()
+    try:
+        status, text = await http_get(port, "/metrics")
+    finally:
+        await server.close()
+    assert status == 200
+    lines = text.splitlines()
+    for name in W.COUNTERS:
+        assert f"# TYPE overlay_udp_{name} counter" in lines
+        assert f"overlay_udp_{name} 0" in lines
+    assert {"dropped_source_port", "dropped_inner_source", "dropped_inner_destination"} <= set(
+        W.COUNTERS
+    )
