@@ -85,6 +85,10 @@ class Driver:
         self.proc.stdin.flush()
         return self._read()
 
+    def own(self, subnet: str) -> None:
+        """start() again with our lease for `subnet` (a lease re-acquired with another subnet)."""
+        assert self.command({"own": subnet}) == {"ok": True}
+
     def peers(self, *peers: tuple[str, str, str]) -> None:
         assert self.command({"peers": [list(p) for p in peers]}) == {"ok": True}
 
@@ -522,6 +526,29 @@ def test_back_to_back_spoofed_packets_leave_the_genuine_ones_alone(lab: Lab) -> 
     finally:
         out = finish(server)
     assert [t for t in texts if t.decode() in out] == [texts[0], texts[2], texts[4]]
+
+
+def test_a_new_own_subnet_moves_the_destination_check(lab: Lab) -> None:
+    # The daemon calls start() again when it takes a lease with another subnet: from then on
+    # hB accepts inner destinations in the new subnet only, without restarting the loop.
+    pids = lab.b.pids()
+    server = udp_listen(lab.cb, CB, 7204, 2)
+    try:
+        lab.b.own("10.201.4.0/24")
+        before = lab.b.counters()
+        send_datagrams(lab, HA_IP, inner(port=7204, text=b"to-the-old-subnet"))
+        wait_drops(lab.b, before, {"dropped_inner_destination": 1})
+        send_datagrams(lab, HA_IP, inner(port=7204, text=b"to-the-new-subnet", dst="10.201.4.9"))
+        lab.b.wait_counter("rx_packets", before["rx_packets"] + 1)
+        wait_drops(lab.b, before, {"dropped_inner_destination": 1})
+    finally:
+        out = finish(server)
+        lab.b.own(B_SUB)
+    assert "to-the-old-subnet" not in out
+    _, addrs, _ = flannel0(lab.hb)
+    assert addrs == {"10.201.2.0/32"}
+    assert lab.b.pids() == pids
+    assert tcp_probe(lab.ca, lab.cb, CB, 5017) == f"{CA} 101"
 
 
 def test_ttl_one_is_dropped_both_ways(lab: Lab) -> None:
