@@ -528,6 +528,51 @@ def test_back_to_back_spoofed_packets_leave_the_genuine_ones_alone(lab: Lab) -> 
     assert [t for t in texts if t.decode() in out] == [texts[0], texts[2], texts[4]]
 
 
+SEND_GSO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 8285))
+pkts = [bytes.fromhex(p) for p in sys.argv[3:]]
+s.setsockopt(17, 103, len(pkts[0]))  # UDP_SEGMENT: one sendmsg, one datagram per packet
+s.sendto(b"".join(pkts), (sys.argv[2], 8285))
+"""
+
+
+def test_a_udp_gro_batch_is_judged_packet_by_packet(lab: Lab) -> None:
+    # The second peer's PublicIP (10.201.3.0/24 at HC_IP) on hA for the test's duration: one
+    # UDP_SEGMENT send from HC_IP:8285 crosses the veth as one GSO datagram and hB's rx worker
+    # receives it with one UDP_GRO recvmsg. Inside, packets from the peer's subnet and spoofed
+    # ones alternate; only the former may reach cB.
+    with_third_peer(lab)
+    sh("ip", "-n", lab.ha, "addr", "add", f"{HC_IP}/24", "dev", lab.ua)
+    server = udp_listen(lab.cb, CB, 7205, 2)
+    try:
+        before = lab.b.counters()
+        good = "10.201.3.5"
+        batch = [
+            inner(port=7205, text=b"gro-ok-1", src=good),
+            inner(port=7205, text=b"gro-srcx", src=CA),  # A's subnet through C's address
+            inner(port=7205, text=b"gro-ok-2", src=good),
+            inner(port=7205, text=b"gro-dstx", src=good, dst=CA),  # not our subnet
+            inner(port=7205, text=b"gro-ok-3", src=good),
+            inner(port=7205, text=b"gro-ttl1", src=good, ttl=1),
+        ]
+        res = in_ns(lab.ha, SEND_GSO, HC_IP, HB_IP, *(p.hex() for p in batch))
+        assert res.returncode == 0, res.stderr
+        lab.b.wait_counter("rx_packets", before["rx_packets"] + 3)
+        expected = {"dropped_inner_source": 1, "dropped_inner_destination": 1, "dropped_ttl": 1}
+        wait_drops(lab.b, before, expected)
+        after = lab.b.counters()
+    finally:
+        out = finish(server)
+        sh("ip", "-n", lab.ha, "addr", "del", f"{HC_IP}/24", "dev", lab.ua, check=False)
+        lab.default_peers()
+    assert after["rx_syscalls"] - before["rx_syscalls"] == 1  # the six came in one recvmsg
+    assert after["rx_packets"] - before["rx_packets"] == 3
+    got = [line.split()[2] for line in out.splitlines() if line.startswith("got")]
+    assert got == ["gro-ok-1", "gro-ok-2", "gro-ok-3"]
+
+
 def test_a_new_own_subnet_moves_the_destination_check(lab: Lab) -> None:
     # The daemon calls start() again when it takes a lease with another subnet: from then on
     # hB accepts inner destinations in the new subnet only, without restarting the loop.
