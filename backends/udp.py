@@ -6,8 +6,9 @@ MTU - 28, one route for the whole Network via flannel0, a UDP socket on <iface a
 the raw inner IPv4 packet as the whole UDP payload, TTL decremented both ways with an RFC 1624
 checksum update and dropped at zero, ICMP net unreachable for a destination no lease covers.
 
-Beyond flannel: datagrams whose source is no known lease's PublicIP are dropped and counted, as
-are malformed ones; the counters are attributes of the backend.
+Beyond flannel: a datagram is accepted only from a lease's PublicIP and our Port, and each inner
+packet only when its source lies in that lease's subnet and its destination in ours; everything
+else, and malformed packets, is dropped and counted by reason (`counters()`).
 
 The packet loop runs in two worker processes (tun->udp and udp->tun, see `backends.udp_worker`
 for why processes) and gets the peer table over a socket, so reconcile() never restarts it.
@@ -122,6 +123,8 @@ class UdpBackend:
         self._workers: list[tuple[asyncio.subprocess.Process, socket.socket]] = []
         self._gen = 0
         self._peers: dict[Subnet, IPv4Address] = {}
+        self._own: Subnet | None = None
+        """Our lease's subnet: the rx worker accepts only inner destinations inside it."""
 
     # ------------------------------------------------------------------ Backend protocol
 
@@ -155,9 +158,12 @@ class UdpBackend:
         if self._tun is None:
             raise BackendError("udp backend: start() called before prepare()")
         await self._configure_address(own)
+        self._own = own.subnet
         if not self._workers:
             await self._start_workers()
-            await self._send_table()
+        else:
+            await self._revive()
+        await self._send_table()  # also when the loop runs: our subnet may have changed
         log.info(
             "udp backend: %s up, %s/32, MTU %d, UDP %s:%d, loop options %s",
             self.device,
@@ -264,6 +270,18 @@ class UdpBackend:
     @property
     def dropped_no_route(self) -> int:
         return self.counters()["dropped_no_route"]
+
+    @property
+    def dropped_source_port(self) -> int:
+        return self.counters()["dropped_source_port"]
+
+    @property
+    def dropped_inner_source(self) -> int:
+        return self.counters()["dropped_inner_source"]
+
+    @property
+    def dropped_inner_destination(self) -> int:
+        return self.counters()["dropped_inner_destination"]
 
     @property
     def worker_pids(self) -> list[int]:
@@ -460,7 +478,9 @@ class UdpBackend:
             [int(subnet.network_address), subnet.prefixlen, str(ip)]
             for subnet, ip in self._peers.items()
         ]
-        line = json.dumps({"gen": gen, "port": self.port, "peers": peers}).encode() + b"\n"
+        own = None if self._own is None else [int(self._own.network_address), self._own.prefixlen]
+        doc = {"gen": gen, "port": self.port, "peers": peers, "own": own}
+        line = json.dumps(doc).encode() + b"\n"
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(APPLY_TIMEOUT):

@@ -7,6 +7,7 @@ Prints {"ready": true, "mtu": N, "backend_type": ""} once the loop runs, then an
 command line with one JSON line:
     {"peers": [["10.5.2.0/24", "192.168.7.2", ""], ...]}  -> reconcile, {"ok": true}
     {"counters": true}                                    -> {"counters": {...}}
+    {"own": "10.5.9.0/24"}                 -> start() again with that lease, {"ok": true}
 EOF on stdin closes the backend and exits. Tests and benchmarks use it to run the backend
 inside a namespace; the daemon does not.
 """
@@ -81,6 +82,10 @@ async def amain(args: argparse.Namespace) -> None:
                     for net, ip, btype in cmd["peers"]
                 }
                 await backend.reconcile(peers)
+                reply = {"ok": True}
+            elif "own" in cmd:
+                subnet = IPv4Network(cmd["own"])
+                await backend.start(Lease(subnet, LeaseAttrs(ext.public_ip, backend_type="")))
                 reply = {"ok": True}
             elif "counters" in cmd:
                 reply = {

@@ -206,15 +206,33 @@ def segment_tcp4(pkt: memoryview, mss: int, ttl_dec: int = 1) -> tuple[bytearray
     Every segment but the last is exactly `seg_len` bytes long, as UDP_SEGMENT needs. Each
     segment gets its own IP total length, ID (incremented), TTL (decremented by `ttl_dec`),
     IP checksum, TCP sequence number and full TCP checksum; FIN and PSH stay on the last segment
-    only. Returns (buffer, seg_len, count). The TTL of the super-packet must be > ttl_dec.
+    only. Returns (buffer, seg_len, count). Raises ValueError, touching nothing, for anything
+    that is not one: not TCP, headers shorter than their minimum or longer than the total
+    length, a total length beyond the buffer, an MSS below 1, a TTL not above `ttl_dec`.
 
     The constant parts of both checksums are summed once; per segment only the varying words
     and the payload chunk are added (ones'-complement sums are order independent).
     """
+    n = len(pkt)
+    if n < IPV4_HEADER_MIN + 20 or mss < 1:
+        raise ValueError(f"segment_tcp4: {n} bytes, MSS {mss}: not a TCP/IPv4 super-packet")
     ihl = (pkt[0] & 0x0F) << 2
+    total = (pkt[2] << 8) | pkt[3]
+    if (
+        ihl < IPV4_HEADER_MIN
+        or ihl + 20 > total
+        or total > n
+        or pkt[9] != PROTO_TCP
+        or pkt[8] <= ttl_dec
+    ):
+        raise ValueError(
+            f"segment_tcp4: IP header {ihl} bytes, total length {total} of {n}, protocol "
+            f"{pkt[9]}, TTL {pkt[8]}: not a TCP/IPv4 super-packet"
+        )
     thl = (pkt[ihl + 12] >> 4) << 2
     hlen = ihl + thl
-    total = (pkt[2] << 8) | pkt[3]
+    if thl < 20 or hlen > total:
+        raise ValueError(f"segment_tcp4: TCP header {thl} bytes in a {total}-byte packet")
     payload = pkt[hlen:total]
     plen = len(payload)
     count = max(1, -(-plen // mss))
@@ -307,19 +325,25 @@ _UDP_KEY = struct.Struct("!BB4x2sBB2x12s")
 def coalesce(pkts: list[memoryview], ttl: bool = False) -> list[IoVec]:
     """Userspace GRO: join runs of consecutive segments of one TCP or UDP flow into GSO writes.
 
-    `pkts` are whole, validated IPv4 packets in arrival order. With `ttl`, every packet's TTL
-    must be above 1 and each write's TTL is decremented once (cheaper than per packet). The
-    result is one iovec per TUN write, each starting with a virtio_net_hdr: NONE for a packet
-    written as it is; TCPV4 with gso_size = MSS for a run, with one new IP/TCP header and the
-    payloads following, the TCP checksum left partial (pseudo-header sum) for the kernel, which
-    segments or delivers it as if its own GRO had built it.
+    `pkts` are IPv4 packets in arrival order, each exactly its total length long (the rx worker
+    checks them first). With `ttl`, every packet's TTL must be above 1 and each write's TTL is
+    decremented once (cheaper than per packet). The result is one iovec per TUN write, each
+    starting with a virtio_net_hdr: NONE for a packet written as it is; TCPV4 with gso_size =
+    MSS for a run, with one new IP/TCP header and the payloads following, the TCP checksum left
+    partial (pseudo-header sum) for the kernel, which segments or delivers it as if its own GRO
+    had built it.
 
     A run continues while: IPv4 without options, not fragmented, TCP with only ACK/PSH, same
     addresses, ports, TOS, TTL, ack, window and options, the sequence number continues the run,
     every payload but the last is MSS long, and no PSH before the last. UDP datagrams of one
-    flow (addresses, ports, TOS, TTL) whose payloads all have the first one's size, except a
-    shorter last one, become one UDP_L4 GSO write the same way. Inner checksums are not checked
+    flow (addresses, ports, TOS, TTL, UDP length equal to the IP payload length) whose payloads
+    all have the first one's size, except a shorter last one, become one UDP_L4 GSO write the
+    same way. Inner checksums are not checked
     here: the outer UDP checksum, verified by the kernel, covers the whole packet.
+
+    Never raises: anything else (shorter than its headers, a total length that is not its
+    length, TCP or UDP headers cut short) is passed through as it is, in its place; with `ttl`
+    a pass-through shorter than an IPv4 header is left untouched.
     """
     out: list[IoVec] = []
     n = len(pkts)
@@ -327,40 +351,54 @@ def coalesce(pkts: list[memoryview], ttl: bool = False) -> list[IoVec]:
     while i < n:
         p = pkts[i]
         i += 1
-        b0 = p[0]
-        if b0 == 0x45 and p[9] == PROTO_UDP and not (p[6] & 0x3F) and not p[7] and i < n:
+        size = len(p)
+        # Only a plain IPv4 header (no options), unfragmented, exactly as long as it says, with
+        # room for a whole TCP (40) or UDP (28) header may start a run.
+        if (
+            size < 28
+            or p[0] != 0x45
+            or (p[6] & 0x3F)
+            or p[7]
+            or ((p[2] << 8) | p[3]) != size
+            or i >= n
+        ):
+            out.append([VNET_HDR_NONE, p])
+            continue
+        proto = p[9]
+        if proto == PROTO_UDP:
             i = _coalesce_udp4(pkts, i, out)
             continue
-        if b0 != 0x45 or p[9] != PROTO_TCP or (p[6] & 0x3F) or p[7]:
+        if proto != PROTO_TCP or size < 40:
             out.append([VNET_HDR_NONE, p])
             continue
         thl = (p[32] >> 4) << 2
         hlen = 20 + thl
-        total = (p[2] << 8) | p[3]
-        mss = total - hlen
+        mss = size - hlen
         flags = p[33]
-        if mss <= 0 or thl < 20 or flags & ~_MERGE_OK_FLAGS or flags & _TCP_PSH or i >= n:
-            out.append([VNET_HDR_NONE, p[:total]])
+        if mss <= 0 or thl < 20 or flags & ~_MERGE_OK_FLAGS or flags & _TCP_PSH:
+            out.append([VNET_HDR_NONE, p])
             continue
         key = _tcp_key(thl)
         unpack_key = key.unpack_from
         ident = unpack_key(p)
         next_seq = (_U32.unpack_from(p, 24)[0] + mss) & 0xFFFFFFFF
-        iov: IoVec = [b"", b"", p[hlen:total]]
+        iov: IoVec = [b"", b"", p[hlen:]]
         length = mss
         last_flags = flags
         while i < n:
             q = pkts[i]
-            if len(q) < hlen or unpack_key(q) != ident:
+            qtotal = len(q)
+            # The key covers version/IHL, fragment field and protocol, so q is a plain,
+            # unfragmented TCP/IPv4 packet with the same header length once it matches.
+            if qtotal < hlen or unpack_key(q) != ident or ((q[2] << 8) | q[3]) != qtotal:
                 break
             qflags = q[33]
             if qflags & ~_MERGE_OK_FLAGS:
                 break
-            qtotal = (q[2] << 8) | q[3]
             qlen = qtotal - hlen
             if qlen <= 0 or qlen > mss or _U32.unpack_from(q, 24)[0] != next_seq:
                 break
-            iov.append(q[hlen:qtotal])
+            iov.append(q[hlen:])
             length += qlen
             next_seq = (next_seq + qlen) & 0xFFFFFFFF
             last_flags = qflags
@@ -368,7 +406,7 @@ def coalesce(pkts: list[memoryview], ttl: bool = False) -> list[IoVec]:
             if qlen < mss or qflags & _TCP_PSH:
                 break
         if len(iov) == 3:
-            out.append([VNET_HDR_NONE, p[:total]])
+            out.append([VNET_HDR_NONE, p])
             continue
         hdr = bytearray(p[:hlen])
         new_total = hlen + length
@@ -387,38 +425,48 @@ def coalesce(pkts: list[memoryview], ttl: bool = False) -> list[IoVec]:
         out.append(iov)
     if ttl:
         for iov in out:
-            decrement_ttl(iov[1])  # type: ignore[arg-type]
+            if len(iov[1]) >= IPV4_HEADER_MIN:
+                decrement_ttl(iov[1])  # type: ignore[arg-type]
     return out
 
 
 def _coalesce_udp4(pkts: list[memoryview], i: int, out: list[IoVec]) -> int:
-    """The UDP half of `coalesce`: pkts[i - 1] starts a run; return the index after it."""
+    """The UDP half of `coalesce`: pkts[i - 1] (a plain IPv4 header, exactly its total length,
+    at least 28 bytes) starts a run; return the index after it. Only datagrams whose UDP length
+    matches the IP length merge: trailing bytes after a shorter UDP length are not data, and a
+    merge would deliver them as if they were."""
     p = pkts[i - 1]
-    total = (p[2] << 8) | p[3]
+    total = len(p)
     size = total - 28
     n = len(pkts)
-    if size <= 0:
-        out.append([VNET_HDR_NONE, p[:total]])
+    if size <= 0 or ((p[24] << 8) | p[25]) != total - 20:
+        out.append([VNET_HDR_NONE, p])
         return i
     unpack_key = _UDP_KEY.unpack_from
     ident = unpack_key(p)
-    iov: IoVec = [b"", b"", p[28:total]]
+    iov: IoVec = [b"", b"", p[28:]]
     length = size
     while i < n:
         q = pkts[i]
-        if len(q) < 28 or unpack_key(q) != ident:
+        qtotal = len(q)
+        # The key covers version/IHL, fragment field and protocol (see _tcp_key).
+        if (
+            qtotal < 28
+            or unpack_key(q) != ident
+            or ((q[2] << 8) | q[3]) != qtotal
+            or ((q[24] << 8) | q[25]) != qtotal - 20
+        ):
             break
-        qtotal = (q[2] << 8) | q[3]
         qsize = qtotal - 28
         if qsize <= 0 or qsize > size:
             break
-        iov.append(q[28:qtotal])
+        iov.append(q[28:])
         length += qsize
         i += 1
         if qsize < size:
             break
     if len(iov) == 3:
-        out.append([VNET_HDR_NONE, p[:total]])
+        out.append([VNET_HDR_NONE, p])
         return i
     hdr = bytearray(p[:28])
     new_total = 28 + length

@@ -9,7 +9,8 @@ a busy control plane (a full resync of thousands of leases) would stall packets.
 direction lets tun->udp and udp->tun run on separate cores, and neither can stall the daemon.
 
 Hand-over: the daemon writes the whole peer table as one JSON line on the `ctl` socket
-({"gen": N, "peers": [[network_int, prefixlen, public_ip], ...], "port": P}); the loop polls that
+({"gen": N, "peers": [[network_int, prefixlen, public_ip], ...], "port": P,
+"own": [network_int, prefixlen]}); the loop polls that
 socket whenever it would block and every 256 packets while busy, swaps its table in one step and
 writes the generation it applied into its stats slot, so `reconcile()` can wait until the table
 is in effect. EOF on `ctl` (daemon gone or closing) ends the loop.
@@ -40,7 +41,7 @@ UDP_GRO = 104
 UDP_MAX_PAYLOAD = 65507
 UDP_MAX_SEGMENTS = 64
 
-SLOT_WORDS = 16
+SLOT_WORDS = 32
 GEN = 0
 COUNTERS = (
     "tx_packets",  # 1: packets read from the TUN device and sent to a peer
@@ -51,14 +52,27 @@ COUNTERS = (
     "dropped_malformed",  # 6: datagrams that are not one sound IPv4 packet (see udp_packet)
     "dropped_ttl",  # 7: TTL would reach zero (either direction)
     "dropped_no_route",  # 8: no lease covers the destination; ICMP net unreachable sent
-    "dropped_tun_other",  # 9: non-IPv4 packets read from the TUN device (e.g. IPv6)
+    "dropped_tun_other",  # 9: TUN reads that are not IPv4 (e.g. IPv6) or no sound TSO packet
     "send_errors",  # 10: sendmsg/write failures (counted, packet dropped)
     "tx_syscalls",  # 11: sendmsg calls made (fewer than packets with UDP_SEGMENT)
     "rx_syscalls",  # 12: recvmsg calls that returned data (fewer than packets with UDP_GRO)
     "tun_writes",  # 13: writes into the TUN device (fewer than rx_packets when coalesced)
     "tun_reads",  # 14: reads from the TUN device (fewer than tx_packets with TSO)
+    "dropped_source_port",  # 15: from a lease's PublicIP, but not from the backend's Port
+    "dropped_inner_source",  # 16: inner source outside the sending lease's subnet
+    "dropped_inner_destination",  # 17: inner destination outside our own subnet
 )
+"""Counter names in slot order (word i + 1); SLOT_WORDS leaves room to add more."""
 _I = {name: i + 1 for i, name in enumerate(COUNTERS)}
+C_RX_PACKETS = _I["rx_packets"]
+C_RX_BYTES = _I["rx_bytes"]
+C_MALFORMED = _I["dropped_malformed"]
+C_TTL = _I["dropped_ttl"]
+C_INNER_SOURCE = _I["dropped_inner_source"]
+C_INNER_DESTINATION = _I["dropped_inner_destination"]
+C_SOURCE_PORT = _I["dropped_source_port"]
+C_UNKNOWN_SOURCE = _I["dropped_unknown_source"]
+assert len(COUNTERS) < SLOT_WORDS
 
 
 class Stats:
@@ -81,27 +95,47 @@ class Stats:
         self._words[self._base + GEN] = gen
 
 
+Subnets = tuple[tuple[int, int], ...]
+"""(mask, network) pairs as integers: the subnets one PublicIP holds leases for."""
+NOTHING = (0, 1)
+"""A (mask, network) pair that no address matches: our subnet until the daemon sends it."""
+
+
+def _mask(plen: int) -> int:
+    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+
+
 class PeerTable:
-    """Destination -> (public ip, port) by longest prefix among the leases' prefix lengths."""
+    """Both directions' view of the leases, from the daemon's table.
+
+    tx: destination -> (public ip, port) by longest prefix among the leases' prefix lengths.
+    rx: public ip -> the subnets of its leases (a datagram's inner source must lie in one), our
+    own subnet (its inner destination must lie there) and the port peers send from.
+    """
 
     def __init__(self) -> None:
         self.routes: list[tuple[int, dict[int, tuple[str, int]]]] = []
-        self.sources: frozenset[str] = frozenset()
+        self.sources: dict[str, Subnets] = {}
+        self.port = 0
+        self.own_mask, self.own_net = NOTHING
 
     def load(self, doc: dict[str, Any]) -> None:
         port = int(doc["port"])
         by_len: dict[int, dict[int, tuple[str, int]]] = {}
-        sources = set()
+        sources: dict[str, list[tuple[int, int]]] = {}
         for net, plen, ip in doc["peers"]:
             by_len.setdefault(int(plen), {})[int(net)] = (str(ip), port)
-            sources.add(str(ip))
+            sources.setdefault(str(ip), []).append((_mask(int(plen)), int(net)))
         routes = []
         for plen in sorted(by_len, reverse=True):
-            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
-            routes.append((mask, by_len[plen]))
+            routes.append((_mask(plen), by_len[plen]))
+        own = doc.get("own")
+        own_mask, own_net = (_mask(int(own[1])), int(own[0])) if own else NOTHING
         # Swap whole objects: the loop never sees a half-built table.
         self.routes = routes
-        self.sources = frozenset(sources)
+        self.sources = {ip: tuple(nets) for ip, nets in sources.items()}
+        self.port = port
+        self.own_mask, self.own_net = own_mask, own_net
 
     def lookup(self, dst: int) -> tuple[str, int] | None:
         for mask, table in self.routes:
@@ -109,6 +143,67 @@ class PeerTable:
             if addr is not None:
                 return addr
         return None
+
+
+_ADDRS = struct.Struct("!II").unpack_from  # inner source and destination, bytes 12..20
+
+
+def _in_any(addr: int, subnets: Subnets) -> bool:
+    return any(addr & mask == net for mask, net in subnets)
+
+
+def screen(
+    buf: memoryview,
+    n: int,
+    seg: int,
+    mtu: int,
+    subnets: Subnets,
+    own_mask: int,
+    own_net: int,
+    c: list[int],
+) -> list[memoryview]:
+    """The inner packets of one received datagram (or UDP_GRO batch) that may enter flannel0.
+
+    `buf[:n]` holds datagrams of `seg` bytes laid end to end (the last may be shorter), all
+    from one peer whose leases are `subnets`. A packet is kept when it is one sound IPv4
+    packet no larger than `mtu` (udp_packet.check_ipv4), its source lies in one of `subnets`,
+    its destination lies in our own subnet (`own_mask`, `own_net`) and its TTL is above 1; it
+    is returned cut to its total length, TTL not yet decremented. Every other one is counted
+    in `c` by the first reason that applies, in that order: dropped_malformed,
+    dropped_inner_source, dropped_inner_destination, dropped_ttl. An empty datagram counts as
+    one malformed. Never raises for any bytes.
+    """
+    if n <= 0:
+        c[C_MALFORMED] += 1
+        return []
+    if seg <= 0:
+        seg = n
+    check = P.check_ipv4
+    addrs = _ADDRS
+    # Nearly every PublicIP holds one lease: test its subnet inline, the others only on a miss.
+    mask0, net0 = subnets[0] if subnets else NOTHING
+    more = len(subnets) > 1
+    batch = []
+    for start in range(0, n, seg):
+        end = start + seg
+        if end > n:
+            end = n
+        pkt = buf[start:end]
+        if check(pkt, end - start, mtu):
+            c[C_MALFORMED] += 1
+            continue
+        src, dst = addrs(pkt, 12)
+        if src & mask0 != net0 and not (more and _in_any(src, subnets)):
+            c[C_INNER_SOURCE] += 1
+            continue
+        if dst & own_mask != own_net:
+            c[C_INNER_DESTINATION] += 1
+            continue
+        if pkt[8] <= 1:
+            c[C_TTL] += 1
+            continue
+        batch.append(pkt[: (pkt[2] << 8) | pkt[3]])
+    return batch
 
 
 class Control:
@@ -252,6 +347,8 @@ def run_tx(
                     _send_tso(pkt, gso_size, addr, c, sendmsg, sendto, seg_opt if gso else None)
                 except OSError:
                     c[10] += 1
+                except ValueError:  # not a TCP/IPv4 super-packet (segment_tcp4 says why)
+                    c[9] += 1
                 continue
             if flags & P.VNET_F_NEEDS_CSUM:
                 P.complete_checksum(pkt, csum_start, csum_off)
@@ -317,7 +414,10 @@ def _send_tso(
 def run_rx(
     tun: int, sock: socket.socket, ctl: Control, stats: Stats, vnet: bool, gro: bool, mtu: int
 ) -> None:
-    """UDP -> TUN: accept known peers only, validate, decrement TTL, write into the TUN device."""
+    """UDP -> TUN: accept known peers only, check each inner packet, decrement TTL, write.
+
+    A datagram is taken only from a lease's PublicIP and the backend's port; each inner packet
+    must then be sound, come from that lease's subnet and go to our own (see `screen`)."""
     table = ctl.table
     c = stats.c
     wait = _waiter(sock.fileno(), ctl, stats)
@@ -326,7 +426,6 @@ def run_rx(
     dontwait = socket.MSG_DONTWAIT
     recvfrom_into = sock.recvfrom_into
     recvmsg_into = sock.recvmsg_into
-    check = P.check_ipv4
     decrement_ttl = P.decrement_ttl
     write = os.write
     writev = os.writev
@@ -360,29 +459,24 @@ def run_rx(
             for level, kind, data in anc:
                 if level == SOL_UDP and kind == UDP_GRO:
                     seg = int.from_bytes(data[:4], sys.byteorder) or n
-        if addr[0] not in table.sources:
-            c[5] += -(-n // seg) if n else 1
+        subnets = table.sources.get(addr[0])
+        if subnets is None:
+            c[C_UNKNOWN_SOURCE] += -(-n // seg) if n else 1
             continue
-        if merge and seg < n:
-            # Several datagrams in one: validate each, then write runs of one TCP flow as
-            # single GSO packets (see udp_packet.coalesce).
-            batch = []
-            for start in range(0, n, seg):
-                end = min(start + seg, n)
-                pkt = mv[start:end]
-                if check(pkt, end - start, mtu):
-                    c[6] += 1
-                elif pkt[8] <= 1:  # coalesce() decrements the TTL once per write
-                    c[7] += 1
-                else:
-                    total = (pkt[2] << 8) | pkt[3]
-                    batch.append(pkt[:total])
-                    c[4] += total
-            c[3] += len(batch)
+        if addr[1] != table.port:
+            c[C_SOURCE_PORT] += -(-n // seg) if n else 1
+            continue
+        batch = screen(mv, n, seg, mtu, subnets, table.own_mask, table.own_net, c)
+        if not batch:
+            continue
+        if merge and len(batch) > 1:
+            # Several packets: write runs of one TCP or UDP flow as single GSO packets.
+            c[C_RX_PACKETS] += len(batch)
+            c[C_RX_BYTES] += sum(map(len, batch))
             try:
                 writes = coalesce(batch, True)
             except Exception:  # a bug must not stop the data path: write them one by one
-                c[6] += 1
+                c[C_MALFORMED] += 1
                 writes = [[hdr, pkt] for pkt in batch if decrement_ttl(pkt)]
             for iov in writes:
                 try:
@@ -391,31 +485,18 @@ def run_rx(
                 except OSError:
                     c[10] += 1
             continue
-        start = 0
-        while True:
-            end = min(start + seg, n)
-            size = end - start
-            pkt = mv[start:end]
-            reason = check(pkt, size, mtu)
-            if reason:
-                c[6] += 1
-            elif not decrement_ttl(pkt):
-                c[7] += 1
-            else:
-                total = (pkt[2] << 8) | pkt[3]
-                try:
-                    if vnet:
-                        writev(tun, [hdr, pkt[:total]])
-                    else:
-                        write(tun, pkt[:total])
-                    c[3] += 1
-                    c[4] += total
-                    c[13] += 1
-                except OSError:
-                    c[10] += 1
-            start = end
-            if start >= n:
-                break
+        for pkt in batch:
+            decrement_ttl(pkt)  # screen() kept only TTLs above 1
+            try:
+                if vnet:
+                    writev(tun, [hdr, pkt])
+                else:
+                    write(tun, pkt)
+                c[C_RX_PACKETS] += 1
+                c[C_RX_BYTES] += len(pkt)
+                c[13] += 1
+            except OSError:
+                c[10] += 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Throughput of the udp backend against a C baseline and kernel VXLAN, side by side in one run.
 
     .venv/bin/python bench/bench_udp.py [--seconds 5] [--rounds 3] [--variants ours,c,vxlan,...]
+        [--rev GIT_REVISION]
 
 Two namespaces joined by a veth pair (MTU 1500, 192.168.x.0/24) stand for two hosts. For each
 data path in turn, the overlay addresses 10.99.1.0 (A) and 10.99.2.0 (B) are reached through it
@@ -19,6 +20,7 @@ Data paths:
   ours-plain  one packet per system call everywhere (no offloads, no batching)
   c           bench/udp_baseline.c: flannel's C proxy design, one packet per system call
   vxlan       the kernel's VXLAN device (a reference only: no userspace)
+  ours@REV    with --rev REV: `ours` as of that git revision (side by side with the current code)
 Ratios are against `c`. Root needed; everything is created under unique names and removed.
 """
 
@@ -116,7 +118,8 @@ def stop(lab: Lab) -> None:
         sh("ip", "-n", ns, "link", "del", "flannel0", check=False)
 
 
-def start_ours(lab: Lab, flags: list[str]) -> None:
+def start_ours(lab: Lab, flags: list[str], tree: Path = ROOT) -> None:
+    """Our backend in both namespaces; `tree` holds the code it runs (python -m from there)."""
     for ns, ifname, subnet, peer_subnet, peer_ip in (
         (lab.a, lab.a_if, A_SUBNET, B_SUBNET, lab.b_ip),
         (lab.b, lab.b_if, B_SUBNET, A_SUBNET, lab.a_ip),
@@ -124,7 +127,7 @@ def start_ours(lab: Lab, flags: list[str]) -> None:
         p = subprocess.Popen(
             ["ip", "netns", "exec", ns, PY, "-m", "backends.udp_driver", "--iface", ifname,
              "--network", NETWORK, "--subnet", subnet, *flags],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree,
         )  # fmt: skip
         lab.procs.append(p)
         assert p.stdin and p.stdout
@@ -245,6 +248,11 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="ours,ours-notso,ours-batch,ours-vnet,ours-gro,ours-plain,c,vxlan"
     )
+    parser.add_argument(
+        "--rev",
+        help="also run `ours` as of this git revision (e.g. the commit before a change), "
+        "exported with git archive into a temporary directory, as the variant ours@REV",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_udp needs root (network namespaces, TUN devices)")
@@ -253,15 +261,28 @@ def main() -> None:
     for v in variants:
         if v not in known:
             sys.exit(f"unknown variant {v!r}; known: {', '.join(known)}")
+    old = f"ours@{args.rev}" if args.rev else ""
+    if old:
+        variants.insert(variants.index("ours") + 1 if "ours" in variants else 0, old)
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp, lab() as lb:
         binary = os.path.join(tmp, "udp_baseline")
         if "c" in variants:
             gcc = shutil.which("gcc") or sys.exit("gcc not found")
             sh(gcc, "-O2", "-Wall", "-o", binary, str(ROOT / "bench" / "udp_baseline.c"))
+        old_tree = Path(tmp) / "rev"
+        if old:
+            old_tree.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.rev, "backends", "subnetmgr"],
+                capture_output=True, check=True,
+            )  # fmt: skip
+            subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
         for rnd in range(args.rounds):
             for v in variants:
-                if v in DRIVER_FLAGS:
+                if v == old:
+                    start_ours(lb, [], old_tree)
+                elif v in DRIVER_FLAGS:
                     start_ours(lb, DRIVER_FLAGS[v])
                 elif v == "c":
                     start_c(lb, binary)
@@ -269,7 +290,7 @@ def main() -> None:
                     start_vxlan(lb)
                 try:
                     r = measure(lb, args.seconds)
-                    extra = f"  [{batching(lb)}]" if v in DRIVER_FLAGS else ""
+                    extra = f"  [{batching(lb)}]" if v in DRIVER_FLAGS or v == old else ""
                 finally:
                     stop(lb)
                     stop_vxlan(lb)
@@ -279,13 +300,13 @@ def main() -> None:
     results = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
     base = results.get("c")
     print(f"\nmedians of {args.rounds} interleaved rounds of {args.seconds} s, A -> B")
-    print(f"{'path':<11} {'TCP Gbit/s':>10} {'UDP Gbit/s':>10} {'loss%':>6} {'64B kpps':>9} "
+    print(f"{'path':<14} {'TCP Gbit/s':>10} {'UDP Gbit/s':>10} {'loss%':>6} {'64B kpps':>9} "
           f"{'loss%':>6}   ratios to c (TCP, UDP, pps)")  # fmt: skip
     for v, r in results.items():
         ratio = ""
         if base:
             ratio = "  ".join(f"{r[k] / base[k]:.2f}x" for k in ("tcp_gbps", "udp_gbps", "pps_k"))
-        print(f"{v:<11} {r['tcp_gbps']:>10.2f} {r['udp_gbps']:>10.2f} {r['udp_loss']:>6.1f} "
+        print(f"{v:<14} {r['tcp_gbps']:>10.2f} {r['udp_gbps']:>10.2f} {r['udp_loss']:>6.1f} "
               f"{r['pps_k']:>9.0f} {r['pps_loss']:>6.1f}   {ratio}")  # fmt: skip
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.packet import bind_layers, raw
+from scapy.layers.inet import IP, TCP, UDP, fragment
+from scapy.packet import Raw, bind_layers, raw
 from scapy.utils import rdpcap
 
 from tests.labtools import ICMP_PROBE
@@ -84,6 +84,10 @@ class Driver:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         return self._read()
+
+    def own(self, subnet: str) -> None:
+        """start() again with our lease for `subnet` (a lease re-acquired with another subnet)."""
+        assert self.command({"own": subnet}) == {"ok": True}
 
     def peers(self, *peers: tuple[str, str, str]) -> None:
         assert self.command({"peers": [list(p) for p in peers]}) == {"ok": True}
@@ -227,12 +231,11 @@ except OSError as e:
     print("error", e.errno)
 """
 
-SEND_DATAGRAMS = """
+SEND_RAW = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 0))
-for payload in sys.argv[3:]:
-    s.sendto(bytes.fromhex(payload), (sys.argv[2], 8285))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for pkt in sys.argv[2:]:
+    s.sendto(bytes.fromhex(pkt), (sys.argv[1], 0))
 """
 
 
@@ -269,15 +272,25 @@ def udp_listen(ns: str, addr: str, port: int, seconds: float) -> subprocess.Pope
     return start(ns, UDP_ECHO, addr, str(port), str(seconds))
 
 
-def send_datagrams(lab: Lab, source: str, *payloads: bytes) -> None:
-    """Send raw UDP payloads to hB:8285 from `source` (an address on hA's underlay)."""
-    res = in_ns(lab.ha, SEND_DATAGRAMS, source, HB_IP, *(p.hex() for p in payloads))
+def send_datagrams(lab: Lab, source: str, *payloads: bytes, sport: int = 8285) -> None:
+    """Send UDP payloads to hB:8285 as if from `source`:`sport`, as a spoofer on the underlay
+    would: scapy builds the outer IPv4/UDP headers (any source address, none needs to be on an
+    interface) and a raw socket in hA puts them on the veth."""
+    wire: list[str] = []
+    for payload in payloads:
+        outer = IP(src=source, dst=HB_IP) / UDP(sport=sport, dport=8285) / Raw(payload)
+        # a raw socket sends no more than the link's MTU: cut larger ones into IP fragments
+        parts = fragment(outer, 1400) if len(raw(outer)) > 1500 else [outer]
+        wire.extend(raw(part).hex() for part in parts)
+    res = in_ns(lab.ha, SEND_RAW, HB_IP, *wire)
     assert res.returncode == 0, res.stderr
 
 
-def inner(ttl: int = 64, port: int = 7001, text: bytes = b"crafted") -> bytes:
+def inner(
+    ttl: int = 64, port: int = 7001, text: bytes = b"crafted", src: str = CA, dst: str = CB
+) -> bytes:
     """A packet from container A to container B, as hA's loop would put it on the wire."""
-    return raw(IP(src=CA, dst=CB, ttl=ttl) / UDP(sport=7000, dport=port) / text)
+    return raw(IP(src=src, dst=dst, ttl=ttl) / UDP(sport=7000, dport=port) / text)
 
 
 # --------------------------------------------------------------------------- tests
@@ -402,7 +415,6 @@ def test_capture_shows_raw_ipv4_in_udp_8285(lab: Lab) -> None:
 
 
 def test_unknown_source_is_dropped_and_counted(lab: Lab) -> None:
-    sh("ip", "-n", lab.ha, "addr", "add", f"{STRANGER_IP}/24", "dev", lab.ua)
     server = udp_listen(lab.cb, CB, 7001, 2)
     try:
         before = lab.b.counters()["dropped_unknown_source"]
@@ -412,9 +424,176 @@ def test_unknown_source_is_dropped_and_counted(lab: Lab) -> None:
         send_datagrams(lab, HA_IP, inner(text=b"from-peer"))
     finally:
         out = finish(server)
-        sh("ip", "-n", lab.ha, "addr", "del", f"{STRANGER_IP}/24", "dev", lab.ua, check=False)
     assert "from-peer" in out
     assert "from-stranger" not in out
+
+
+C_SUB, HC_IP = "10.201.3.0/24", f"{UNDERLAY}.3"  # a third lease in hB's table: no host behind it
+DROPS = ("dropped_unknown_source", "dropped_source_port", "dropped_inner_source",
+         "dropped_inner_destination", "dropped_malformed", "dropped_ttl")  # fmt: skip
+
+
+def with_third_peer(lab: Lab) -> None:
+    lab.b.peers((A_SUB, HA_IP, "udp"), (C_SUB, HC_IP, ""))
+
+
+def wait_drops(driver: Driver, before: dict[str, int], expected: dict[str, int]) -> None:
+    """Wait until every counter in `expected` grew by that much, then check that exactly those
+    drops happened: no other drop counter moved, and none grew by more."""
+    for name, delta in expected.items():
+        driver.wait_counter(name, before[name] + delta)
+    after = driver.counters()
+    assert {k: after[k] - before[k] for k in DROPS} == {k: expected.get(k, 0) for k in DROPS}
+
+
+# (case, outer source, outer source port, inner source, inner destination, the counter).
+# Every datagram's outer source is a lease's PublicIP (sent with a spoofed source address from
+# hA's namespace); each breaks exactly one rule. Where it would land if it were written into
+# hB's flannel0 a listener waits, so non-delivery is seen on the receiving side.
+SPOOFED = [
+    ("inner-source-outside-the-network", HA_IP, 8285, "10.9.9.9", CB, "dropped_inner_source"),
+    ("inner-source-in-another-peers-subnet", HA_IP, 8285, "10.201.3.5", CB,
+     "dropped_inner_source"),
+    ("inner-source-in-our-own-subnet", HA_IP, 8285, "10.201.2.7", CB, "dropped_inner_source"),
+    ("inner-source-of-the-peers-underlay", HA_IP, 8285, HA_IP, CB, "dropped_inner_source"),
+    ("inner-destination-our-host", HA_IP, 8285, CA, HB_IP, "dropped_inner_destination"),
+    ("inner-destination-relayed-to-a-peer", HA_IP, 8285, CA, CA, "dropped_inner_destination"),
+    ("inner-destination-outside-the-network", HA_IP, 8285, CA, "192.168.201.1",
+     "dropped_inner_destination"),
+    ("peer-address-but-not-its-port", HA_IP, 40000, CA, CB, "dropped_source_port"),
+    ("unknown-public-ip", STRANGER_IP, 8285, CA, CB, "dropped_unknown_source"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "outer_src,sport,src,dst,counter", [case[1:] for case in SPOOFED], ids=[c[0] for c in SPOOFED]
+)
+def test_spoofed_datagrams_are_dropped_and_counted_by_reason(
+    lab: Lab, outer_src: str, sport: int, src: str, dst: str, counter: str
+) -> None:
+    # Where would the packet land? cB for our container, hB for its own underlay address, cA
+    # (through hB's flannel0 and back over the overlay) for a relay to another peer, hA for an
+    # address outside the Network (hB forwards it on its underlay).
+    landing = {CB: lab.cb, HB_IP: lab.hb, CA: lab.ca, "192.168.201.1": lab.ha}[dst]
+    with_third_peer(lab)
+    listener = udp_listen(landing, dst, 7201, 1.5)
+    try:
+        before = lab.b.counters()
+        text = f"spoofed-{counter}".encode()
+        send_datagrams(lab, outer_src, inner(port=7201, text=text, src=src, dst=dst), sport=sport)
+        wait_drops(lab.b, before, {counter: 1})
+    finally:
+        out = finish(listener)
+        lab.default_peers()
+    assert "spoofed" not in out, out
+
+
+def test_genuine_datagrams_from_each_peer_are_delivered(lab: Lab) -> None:
+    # The control for the spoofed cases: the same crafted datagrams, each within its rules, are
+    # written into flannel0 and reach the container. A spoofer who can send from (or as) a
+    # peer's PublicIP and port gets exactly this far: packets from that peer's subnet to ours.
+    with_third_peer(lab)
+    server = udp_listen(lab.cb, CB, 7202, 2)
+    try:
+        before = lab.b.counters()
+        send_datagrams(lab, HA_IP, inner(port=7202, text=b"genuine-from-a"))
+        send_datagrams(lab, HC_IP, inner(port=7202, text=b"as-c-from-c", src="10.201.3.5"))
+        lab.b.wait_counter("rx_packets", before["rx_packets"] + 2)
+        wait_drops(lab.b, before, {})
+    finally:
+        out = finish(server)
+        lab.default_peers()
+    assert f"got {CA} genuine-from-a" in out
+    assert "got 10.201.3.5 as-c-from-c" in out
+
+
+def test_back_to_back_spoofed_packets_leave_the_genuine_ones_alone(lab: Lab) -> None:
+    # Same-size datagrams from one peer that arrive back to back may come up as one UDP_GRO
+    # batch: each inner packet is judged on its own, whatever its neighbours are.
+    server = udp_listen(lab.cb, CB, 7203, 2)
+    try:
+        before = lab.b.counters()
+        texts = [b"batch-ok-1", b"batch-srcx", b"batch-ok-2", b"batch-dstx", b"batch-ok-3"]
+        send_datagrams(
+            lab, HA_IP,
+            inner(port=7203, text=texts[0]),
+            inner(port=7203, text=texts[1], src="10.201.9.9"),
+            inner(port=7203, text=texts[2]),
+            inner(port=7203, text=texts[3], dst="10.201.1.2"),
+            inner(port=7203, text=texts[4]),
+        )  # fmt: skip
+        wait_drops(lab.b, before, {"dropped_inner_source": 1, "dropped_inner_destination": 1})
+    finally:
+        out = finish(server)
+    assert [t for t in texts if t.decode() in out] == [texts[0], texts[2], texts[4]]
+
+
+SEND_GSO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 8285))
+pkts = [bytes.fromhex(p) for p in sys.argv[3:]]
+s.setsockopt(17, 103, len(pkts[0]))  # UDP_SEGMENT: one sendmsg, one datagram per packet
+s.sendto(b"".join(pkts), (sys.argv[2], 8285))
+"""
+
+
+def test_a_udp_gro_batch_is_judged_packet_by_packet(lab: Lab) -> None:
+    # The second peer's PublicIP (10.201.3.0/24 at HC_IP) on hA for the test's duration: one
+    # UDP_SEGMENT send from HC_IP:8285 crosses the veth as one GSO datagram and hB's rx worker
+    # receives it with one UDP_GRO recvmsg. Inside, packets from the peer's subnet and spoofed
+    # ones alternate; only the former may reach cB.
+    with_third_peer(lab)
+    sh("ip", "-n", lab.ha, "addr", "add", f"{HC_IP}/24", "dev", lab.ua)
+    server = udp_listen(lab.cb, CB, 7205, 2)
+    try:
+        before = lab.b.counters()
+        good = "10.201.3.5"
+        batch = [
+            inner(port=7205, text=b"gro-ok-1", src=good),
+            inner(port=7205, text=b"gro-srcx", src=CA),  # A's subnet through C's address
+            inner(port=7205, text=b"gro-ok-2", src=good),
+            inner(port=7205, text=b"gro-dstx", src=good, dst=CA),  # not our subnet
+            inner(port=7205, text=b"gro-ok-3", src=good),
+            inner(port=7205, text=b"gro-ttl1", src=good, ttl=1),
+        ]
+        res = in_ns(lab.ha, SEND_GSO, HC_IP, HB_IP, *(p.hex() for p in batch))
+        assert res.returncode == 0, res.stderr
+        lab.b.wait_counter("rx_packets", before["rx_packets"] + 3)
+        expected = {"dropped_inner_source": 1, "dropped_inner_destination": 1, "dropped_ttl": 1}
+        wait_drops(lab.b, before, expected)
+        after = lab.b.counters()
+    finally:
+        out = finish(server)
+        sh("ip", "-n", lab.ha, "addr", "del", f"{HC_IP}/24", "dev", lab.ua, check=False)
+        lab.default_peers()
+    assert after["rx_syscalls"] - before["rx_syscalls"] == 1  # the six came in one recvmsg
+    assert after["rx_packets"] - before["rx_packets"] == 3
+    got = [line.split()[2] for line in out.splitlines() if line.startswith("got")]
+    assert got == ["gro-ok-1", "gro-ok-2", "gro-ok-3"]
+
+
+def test_a_new_own_subnet_moves_the_destination_check(lab: Lab) -> None:
+    # The daemon calls start() again when it takes a lease with another subnet: from then on
+    # hB accepts inner destinations in the new subnet only, without restarting the loop.
+    pids = lab.b.pids()
+    server = udp_listen(lab.cb, CB, 7204, 2)
+    try:
+        lab.b.own("10.201.4.0/24")
+        before = lab.b.counters()
+        send_datagrams(lab, HA_IP, inner(port=7204, text=b"to-the-old-subnet"))
+        wait_drops(lab.b, before, {"dropped_inner_destination": 1})
+        send_datagrams(lab, HA_IP, inner(port=7204, text=b"to-the-new-subnet", dst="10.201.4.9"))
+        lab.b.wait_counter("rx_packets", before["rx_packets"] + 1)
+        wait_drops(lab.b, before, {"dropped_inner_destination": 1})
+    finally:
+        out = finish(server)
+        lab.b.own(B_SUB)
+    assert "to-the-old-subnet" not in out
+    _, addrs, _ = flannel0(lab.hb)
+    assert addrs == {"10.201.2.0/32"}
+    assert lab.b.pids() == pids
+    assert tcp_probe(lab.ca, lab.cb, CB, 5017) == f"{CA} 101"
 
 
 def test_ttl_one_is_dropped_both_ways(lab: Lab) -> None:

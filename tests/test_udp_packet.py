@@ -12,9 +12,12 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw, raw
 
 from backends import udp_packet as P
+from backends import udp_worker as W
 from backends.base import BackendError, ExternalInterface
 from backends.udp import UdpBackend
+from overlay.health import HealthServer, Metrics
 from subnetmgr.model import NetworkConfig
+from tests.test_health import http_get
 
 
 def naive_sum(data: bytes) -> int:
@@ -306,3 +309,72 @@ def test_coalesce_can_decrement_the_ttl_once_per_write() -> None:
     _, single = _joined(writes[1])
     assert (merged[8], single[8]) == (62, 4)
     assert valid_ip_checksum(merged[:20]) and valid_ip_checksum(single[:20])
+
+
+def _short_tcp(total: int) -> memoryview:
+    """A sound IPv4 header (check_ipv4 says OK) carrying `total - 20` bytes of a TCP header."""
+    full = raw(IP(src="10.1.1.2", dst="10.1.2.2", ttl=9) / TCP(sport=1, dport=2, flags="A"))
+    pkt = bytearray(full[:total])
+    struct.pack_into("!H", pkt, 2, total)
+    pkt[10:12] = b"\0\0"
+    struct.pack_into("!H", pkt, 10, P.checksum(pkt[:20]))
+    return memoryview(pkt)
+
+
+@pytest.mark.parametrize("total", range(20, 40))
+def test_coalesce_passes_short_tcp_packets_through(total: int) -> None:
+    # Regression: a TCP packet of 20-33 bytes (IP header and a cut TCP header) made coalesce
+    # read past its end (IndexError), so the rx worker lost the whole batch's coalescing and
+    # counted it as malformed. Such packets are sound IPv4 and must pass through unchanged.
+    short = _short_tcp(total)
+    assert P.check_ipv4(short, total, 1472) == P.OK
+    segs = _segments(os.urandom(1400 * 2), 1400)
+    for pkts in ([short], [short, short], [short, *segs], [*segs, short], [segs[0], short]):
+        writes = P.coalesce(pkts)
+        got = [_joined(w) for w in writes]
+        none = (0, 0, 0, 0, 0, 0)
+        if pkts == [short, *segs]:
+            assert got[0] == (none, bytes(short)) and got[1][0][1] == P.VNET_GSO_TCPV4
+        elif pkts == [*segs, short]:
+            assert got[0][0][1] == P.VNET_GSO_TCPV4 and got[1] == (none, bytes(short))
+        else:
+            assert got == [(none, bytes(p)) for p in pkts]
+    # with the TTL decremented once per write, the short packet's too
+    (write,) = P.coalesce([_short_tcp(total)], ttl=True)
+    assert write[1][8] == 8 and valid_ip_checksum(bytes(write[1][:20]))
+
+
+def test_coalesce_merges_tiny_tcp_segments_with_options() -> None:
+    # 1-byte payloads behind a 32-byte TCP header (NOP, NOP, timestamp): still one flow.
+    payload = os.urandom(5)
+    segs = _segments(payload, 1)
+    assert [len(s) for s in segs] == [53] * 5
+    writes = P.coalesce(segs)
+    assert len(writes) == 1
+    vnet, pkt = _joined(writes[0])
+    assert vnet[1:4] == (P.VNET_GSO_TCPV4, 52, 1)
+    assert pkt[52:] == payload
+
+
+async def test_every_udp_counter_reaches_metrics_by_name() -> None:
+    # The daemon publishes UdpBackend.counters as overlay_udp_<name>; the drops by reason must
+    # come out as valid metric names, each one at every scrape (a backend not started reads 0).
+    addr = IPv4Address("192.0.2.1")
+    config = NetworkConfig.from_dict({"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}})
+    backend = UdpBackend(config, ExternalInterface("eth0", 2, addr, addr, 1500))
+    metrics = Metrics()
+    metrics.publish_backend_counters("udp", backend.counters)
+    server = HealthServer(metrics, "127.0.0.1", 0, serve_metrics=True)
+    port = await server.start()
+    try:
+        status, text = await http_get(port, "/metrics")
+    finally:
+        await server.close()
+    assert status == 200
+    lines = text.splitlines()
+    for name in W.COUNTERS:
+        assert f"# TYPE overlay_udp_{name} counter" in lines
+        assert f"overlay_udp_{name} 0" in lines
+    assert {"dropped_source_port", "dropped_inner_source", "dropped_inner_destination"} <= set(
+        W.COUNTERS
+    )
