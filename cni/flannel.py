@@ -866,8 +866,8 @@ class DataDir:
 
     def write(self, path: str, data: bytes) -> None:
         """Write atomically: a temp file in the same dir (0600), then rename over `path`."""
-        name = path.rpartition("/")[2]
-        tmp = path_join(self.path, f"{TMP_PREFIX}{name}.{posix.getpid()}")
+        # Named by our pid alone: "<prefix><containerID>-<ifname>" would not fit 255 bytes.
+        tmp = path_join(self.path, f"{TMP_PREFIX}{posix.getpid()}")
         try:
             flags = posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC
             fd = posix.open(tmp, flags, 0o600)
