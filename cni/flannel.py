@@ -1127,9 +1127,11 @@ class Delegate:
     def _read_cache(self) -> dict[str, Any]:
         if not self.cache_dir:
             return {}
-        try:
-            with open(path_join(self.cache_dir, VERSIONS_CACHE), encoding="utf-8") as f:
-                cache = json_loads(f.read())
+        try:  # a cache: anything wrong with it (even a FIFO or 1 GB) means "ask again"
+            data = read_file(path_join(self.cache_dir, VERSIONS_CACHE), MAX_SAVED_CONF)
+            if data is None or len(data) > MAX_SAVED_CONF:
+                return {}
+            cache = json_loads(data.decode("utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
             return {}
         return cache if isinstance(cache, dict) else {}

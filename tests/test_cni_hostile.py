@@ -532,3 +532,40 @@ def test_any_environment_and_stdin_end_in_the_contract(
         reply = run.reply()
         assert reply["code"] in CNI_CODES, reply
     assert not site.data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        None,  # a FIFO: must not hang
+        b"garbage",
+        b"[" * 5000,
+        b"[1, 2]",
+        b'{"%s": "not an object"}',
+        b'{"%s": {"stat": "x", "versions": [1, null, {}]}}',
+        b'{"%s": {"stat": [1, 2, 3], "versions": "1.0.0"}}',
+        b"\xff" * 100,
+    ],
+)
+def test_a_hostile_delegate_version_cache_is_ignored(site: Site, cache: bytes | None) -> None:
+    """.delegate-versions is a cache: whatever is in it, ADD and DEL work as without it."""
+    name = site.delegate("fake", "printf '%s' '{\"cniVersion\":\"1.0.0\"}'")
+    site.data_dir.mkdir(parents=True)
+    path = site.data_dir / flannel.VERSIONS_CACHE
+    if cache is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(cache.replace(b"%s", str(site.bin / name).encode()))
+    run = site.run(delegate={"type": name})
+    assert run.rc == 0 and run.reply() == {"cniVersion": "1.0.0"}, run.stdout
+    assert_success(site.run("DEL", delegate={"type": name}))
+    assert site.calls() == ["ADD", "DEL"] and site.leftovers() == []
+
+
+def test_check_of_a_saved_conf_with_a_garbled_ipam_is_a_mismatch(site: Site) -> None:
+    name = site.delegate("fake", "exit 0")
+    site.data_dir.mkdir(parents=True)
+    (site.data_dir / "ctr1-eth0").write_text(json.dumps({"type": name, "ipam": "garbled"}))
+    run = site.run("CHECK", cniVersion="1.0.0")
+    assert_error(run, flannel.ERR_CHECK_MISMATCH, "was attached to ranges None")
+    assert site.calls() == []
