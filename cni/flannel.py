@@ -13,6 +13,12 @@ Spec: flannel's CNI plugin (conf fields, subnet.env keys, delegate rules, saved 
 plus the CNI protocol (ADD, DEL, CHECK, VERSION, STATUS, GC; versions 0.3.0 to 1.1.0).
 Differences from flannel: the saved delegate conf is keyed by container ID *and* ifname (the old
 name is still read on DEL); CHECK, STATUS and GC do real work.
+
+The error contract: whatever comes in (environment, stdin, subnet.env, saved confs, delegate
+output), the plugin answers with a result or with CNI error JSON and a non-zero exit, never
+a traceback (main() has a last resort, code 999, that the tests assert is never reached).
+Everything from outside has an explicit limit (MAX_* below). A failed ADD leaves no saved
+conf; DEL of an attachment ADD would refuse succeeds without touching a file.
 """
 
 from __future__ import annotations
@@ -218,6 +224,9 @@ class CNIError(Exception):
 # JSON through the C accelerator
 
 
+_INFINITY = float("inf")
+
+
 def _parse_float(text: str) -> float:
     """A JSON number with a fraction or exponent; one beyond float range (1e400) is refused,
     as Go refuses it, instead of becoming an infinity that cannot be written back as JSON."""
@@ -225,9 +234,6 @@ def _parse_float(text: str) -> float:
     if value in (_INFINITY, -_INFINITY):
         raise ValueError(f"the number {text[:40]} is out of range")
     return value
-
-
-_INFINITY = float("inf")
 
 
 class _DecodeContext:

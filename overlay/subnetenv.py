@@ -38,8 +38,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_SIZE = 64 << 10  # bytes: the plugin's limit too; a real file is about 100 bytes
 MIN_MTU, MAX_MTU = 68, 65535
@@ -108,25 +110,16 @@ class SubnetEnv:
             hint = " (IPv6 only: overlay needs the IPv4 pair)" if only6 else ""
             raise SubnetEnvError(f"{origin}: missing {', '.join(missing)}{hint}")
         bad: list[str] = []
-        parsed: dict[str, object] = {}
-        for key, parse in _VALUE_PARSERS.items():
-            if key in values:
-                try:
-                    parsed[key] = parse(values[key])
-                except ValueError as e:
-                    bad.append(f"{key}: {e}")
-        ipv6_network = parsed.get("FLANNEL_IPV6_NETWORK")
-        ipv6_subnet = parsed.get("FLANNEL_IPV6_SUBNET")
+        network = _value(values, "FLANNEL_NETWORK", parse_ipv4_cidr, bad)
+        subnet = _value(values, "FLANNEL_SUBNET", parse_ipv4_cidr, bad)
+        ipv6_network = _value(values, "FLANNEL_IPV6_NETWORK", parse_ipv6_cidr, bad)
+        ipv6_subnet = _value(values, "FLANNEL_IPV6_SUBNET", parse_ipv6_cidr, bad)
+        mtu = _value(values, "FLANNEL_MTU", parse_mtu, bad)
+        ipmasq = _value(values, "FLANNEL_IPMASQ", parse_bool, bad)
         if not bad and (ipv6_network is None) != (ipv6_subnet is None):
             bad.append("FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET must be given together")
-        if bad:
+        if bad or network is None or subnet is None or mtu is None or ipmasq is None:
             raise SubnetEnvError(f"{origin}: bad values: {'; '.join(bad)}")
-        network, subnet = parsed["FLANNEL_NETWORK"], parsed["FLANNEL_SUBNET"]
-        mtu, ipmasq = parsed["FLANNEL_MTU"], parsed["FLANNEL_IPMASQ"]
-        assert isinstance(network, IPv4Network) and isinstance(subnet, IPv4Network)
-        assert isinstance(mtu, int) and isinstance(ipmasq, bool)
-        assert ipv6_network is None or isinstance(ipv6_network, IPv6Network)
-        assert ipv6_subnet is None or isinstance(ipv6_subnet, IPv6Network)
         return cls(network, subnet, mtu, ipmasq, ipv6_network, ipv6_subnet)
 
     @classmethod
@@ -199,14 +192,17 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{_show(text)} is not true or false")
 
 
-_VALUE_PARSERS: dict[str, Callable[[str], object]] = {
-    "FLANNEL_NETWORK": parse_ipv4_cidr,
-    "FLANNEL_SUBNET": parse_ipv4_cidr,
-    "FLANNEL_IPV6_NETWORK": parse_ipv6_cidr,
-    "FLANNEL_IPV6_SUBNET": parse_ipv6_cidr,
-    "FLANNEL_MTU": parse_mtu,
-    "FLANNEL_IPMASQ": parse_bool,
-}
+def _value(
+    values: dict[str, str], key: str, parse: Callable[[str], _T], bad: list[str]
+) -> _T | None:
+    """values[key] parsed; None when absent, or when bad (then the problem is added to bad)."""
+    if key not in values:
+        return None
+    try:
+        return parse(values[key])
+    except ValueError as e:
+        bad.append(f"{key}: {e}")
+        return None
 
 
 def read_text(path: Path) -> str:
