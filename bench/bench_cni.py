@@ -8,6 +8,8 @@ Variants, interleaved in one run (every round runs each variant once, in a rotat
             install time in <bin>/.flannel/<id>/.
   single    the previous install: cni/flannel.py itself as the plugin, with the same
             interpreter line (a script run directly is compiled on every exec).
+  baseline  with --baseline REV: cni/flannel.py as it was at git revision REV, installed
+            like `flannel` (launcher + bytecode): the same install before a change.
 
 Every call is a real ADD into its own network namespace (a fresh veth on a real bridge, an
 address from host-local) followed by its DEL. The run happens inside a throwaway host namespace,
@@ -18,6 +20,7 @@ so the bridge and any rule die with it. Also printed: interpreter start-up, VERS
     .venv/bin/python bench/bench_cni.py              # N=50 rounds
     .venv/bin/python bench/bench_cni.py --rounds 100 --json
     .venv/bin/python bench/bench_cni.py --realtime   # SCHED_FIFO: less noise on a busy box
+    .venv/bin/python bench/bench_cni.py --baseline main   # this plugin vs main's, side by side
 
 Root only. Not a test: nothing here asserts on speed.
 """
@@ -40,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cni.flannel import build_delegate, json_dumps, parse_conf, parse_subnet_env
-from cni.install import install_cni, plugin_text
+from cni.install import install_cni, install_plugin, plugin_text
 
 REFERENCE = Path("/usr/lib/cni")
 SUBNET_ENV = (
@@ -97,6 +100,9 @@ def inner(args: argparse.Namespace) -> None:
         "flannel": ([str(plugin)], json.dumps(conf).encode()),
         "single": ([str(single)], json.dumps(conf).encode()),
     }
+    baseline = work / "bin-baseline" / "flannel"
+    if baseline.exists():
+        variants["baseline"] = ([str(baseline)], json.dumps(conf).encode())
     names = list(variants)
     times: dict[str, dict[str, list[float]]] = {n: {"ADD": [], "DEL": []} for n in names}
     base_env = {
@@ -121,9 +127,12 @@ def inner(args: argparse.Namespace) -> None:
     # Where the plugin's own time goes.
     interp = plugin.read_text().splitlines()[0][2:].split()
     startup = [timed_exec([*interp, "-c", "pass"], base_env, b"") for _ in range(args.rounds)]
-    version: dict[str, list[float]] = {"flannel": [], "single": []}
+    installs = [("flannel", plugin), ("single", single)]
+    if baseline.exists():
+        installs.append(("baseline", baseline))
+    version: dict[str, list[float]] = {name: [] for name, _ in installs}
     for _ in range(args.rounds):
-        for name, exe in (("flannel", plugin), ("single", single)):
+        for name, exe in installs:
             env = dict(base_env, CNI_COMMAND="VERSION")
             version[name].append(timed_exec([str(exe)], env, b"{}"))
     profile = subprocess.run(
@@ -182,7 +191,7 @@ def summarize(report: dict[str, Any]) -> str:
             f"{add50 / bare_add:15.2f}x "
             f"{add50 - bare_add:+8.1f} /{del50 - bare_del:+6.1f} ms"
         )
-    for name in ("flannel", "single"):
+    for name in [n for n in ("flannel", "single", "baseline") if n in times]:
         add = statistics.median(times[name]["ADD"])
         dele = statistics.median(times[name]["DEL"])
         lines.append(
@@ -190,6 +199,16 @@ def summarize(report: dict[str, Any]) -> str:
             f"{dele - bare_del:.1f} ms to the DEL median"
         )
     version = report["version_ms"]
+    if "baseline" in times:
+        ratios = []
+        for command in ("ADD", "DEL"):
+            now = statistics.median(times["flannel"][command])
+            before = statistics.median(times["baseline"][command])
+            ratios.append(f"{command} p50 {now:.1f} / {before:.1f} ms = {now / before:.3f}x")
+        now_v = statistics.median(version["flannel"])
+        before_v = statistics.median(version["baseline"])
+        ratios.append(f"VERSION p50 {now_v:.1f} / {before_v:.1f} ms = {now_v / before_v:.3f}x")
+        lines.append(f"flannel vs baseline ({report['baseline']}): " + "; ".join(ratios))
     lines.append(
         f"interpreter start-up ({report['interpreter']} -c pass): "
         f"p50 {statistics.median(report['startup_ms']):.1f} ms "
@@ -218,6 +237,11 @@ def main() -> int:
         help="run the timed part under SCHED_FIFO (chrt) to keep other load on a busy machine "
         "from dominating the figures",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time cni/flannel.py as of this git revision, installed the same way",
+    )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--namespaces", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -243,6 +267,11 @@ def main() -> int:
         single.parent.mkdir()
         single.write_text(plugin_text(installed.interpreter))  # the old one-file install
         single.chmod(0o755)
+        if args.baseline:
+            repo = Path(__file__).resolve().parent.parent
+            source = sh("git", "-C", str(repo), "show", f"{args.baseline}:cni/flannel.py")
+            (work / "bin-baseline").mkdir()
+            install_plugin(work / "bin-baseline", installed.interpreter, source)
         (work / "subnet.env").write_text(SUBNET_ENV)
         for ns in [host, *spaces]:
             sh("ip", "netns", "add", ns)
@@ -259,6 +288,7 @@ def main() -> int:
         )  # fmt: skip
         report = json.loads(out)
         report["load_before"] = load_before
+        report["baseline"] = args.baseline
         report["load_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         print(summarize(report))
         if args.json:

@@ -224,7 +224,7 @@ async def cold_start(lab: ColdStartLab, n: int, poll: float, settle: float) -> d
         if bad:  # a start that went wrong is no figure
             raise RuntimeError(f"{ns}: overlayd logged errors:\n" + "\n".join(bad[:10]))
         env = SubnetEnv.read(lab.subnet_file(node.index))
-        node.subnet = str(env.subnet.network)  # so that remove_node deletes its lease
+        node.subnet = str(env.subnet)  # so that remove_node deletes its lease
         lab.save()
         return {
             "total_s": round(elapsed, 3),

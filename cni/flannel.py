@@ -13,6 +13,12 @@ Spec: flannel's CNI plugin (conf fields, subnet.env keys, delegate rules, saved 
 plus the CNI protocol (ADD, DEL, CHECK, VERSION, STATUS, GC; versions 0.3.0 to 1.1.0).
 Differences from flannel: the saved delegate conf is keyed by container ID *and* ifname (the old
 name is still read on DEL); CHECK, STATUS and GC do real work.
+
+The error contract: whatever comes in (environment, stdin, subnet.env, saved confs, delegate
+output), the plugin answers with a result or with CNI error JSON and a non-zero exit, never
+a traceback (main() has a last resort, code 999, that the tests assert is never reached).
+Everything from outside has an explicit limit (MAX_* below). A failed ADD leaves no saved
+conf; DEL of an attachment ADD would refuse succeeds without touching a file.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ import sys
 
 TYPE_CHECKING = False  # `import typing` alone costs ~10 ms of start-up: only for type checkers
 if TYPE_CHECKING:
-    from typing import IO, Any
+    from typing import Any, Protocol
+
+    class Output(Protocol):
+        """Where the reply goes: stdout (a file descriptor), or a BytesIO in tests."""
+
+        def write(self, data: bytes, /) -> int: ...
+        def flush(self) -> None: ...
+
 
 try:  # the C accelerator: no `re`, no `enum`; plain `json` where it is missing
     import _json
@@ -44,6 +57,16 @@ ATTACHMENT_KEY = "overlay.attachment"  # kept in the saved file only, never sent
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 VERSIONS_CACHE = ".delegate-versions"  # in dataDir: what each delegate binary speaks
 
+# Limits on what comes from outside (explicit, so that no input can exhaust memory or the stack).
+MAX_STDIN = 1 << 20  # bytes of network configuration on stdin
+MAX_JSON_DEPTH = 64  # nesting of JSON arrays/objects (stdin, saved confs, delegate output)
+MAX_SUBNET_ENV = 64 << 10  # bytes of subnet.env
+MAX_SAVED_CONF = 2 << 20  # bytes of one saved delegate conf (built from stdin + subnet.env)
+MAX_DELEGATE_OUTPUT = 1 << 20  # bytes a delegate may print on stdout
+MAX_CONTAINER_ID = 239  # so that "<containerID>-<ifname>" fits a 255-byte file name
+MAX_PATH = 4095  # subnetFile, dataDir (PATH_MAX - 1)
+SHOW = 120  # characters of an outside value quoted in an error message
+
 # CNI error codes (spec) and this plugin's own (100+).
 ERR_INCOMPATIBLE_VERSION = 1
 ERR_UNSUPPORTED_FIELD = 2
@@ -59,6 +82,7 @@ ERR_SUBNET_ENV = 100  # subnet.env exists but is unusable (missing keys, garbled
 ERR_DELEGATE_NOT_FOUND = 101  # the delegate plugin is not in CNI_PATH
 ERR_DELEGATE_FAILED = 102  # the delegate crashed, timed out or printed no CNI JSON
 ERR_CHECK_MISMATCH = 103  # CHECK: the attachment no longer matches subnet.env
+ERR_INTERNAL = 999  # the last resort: a bug in this plugin (never expected; tests assert it)
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _BOOL_WORDS = {
@@ -93,24 +117,88 @@ def is_file(path: str) -> bool:
 
 
 def make_dirs(path: str, mode: int) -> None:
-    """os.makedirs(path, mode, exist_ok=True) without `os`; parents get 0o777 (umask applies)."""
-    try:
-        posix.mkdir(path, mode)
-        return
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        parent = path.rstrip("/").rpartition("/")[0]
-        if not parent:
-            raise
-        make_dirs(parent, 0o777)
+    """os.makedirs(path, mode, exist_ok=True) without `os`; parents get 0o777 (umask applies).
+
+    A loop, not recursion: a path of thousands of components cannot exhaust the stack.
+    """
+    missing = []
+    current = path
+    while True:
         try:
-            posix.mkdir(path, mode)
-            return
+            posix.mkdir(current, mode if current == path else 0o777)
+            break
         except FileExistsError:
-            pass
-    if posix.stat(path).st_mode & 0o170000 != 0o040000:
-        raise FileExistsError(f"{path} exists and is not a directory")
+            if posix.stat(current).st_mode & 0o170000 != 0o040000:
+                raise FileExistsError(f"{current} exists and is not a directory") from None
+            break
+        except FileNotFoundError:
+            parent = current.rstrip("/").rpartition("/")[0]
+            if not parent:
+                raise
+            missing.append(current)
+            current = parent
+    for directory in reversed(missing):
+        try:
+            posix.mkdir(directory, mode if directory == path else 0o777)
+        except FileExistsError:
+            if posix.stat(directory).st_mode & 0o170000 != 0o040000:
+                raise FileExistsError(f"{directory} exists and is not a directory") from None
+
+
+def show(value: object) -> str:
+    """repr() of an outside value for a message, cut to SHOW characters (any length comes in)."""
+    text = repr(value)
+    if len(text) <= SHOW:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes, list)) else "cut"
+    return f"{text[:SHOW]}... ({size})"
+
+
+def cut(text: str) -> str:
+    """A message from elsewhere (an exception, a delegate), cut to 2 * SHOW characters."""
+    return text if len(text) <= 2 * SHOW else f"{text[: 2 * SHOW]}..."
+
+
+def read_file(path: str, limit: int) -> bytes | None:
+    """Up to `limit` + 1 bytes of the regular file at `path` (more means: too large); None
+    when it does not exist. OSError when it cannot be read or is not a regular file: opened
+    non-blocking, so that a FIFO or a device cannot hang the plugin."""
+    flags = posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK
+    try:
+        fd = posix.open(path, flags)
+    except FileNotFoundError:
+        return None
+    try:
+        if posix.fstat(fd).st_mode & 0o170000 != 0o100000:
+            raise OSError(22, "not a regular file")
+        chunks = []
+        size = 0
+        while size <= limit:
+            chunk = posix.read(fd, min(limit + 1 - size, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        posix.close(fd)
+
+
+class FdOutput:
+    """The reply written straight to a file descriptor (no `sys.stdout` buffering to flush at
+    exit, no error when the runtime closed the pipe: the caller sees OSError)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[posix.write(self.fd, view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def process_environ() -> dict[str, str]:
@@ -136,26 +224,50 @@ class CNIError(Exception):
 # JSON through the C accelerator
 
 
+_INFINITY = float("inf")
+
+
+def _parse_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; one beyond float range (1e400) is refused,
+    as Go refuses it, instead of becoming an infinity that cannot be written back as JSON."""
+    value = float(text)
+    if value in (_INFINITY, -_INFINITY):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 class _DecodeContext:
     """The attributes `_json.make_scanner` reads; NaN/Infinity are not JSON and are refused."""
 
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
-    parse_int = int
+    parse_float = staticmethod(_parse_float)
+    parse_int = int  # more than 4300 digits: ValueError from int() itself
 
     @staticmethod
     def parse_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
 
-def json_loads(text: str) -> Any:
-    """Parse one JSON document; ValueError on anything else."""
+def json_loads(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse one JSON document nested at most `max_depth` deep; ValueError on anything else."""
+    try:
+        value = _scan_json(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
+    if text.count("[") + text.count("{") > max_depth:  # else it cannot be that deep
+        _check_depth(value, max_depth)
+    return value
+
+
+def _scan_json(text: str) -> Any:
     if not _C_JSON:  # pragma: no cover
         import json
 
-        return json.loads(text)
+        return json.loads(
+            text, parse_float=_parse_float, parse_constant=_DecodeContext.parse_constant
+        )
     ws = " \t\n\r"
     start = len(text) - len(text.lstrip(ws))
     scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]
@@ -168,10 +280,27 @@ def json_loads(text: str) -> Any:
         # on bad input, let the full json package produce the error message.
         import json
 
-        return json.loads(text)
+        return json.loads(
+            text, parse_float=_parse_float, parse_constant=_DecodeContext.parse_constant
+        )
     if text[end:].strip(ws):
         raise ValueError(f"extra data after the JSON value at character {end}")
     return value
+
+
+def _check_depth(value: Any, max_depth: int) -> None:
+    """ValueError when arrays/objects in `value` nest deeper than `max_depth` (a loop)."""
+    level = [value]  # after k rounds: the arrays/objects at depth k + 1
+    for _ in range(max_depth):
+        inner: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            if isinstance(item, (dict, list)):
+                inner.extend(c for c in children if isinstance(c, (dict, list)))
+        if not inner:
+            return
+        level = inner
+    raise ValueError(f"JSON nested deeper than {max_depth} levels")
 
 
 def json_dumps(value: Any) -> str:
@@ -188,6 +317,16 @@ def json_dumps(value: Any) -> str:
     if "<" in text or ">" in text or "&" in text:
         text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return text
+
+
+def json_bytes(value: Any) -> bytes:
+    """json_dumps as UTF-8. A lone surrogate (a "\\ud800" escape in the input) cannot be
+    UTF-8: it becomes U+FFFD, as Go's encoder writes invalid text."""
+    text = json_dumps(value)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text).encode()
 
 
 def _unserialisable(value: Any) -> Any:
@@ -220,7 +359,9 @@ def check_ifname(ifname: str) -> None:
     problem = ""
     if not ifname:
         problem = "it is empty"
-    elif len(ifname.encode()) > 15:
+    elif any("\ud800" <= c <= "\udfff" for c in ifname):
+        problem = "it is not valid UTF-8"  # undecodable bytes, kept by surrogateescape
+    elif len(ifname) > 15 or len(ifname.encode()) > 15:
         problem = "it is longer than 15 bytes"
     elif ifname in (".", ".."):
         problem = "it is . or .."
@@ -229,7 +370,7 @@ def check_ifname(ifname: str) -> None:
     if problem:
         raise CNIError(
             ERR_INVALID_ENV,
-            f"invalid CNI_IFNAME {ifname!r}: {problem}",
+            f"invalid CNI_IFNAME {show(ifname)}: {problem}",
             "use a kernel interface name of 1-15 characters without '/', ':' or whitespace",
         )
 
@@ -239,19 +380,23 @@ def parse_ipv4_cidr(text: str) -> tuple[int, int]:
     addr, slash, plen = text.partition("/")
     parts = addr.split(".")
     if not slash or len(parts) != 4 or not plen.isdigit() or not plen.isascii():
-        raise ValueError(f"{text!r} is not an IPv4 CIDR like 10.1.0.0/16")
+        raise ValueError(f"{show(text)} is not an IPv4 CIDR like 10.1.0.0/16")
     value = 0
     for part in parts:
-        if not part.isdigit() or not part.isascii() or (len(part) > 1 and part[0] == "0"):
-            raise ValueError(f"{text!r} is not an IPv4 CIDR like 10.1.0.0/16")
+        if (
+            not part.isdigit()
+            or not part.isascii()
+            or len(part) > 3
+            or (len(part) > 1 and part[0] == "0")
+        ):
+            raise ValueError(f"{show(text)} is not an IPv4 CIDR like 10.1.0.0/16")
         octet = int(part)
         if octet > 255:
-            raise ValueError(f"{text!r} is not an IPv4 CIDR: octet {octet} > 255")
+            raise ValueError(f"{show(text)} is not an IPv4 CIDR: octet {octet} > 255")
         value = value << 8 | octet
-    prefix = int(plen)
-    if prefix > 32 or (len(plen) > 1 and plen[0] == "0"):
-        raise ValueError(f"{text!r} is not an IPv4 CIDR: bad prefix length {plen!r}")
-    return value, prefix
+    if len(plen) > 2 or int(plen) > 32 or (len(plen) > 1 and plen[0] == "0"):
+        raise ValueError(f"{show(text)} is not an IPv4 CIDR: bad prefix length {show(plen)}")
+    return value, int(plen)
 
 
 def ipv4_network(text: str) -> str:
@@ -270,7 +415,7 @@ def ipv6_network(text: str) -> str:
     try:
         return str(ipaddress.IPv6Network(text, strict=False))
     except ValueError:
-        raise ValueError(f"{text!r} is not an IPv6 CIDR like fd00:1::/56") from None
+        raise ValueError(f"{show(text)} is not an IPv6 CIDR like fd00:1::/56") from None
 
 
 def ipv4_in(address: str, network: str) -> bool:
@@ -316,7 +461,7 @@ def parse_subnet_env(text: str, path: str = "subnet.env") -> SubnetEnv:
         if not eq:
             raise CNIError(
                 ERR_SUBNET_ENV,
-                f"{path}: line {raw!r} is not KEY=VALUE",
+                f"{path}: line {show(raw)} is not KEY=VALUE",
                 "the file is written by overlayd/flanneld; restart it to rewrite the file",
             )
         values[key.strip()] = value.strip()
@@ -349,12 +494,14 @@ def parse_subnet_env(text: str, path: str = "subnet.env") -> SubnetEnv:
             except ValueError as e:
                 bad.append(f"{key}: {e}")
     mtu_text = values["FLANNEL_MTU"]
-    mtu = int(mtu_text) if mtu_text.isdigit() and mtu_text.isascii() else 0
+    # At most 5 digits: int() of thousands of digits is slow, and refused beyond 4300.
+    ok = mtu_text.isdigit() and mtu_text.isascii() and len(mtu_text) <= 5
+    mtu = int(mtu_text) if ok else 0
     if not 68 <= mtu <= 65535:
-        bad.append(f"FLANNEL_MTU: {mtu_text!r} is not an MTU between 68 and 65535")
+        bad.append(f"FLANNEL_MTU: {show(mtu_text)} is not an MTU between 68 and 65535")
     ipmasq = _BOOL_WORDS.get(values["FLANNEL_IPMASQ"])
     if ipmasq is None:
-        bad.append(f"FLANNEL_IPMASQ: {values['FLANNEL_IPMASQ']!r} is not true or false")
+        bad.append(f"FLANNEL_IPMASQ: {show(values['FLANNEL_IPMASQ'])} is not true or false")
     if (parsed["FLANNEL_SUBNET"] is None) != (parsed["FLANNEL_NETWORK"] is None) and not bad:
         bad.append("FLANNEL_NETWORK and FLANNEL_SUBNET must be given together")
     if (parsed["FLANNEL_IPV6_SUBNET"] is None) != (parsed["FLANNEL_IPV6_NETWORK"] is None):
@@ -377,17 +524,25 @@ def parse_subnet_env(text: str, path: str = "subnet.env") -> SubnetEnv:
 
 
 def load_subnet_env(path: str, missing_code: int = ERR_TRY_AGAIN_LATER) -> SubnetEnv:
+    """Read and parse subnet.env: code `missing_code` when it is absent, 5 when it cannot be
+    read (or is not a regular file), 100 when it is unusable (too large, not UTF-8, bad)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
+        data = read_file(path, MAX_SUBNET_ENV)
+    except OSError as e:
+        raise CNIError(ERR_IO, f"cannot read {path}: {e.strerror or e}") from None
+    if data is None:
         raise CNIError(
             missing_code,
             f"{path} does not exist",
             "overlayd/flanneld writes it once it holds a subnet lease: check that it runs",
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CNIError(ERR_IO, f"cannot read {path}: {e}") from None
+        )
+    hint = "the file is written by overlayd/flanneld; restart it to rewrite the file"
+    if len(data) > MAX_SUBNET_ENV:
+        raise CNIError(ERR_SUBNET_ENV, f"{path} is larger than {MAX_SUBNET_ENV} bytes", hint)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CNIError(ERR_SUBNET_ENV, f"{path} is not UTF-8 text: {e}", hint) from None
     return parse_subnet_env(text, path)
 
 
@@ -415,12 +570,17 @@ def _conf_error(msg: str, details: str = "") -> CNIError:
 
 def parse_conf(data: bytes | str, command: str = "ADD") -> NetConf:
     """Decode and validate the network configuration; CNIError(6/1/7) on bad input."""
+    if len(data) > MAX_STDIN:
+        raise CNIError(
+            ERR_DECODE,
+            f"the network configuration on stdin is larger than {MAX_STDIN} bytes",
+        )
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         raw = json_loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise CNIError(
-            ERR_DECODE, f"cannot decode the network configuration on stdin: {e}"
+            ERR_DECODE, f"cannot decode the network configuration on stdin: {cut(str(e))}"
         ) from None
     if not isinstance(raw, dict):
         raise CNIError(ERR_DECODE, "the network configuration on stdin must be a JSON object")
@@ -428,7 +588,7 @@ def parse_conf(data: bytes | str, command: str = "ADD") -> NetConf:
     if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
         raise CNIError(
             ERR_INCOMPATIBLE_VERSION,
-            f"incompatible CNI version {version!r}",
+            f"incompatible CNI version {show(version)}",
             f"set cniVersion to one of {', '.join(SUPPORTED_VERSIONS)}",
         )
     vt = version_tuple(version)
@@ -445,17 +605,25 @@ def parse_conf(data: bytes | str, command: str = "ADD") -> NetConf:
     name = raw.get("name")
     if not isinstance(name, str) or not valid_name(name):
         raise _conf_error(
-            f"invalid network name {name!r}",
+            f"invalid network name {show(name)}",
             "name must match ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$, e.g. cbr0",
         )
     for key in ("subnetFile", "dataDir"):
         value = raw.get(key)
-        if value is not None and (not isinstance(value, str) or not value.startswith("/")):
-            raise _conf_error(f"invalid {key} {value!r}", f"{key} must be an absolute path")
+        if value is not None and (
+            not isinstance(value, str)
+            or not value.startswith("/")
+            or "\x00" in value
+            or len(value) > MAX_PATH
+        ):
+            raise _conf_error(
+                f"invalid {key} {show(value)}",
+                f"{key} must be an absolute path of at most {MAX_PATH} characters",
+            )
     for key in ("delegate", "ipam"):
         value = raw.get(key)
         if value is not None and not isinstance(value, dict):
-            raise _conf_error(f"invalid {key} {value!r}", f"{key} must be a JSON object")
+            raise _conf_error(f"invalid {key} {show(value)}", f"{key} must be a JSON object")
     delegate = raw.get("delegate") or {}
     if "name" in delegate or "ipam" in delegate:
         raise _conf_error(
@@ -466,12 +634,14 @@ def parse_conf(data: bytes | str, command: str = "ADD") -> NetConf:
         dtype = delegate["type"]
         if not isinstance(dtype, str) or not valid_name(dtype):
             raise _conf_error(
-                f"invalid delegate type {dtype!r}",
+                f"invalid delegate type {show(dtype)}",
                 "delegate.type must be a plugin name such as bridge, found in CNI_PATH",
             )
     ipam = raw.get("ipam") or {}
     if "type" in ipam and (not isinstance(ipam["type"], str) or not valid_name(ipam["type"])):
-        raise _conf_error(f"invalid ipam type {ipam['type']!r}", "ipam.type must be a plugin name")
+        raise _conf_error(
+            f"invalid ipam type {show(ipam['type'])}", "ipam.type must be a plugin name"
+        )
     for key in ("subnet", "ranges", "rangeStart", "rangeEnd"):
         if key in ipam:
             raise _conf_error(
@@ -484,7 +654,7 @@ def parse_conf(data: bytes | str, command: str = "ADD") -> NetConf:
             isinstance(r, dict) and isinstance(r.get("dst"), str) for r in routes
         ):
             raise _conf_error(
-                f"invalid ipam.routes {routes!r}",
+                f"invalid ipam.routes {show(routes)}",
                 'ipam.routes must be a list of objects like {"dst": "192.168.0.0/16"}',
             )
     return NetConf(raw)
@@ -583,7 +753,7 @@ class Args:
         self.netns = environ.get("CNI_NETNS", "")
         self.ifname = environ.get("CNI_IFNAME", "")
         self.path = [p for p in environ.get("CNI_PATH", "").split(":") if p]
-        self.cni_args = parse_cni_args(environ.get("CNI_ARGS", ""))
+        self.cni_args: list[tuple[str, str]] = []  # filled in by check_args
 
 
 def parse_cni_args(text: str) -> list[tuple[str, str]]:
@@ -596,29 +766,48 @@ def parse_cni_args(text: str) -> list[tuple[str, str]]:
         if not eq or not key:
             raise CNIError(
                 ERR_INVALID_ENV,
-                f"invalid CNI_ARGS item {item!r} in {text!r}",
+                f"invalid CNI_ARGS item {show(item)} in {show(text)}",
                 "CNI_ARGS must be KEY=VALUE pairs separated by ';'",
             )
         pairs.append((key, value))
     return pairs
 
 
+def check_attachment(args: Args) -> None:
+    """CNI_CONTAINERID and CNI_IFNAME name the saved conf file: CNIError(4) unless both are
+    names ADD accepts (so no path traversal, and the file name fits in 255 bytes)."""
+    cid = args.container_id
+    if not cid:
+        raise CNIError(ERR_INVALID_ENV, "CNI_CONTAINERID is not set")
+    if not valid_name(cid):
+        raise CNIError(
+            ERR_INVALID_ENV,
+            f"invalid CNI_CONTAINERID {show(cid)}",
+            "a container ID must match ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$",
+        )
+    if len(cid) > MAX_CONTAINER_ID:
+        raise CNIError(
+            ERR_INVALID_ENV,
+            f"invalid CNI_CONTAINERID {show(cid)}: longer than {MAX_CONTAINER_ID} characters",
+            "the saved delegate conf is named <containerID>-<ifname>, at most 255 bytes",
+        )
+    check_ifname(args.ifname)
+
+
 def check_args(args: Args) -> None:
-    """Validate what the command needs from the environment, before any file is touched."""
-    if args.command in ("ADD", "DEL", "CHECK"):
-        cid = args.container_id
-        if not cid:
-            raise CNIError(ERR_INVALID_ENV, "CNI_CONTAINERID is not set")
-        if not valid_name(cid):
-            raise CNIError(
-                ERR_INVALID_ENV,
-                f"invalid CNI_CONTAINERID {cid!r}",
-                "a container ID must match ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$",
-            )
-        check_ifname(args.ifname)
-        if args.command != "DEL" and not args.netns:
+    """Validate what ADD, CHECK, STATUS and GC need from the environment, before any file is
+    touched. DEL is lenient: cmd_del checks what it needs itself (see there)."""
+    if args.command in ("ADD", "CHECK"):
+        check_attachment(args)
+        if not args.netns:
             raise CNIError(ERR_INVALID_ENV, f"CNI_NETNS is not set for {args.command}")
-    if args.command != "VERSION" and not args.path:
+    if args.command != "DEL":
+        args.cni_args = parse_cni_args(args.environ.get("CNI_ARGS", ""))
+        require_path(args)
+
+
+def require_path(args: Args) -> None:
+    if not args.path:
         raise CNIError(
             ERR_INVALID_ENV, "CNI_PATH is not set", "set it to the CNI plugin dirs, ':'-separated"
         )
@@ -645,10 +834,11 @@ class DataDir:
         import time
 
         path = path_join(self.path, LOCK_NAME)
+        flags = posix.O_RDWR | posix.O_CLOEXEC | posix.O_CREAT | posix.O_NOFOLLOW
         try:
-            fd = posix.open(path, posix.O_RDWR | posix.O_CLOEXEC | posix.O_CREAT, 0o600)
-        except FileNotFoundError:
-            return False  # the dataDir itself is missing
+            fd = posix.open(path, flags, 0o600)
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # the dataDir itself is missing (or a file): nothing is saved there
         except OSError as e:
             raise CNIError(ERR_IO, f"cannot open {path}: {e}") from None
         op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
@@ -680,15 +870,15 @@ class DataDir:
         """Where flannel keeps it: by container ID alone."""
         return path_join(self.path, container_id)
 
-    def write(self, path: str, text: str) -> None:
+    def write(self, path: str, data: bytes) -> None:
         """Write atomically: a temp file in the same dir (0600), then rename over `path`."""
-        name = path.rpartition("/")[2]
-        tmp = path_join(self.path, f"{TMP_PREFIX}{name}.{posix.getpid()}")
+        # Named by our pid alone: "<prefix><containerID>-<ifname>" would not fit 255 bytes.
+        tmp = path_join(self.path, f"{TMP_PREFIX}{posix.getpid()}")
         try:
             flags = posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC
             fd = posix.open(tmp, flags, 0o600)
             try:
-                posix.write(fd, text.encode())
+                FdOutput(fd).write(data)
             finally:
                 posix.close(fd)
             posix.rename(tmp, path)
@@ -701,23 +891,35 @@ class DataDir:
 
     def read(self, path: str) -> dict[str, Any] | None:
         """The saved conf at `path`; None when there is none."""
+        hint = "delete the file by hand after cleaning up the container's network"
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
+            data = read_file(path, MAX_SAVED_CONF)
+        except OSError as e:
+            raise CNIError(
+                ERR_IO, f"cannot read the saved delegate conf {path}: {e.strerror or e}", hint
+            ) from None
+        if data is None:
             return None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CNIError(ERR_IO, f"cannot read the saved delegate conf {path}: {e}") from None
-        try:
-            conf = json_loads(text)
-        except ValueError as e:
+        if len(data) > MAX_SAVED_CONF:
             raise CNIError(
                 ERR_DECODE,
-                f"the saved delegate conf {path} is not JSON: {e}",
-                "delete the file by hand after cleaning up the container's network",
+                f"the saved delegate conf {path} is larger than {MAX_SAVED_CONF} bytes",
+                hint,
+            )
+        try:
+            conf = json_loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CNIError(
+                ERR_DECODE, f"the saved delegate conf {path} is not JSON: {cut(str(e))}", hint
             ) from None
         if not isinstance(conf, dict) or not isinstance(conf.get("type"), str):
-            raise CNIError(ERR_DECODE, f"the saved delegate conf {path} has no plugin type")
+            raise CNIError(ERR_DECODE, f"the saved delegate conf {path} has no plugin type", hint)
+        if not valid_name(conf["type"]):
+            raise CNIError(
+                ERR_DECODE,
+                f"the saved delegate conf {path} names no plugin: type {show(conf['type'])}",
+                hint,
+            )
         return conf
 
     def remove(self, path: str) -> None:
@@ -761,10 +963,23 @@ def find_plugin(name: str, path: list[str]) -> str:
     )
 
 
+class SpawnError(CNIError):
+    """The delegate could not be started at all (so it cannot have done anything)."""
+
+
 def exec_plugin(
-    exe: str, stdin: bytes, environ: dict[str, str], timeout: float = DELEGATE_TIMEOUT
+    exe: str,
+    stdin: bytes,
+    environ: dict[str, str],
+    timeout: float = DELEGATE_TIMEOUT,
+    limit: int = MAX_DELEGATE_OUTPUT,
 ) -> tuple[int, bytes]:
-    """Run a plugin: conf on stdin, our stderr passed through. Returns (exit status, stdout)."""
+    """Run a plugin: conf on stdin, our stderr passed through. Returns (exit status, stdout).
+
+    stdin is fed and stdout read in one poll loop, so a delegate that does not read its stdin
+    cannot block us; more than `limit` bytes of output, or no exit within `timeout`, and the
+    delegate is killed (CNIError 102 / 11).
+    """
     import select
     import time
 
@@ -777,48 +992,80 @@ def exec_plugin(
             environ,
             file_actions=[(posix.POSIX_SPAWN_DUP2, in_r, 0), (posix.POSIX_SPAWN_DUP2, out_w, 1)],
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:
         for fd in (in_r, in_w, out_r, out_w):
             posix.close(fd)
-        raise CNIError(ERR_DELEGATE_FAILED, f"cannot run {exe}: {e}") from None
+        raise SpawnError(ERR_DELEGATE_FAILED, f"cannot run {exe}: {e}") from None
     posix.close(in_r)
     posix.close(out_w)
-    try:
-        posix.write(in_w, stdin)  # confs are far below the pipe buffer
-    except BrokenPipeError:
-        pass
-    finally:
-        posix.close(in_w)
+    posix.set_blocking(in_w, False)
+    pending = memoryview(stdin)
     deadline = time.monotonic() + timeout
     chunks = []
+    size = 0
     poller = select.poll()
     poller.register(out_r, select.POLLIN)
-    timed_out = False
+    poller.register(in_w, select.POLLOUT)
+    problem = ""
     try:
-        while True:
+        while in_w >= 0 or out_r >= 0:
             left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
-                timed_out = True
+            events = poller.poll(left * 1000) if left > 0 else []
+            if not events:
+                problem = "timeout"
                 break
-            chunk = posix.read(out_r, 65536)
-            if not chunk:
+            for fd, _ in events:
+                if fd == in_w:
+                    try:
+                        pending = pending[posix.write(in_w, pending[: 1 << 16]) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # it closed its stdin (EPIPE): it has all it wants
+                        pending = pending[:0]
+                    if not pending:
+                        poller.unregister(in_w)
+                        posix.close(in_w)
+                        in_w = -1
+                elif fd == out_r:
+                    chunk = posix.read(out_r, 1 << 16)
+                    if chunk:
+                        chunks.append(chunk)
+                        size += len(chunk)
+                    if size > limit:
+                        problem = "too much output"
+                        break
+                    if not chunk:  # EOF: whatever is left unread on stdin, it will not read
+                        poller.unregister(out_r)
+                        posix.close(out_r)
+                        out_r = -1
+                        if in_w >= 0:
+                            poller.unregister(in_w)
+                            posix.close(in_w)
+                            in_w = -1
+            if problem:
                 break
-            chunks.append(chunk)
     finally:
-        posix.close(out_r)
-    while not timed_out:
+        for fd in (in_w, out_r):
+            if fd >= 0:
+                posix.close(fd)
+    while not problem:
         done, status = posix.waitpid(pid, posix.WNOHANG)
         if done:
             return posix.waitstatus_to_exitcode(status), b"".join(chunks)
         left = deadline - time.monotonic()
         if left <= 0:
-            timed_out = True
+            problem = "timeout"
         else:
             _wait_exit(pid, left)
     posix.kill(pid, 9)
     posix.waitpid(pid, 0)
+    if problem == "timeout":
+        raise CNIError(
+            ERR_TRY_AGAIN_LATER,
+            f"plugin {exe} did not finish within {timeout:.0f} s and was killed",
+        )
     raise CNIError(
-        ERR_TRY_AGAIN_LATER, f"plugin {exe} did not finish within {timeout:.0f} s and was killed"
+        ERR_DELEGATE_FAILED, f"plugin {exe} printed more than {limit} bytes and was killed"
     )
 
 
@@ -856,6 +1103,7 @@ class Delegate:
         self.conf = conf
         self.exe = find_plugin(str(conf["type"]), args.path)
         self.cache_dir = cache_dir
+        self.ran = False  # whether a command (not VERSION) was exec'd: it may have done work
 
     def supported_versions(self, fresh: bool = False) -> list[str]:
         if not fresh:
@@ -885,9 +1133,11 @@ class Delegate:
     def _read_cache(self) -> dict[str, Any]:
         if not self.cache_dir:
             return {}
-        try:
-            with open(path_join(self.cache_dir, VERSIONS_CACHE), encoding="utf-8") as f:
-                cache = json_loads(f.read())
+        try:  # a cache: anything wrong with it (even a FIFO or 1 GB) means "ask again"
+            data = read_file(path_join(self.cache_dir, VERSIONS_CACHE), MAX_SAVED_CONF)
+            if data is None or len(data) > MAX_SAVED_CONF:
+                return {}
+            cache = json_loads(data.decode("utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
             return {}
         return cache if isinstance(cache, dict) else {}
@@ -914,7 +1164,7 @@ class Delegate:
             flags = posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC
             fd = posix.open(tmp, flags, 0o600)
             try:
-                posix.write(fd, json_dumps(cache).encode())
+                FdOutput(fd).write(json_bytes(cache))
             finally:
                 posix.close(fd)
             posix.rename(tmp, path)
@@ -951,7 +1201,7 @@ class Delegate:
             use = self._newest_older(known, want)
             if use:
                 conf = self._at_version(use)
-        status, out = exec_plugin(self.exe, json_dumps(conf).encode(), env)
+        status, out = self._exec(json_bytes(conf), env)
         if status != 0:
             error = self._error(out, command, status)
             if error.get("code") != ERR_INCOMPATIBLE_VERSION:
@@ -961,31 +1211,40 @@ class Delegate:
             if not use or use == conf.get("cniVersion"):
                 raise _DelegateError(out, error)
             conf = self._at_version(use)
-            status, out = exec_plugin(self.exe, json_dumps(conf).encode(), env)
+            status, out = self._exec(json_bytes(conf), env)
             if status != 0:
                 raise _DelegateError(out, self._error(out, command, status))
         if not out.strip() and command != "ADD":
             return b""  # DEL, CHECK, STATUS, GC print nothing on success
         try:
             result = json_loads(out.decode())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError) as e:
             raise CNIError(
                 ERR_DELEGATE_FAILED,
-                f"delegate {self.exe} {command} printed no JSON result",
+                f"delegate {self.exe} {command} printed no JSON result ({cut(str(e))})",
                 out.decode(errors="replace")[:500],
             ) from None
         if not isinstance(result, dict):
             raise CNIError(ERR_DELEGATE_FAILED, f"delegate {self.exe} {command}: bad result")
         if result.get("cniVersion") == want:
             return out
-        return json_dumps(convert_result(result, want)).encode()
+        return json_bytes(convert_result(result, want))
+
+    def _exec(self, stdin: bytes, env: dict[str, str]) -> tuple[int, bytes]:
+        ran, self.ran = self.ran, True
+        try:
+            return exec_plugin(self.exe, stdin, env)
+        except SpawnError:
+            self.ran = ran  # it never started
+            raise
 
     def _error(self, out: bytes, command: str, status: int) -> dict[str, Any]:
         """The delegate's CNI error; a CNIError(102) when it printed none."""
         try:
             error = json_loads(out.decode())
-            if isinstance(error, dict) and isinstance(error.get("code"), int):
-                return error
+            code = error.get("code") if isinstance(error, dict) else None
+            if isinstance(code, int) and not isinstance(code, bool) and code > 0:
+                return error  # type: ignore[no-any-return]
         except (ValueError, UnicodeDecodeError):
             pass
         raise CNIError(
@@ -1008,37 +1267,61 @@ class _DelegateError(Exception):
 # Commands
 
 
-def cmd_add(args: Args, conf: NetConf, out: IO[bytes]) -> None:
+def cmd_add(args: Args, conf: NetConf) -> bytes:
+    """ADD; the delegate's result. Everything that can be checked is checked before the first
+    write (subnet.env, the delegate conf, the delegate binary); after it, a failure undoes
+    what was done: the delegate's DEL when it ran (it may have half-succeeded), and the
+    saved conf is removed, whatever that DEL says."""
     env = load_subnet_env(conf.subnet_file)
     delegate_conf = build_delegate(conf, env)
     data = DataDir(conf.data_dir)
+    delegate = Delegate(args, delegate_conf, data.path)  # 101 before anything is written
+    saved = json_bytes(
+        dict(
+            delegate_conf,
+            **{ATTACHMENT_KEY: {"containerID": args.container_id, "ifname": args.ifname}},
+        )
+    )
     data.ensure()
     if not data.lock(exclusive=False):
         raise CNIError(ERR_IO, f"the dataDir {data.path} vanished during ADD")
     try:
         path = data.conf_path(args.container_id, args.ifname)
-        saved = dict(
-            delegate_conf,
-            **{ATTACHMENT_KEY: {"containerID": args.container_id, "ifname": args.ifname}},
-        )
-        data.write(path, json_dumps(saved))
-        delegate = Delegate(args, delegate_conf, data.path)
+        data.write(path, saved)
         try:
-            result = delegate.call("ADD")
-        except (CNIError, _DelegateError):
-            # Undo what the delegate may have done, so a failed ADD leaves nothing behind.
-            try:
-                delegate.call("DEL")
-                data.remove(path)
-            except (CNIError, _DelegateError):
-                pass
+            return delegate.call("ADD")
+        except BaseException as e:
+            _undo_add(delegate, data, path, e)
             raise
     finally:
         data.unlock()
-    out.write(result)
+
+
+def _undo_add(delegate: Delegate, data: DataDir, path: str, error: BaseException) -> None:
+    """After a failed ADD: the delegate's DEL if it ran, then the saved conf goes. A failure
+    of either is added to the error's details; the ADD's own error is what the runtime gets."""
+    notes = []
+    if delegate.ran:
+        try:
+            delegate.call("DEL")
+        except (CNIError, _DelegateError) as e:
+            notes.append(f"the delegate's DEL after the failed ADD failed too: {e}")
+    try:
+        data.remove(path)
+    except CNIError as e:
+        notes.append(e.msg)
+    if notes and isinstance(error, CNIError):
+        error.details = "; ".join([error.details, *notes] if error.details else notes)
 
 
 def cmd_del(args: Args, conf: NetConf) -> None:
+    """DEL succeeds when there is nothing to delete: no dataDir, no saved conf, or an
+    attachment ADD would refuse (a container ID or ifname that no saved file can be named
+    after: nothing was ever saved for it, and no file is touched)."""
+    try:
+        check_attachment(args)
+    except CNIError:
+        return
     data = DataDir(conf.data_dir)
     if not data.lock(exclusive=False):
         return  # no dataDir: nothing was ever added here
@@ -1050,6 +1333,7 @@ def cmd_del(args: Args, conf: NetConf) -> None:
             saved = data.read(path)
         if saved is None:
             return  # already deleted, or never added: success
+        require_path(args)
         Delegate(args, strip_saved(saved), data.path).call("DEL")
         data.remove(path)
     finally:
@@ -1077,11 +1361,12 @@ def cmd_check(args: Args, conf: NetConf) -> None:
         )
     delegate_conf = strip_saved(saved)
     want = build_delegate(conf, env)
-    have_ranges = delegate_conf.get("ipam", {}).get("ranges")
+    saved_ipam = delegate_conf.get("ipam")
+    have_ranges = saved_ipam.get("ranges") if isinstance(saved_ipam, dict) else None
     if have_ranges != want["ipam"]["ranges"]:
         raise CNIError(
             ERR_CHECK_MISMATCH,
-            f"container {args.container_id} was attached to ranges {have_ranges}, "
+            f"container {args.container_id} was attached to ranges {show(have_ranges)}, "
             f"but {conf.subnet_file} now gives {want['ipam']['ranges']}",
             "the host's subnet lease changed: recreate the container",
         )
@@ -1130,9 +1415,14 @@ def cmd_gc(args: Args, conf: NetConf) -> None:
                     saved = data.read(path)
                     if saved is None:
                         continue
-                    attachment = saved.get(ATTACHMENT_KEY) or {}
-                    cid = attachment.get("containerID") or name
-                    ifname = attachment.get("ifname") or "eth0"  # flannel's files: eth0
+                    attachment = saved.get(ATTACHMENT_KEY)
+                    if not isinstance(attachment, dict):
+                        attachment = {}  # flannel's own files have none
+                    cid = attachment.get("containerID")
+                    cid = cid if isinstance(cid, str) and cid else name
+                    ifname = attachment.get("ifname")
+                    if not isinstance(ifname, str) or not ifname:
+                        ifname = "eth0"  # flannel's files: eth0
                     env = {"CNI_CONTAINERID": cid, "CNI_IFNAME": ifname, "CNI_NETNS": ""}
                     Delegate(args, strip_saved(saved), data.path).call("DEL", env)
                     data.remove(path)
@@ -1159,73 +1449,118 @@ def cmd_gc(args: Args, conf: NetConf) -> None:
         )
 
 
-def cmd_version(stdin: bytes, out: IO[bytes]) -> None:
+def cmd_version(stdin: bytes) -> bytes:
+    """VERSION always answers: with the conf's cniVersion when it names one, else ours."""
     version = LATEST_VERSION
     try:
-        conf = json_loads(stdin.decode()) if stdin.strip() else {}
+        conf = json_loads(stdin.decode()) if stdin.strip() and len(stdin) <= MAX_STDIN else {}
         if isinstance(conf, dict) and isinstance(conf.get("cniVersion"), str):
-            version = conf["cniVersion"]
+            version = conf["cniVersion"][:64]
     except (ValueError, UnicodeDecodeError):
         pass
-    out.write(
-        json_dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}).encode()
-    )
+    return json_bytes({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
 
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 
 
+def read_stdin(limit: int = MAX_STDIN) -> bytes:
+    """stdin, up to `limit` + 1 bytes (more is refused by parse_conf; /dev/zero ends too)."""
+    chunks = []
+    size = 0
+    while size <= limit:
+        try:
+            chunk = posix.read(0, min(limit + 1 - size, 1 << 16))
+        except OSError as e:  # closed (EBADF), a directory (EISDIR), ...
+            raise CNIError(ERR_IO, f"cannot read the network configuration on stdin: {e}") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def error_reply(version: str, code: int, msg: str, details: str = "") -> bytes:
+    error: dict[str, Any] = {"cniVersion": version, "code": code, "msg": msg}
+    if details:
+        error["details"] = details
+    return json_bytes(error)
+
+
+def run(environ: dict[str, str] | None, stdin: bytes | None, version: list[str]) -> bytes:
+    """One CNI call: the reply to print on success; CNIError/_DelegateError on failure.
+    `version` receives the conf's cniVersion as soon as it is known (for the error reply)."""
+    environ = process_environ() if environ is None else environ
+    command = environ.get("CNI_COMMAND", "")
+    if command not in COMMANDS:
+        if not command:
+            sys.stderr.write(
+                "flannel: a CNI plugin (overlay), run by a container runtime.\n"
+                f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n"
+            )
+        raise CNIError(
+            ERR_INVALID_ENV,
+            f"invalid CNI_COMMAND {show(command)}",
+            f"it must be one of {', '.join(COMMANDS)}",
+        )
+    data = read_stdin() if stdin is None else stdin
+    if command == "VERSION":
+        return cmd_version(data)
+    conf = parse_conf(data, command)
+    version[0] = conf.cni_version
+    args = Args(environ, command)
+    check_args(args)
+    if command == "ADD":
+        return cmd_add(args, conf)
+    if command == "DEL":
+        cmd_del(args, conf)
+    elif command == "CHECK":
+        cmd_check(args, conf)
+    elif command == "STATUS":
+        cmd_status(args, conf)
+    else:
+        cmd_gc(args, conf)
+    return b""
+
+
 def main(
     environ: dict[str, str] | None = None,
     stdin: bytes | None = None,
-    out: IO[bytes] | None = None,
+    out: Output | None = None,
 ) -> int:
-    environ = process_environ() if environ is None else environ
-    out = sys.stdout.buffer if out is None else out
-    command = environ.get("CNI_COMMAND", "")
-    version = LATEST_VERSION
+    """The plugin: 0 and the result on stdout, or non-zero and CNI error JSON on stdout.
+
+    Whatever happens, no traceback: an exception that is not a CNIError is a bug, reported
+    as code 999 with its type and place (and the tests assert it never happens)."""
+    version = [LATEST_VERSION]
     try:
-        if command not in COMMANDS:
-            if not command:
-                sys.stderr.write(
-                    "flannel: a CNI plugin (overlay), run by a container runtime.\n"
-                    f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n"
-                )
-            raise CNIError(
-                ERR_INVALID_ENV,
-                f"invalid CNI_COMMAND {command!r}",
-                f"it must be one of {', '.join(COMMANDS)}",
-            )
-        data = sys.stdin.buffer.read() if stdin is None else stdin
-        if command == "VERSION":
-            cmd_version(data, out)
-            return 0
-        conf = parse_conf(data, command)
-        version = conf.cni_version
-        args = Args(environ, command)
-        check_args(args)
-        if command == "ADD":
-            cmd_add(args, conf, out)
-        elif command == "DEL":
-            cmd_del(args, conf)
-        elif command == "CHECK":
-            cmd_check(args, conf)
-        elif command == "STATUS":
-            cmd_status(args, conf)
-        else:
-            cmd_gc(args, conf)
-        return 0
+        reply, status = run(environ, stdin, version), 0
     except _DelegateError as e:
-        out.write(e.out)
-        return 1
+        reply, status = e.out, 1
     except CNIError as e:
-        error: dict[str, Any] = {"cniVersion": version, "code": e.code, "msg": e.msg}
-        if e.details:
-            error["details"] = e.details
-        out.write(json_dumps(error).encode())
-        return 1
-    finally:
-        out.flush()
+        reply, status = error_reply(version[0], e.code, e.msg, e.details), 1
+    except BaseException as e:  # the last resort
+        reply, status = internal_error(version[0], e), 1
+    try:
+        output = FdOutput(1) if out is None else out
+        output.write(reply)
+        output.flush()
+    except (OSError, ValueError):
+        pass  # the runtime closed our stdout: nobody is left to tell
+    return status
+
+
+def internal_error(version: str, error: BaseException) -> bytes:
+    try:
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else ""
+        msg = f"internal error in the flannel plugin: {type(error).__name__}{where}"
+        details = f"{cut(str(error))}; please report this bug"
+    except BaseException:
+        msg, details = "internal error in the flannel plugin", "please report this bug"
+    return error_reply(version, ERR_INTERNAL, msg, details)
 
 
 if __name__ == "__main__":

@@ -223,12 +223,17 @@ def check_launcher(interpreter: str, launcher: Path, bytecode: Path) -> None:
         )
 
 
-def install_plugin(bin_dir: Path, interpreter: str) -> tuple[Path, Path, Path]:
+def install_plugin(
+    bin_dir: Path, interpreter: str, source: str | None = None
+) -> tuple[Path, Path, Path]:
     """Install launcher + module + bytecode into `bin_dir`; (launcher, module, bytecode).
 
-    Raises InstallError (nothing swapped in) when the interpreter cannot compile or load it.
+    `source` is the plugin's code (default: cni/flannel.py; bench/bench_cni.py installs an
+    older revision beside it). Raises InstallError (nothing swapped in) when the interpreter
+    cannot compile or load it.
     """
-    source = plugin_source()  # as it is: line numbers in tracebacks match cni/flannel.py
+    if source is None:
+        source = plugin_source()  # as it is: line numbers in tracebacks match cni/flannel.py
     digest = hashlib.sha256(f"{interpreter}\n{source}".encode()).hexdigest()[:12]
     module_id = f"{digest}-{uuid.uuid4().hex[:8]}"
     modules = bin_dir / MODULE_DIR

@@ -17,10 +17,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from integration.netns import CommandError, run
+from overlay.subnetenv import SubnetEnv
+from overlay.subnetenv import SubnetEnvError as SubnetEnvError  # re-exported for the lab's users
 
 BRIDGE = "cni0"
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
@@ -30,51 +32,6 @@ NETWORK_NAME = "overlay-lab"
 
 class AttachError(RuntimeError):
     pass
-
-
-class SubnetEnvError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class SubnetEnv:
-    """What a daemon wrote into its subnet.env (flannel's format)."""
-
-    network: IPv4Network
-    subnet: IPv4Interface
-    """FLANNEL_SUBNET: the subnet's first address with the subnet's prefix, e.g. 10.1.5.1/24."""
-    mtu: int
-    ipmasq: bool
-
-    @classmethod
-    def parse(cls, text: str, origin: str = "subnet.env") -> SubnetEnv:
-        values: dict[str, str] = {}
-        for line in text.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#") or "=" not in line:
-                continue
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-        missing = [
-            k
-            for k in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
-            if k not in values
-        ]
-        if missing:
-            raise SubnetEnvError(f"{origin}: missing {', '.join(missing)}")
-        try:
-            return cls(
-                network=IPv4Network(values["FLANNEL_NETWORK"]),
-                subnet=IPv4Interface(values["FLANNEL_SUBNET"]),
-                mtu=int(values["FLANNEL_MTU"]),
-                ipmasq=values["FLANNEL_IPMASQ"].lower() == "true",
-            )
-        except ValueError as e:
-            raise SubnetEnvError(f"{origin}: {e}") from None
-
-    @classmethod
-    def read(cls, path: Path) -> SubnetEnv:
-        return cls.parse(path.read_text(), str(path))
 
 
 @dataclass(frozen=True)
@@ -88,7 +45,7 @@ class Container:
 
 def container_address(env: SubnetEnv, index: int) -> IPv4Interface:
     """The address host-local would hand out to the `index`-th container (0-based): .2, .3, ..."""
-    subnet = env.subnet.network
+    subnet = env.subnet
     addr = subnet.network_address + 2 + index
     if addr >= subnet.broadcast_address:
         raise ValueError(f"container index {index} does not fit in subnet {subnet}")
@@ -155,7 +112,7 @@ async def attach_container(
         if subnet_file is None or state_dir is None:
             raise ValueError("attach_container with cni needs subnet_file and state_dir")
         return await _attach_with_cni(host_ns, container_ns, ifname, cni, subnet_file, state_dir)
-    gateway = env.subnet
+    gateway = env.gateway
     address = container_address(env, index)
     mtu = str(env.mtu)
     links = await run("ip", "-o", "link", "show", BRIDGE, ns=host_ns, check=False)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from integration import flannelhost
-from integration.containers import ATTACH_MODES, CniSetup, SubnetEnv, attach_container
+from integration.containers import ATTACH_MODES, CniSetup, attach_container
 from integration.etcdserver import EtcdServer, free_port
 from integration.netns import (
     CommandError,
@@ -59,6 +59,7 @@ from integration.netns import (
     wait_pid_gone,
 )
 from integration.probe import DEFAULT_PORT as PROBE_PORT
+from overlay.subnetenv import SubnetEnv, write_subnet_env
 from subnetmgr.model import LeaseAttrs, MalformedLease, parse_subnet_key, subnet_key
 
 STATE_ROOT = Path("/run/overlay-lab")
@@ -382,9 +383,9 @@ class Lab:
         await asyncio.gather(*(self.wait_ready(n.index, ready_timeout) for n in added))
         for node in added:
             env = SubnetEnv.read(self.subnet_file(node.index))
-            node.subnet = str(env.subnet.network)
+            node.subnet = str(env.subnet)
             self.save()
-            self.progress(f"h{node.index}: ready, subnet {env.subnet.network}, MTU {env.mtu}")
+            self.progress(f"h{node.index}: ready, subnet {env.subnet}, MTU {env.mtu}")
             await self._add_containers(node, env)
         return added
 
@@ -589,14 +590,11 @@ class Lab:
         # IPMASQ=true as flanneld --ip-masq (kube-flannel) writes it, like the overlayd hosts:
         # the CNI delegate then keeps container source addresses. (The masquerade rules for
         # traffic leaving the network are not made here: nothing leaves the lab.)
-        env_text = (
-            f"FLANNEL_NETWORK={self.state.network}\nFLANNEL_SUBNET={subnet.network_address + 1}"
-            f"/{subnet.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
-        )
-        self.subnet_file(node.index).write_text(env_text)
+        env = SubnetEnv(IPv4Network(self.state.network), subnet, mtu, ipmasq=True)
+        write_subnet_env(self.subnet_file(node.index), env)
         await self.sync_flannel_host(node.index)
         self.progress(f"h{node.index}: flannel host by hand, subnet {subnet}, VTEP {node.vtep_mac}")
-        await self._add_containers(node, SubnetEnv.parse(env_text))
+        await self._add_containers(node, env)
         return node
 
     def _free_subnet_from_top(self, taken: set[IPv4Network]) -> IPv4Network:

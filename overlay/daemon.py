@@ -38,7 +38,7 @@ from overlay.iface import InterfaceError, choose_interface
 from overlay.masq import IptablesError, Masquerade
 from overlay.options import Options, parse_options
 from overlay.sdnotify import sd_notify
-from overlay.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
+from overlay.subnetenv import SubnetEnv, SubnetEnvError, read_previous_subnet, write_subnet_env
 from subnetmgr.manager import AcquireConflict, LeaseMirror, OutOfSubnets, SubnetManager
 from subnetmgr.model import ConfigError, Lease, LeaseAttrs, NetworkConfig, Subnet
 from subnetmgr.registry import Compacted, EtcdRegistry, Registry, RegistryError
@@ -262,7 +262,7 @@ class Overlayd:
             )
             try:
                 write_subnet_env(self.opts.subnet_file, env)
-            except OSError as e:
+            except (OSError, SubnetEnvError) as e:
                 raise FatalError(
                     f"cannot write {self.opts.subnet_file}: {e}; check --subnet-file"
                 ) from None

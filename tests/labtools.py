@@ -153,6 +153,6 @@ async def assert_kept_subnet_and_lease(lab: Lab, index: int, lease_before: Lease
     etcd for it with the same attributes as `lease_before`."""
     subnet = lab.node(index).subnet
     env = SubnetEnv.read(lab.subnet_file(index))
-    assert str(env.subnet.network) == subnet
+    assert str(env.subnet) == subnet
     lease_after = (await lab.leases())[IPv4Network(subnet)]
     assert lease_after.attrs == lease_before.attrs

@@ -285,6 +285,32 @@ def test_failed_delegate_add_leaves_nothing_behind(net: Net, netns: Namespaces) 
     assert not (net.data_dir / f"{cid}-eth0").exists()
 
 
+def test_a_delegate_add_that_half_succeeded_is_undone(net: Net, netns: Namespaces) -> None:
+    """The real bridge does all its ADD work (veth, address from host-local), then its
+    wrapper fails, as a delegate that crashes late would: the plugin runs the bridge's DEL,
+    which releases the address and removes the veth, and removes the saved conf."""
+    ns = netns.add("c")
+    log = net.data_dir.parent / "half.log"
+    wrapper = net.plugin.parent / "halfbridge"  # a thin wrapper: the work is the real bridge's
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$CNI_COMMAND" >> {log}\n'
+        'if [ "$CNI_COMMAND" = ADD ]; then /usr/lib/cni/bridge > /dev/null; exit 1; fi\n'
+        "exec /usr/lib/cni/bridge\n"
+    )
+    wrapper.chmod(0o755)
+    conf = net.conf()
+    conf["delegate"].update(type="halfbridge", isGateway=True)
+    cid = f"half-{net.name}"
+    reply = net.call("ADD", cid, ns, conf=conf)
+    assert reply.rc != 0 and reply.code == 102, reply.raw
+    assert "failed with exit status 1" in reply.out["msg"] and "Traceback" not in reply.stderr
+    assert log.read_text().split() == ["ADD", "DEL"]
+    assert net.allocations() == {}  # the address host-local handed out is free again
+    assert [link["ifname"] for link in ip_json("link", "show", ns=ns)] == ["lo"]  # no eth0
+    assert [p.name for p in net.data_dir.iterdir() if not p.name.startswith(".")] == []
+
+
 def test_missing_delegate_plugin_is_a_clear_error(net: Net, netns: Namespaces) -> None:
     ns = netns.add("c")
     conf = net.conf()
@@ -292,6 +318,7 @@ def test_missing_delegate_plugin_is_a_clear_error(net: Net, netns: Namespaces) -
     reply = net.call("ADD", f"np-{net.name}", ns, conf=conf)
     assert reply.rc != 0 and reply.code == 101
     assert "nosuchplugin" in reply.out["msg"]
+    assert not net.data_dir.exists()  # checked before anything is written
 
 
 def test_a_delegate_that_refuses_the_version_is_asked_once(net: Net, netns: Namespaces) -> None:

@@ -11,12 +11,15 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cni.install import install_cni
+from overlay.subnetenv import SubnetEnv
+from overlay.subnetenv import write_subnet_env as write_env_file
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 CALL_TIMEOUT = 60.0
@@ -88,10 +91,9 @@ def write_subnet_env(
     mtu: int = 1400,
     ipmasq: bool = True,
 ) -> Path:
-    path.write_text(
-        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={subnet}\n"
-        f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n"
-    )
+    """subnet.env as overlayd writes it (the daemon's codec); `subnet` as in the file."""
+    env = SubnetEnv(IPv4Network(network), IPv4Interface(subnet).network, mtu, ipmasq)
+    write_env_file(path, env)
     return path
 
 

@@ -339,18 +339,34 @@ def test_path_traversal_container_ids_are_refused(plugin: Path, tmp_path: Path, 
 @pytest.mark.parametrize(
     "ifname", ["", ".", "..", "a/b", "eth:0", "eth 0", "a-very-long-ifname", "e\tth"]
 )
-def test_bad_ifnames_are_refused(plugin: Path, tmp_path: Path, ifname: str) -> None:
-    conf = {"cniVersion": "1.0.0", "name": "n", "dataDir": str(tmp_path / "d")}
-    reply = call(plugin, "DEL", conf, container_id="abc", ifname=ifname)
+def test_bad_ifnames_are_refused_by_add_and_del_succeeds(
+    plugin: Path, tmp_path: Path, ifname: str
+) -> None:
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "dataDir": str(tmp_path / "d"),
+        "subnetFile": str(write_subnet_env(tmp_path / "subnet.env")),
+    }
+    reply = call(plugin, "ADD", conf, container_id="abc", ifname=ifname, netns="/run/netns/x")
     assert reply.rc == 1 and reply.code == 4
     assert f"invalid CNI_IFNAME {ifname!r}" in reply.out["msg"]
-    assert not (tmp_path / "d").exists()
+    # DEL of an attachment ADD refuses: nothing can have been saved for it, so it succeeds.
+    (tmp_path / "d").mkdir()
+    reply = call(plugin, "DEL", conf, container_id="abc", ifname=ifname)
+    assert (reply.rc, reply.raw) == (0, "")
+    assert list((tmp_path / "d").iterdir()) == []  # not even the lock file
 
 
 def test_malformed_cni_args_and_missing_env(plugin: Path, tmp_path: Path) -> None:
     conf = {"cniVersion": "1.0.0", "name": "n", "dataDir": str(tmp_path / "d")}
     reply = call(
-        plugin, "DEL", conf, container_id="abc", extra_env={"CNI_ARGS": "IgnoreUnknown=1;oops"}
+        plugin,
+        "ADD",
+        conf,
+        container_id="abc",
+        netns="/run/netns/x",
+        extra_env={"CNI_ARGS": "IgnoreUnknown=1;oops"},
     )
     assert reply.code == 4 and "'oops'" in reply.out["msg"]
     ok = call(plugin, "DEL", conf, container_id="abc", extra_env={"CNI_ARGS": "IgnoreUnknown=1"})

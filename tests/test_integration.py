@@ -66,7 +66,7 @@ async def test_three_hosts_full_connectivity(lab: Lab) -> None:
         assert lease.attrs.public_ip == IPv4Address(node.ip)
         assert lease.attrs.backend_type == "vxlan"
         env = SubnetEnv.read(lab.subnet_file(node.index))
-        assert env.mtu == 1450 and str(env.subnet.network) == node.subnet and env.ipmasq
+        assert env.mtu == 1450 and str(env.subnet) == node.subnet and env.ipmasq
         # The container was attached by our flannel CNI plugin, which saved its delegate conf:
         # bridge + host-local on this host's subnet, no masquerading (the daemon does it).
         saved = [

@@ -100,7 +100,7 @@ async def test_three_hosts_full_connectivity_and_flannel_leases(lab: Lab) -> Non
     network = lab.state.network
     for node in lab.state.nodes:
         env = SubnetEnv.read(lab.subnet_file(node.index))
-        assert env.mtu == 1500 - 28 and str(env.subnet.network) == node.subnet
+        assert env.mtu == 1500 - 28 and str(env.subnet) == node.subnet
         sub = IPv4Network(node.subnet)
         raw = await lab.etcdctl("get", "--print-value-only", lab.lease_key(sub))
         assert raw.strip() == f'{{"PublicIP":"{node.ip}","PublicIPv6":null}}'  # flannel's udp

@@ -38,7 +38,7 @@ def test_subnet_env_parse_and_container_addresses() -> None:
         "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.7.1/24\nFLANNEL_MTU=1450\n"
         "FLANNEL_IPMASQ=true\n"
     )
-    assert str(env.subnet.network) == "10.1.7.0/24"
+    assert str(env.subnet) == "10.1.7.0/24"
     assert env.mtu == 1450 and env.ipmasq
     assert str(container_address(env, 0)) == "10.1.7.2/24"
     assert str(container_address(env, 252)) == "10.1.7.254/24"
