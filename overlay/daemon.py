@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -167,6 +168,8 @@ class Overlayd:
         self._config_seen = b""
         """A digest of the last config value logged about (each distinct value is logged once)."""
         registry.ignored.on_new = self._count_ignored
+        current = registry.ignored.current
+        metrics.leases_ignored_now = lambda: Counter(i.reason for i in current.values())
 
     def _count_ignored(self, ignored: Ignored) -> None:
         self.metrics.leases_ignored[ignored.reason] += 1

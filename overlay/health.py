@@ -66,6 +66,9 @@ class Metrics:
     leases_ignored: Counter[str] = field(default_factory=Counter)
     """Lease keys or values from etcd that were skipped, by reason (e.g. "not_json",
     "outside_network", "overlaps_older"); each distinct key and value is counted once."""
+    leases_ignored_now: Callable[[], Mapping[str, int]] | None = None
+    """The keys ignored right now, by reason (read at every scrape): a key that is fixed or
+    deleted leaves this gauge, while the counter above only grows."""
     started: float = field(default_factory=time.time)
     backend_type: str = ""
     backend_counters: Callable[[], Mapping[str, int]] | None = None
@@ -140,6 +143,11 @@ class Metrics:
         metric("overlay_leases_ignored_total", "counter",
                "Lease keys or values read from etcd and skipped, by reason.",
                [(_labels({"reason": k}), v) for k, v in ignored])  # fmt: skip
+        if self.leases_ignored_now is not None:
+            now = sorted(self.leases_ignored_now().items())
+            metric("overlay_leases_ignored", "gauge",
+                   "Lease keys in etcd ignored right now, by reason.",
+                   [(_labels({"reason": k}), v) for k, v in now])  # fmt: skip
         self._render_backend_counters(metric)
         return "\n".join(out) + "\n"
 

@@ -425,6 +425,7 @@ TYPES = {
     "overlay_masq_resyncs_total": "counter",
     "overlay_masq_repairs_total": "counter",
     "overlay_leases_ignored_total": "counter",
+    "overlay_leases_ignored": "gauge",
     # prometheus_client's ProcessCollector, for this process
     "process_cpu_seconds_total": "counter",
     "process_resident_memory_bytes": "gauge",
@@ -457,11 +458,13 @@ def test_live_metrics_page_keeps_every_metric_and_passes_promtool() -> None:
         m.events["peer_added"] += 2
         m.leases_ignored["not_json"] += 2
         m.leases_ignored['odd "reason"\\\n'] += 1  # label values are escaped
+        m.leases_ignored_now = lambda: {"outside_network": 3}
         text = scrape(port)
         types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
         assert types == TYPES
         lines = text.splitlines()
         assert 'overlay_leases_ignored_total{reason="not_json"} 2' in lines
+        assert 'overlay_leases_ignored{reason="outside_network"} 3' in lines
         assert 'overlay_leases_ignored_total{reason="odd \\"reason\\"\\\\\\n"} 1' in lines
         assert 'overlay_reconciles_total{trigger="change"} 0' in lines
         assert "overlay_masq_repairs_total 1" in lines

@@ -58,8 +58,10 @@ def client(lab: Lab) -> aetcd.Client:
     return aetcd.Client(host=host, port=int(port), timeout=10)
 
 
-async def ignored_metrics(lab: Lab, index: int) -> dict[str, int]:
-    """overlay_leases_ignored_total of host `index`, by reason."""
+async def ignored_metrics(
+    lab: Lab, index: int, name: str = "overlay_leases_ignored_total"
+) -> dict[str, int]:
+    """`name` (the counter, or the gauge overlay_leases_ignored) of host `index`, by reason."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(lab.node(index).ip, HEALTH_PORT), 5
     )
@@ -73,7 +75,7 @@ async def ignored_metrics(lab: Lab, index: int) -> dict[str, int]:
     assert head.split()[1] == "200", head
     out = {}
     for line in body.splitlines():
-        if line.startswith('overlay_leases_ignored_total{reason="'):
+        if line.startswith(name + '{reason="'):
             labels, value = line.rsplit(" ", 1)
             out[labels.split('"')[1]] = int(float(value))
     return out
@@ -167,6 +169,9 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
             assert n.daemon_pid is not None and pid_alive(n.daemon_pid), n.index
             assert await http_status(n.ip, HEALTH_PORT, "/readyz") == 200
             assert await ignored_metrics(lab, n.index) == expected(n.index)  # still once
+            assert await ignored_metrics(lab, n.index, "overlay_leases_ignored") == expected(
+                n.index
+            )  # ignored right now: the same keys
             routes, neigh, fdb, everything = await kernel_view(lab, n.index)
             assert routes == remote_subnets(lab, n.index)
             # Each remote subnet's neighbour and FDB entry are its real host's: the newer key
@@ -218,6 +223,20 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
             await assert_full_connectivity(lab)
         finally:
             await lab.remove_node(joined.index)
+
+        # Hostile keys deleted: they leave the gauge of keys ignored now; the counter stays.
+        for k in hostile:
+            await etcd.delete(prefix.encode() + k)
+
+        async def none_ignored_now() -> bool:
+            for n in nodes:
+                if await ignored_metrics(lab, n.index, "overlay_leases_ignored"):
+                    return False
+            return True
+
+        await eventually(none_ignored_now, "the gauge of ignored keys empties on every host")
+        for n in nodes:
+            assert await ignored_metrics(lab, n.index) == expected(n.index)
     finally:
         for k in hostile:
             await etcd.delete(prefix.encode() + k)
