@@ -51,6 +51,10 @@ DEFAULT_PORT = 8472
 """The Linux kernel's VXLAN port (IANA's is 4789); flannel's `Port: 0` means this."""
 VXLAN_OVERHEAD_V4 = 50
 VXLAN_OVERHEAD_V6 = 70
+"""Outer IPv6 header: flannel subtracts 50 whatever the underlay; 50 would be too little."""
+MIN_DEVICE_MTU = 68
+"""IPv4's minimum MTU (RFC 791)."""
+MIN_UNDERLAY_MTU = MIN_DEVICE_MTU + VXLAN_OVERHEAD_V4
 TX_CHECKSUM_KEY = "DisableTxChecksumOffload"
 """Our Backend key (not flannel's): turn tx-checksum-ip-generic off on the device."""
 FILTER_PEERS_KEY = "FilterPeers"
@@ -82,7 +86,8 @@ class VxlanOptions:
     gbp: bool = False
     learning: bool = False
     mtu: int = 0
-    """0: derived from the external interface (MTU - 50, or - 70 on an IPv6 underlay)."""
+    """The underlay MTU, as flannel's `MTU` key means it; 0: the external interface's. The
+    device (and subnet.env's FLANNEL_MTU) get this minus the encapsulation overhead."""
     direct_routing: bool = False
     disable_tx_checksum: bool = False
     filter_peers: bool = False
@@ -105,8 +110,13 @@ class VxlanOptions:
             )
         port = _int_opt(doc, "port", "Backend.Port", 0, 0, 65535) or DEFAULT_PORT
         mtu = _int_opt(doc, "mtu", "Backend.MTU", 0, 0, 65535)
-        if 0 < mtu < 68:
-            raise ConfigError("Backend.MTU", mtu, "must be 0 (automatic) or at least 68")
+        if 0 < mtu < MIN_UNDERLAY_MTU:
+            raise ConfigError(
+                "Backend.MTU",
+                mtu,
+                f"is the underlay MTU (the device gets {VXLAN_OVERHEAD_V4} less); must be 0 "
+                f"(the external interface's) or at least {MIN_UNDERLAY_MTU}",
+            )
         return cls(
             vni=vni,
             port=port,
@@ -142,11 +152,10 @@ def _bool_opt(doc: Mapping[str, Any], key: str, name: str) -> bool:
 
 
 def device_mtu(options: VxlanOptions, ext: ExternalInterface) -> int:
-    """The configured MTU, else the external MTU minus the encapsulation overhead."""
-    if options.mtu:
-        return options.mtu
+    """The device's MTU (and subnet.env's FLANNEL_MTU): the underlay MTU (Backend.MTU, else the
+    external interface's) minus the encapsulation overhead, as flannel computes it."""
     overhead = VXLAN_OVERHEAD_V6 if isinstance(ext.iface_addr, IPv6Address) else VXLAN_OVERHEAD_V4
-    return ext.mtu - overhead
+    return (options.mtu or ext.mtu) - overhead
 
 
 def random_mac() -> str:
@@ -463,10 +472,20 @@ class VxlanBackend:
         self.options = VxlanOptions.from_backend(config.backend)
         self.device = self.options.device
         self.mtu = device_mtu(self.options, ext)
-        if self.mtu < 68:
+        if self.mtu < MIN_DEVICE_MTU:
             raise BackendError(
                 f"vxlan MTU {self.mtu} (external interface {ext.name} MTU {ext.mtu}) is below "
-                "68; use an external interface with a larger MTU or set Backend.MTU"
+                f"{MIN_DEVICE_MTU}; use an external interface with a larger MTU or set "
+                "Backend.MTU (the underlay MTU)"
+            )
+        if self.options.mtu > ext.mtu:
+            log.warning(
+                "Backend.MTU %d is larger than the MTU %d of %s: full-size packets will not "
+                "fit the underlay unless its path MTU really is %d",
+                self.options.mtu,
+                ext.mtu,
+                ext.name,
+                self.options.mtu,
             )
         self.mac: str | None = None
         self.ifindex: int | None = None
