@@ -11,15 +11,8 @@ from hypothesis import strategies as st
 
 from backends import netlink as nl
 from backends.base import ExternalInterface
-from backends.vxlan import (
-    DesiredIndex,
-    Peer,
-    VxlanOptions,
-    desired_peers,
-    device_mtu,
-    plan,
-    random_mac,
-)
+from backends.vxlan_device import VxlanOptions, device_mtu, random_mac
+from backends.vxlan_plan import DesiredIndex, Peer, desired_peers, plan
 from subnetmgr.model import ConfigError, Lease, LeaseAttrs
 
 NET = IPv4Network("10.5.0.0/16")
