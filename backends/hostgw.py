@@ -94,16 +94,23 @@ def desired_routes(
             skipped.skip(subnet, f"subnet is not inside the network {network}")
         elif gw == own_ip:
             skipped.skip(subnet, f"its PublicIP {gw} is our own (an older lease of this host?)")
-        elif not any(gw in net and net.prefixlen < 32 for net in onlink):
+        elif (segment := _segment_of(gw, onlink)) is None:
             nets = ", ".join(map(str, onlink)) or "none"
             skipped.skip(
                 subnet,
                 f"PublicIP {gw} is not on-link from the external interface (its networks: "
                 f"{nets}); host-gw needs every host on one L2 segment",
             )
+        elif segment.prefixlen < 31 and gw in (segment.network_address, segment.broadcast_address):
+            skipped.skip(subnet, f"PublicIP {gw} is the network or broadcast address of {segment}")
         else:
             out[subnet] = gw
     return out
+
+
+def _segment_of(ip: IPv4Address, onlink: list[IPv4Network]) -> IPv4Network | None:
+    """The on-link network holding `ip` (a /32 is an address, not a segment), or None."""
+    return next((net for net in onlink if net.prefixlen < 32 and ip in net), None)
 
 
 @dataclass

@@ -157,27 +157,51 @@ async def test_public_ip_not_on_link_is_skipped_and_logged_once(
 ) -> None:
     b = await started(host, backends)
     caplog.set_level(logging.WARNING, "backends.hostgw")
-    # .255 is on the /24 but is its broadcast address: the kernel refuses it as a gateway.
-    bcast = gw_lease(("10.5.5.0/24", "192.168.90.255"))
-    all_peers = peers(gw_lease(A), gw_lease(FAR), bcast)
+    all_peers = peers(gw_lease(A), gw_lease(FAR))
     await b.reconcile(all_peers)
     assert routes(host.ns) == ours(host, A)
     far_lines = [r.getMessage() for r in caplog.records if "10.5.4.0/24" in r.getMessage()]
     assert len(far_lines) == 1
     assert "192.168.77.4 is not on-link" in far_lines[0] and "one L2 segment" in far_lines[0]
-    bcast_lines = [r.getMessage() for r in caplog.records if "10.5.5.0/24" in r.getMessage()]
-    assert len(bcast_lines) == 1 and "the kernel refused route 10.5.5.0/24" in bcast_lines[0]
-    assert b.last.skipped == 2
+    assert b.last.skipped == 1
     caplog.clear()
     await b.reconcile(all_peers)
-    await b.reconcile(all_peers, [IPv4Network(FAR[0]), bcast.subnet])
+    await b.reconcile(all_peers, [IPv4Network(FAR[0])])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert routes(host.ns) == ours(host, A)
     # The host moves onto the segment: routed, and no longer skipped.
     near = gw_lease((FAR[0], "192.168.90.4"))
-    await b.reconcile(peers(gw_lease(A), near, bcast), [near.subnet])
+    await b.reconcile(peers(gw_lease(A), near), [near.subnet])
     assert routes(host.ns) == ours(host, A, (FAR[0], "192.168.90.4"))
-    assert b.last.skipped == 1
+    assert b.last.skipped == 0
+
+
+async def test_a_route_the_kernel_refuses_is_skipped_and_logged_once(
+    host: Host, backends: list[HostGwBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The address is on the segment but its connected route was deleted: the on-link check
+    (the interface's networks) passes, the kernel says the gateway is unreachable."""
+    ns, dev = host.ns, host.ext.name
+    b = await started(host, backends)
+    await b.reconcile(peers(gw_lease(A)))
+    ns.ip("route", "del", "192.168.90.0/24", "dev", dev)
+    caplog.set_level(logging.WARNING, "backends.hostgw")
+    all_peers = peers(gw_lease(A), gw_lease(B))
+    await b.reconcile(all_peers, [IPv4Network(B[0])])
+    await b.reconcile(all_peers)
+    await b.reconcile(all_peers)
+    lines = [r.getMessage() for r in caplog.records if "10.5.3.0/24" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "the kernel refused route 10.5.3.0/24 via 192.168.90.3" in lines[0]
+    assert "Network is unreachable" in lines[0] and "one L2 segment" in lines[0]
+    assert (b.last.failed, b.last.skipped) == (1, 1)
+    assert routes(ns) == ours(host, A)
+    # The segment is back: the next full pass routes the lease.
+    ns.ip("route", "add", "192.168.90.0/24", "dev", dev, "proto", "kernel", "scope", "link",
+          "src", str(HOST_IP))  # fmt: skip
+    await b.reconcile(all_peers)
+    assert routes(ns) == ours(host, A, B)
+    assert (b.last.failed, b.last.skipped) == (0, 0)
 
 
 async def test_routes_of_the_operator_are_never_removed(

@@ -112,6 +112,12 @@ def test_desired_routes_rules() -> None:
         gw_lease("10.5.0.0/16", "192.168.90.7"),  # the whole network
         gw_lease("10.5.5.0/24", "192.168.90.5", "vxlan"),  # another type: ignored silently
         gw_lease("10.5.1.0/24", "192.168.90.8"),  # our own subnet
+        gw_lease("10.5.6.0/24", "192.168.90.255"),  # the segment's broadcast address
+        gw_lease("10.5.7.0/24", "192.168.90.0"),  # the segment's network address
+        gw_lease("10.5.8.0/24", "0.0.0.0"),
+        gw_lease("10.5.9.0/24", "127.0.0.1"),
+        gw_lease("10.5.10.0/24", "224.0.0.1"),
+        gw_lease("10.5.11.0/24", "255.255.255.255"),
     ]
     want = desired_routes(
         {le.subnet: le for le in leases},
@@ -123,6 +129,8 @@ def test_desired_routes_rules() -> None:
     )
     assert want == {IPv4Network("10.5.2.0/24"): IPv4Address("192.168.90.2")}
     assert sorted(map(str, skipped.reasons)) == [
-        "10.5.0.0/16", "10.5.3.0/24", "10.5.4.0/24", "10.6.0.0/24",
+        "10.5.0.0/16", "10.5.10.0/24", "10.5.11.0/24", "10.5.3.0/24", "10.5.4.0/24",
+        "10.5.6.0/24", "10.5.7.0/24", "10.5.8.0/24", "10.5.9.0/24", "10.6.0.0/24",
     ]  # fmt: skip
+    assert "broadcast" in skipped.reasons[IPv4Network("10.5.6.0/24")]
     assert "not on-link" in skipped.reasons[IPv4Network("10.5.3.0/24")]
