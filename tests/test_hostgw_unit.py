@@ -134,3 +134,40 @@ def test_desired_routes_rules() -> None:
     ]  # fmt: skip
     assert "broadcast" in skipped.reasons[IPv4Network("10.5.6.0/24")]
     assert "not on-link" in skipped.reasons[IPv4Network("10.5.3.0/24")]
+
+
+@given(
+    st.integers(0, 32).flatmap(
+        lambda n: st.builds(lambda a: IPv4Network((a, n), strict=False), st.integers(0, 2**32 - 1))
+    ),
+    st.integers(0, 2**32 - 1).map(IPv4Address),
+    st.integers(1, 2**31 - 1),
+    st.integers(0, 255),
+    st.booleans(),
+)
+def test_route_replace_decodes_to_what_was_asked(
+    dst: IPv4Network, gw: IPv4Address, oif: int, proto: int, onlink: bool
+) -> None:
+    """The route request host-gw sends, read back by the parser the passes use on the kernel's
+    answers: the same destination, gateway, device, protocol and onlink flag, main table."""
+    req = nl.route_replace(dst, gw, oif, onlink=onlink, protocol=proto)
+    assert req.type == nl.RTM_NEWROUTE
+    got = nl.parse_route(memoryview(req.body))
+    assert got is not None
+    assert (got.dst, got.gateway, got.oif, got.protocol, got.onlink, got.table) == (
+        dst, gw, oif, proto, onlink, nl.RT_TABLE_MAIN,
+    )  # fmt: skip
+    assert got.priority is None and got.type == nl.RTN_UNICAST
+
+
+def test_lease_backend_data_is_ignored_by_host_gw() -> None:
+    """flannel's host-gw reads no BackendData: whatever a lease carries there changes nothing."""
+    odd = Lease(
+        IPv4Network("10.5.2.0/24"),
+        LeaseAttrs(IPv4Address("192.168.90.2"), None, "host-gw", {"VtepMAC": [1, {"x": None}]}),
+    )
+    want = desired_routes(
+        {odd.subnet: odd}, own_subnet=None, own_ip=OWN_IP, network=NET, onlink=ONLINK,
+        skipped=SkipLog(),
+    )  # fmt: skip
+    assert want == {odd.subnet: IPv4Address("192.168.90.2")}
