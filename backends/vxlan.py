@@ -10,6 +10,9 @@ whose BackendType is "vxlan" the kernel gets, in this order:
 With DirectRouting, a peer whose PublicIP is on-link on the external interface gets only a route
 `<remote subnet> via <PublicIP> dev <ext>` instead.
 
+As flannel splits a backend: the pure plan is backends/vxlan_plan.py, the options and the device
+are backends/vxlan_device.py, and this module holds the backend's passes.
+
 `reconcile()` is level-triggered: it reads what the kernel has (three netlink dumps), computes the
 difference with the desired set and applies it in bulk (see backends/netlink.py), so it is
 idempotent, repairs entries deleted by hand, removes stale ones and never touches entries that
