@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "alloc": "backends.alloc:AllocBackend",
     "vxlan": "backends.vxlan:VxlanBackend",
     "udp": "backends.udp:UdpBackend",
+    "host-gw": "backends.hostgw:HostGwBackend",
 }
 
 

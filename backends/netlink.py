@@ -209,7 +209,15 @@ def fdb_delete(ifindex: int, mac: str, dst: IPv4Address | None) -> Request:
     return Request(RTM_DELNEIGH, 0, body, f"fdb {mac} dst {dst} (delete)")
 
 
-def route_replace(dst: IPv4Network, gateway: IPv4Address, oif: int, *, onlink: bool) -> Request:
+def route_replace(
+    dst: IPv4Network,
+    gateway: IPv4Address,
+    oif: int,
+    *,
+    onlink: bool,
+    protocol: int = RTPROT_BOOT,
+) -> Request:
+    """`ip route replace DST via GATEWAY dev #OIF [onlink] proto PROTOCOL` (main table)."""
     body = (
         _RTMSG.pack(
             socket.AF_INET,
@@ -217,7 +225,7 @@ def route_replace(dst: IPv4Network, gateway: IPv4Address, oif: int, *, onlink: b
             0,
             0,
             RT_TABLE_MAIN,
-            RTPROT_BOOT,
+            protocol,
             RT_SCOPE_UNIVERSE,
             RTN_UNICAST,
             RTNH_F_ONLINK if onlink else 0,

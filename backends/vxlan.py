@@ -10,6 +10,9 @@ whose BackendType is "vxlan" the kernel gets, in this order:
 With DirectRouting, a peer whose PublicIP is on-link on the external interface gets only a route
 `<remote subnet> via <PublicIP> dev <ext>` instead.
 
+As flannel splits a backend: the pure plan is backends/vxlan_plan.py, the options and the device
+are backends/vxlan_device.py, and this module holds the backend's passes.
+
 `reconcile()` is level-triggered: it reads what the kernel has (three netlink dumps), computes the
 difference with the desired set and applies it in bulk (see backends/netlink.py), so it is
 idempotent, repairs entries deleted by hand, removes stale ones and never touches entries that
@@ -32,397 +35,27 @@ import asyncio
 import errno
 import logging
 import os
-import re
-import shutil
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
-from typing import Any
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 
 from backends import netlink as nl
 from backends import nftset
 from backends.base import BackendAttrs, BackendError, ExternalInterface
-from subnetmgr.model import ConfigError, Lease, NetworkConfig, Subnet
+from backends.links import LinkClient
+from backends.vxlan_device import FILTER_PEERS_KEY, VxlanDevice, VxlanOptions
+from backends.vxlan_plan import ZERO_MAC, DesiredIndex, Peer, Plan, desired_peers, plan
+from subnetmgr.model import Lease, NetworkConfig, Subnet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VNI = 1
-DEFAULT_PORT = 8472
-"""The Linux kernel's VXLAN port (IANA's is 4789); flannel's `Port: 0` means this."""
-VXLAN_OVERHEAD_V4 = 50
-VXLAN_OVERHEAD_V6 = 70
-TX_CHECKSUM_KEY = "DisableTxChecksumOffload"
-"""Our Backend key (not flannel's): turn tx-checksum-ip-generic off on the device."""
-FILTER_PEERS_KEY = "FilterPeers"
-"""Our Backend key (not flannel's): admit the VXLAN port only from lease PublicIPs (nftables)."""
 FILTER_TABLE = "overlay_vxlan"
 """The nftables table (family ip) of the peer filter."""
 FILTER_COMMENT = "overlay vxlan: admit only lease PublicIPs (FilterPeers)"
-COMMAND_TIMEOUT = 10.0
-"""Seconds allowed for a helper command (ethtool) or a pyroute2 request."""
-
 MAX_LOGGED_FAILURES = 20
 """Refused entries logged one by one per reconcile; the rest are counted in one line."""
 
 _IGNORED_DELETE_ERRORS = {errno.ENOENT, errno.ESRCH}
-RTPROT_KERNEL = 2
-_ZERO_MAC = "00:00:00:00:00:00"
-_CANONICAL_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
-
-
-# --------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class VxlanOptions:
-    """The vxlan keys of the config's Backend object, validated, flannel's defaults applied."""
-
-    vni: int = DEFAULT_VNI
-    port: int = DEFAULT_PORT
-    gbp: bool = False
-    learning: bool = False
-    mtu: int = 0
-    """0: derived from the external interface (MTU - 50, or - 70 on an IPv6 underlay)."""
-    direct_routing: bool = False
-    disable_tx_checksum: bool = False
-    filter_peers: bool = False
-
-    @property
-    def device(self) -> str:
-        return f"flannel.{self.vni}"
-
-    @classmethod
-    def from_backend(cls, backend: Mapping[str, Any]) -> VxlanOptions:
-        """Parse the Backend object (keys already lower-cased); ConfigError on bad values."""
-        doc = {k.lower(): v for k, v in backend.items()}
-        vni = _int_opt(doc, "vni", "Backend.VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
-        if len(f"flannel.{vni}") > 15:
-            raise ConfigError(
-                "Backend.VNI",
-                vni,
-                "the device name flannel.<VNI> would exceed 15 characters; "
-                "use a VNI below 10000000",
-            )
-        port = _int_opt(doc, "port", "Backend.Port", 0, 0, 65535) or DEFAULT_PORT
-        mtu = _int_opt(doc, "mtu", "Backend.MTU", 0, 0, 65535)
-        if 0 < mtu < 68:
-            raise ConfigError("Backend.MTU", mtu, "must be 0 (automatic) or at least 68")
-        return cls(
-            vni=vni,
-            port=port,
-            gbp=_bool_opt(doc, "gbp", "Backend.GBP"),
-            learning=_bool_opt(doc, "learning", "Backend.Learning"),
-            mtu=mtu,
-            direct_routing=_bool_opt(doc, "directrouting", "Backend.DirectRouting"),
-            disable_tx_checksum=_bool_opt(
-                doc, TX_CHECKSUM_KEY.lower(), f"Backend.{TX_CHECKSUM_KEY}"
-            ),
-            filter_peers=_bool_opt(doc, FILTER_PEERS_KEY.lower(), f"Backend.{FILTER_PEERS_KEY}"),
-        )
-
-
-def _int_opt(doc: Mapping[str, Any], key: str, name: str, default: int, lo: int, hi: int) -> int:
-    value = doc.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, value, f"must be an integer between {lo} and {hi}")
-    if not lo <= value <= hi:
-        raise ConfigError(name, value, f"must be between {lo} and {hi}")
-    return value
-
-
-def _bool_opt(doc: Mapping[str, Any], key: str, name: str) -> bool:
-    value = doc.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ConfigError(name, value, "must be true or false")
-    return value
-
-
-def device_mtu(options: VxlanOptions, ext: ExternalInterface) -> int:
-    """The configured MTU, else the external MTU minus the encapsulation overhead."""
-    if options.mtu:
-        return options.mtu
-    overhead = VXLAN_OVERHEAD_V6 if isinstance(ext.iface_addr, IPv6Address) else VXLAN_OVERHEAD_V4
-    return ext.mtu - overhead
-
-
-def random_mac() -> str:
-    """A random, locally administered, unicast MAC (flannel's rule)."""
-    raw = bytearray(os.urandom(6))
-    raw[0] = (raw[0] & 0xFE) | 0x02
-    return nl.mac_str(bytes(raw))
-
-
-# --------------------------------------------------------------------------- desired state
-
-
-@dataclass(frozen=True)
-class Peer:
-    """One remote vxlan host as the kernel must know it."""
-
-    subnet: IPv4Network
-    vtep_mac: str
-    public_ip: IPv4Address
-    direct: bool
-    """True: DirectRouting applies (PublicIP on-link), only a route via the PublicIP."""
-
-
-def vtep_mac_of(lease: Lease) -> str:
-    """The lease's VtepMAC, normalised; ValueError naming the lease when it is missing or bad."""
-    data = lease.attrs.backend_data or {}
-    mac = data.get("VtepMAC")
-    if not isinstance(mac, str):
-        raise ValueError(f"lease {lease.key}: BackendData has no VtepMAC string: {dict(data)!r}")
-    if _CANONICAL_MAC.match(mac) and int(mac[:2], 16) & 1 == 0 and mac != _ZERO_MAC:
-        return mac  # the common case, cheap: flannel writes lower-case colon-separated MACs
-    try:
-        raw = nl.mac_bytes(mac)
-    except ValueError as e:
-        raise ValueError(f"lease {lease.key}: BackendData.VtepMAC: {e}") from None
-    if raw[0] & 1 or raw == b"\0" * 6:
-        raise ValueError(f"lease {lease.key}: BackendData.VtepMAC {mac!r} is not a unicast MAC")
-    return nl.mac_str(raw)
-
-
-def desired_peers(
-    peers: Mapping[Subnet, Lease],
-    own_subnet: IPv4Network | None,
-    onlink: list[IPv4Network] | None,
-    skipped: set[tuple[str, str]] | None = None,
-) -> dict[IPv4Network, Peer]:
-    """The peers to program: vxlan leases with a valid VtepMAC, other than our own subnet.
-
-    `onlink` is the list of networks on the external interface when DirectRouting is on, else
-    None. Leases with a bad VtepMAC are logged (once per lease and value, via `skipped`) and left
-    out; leases of other backend types are ignored silently, as flannel does.
-    """
-    out: dict[IPv4Network, Peer] = {}
-    for subnet, lease in peers.items():
-        if lease.attrs.backend_type != "vxlan" or subnet == own_subnet:
-            continue
-        try:
-            mac = vtep_mac_of(lease)
-        except ValueError as e:
-            token = (lease.key, repr(lease.attrs.backend_data))
-            if skipped is None or token not in skipped:
-                log.warning("skipping malformed vxlan lease: %s", e)
-                if skipped is not None:
-                    skipped.add(token)
-            continue
-        ip = lease.attrs.public_ip
-        direct = onlink is not None and any(ip in net for net in onlink)
-        out[subnet] = Peer(subnet, mac, ip, direct)
-    return out
-
-
-@dataclass
-class DesiredIndex:
-    """The desired peers, indexed by the kernel keys they own: the neighbour's address and the
-    FDB entry's MAC. Two leases may share one (a host that re-acquired another subnet keeps its
-    VtepMAC and PublicIP while its old lease lives on): an entry stays while any peer wants it.
-    """
-
-    peers: dict[IPv4Network, Peer] = field(default_factory=dict)
-    by_addr: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
-    by_mac: dict[str, set[IPv4Network]] = field(default_factory=dict)
-    by_ip: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
-    """Every peer (DirectRouting's too) by PublicIP: the addresses the peer filter admits."""
-
-    @classmethod
-    def build(cls, desired: Mapping[IPv4Network, Peer]) -> DesiredIndex:
-        index = cls()
-        for subnet, peer in desired.items():
-            index.put(subnet, peer)
-        return index
-
-    def put(self, subnet: IPv4Network, peer: Peer | None) -> None:
-        """Record `peer` as the desired state of `subnet` (None: nothing wanted)."""
-        old = self.peers.pop(subnet, None)
-        if old is not None:
-            _discard(self.by_ip, old.public_ip, subnet)
-        if old is not None and not old.direct:
-            _discard(self.by_addr, subnet.network_address, subnet)
-            _discard(self.by_mac, old.vtep_mac, subnet)
-        if peer is None:
-            return
-        self.peers[subnet] = peer
-        self.by_ip.setdefault(peer.public_ip, set()).add(subnet)
-        if not peer.direct:
-            self.by_addr.setdefault(subnet.network_address, set()).add(subnet)
-            self.by_mac.setdefault(peer.vtep_mac, set()).add(subnet)
-
-    def want_neigh(self, addr: IPv4Address) -> str | None:
-        """The MAC the neighbour at `addr` must have, or None when no peer wants one."""
-        users = self.by_addr.get(addr)
-        return self.peers[min(users)].vtep_mac if users else None
-
-    def want_fdb(self, mac: str) -> set[IPv4Address]:
-        """The destinations the FDB entry of `mac` must have."""
-        return {self.peers[s].public_ip for s in self.by_mac.get(mac, ())}
-
-
-def _discard(
-    index: dict[Any, set[IPv4Network]], key: IPv4Address | str, subnet: IPv4Network
-) -> None:
-    users = index.get(key)
-    if users is not None:
-        users.discard(subnet)
-        if not users:
-            del index[key]
-
-
-@dataclass
-class Plan:
-    """The requests that make the kernel match, and what they are (for logs and tests)."""
-
-    adds: list[nl.Request] = field(default_factory=list)
-    deletes: list[nl.Request] = field(default_factory=list)
-    route_deletes: list[tuple[nl.Request, IPv4Network]] = field(default_factory=list)
-    """The route deletes again, with their destination (an incremental pass looks again)."""
-    fdb_deletes: list[tuple[nl.Request, str]] = field(default_factory=list)
-    """The FDB deletes again, with their MAC (an incremental pass looks again)."""
-
-    def __len__(self) -> int:
-        return len(self.adds) + len(self.deletes)
-
-
-def plan_neighbours(
-    want: Mapping[IPv4Address, str], neighbours: list[nl.Neighbour], vx_index: int
-) -> tuple[list[nl.Request], list[nl.Request]]:
-    """Neighbours keyed by the remote subnet's network address: (replaces, deletes).
-
-    `neighbours` are the kernel's entries for the keys considered; ours are the permanent ones on
-    the vxlan device."""
-    adds: list[nl.Request] = []
-    deletes: list[nl.Request] = []
-    have = {n.dst: n for n in neighbours if n.ifindex == vx_index}
-    for dst, mac in want.items():
-        cur = have.get(dst)
-        if cur is None or cur.lladdr != mac or not cur.permanent:
-            adds.append(nl.neigh_replace(vx_index, dst, mac))
-    for dst, cur in have.items():
-        if dst not in want and cur.permanent:
-            deletes.append(nl.neigh_delete(vx_index, dst))
-    return adds, deletes
-
-
-def plan_fdb(
-    want: set[tuple[str, IPv4Address]], fdb: list[nl.FdbEntry], vx_index: int
-) -> tuple[list[nl.Request], list[tuple[nl.Request, str]]]:
-    """FDB entries keyed by (MAC, destination): (replaces, deletes with their MAC).
-
-    A replace rewrites the MAC's first destination; ours are the non-zero MACs on the device."""
-    adds: list[nl.Request] = []
-    deletes: list[tuple[nl.Request, str]] = []
-    have = {(f.lladdr, f.dst): f for f in fdb if f.ifindex == vx_index and f.lladdr != _ZERO_MAC}
-    for mac, ip in want:
-        cur = have.get((mac, ip))
-        if cur is None or not cur.state & nl.NUD_PERMANENT:
-            adds.append(nl.fdb_replace(vx_index, mac, ip))
-    for mac, dst_ip in have:
-        if (mac, dst_ip) not in want:
-            deletes.append((nl.fdb_delete(vx_index, mac, dst_ip), mac))
-    return adds, deletes
-
-
-def plan_routes(
-    desired: Mapping[IPv4Network, Peer],
-    routes: list[nl.Route],
-    *,
-    vx_index: int,
-    ext_index: int,
-    network: IPv4Network,
-) -> tuple[list[nl.Request], list[tuple[nl.Request, IPv4Network]]]:
-    """Routes keyed by destination: (replaces, deletes with their destination).
-
-    Ours: main-table routes through the vxlan device (but not the kernel's own routes for
-    addresses, protocol "kernel"); main-table routes with a gateway on the external interface to
-    a subnet strictly inside the cluster network (DirectRouting's)."""
-    adds: list[nl.Request] = []
-    deletes: list[tuple[nl.Request, IPv4Network]] = []
-    by_dst: dict[IPv4Network, list[nl.Route]] = {}
-    for r in routes:
-        if r.table != nl.RT_TABLE_MAIN or r.type != nl.RTN_UNICAST or r.protocol == RTPROT_KERNEL:
-            continue  # the kernel's own routes (for addresses) come and go with the addresses
-        ours = r.oif == vx_index or (
-            r.oif == ext_index
-            and r.gateway is not None
-            and r.dst.subnet_of(network)
-            and r.dst != network
-        )
-        if ours:
-            by_dst.setdefault(r.dst, []).append(r)
-    for subnet, peer in desired.items():
-        if peer.direct:
-            oif, gw, onlink = ext_index, peer.public_ip, False
-        else:
-            oif, gw, onlink = vx_index, subnet.network_address, True
-        group = by_dst.pop(subnet, [])
-        keep = next(
-            (
-                r
-                for r in group
-                if r.oif == oif and r.gateway == gw and r.onlink == onlink and not r.priority
-            ),
-            None,
-        )
-        if keep is None:
-            adds.append(nl.route_replace(subnet, gw, oif, onlink=onlink))
-        # A replace overwrites the metric-0 route; routes with other metrics are stale.
-        deletes.extend((nl.route_delete(r), subnet) for r in group if r is not keep and r.priority)
-    for dst, group in by_dst.items():
-        deletes.extend((nl.route_delete(r), dst) for r in group)
-    return adds, deletes
-
-
-def plan(
-    desired: Mapping[IPv4Network, Peer],
-    *,
-    vx_index: int,
-    ext_index: int,
-    network: IPv4Network,
-    neighbours: list[nl.Neighbour],
-    fdb: list[nl.FdbEntry],
-    routes: list[nl.Route],
-    index: DesiredIndex | None = None,
-    neigh_keys: set[IPv4Address] | None = None,
-    mac_keys: set[str] | None = None,
-) -> Plan:
-    """The difference between the kernel's entries and the desired peers, as requests.
-
-    Adds come in flannel's order (neighbours, FDB, routes); deletes remove routes first.
-    A full pass passes every entry the kernel has and every desired peer. An incremental pass
-    restricts all three to the keys that may differ: `desired` holds the peers of the changed
-    subnets, `neigh_keys` and `mac_keys` name the neighbours and FDB MACs considered (wanted
-    values come from `index`, the whole desired set), and the kernel lists hold what the kernel
-    has for those keys; the same rules then give the same result as a full pass for those keys.
-    """
-    if index is None:
-        index = DesiredIndex.build(desired)
-    if neigh_keys is None:
-        neigh_keys = set(index.by_addr)
-    if mac_keys is None:
-        mac_keys = set(index.by_mac)
-    want_neigh: dict[IPv4Address, str] = {}
-    for addr in neigh_keys:
-        mac = index.want_neigh(addr)
-        if mac is not None:
-            want_neigh[addr] = mac
-    want_fdb = {(mac, ip) for mac in mac_keys for ip in index.want_fdb(mac)}
-    neigh_adds, neigh_deletes = plan_neighbours(want_neigh, neighbours, vx_index)
-    fdb_adds, fdb_deletes = plan_fdb(want_fdb, fdb, vx_index)
-    route_adds, route_deletes = plan_routes(
-        desired, routes, vx_index=vx_index, ext_index=ext_index, network=network
-    )
-    return Plan(
-        adds=neigh_adds + fdb_adds + route_adds,
-        deletes=[r for r, _ in route_deletes] + neigh_deletes + [r for r, _ in fdb_deletes],
-        route_deletes=route_deletes,
-        fdb_deletes=fdb_deletes,
-    )
 
 
 # --------------------------------------------------------------------------- the backend
@@ -461,18 +94,10 @@ class VxlanBackend:
         self.ext = ext
         self.netns = netns
         self.options = VxlanOptions.from_backend(config.backend)
-        self.device = self.options.device
-        self.mtu = device_mtu(self.options, ext)
-        if self.mtu < 68:
-            raise BackendError(
-                f"vxlan MTU {self.mtu} (external interface {ext.name} MTU {ext.mtu}) is below "
-                "68; use an external interface with a larger MTU or set Backend.MTU"
-            )
-        self.mac: str | None = None
-        self.ifindex: int | None = None
+        self.links = LinkClient(netns)
+        self.dev = VxlanDevice(self.options, ext, self.links, netns)
         self.own: Lease | None = None
         self.last = ReconcileStats()
-        self._ipr: Any = None
         self._nl: nl.RtnlSocket | None = None
         self._lock = asyncio.Lock()
         self._skipped: set[tuple[str, str]] = set()
@@ -492,12 +117,31 @@ class VxlanBackend:
         self._filter_synced = False
         """True once a full filter pass succeeded; an incremental one needs it."""
 
+    @property
+    def device(self) -> str:
+        """The device's name, flannel.<VNI>."""
+        return self.dev.name
+
+    @property
+    def mtu(self) -> int:
+        """The device's MTU, also subnet.env's FLANNEL_MTU."""
+        return self.dev.mtu
+
+    @property
+    def mac(self) -> str | None:
+        """The VTEP MAC, once the device was made or adopted."""
+        return self.dev.mac
+
+    @property
+    def ifindex(self) -> int | None:
+        return self.dev.ifindex
+
     # ----------------------------------------------------------------------- protocol
 
     async def prepare(self) -> BackendAttrs:
         """Create (or reuse) flannel.<VNI>; publish {"VNI": n, "VtepMAC": mac}."""
         async with self._lock:
-            await self._ensure_device()
+            await self.dev.ensure()
             if not self.options.filter_peers:
                 await self._remove_filter()
         assert self.mac is not None
@@ -507,8 +151,8 @@ class VxlanBackend:
         """Give the device our subnet's network address as /32; return the overlay MTU."""
         async with self._lock:
             self.own = own
-            index = await self._ensure_device()
-            await self._ensure_address(index)
+            index = await self.dev.ensure()
+            await self.dev.ensure_address(index, self.own.subnet.network_address)
         return self.mtu
 
     async def reconcile(
@@ -525,11 +169,13 @@ class VxlanBackend:
         async with self._lock:
             stats = ReconcileStats()
             before = self.ifindex
-            index = await self._ensure_device()
+            index = await self.dev.ensure()
             stats.device_created = before is not None and index != before
             if self.own is not None:
-                await self._ensure_address(index)
-            onlink = await self._onlink_networks() if self.options.direct_routing else None
+                await self.dev.ensure_address(index, self.own.subnet.network_address)
+            onlink = None
+            if self.options.direct_routing:
+                onlink = await self.links.onlink_networks(self.ext.index)
             own_subnet = self.own.subnet if self.own is not None else None
             key = (index, own_subnet, tuple(onlink) if onlink is not None else None)
             if changed is not None and self._desired is not None and key == self._desired_for:
@@ -716,7 +362,7 @@ class VxlanBackend:
                 entry = None if isinstance(answer, int) else nl.parse_neighbour(answer)
                 if isinstance(entry, nl.Neighbour):
                     neighbours.append(entry)
-                    if entry.lladdr is not None and entry.lladdr != _ZERO_MAC:
+                    if entry.lladdr is not None and entry.lladdr != ZERO_MAC:
                         mac_keys.add(entry.lladdr)  # a MAC set by hand or by an older lease
             mkeys = sorted(mac_keys)
             fdb: list[nl.FdbEntry] = []
@@ -788,9 +434,7 @@ class VxlanBackend:
         if self._nl is not None:
             self._nl.close()
             self._nl = None
-        if self._ipr is not None:
-            ipr, self._ipr = self._ipr, None
-            ipr.close()
+        self.links.close()
 
     # ----------------------------------------------------------------------- helpers
 
@@ -798,197 +442,3 @@ class VxlanBackend:
         if self._nl is None:
             self._nl = nl.RtnlSocket(self.netns)
         return self._nl
-
-    async def _iproute(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import AsyncIPRoute
-
-            if self.netns is not None and not os.path.exists(f"/run/netns/{self.netns}"):  # noqa: ASYNC240 (a stat of a tmpfs)
-                raise BackendError(
-                    f"network namespace {self.netns!r} does not exist; create it or pass no netns"
-                )
-            ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                await ipr.setup_endpoint()
-            self._ipr = ipr
-        return self._ipr
-
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        ipr = await self._iproute()
-        async with asyncio.timeout(COMMAND_TIMEOUT):
-            result = await getattr(ipr, method)(*args, **kwargs)
-            if hasattr(result, "__aiter__"):
-                return [item async for item in result]
-            return result
-
-    async def _get_link(self, name: str) -> Any | None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            links = await self._call("link", "get", ifname=name)
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return None
-            raise
-        return links[0] if links else None
-
-    def _incompatibility(self, link: Any) -> str | None:
-        """Why an existing device cannot be reused, or None when it can."""
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        if kind != "vxlan":
-            return f"kind {kind!r}, not vxlan"
-        data = info.get_attr("IFLA_INFO_DATA")
-        have = {
-            "VNI": data.get_attr("IFLA_VXLAN_ID"),
-            "port": data.get_attr("IFLA_VXLAN_PORT"),
-            "local": data.get_attr("IFLA_VXLAN_LOCAL"),
-            "link": data.get_attr("IFLA_VXLAN_LINK"),
-            "GBP": bool(data.get_attr("IFLA_VXLAN_GBP")),
-        }
-        want = {
-            "VNI": self.options.vni,
-            "port": self.options.port,
-            "local": str(self.ext.iface_addr),
-            "link": self.ext.index,
-            "GBP": self.options.gbp,
-        }
-        diffs = [f"{k} {have[k]!r} (want {want[k]!r})" for k in want if have[k] != want[k]]
-        return ", ".join(diffs) or None
-
-    async def _ensure_device(self) -> int:
-        """The device's index; creates, adopts, repairs or replaces flannel.<VNI> as needed."""
-        try:
-            link = await self._get_link(self.device)
-            if link is not None:
-                why = self._incompatibility(link)
-                if why is not None:
-                    log.warning("replacing incompatible device %s: %s", self.device, why)
-                    await self._call("link", "del", index=link["index"])
-                    link = None
-            if link is None:
-                return await self._create_device()
-            return await self._adopt_device(link)
-        except (OSError, TimeoutError) as e:
-            raise BackendError(
-                f"cannot set up vxlan device {self.device} on {self.ext.name} "
-                f"(local {self.ext.iface_addr}): {e}"
-            ) from e
-
-    async def _create_device(self) -> int:
-        if self.mac is None:
-            self.mac = random_mac()
-        await self._call(
-            "link",
-            "add",
-            ifname=self.device,
-            kind="vxlan",
-            vxlan_id=self.options.vni,
-            vxlan_local=str(self.ext.iface_addr),
-            vxlan_link=self.ext.index,
-            vxlan_port=self.options.port,
-            vxlan_learning=int(self.options.learning),
-            **({"vxlan_gbp": True} if self.options.gbp else {}),
-            address=self.mac,
-            mtu=self.mtu,
-        )
-        link = await self._get_link(self.device)
-        if link is None:
-            raise BackendError(f"vxlan device {self.device} vanished right after creation")
-        index = int(link["index"])
-        log.info(
-            "created %s (VNI %d, port %d, local %s, dev %s, MAC %s, MTU %d)",
-            self.device,
-            self.options.vni,
-            self.options.port,
-            self.ext.iface_addr,
-            self.ext.name,
-            self.mac,
-            self.mtu,
-        )
-        await self._tune(index)
-        await self._call("link", "set", index=index, state="up")
-        self.ifindex = index
-        return index
-
-    async def _adopt_device(self, link: Any) -> int:
-        index = int(link["index"])
-        mac = link.get_attr("IFLA_ADDRESS")
-        if self.mac is None:
-            self.mac = mac
-            log.info("reusing existing %s with MAC %s", self.device, mac)
-        changes: dict[str, Any] = {}
-        if mac != self.mac:
-            changes["address"] = self.mac
-        if link.get_attr("IFLA_MTU") != self.mtu:
-            changes["mtu"] = self.mtu
-        if not link["flags"] & 1:  # IFF_UP
-            changes["state"] = "up"
-        data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
-        if bool(data.get_attr("IFLA_VXLAN_LEARNING")) != self.options.learning:
-            await self._call(
-                "link",
-                "set",
-                index=index,
-                kind="vxlan",
-                vxlan_learning=int(self.options.learning),
-            )
-        if changes:
-            log.info("updating %s: %s", self.device, changes)
-            await self._call("link", "set", index=index, **changes)
-        if index != self.ifindex:
-            await self._tune(index)
-        self.ifindex = index
-        return index
-
-    async def _tune(self, index: int) -> None:
-        """ethtool settings: tx-checksum-ip-generic off when DisableTxChecksumOffload is set."""
-        if not self.options.disable_tx_checksum:
-            return
-        ethtool = shutil.which("ethtool")
-        if ethtool is None:
-            raise BackendError(
-                f"Backend.{TX_CHECKSUM_KEY} is set but ethtool is not installed; "
-                "install it (apt-get install ethtool) or drop the key"
-            )
-        cmd = [ethtool, "-K", self.device, "tx-checksum-ip-generic", "off"]
-        if self.netns is not None:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                _out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise BackendError(f"{' '.join(cmd)} did not finish in {COMMAND_TIMEOUT} s") from None
-        if proc.returncode != 0:
-            raise BackendError(
-                f"{' '.join(cmd)} failed ({err.decode(errors='replace').strip()}); "
-                f"Backend.{TX_CHECKSUM_KEY} needs it"
-            )
-        log.info("%s: tx-checksum-ip-generic off", self.device)
-
-    async def _ensure_address(self, index: int) -> None:
-        """Exactly our subnet's network address /32 on the device (IPv4)."""
-        assert self.own is not None
-        want = self.own.subnet.network_address
-        addrs = await self._call("get_addr", family=2, index=index)
-        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in addrs}
-        if (str(want), 32) not in have:
-            await self._call("addr", "add", index=index, address=str(want), prefixlen=32)
-            log.info("address %s/32 on %s", want, self.device)
-        for addr, plen in have:
-            if (addr, plen) != (str(want), 32):
-                log.info("removing stale address %s/%d from %s", addr, plen, self.device)
-                await self._call("addr", "del", index=index, address=addr, prefixlen=plen)
-
-    async def _onlink_networks(self) -> list[IPv4Network]:
-        """IPv4 networks directly attached to the external interface (DirectRouting)."""
-        addrs = await self._call("get_addr", family=2, index=self.ext.index)
-        return [
-            IPv4Network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False)
-            for a in addrs
-        ]

@@ -2,7 +2,8 @@
 
 1. Throughput: iperf3 TCP, container to container across the overlay (h1c0 -> h2c0), against
    the raw underlay (host h1 -> host h2 over the same veth/bridge underlay), rounds alternating,
-   reported as medians and the overlay/underlay ratio. Once per backend (vxlan, udp). In the
+   reported as medians and the overlay/underlay ratio. Once per backend (vxlan, udp, host-gw:
+   host-gw has no encapsulation, so it should sit close to direct_c2c below). In the
    same rounds, to say where the gap goes (PATHS): the underlay at the overlay's MSS, host to
    host through the overlay device (encapsulation alone), and container to container without
    encapsulation (host-gw style /32 routes: the container path alone). `--split-cpus` repeats
@@ -17,7 +18,8 @@
    moment and share the machine, so drift hits both alike (but the full host's passes also take
    CPU from the incremental one: `--modes incremental` runs that host alone).
 
-    .venv/bin/python bench/bench_overlay.py                       # both, vxlan and udp
+    .venv/bin/python bench/bench_overlay.py                       # both, vxlan, udp, host-gw
+    .venv/bin/python bench/bench_overlay.py --backends vxlan,host-gw --skip-latency
     .venv/bin/python bench/bench_overlay.py --backends vxlan --seconds 5 --rounds 3
     .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 1000 --events 50
     .venv/bin/python bench/bench_overlay.py --skip-throughput --leases 1000,10000 --events 100
@@ -84,7 +86,8 @@ PATHS = ("underlay", "overlay", "underlay_mss", "overlay_host", "direct_c2c")
 - underlay_mss: the underlay again with the overlay's MSS (`-M`, overlay MTU - 52): how much of
   the gap is the smaller payload per packet alone.
 - overlay_host: host h1 -> h2's overlay address (the lease's network address on flannel.1 or
-  flannel0): the encapsulation alone, without the container veths, cni0 and forwarding.
+  flannel0; with host-gw, which has no device, h2's cni0 address): the encapsulation alone,
+  without the container veths, cni0 and forwarding.
 - direct_c2c: container -> container without encapsulation: for this run only, a /32 route
   to the other container via the other host's underlay address on each host (as host-gw
   would route), so the same veths, cni0, forwarding and --ip-masq rules, minus the overlay.
@@ -143,7 +146,9 @@ ABLATIONS: dict[str, tuple[list[str], list[str]]] = {
 
 
 async def _ablate(lab: Lab, name: str, on: bool) -> None:
-    dev = "flannel.1" if lab.state.backend == "vxlan" else "flannel0"
+    dev = {"vxlan": "flannel.1", "udp": "flannel0"}.get(lab.state.backend)
+    if dev is None and any("{dev}" in x for x in ABLATIONS[name][0]):
+        raise ValueError(f"ablation {name} needs an overlay device; {lab.state.backend} has none")
     argv = [x.replace("{dev}", dev) for x in ABLATIONS[name][0 if on else 1]]
     for node in lab.state.nodes:
         await run(*argv, ns=node.ns)
@@ -205,7 +210,10 @@ async def throughput(
             await wait_listening(ns, IPERF_PORT)
         env = SubnetEnv.read(lab.subnet_file(h1.index))
         overlay_mss = str(env.mtu - 52)  # IPv4 + TCP headers with timestamps
-        h2_overlay_ip = str(IPv4Network(h2.subnet).network_address)
+        # host-gw has no overlay device: h2's own address in its subnet is cni0's (.1).
+        h2_overlay_ip = str(
+            IPv4Network(h2.subnet).network_address + (1 if backend == "host-gw" else 0)
+        )
         # With --split-cpus every round measures all paths twice, as is and with one CPU per
         # host, side by side.
         settings = ("", "+split") if split else ("",)
@@ -447,7 +455,7 @@ def ablations_of(t: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="vxlan,udp")
+    parser.add_argument("--backends", default="vxlan,udp,host-gw")
     parser.add_argument("--seconds", type=int, default=5, help="per iperf3 run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -487,10 +495,10 @@ def main() -> int:
     result = asyncio.run(main_async(args))
     for t in result["throughput"]:
         if "error" in t:
-            print(f"{t['backend']:6} throughput: FAILED: {t['error']}")
+            print(f"{t['backend']:7} throughput: FAILED: {t['error']}")
         else:
             print(
-                f"{t['backend']:6} iperf3 TCP: underlay {t['underlay_gbps']:.2f} Gbit/s, "
+                f"{t['backend']:7} iperf3 TCP: underlay {t['underlay_gbps']:.2f} Gbit/s, "
                 f"overlay {t['overlay_gbps']:.2f} Gbit/s, ratio {t['ratio']:.2f} "
                 f"(median of {t['rounds']} x {t['seconds']} s)"
             )

@@ -1,9 +1,10 @@
-"""A host configured by hand exactly as flannel's vxlan backend would configure it.
+"""A host configured by hand exactly as flannel's vxlan or host-gw backend would configure it.
 
 Nothing here uses overlay's own code: the lease value is written byte for byte in flannel's
-format, and the data path is made with plain iproute2 commands (flannel.1, then per remote lease
-neighbour, FDB entry and onlink route, in flannel's order). The lab uses it to prove that an
-overlayd host and a flannel host interoperate, and to test the lab without the daemon.
+format, and the data path is made with plain iproute2 commands (vxlan: flannel.1, then per remote
+lease neighbour, FDB entry and onlink route, in flannel's order; host-gw: per remote lease one
+route via its PublicIP on the external interface). The lab uses it to prove that an overlayd
+host and a flannel host interoperate, and to test the lab without the daemon.
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ def flannel_vxlan_lease_value(public_ip: IPv4Address, vtep_mac: str, vni: int = 
     )
 
 
+def flannel_hostgw_lease_value(public_ip: IPv4Address) -> str:
+    """The lease value flannel v0.28 writes for a host-gw host (no BackendData)."""
+    return f'{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
+
+
+async def enable_forwarding(ns: str) -> None:
+    """The host routes its containers' traffic (flannel's hosts have ip_forward on)."""
+    await run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+
+
+async def add_hostgw_peer(ns: str, iface: str, subnet: IPv4Network, public_ip: IPv4Address) -> None:
+    """flannel's host-gw route for one remote lease."""
+    await run(
+        "ip", "route", "replace", str(subnet), "via", str(public_ip), "dev", iface, ns=ns
+    )  # fmt: skip
+
+
+async def remove_hostgw_peer(ns: str, subnet: IPv4Network) -> None:
+    await run("ip", "route", "del", str(subnet), ns=ns, check=False)
+
+
 @dataclass(frozen=True)
 class VxlanPeer:
     subnet: IPv4Network
@@ -57,7 +79,7 @@ async def setup_flannel_device(
     await run("ip", "link", "set", dev, "address", vtep_mac, "mtu", str(mtu), ns=ns)
     await run("ip", "addr", "add", f"{subnet.network_address}/32", "dev", dev, ns=ns)
     await run("ip", "link", "set", dev, "up", ns=ns)
-    await run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+    await enable_forwarding(ns)
     return dev
 
 

@@ -67,7 +67,7 @@ UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
 HEALTH_PORT = 8286
 DEFAULT_NETWORK = "10.1.0.0/16"
 DEFAULT_PREFIX = "/coreos.com/network"
-BACKENDS = ("vxlan", "udp", "alloc")
+BACKENDS = ("vxlan", "udp", "alloc", "host-gw")
 _NAME_RE = re.compile(r"^[a-z0-9]{1,10}$")
 
 Progress = Callable[[str], None]
@@ -569,31 +569,42 @@ class Lab:
         """A host set up with iproute2 and etcdctl exactly as flannel would set it up.
 
         It takes a free subnet (the highest free one unless given), writes its lease in
-        flannel's exact bytes with a 24 h etcd lease, makes flannel.1, writes its subnet.env,
-        programs every current vxlan lease as a peer, and gets its containers.
+        flannel's exact bytes with a 24 h etcd lease, makes flannel.1 (vxlan labs; a host-gw lab
+        needs no device), writes its subnet.env, programs every current lease of the lab's
+        backend as a peer, and gets its containers.
         """
         node = await self._make_host(kind="flannel")
         leases = await self.leases()
         if subnet is None:
             subnet = self._free_subnet_from_top({lease.subnet for lease in leases.values()})
         node.subnet = str(subnet)
-        node.vtep_mac = flannelhost.random_vtep_mac()
+        hostgw = self.state.backend == "host-gw"
+        if hostgw:
+            value = flannelhost.flannel_hostgw_lease_value(IPv4Address(node.ip))
+        else:
+            node.vtep_mac = flannelhost.random_vtep_mac()
+            value = flannelhost.flannel_vxlan_lease_value(IPv4Address(node.ip), node.vtep_mac)
         self.save()
-        value = flannelhost.flannel_vxlan_lease_value(IPv4Address(node.ip), node.vtep_mac)
         out = await self.etcdctl("lease", "grant", "86400")
         lease_id = out.split()[1]
         await self.etcdctl("put", f"--lease={lease_id}", self.lease_key(subnet), value)
-        mtu = 1500 - 50
-        await flannelhost.setup_flannel_device(
-            node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
-        )
+        if hostgw:
+            mtu = 1500
+            await flannelhost.enable_forwarding(node.ns)
+        else:
+            mtu = 1500 - 50
+            assert node.vtep_mac is not None
+            await flannelhost.setup_flannel_device(
+                node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
+            )
         # IPMASQ=true as flanneld --ip-masq (kube-flannel) writes it, like the overlayd hosts:
         # the CNI delegate then keeps container source addresses. (The masquerade rules for
         # traffic leaving the network are not made here: nothing leaves the lab.)
         env = SubnetEnv(IPv4Network(self.state.network), subnet, mtu, ipmasq=True)
         write_subnet_env(self.subnet_file(node.index), env)
         await self.sync_flannel_host(node.index)
-        self.progress(f"h{node.index}: flannel host by hand, subnet {subnet}, VTEP {node.vtep_mac}")
+        what = "host-gw" if hostgw else f"VTEP {node.vtep_mac}"
+        self.progress(f"h{node.index}: flannel host by hand, subnet {subnet}, {what}")
         await self._add_containers(node, env)
         return node
 
@@ -606,11 +617,16 @@ class Lab:
         raise LabError(f"no free subnet left in {net}")
 
     async def sync_flannel_host(self, index: int) -> None:
-        """Program the hand-made host's peers from the vxlan leases now in etcd."""
+        """Program the hand-made host's peers from the leases of the lab's backend now in etcd."""
         node = self.node(index)
         own = IPv4Network(node.subnet) if node.subnet else None
         for lease in (await self.leases()).values():
-            if lease.subnet == own or lease.attrs.backend_type != "vxlan":
+            if lease.subnet == own or lease.attrs.backend_type != self.state.backend:
+                continue
+            if self.state.backend == "host-gw":
+                await flannelhost.add_hostgw_peer(
+                    node.ns, "eth0", lease.subnet, lease.attrs.public_ip
+                )
                 continue
             data = lease.attrs.backend_data or {}
             mac = data.get("VtepMAC")

@@ -8,7 +8,7 @@ to that address), else the interface of the default route (lowest metric). When
 InterfaceError says what was tried.
 
 The public IP is `--public-ip` or the interface's first IPv4 address; the MTU is the link's.
-Only pyroute2's AsyncIPRoute is used (the sync IPRoute breaks inside a running loop).
+Netlink through backends/links.py (pyroute2's AsyncIPRoute, opened one way for everyone).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from socket import AF_INET
 from typing import Any
 
 from backends.base import ExternalInterface
+from backends.links import collect, open_iproute
 
 NETLINK_TIMEOUT = 5.0
 
@@ -38,18 +39,11 @@ class _Link:
     addrs: list[IPv4Address] = field(default_factory=list)
 
 
-async def _collect(result: Any) -> list[Any]:
-    """pyroute2 answers either with a list or with an async generator; make it a list."""
-    if hasattr(result, "__aiter__"):
-        return [msg async for msg in result]
-    return list(result)
-
-
 async def _read_links(ipr: Any) -> dict[int, _Link]:
     links: dict[int, _Link] = {}
-    for msg in await _collect(await ipr.link("dump")):
+    for msg in await collect(await ipr.link("dump")):
         links[msg["index"]] = _Link(msg["index"], msg.get("ifname"), int(msg.get("mtu") or 0))
-    for msg in await _collect(await ipr.addr("dump", family=AF_INET)):
+    for msg in await collect(await ipr.addr("dump", family=AF_INET)):
         link = links.get(msg["index"])
         address = msg.get("address") or msg.get("local")
         if link is not None and address:
@@ -85,7 +79,7 @@ def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
 
 async def _route_oif(ipr: Any, dst: IPv4Address) -> tuple[int | None, IPv4Address | None]:
     try:
-        routes = await _collect(await ipr.route("get", dst=str(dst)))
+        routes = await collect(await ipr.route("get", dst=str(dst)))
     except Exception:  # netlink error: unreachable network and the like
         return None, None
     for r in routes:
@@ -98,7 +92,7 @@ async def _route_oif(ipr: Any, dst: IPv4Address) -> tuple[int | None, IPv4Addres
 
 async def _default_oif(ipr: Any) -> int | None:
     best: tuple[int, int] | None = None
-    for r in await _collect(await ipr.get_default_routes(family=AF_INET)):
+    for r in await collect(await ipr.get_default_routes(family=AF_INET)):
         oif = r.get("oif")
         if not oif:
             multipath = r.get("multipath") or []
@@ -121,11 +115,8 @@ async def choose_interface(
     netlink_timeout: float = NETLINK_TIMEOUT,
 ) -> ExternalInterface:
     """Pick the external interface by flannel's rules; raise InterfaceError when none fits."""
-    from pyroute2 import AsyncIPRoute  # heavy import (~0.45 s), only where needed
-
-    kwargs: dict[str, Any] = {"netns": netns} if netns else {}
     async with asyncio.timeout(netlink_timeout):
-        ipr = AsyncIPRoute(**kwargs)
+        ipr = await open_iproute(netns, netlink_timeout)
         try:
             links = await _read_links(ipr)
             link, src, tried = await _choose(ipr, links, ifaces, regexes, can_reach)

@@ -156,7 +156,8 @@ async def test_device_created_with_flannel_attributes(
 
 
 async def test_options_reach_the_device(host: Host, backends: list[VxlanBackend]) -> None:
-    cfg = config(VNI=7, Port=4789, Learning=True, GBP=True, MTU=1300)
+    # Backend.MTU is the underlay MTU, as in flannel: the device gets 50 less.
+    cfg = config(VNI=7, Port=4789, Learning=True, GBP=True, MTU=1350)
     b = VxlanBackend(cfg, host.ext, netns=host.ns.name)
     backends.append(b)
     attrs = await b.prepare()

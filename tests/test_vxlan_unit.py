@@ -11,15 +11,8 @@ from hypothesis import strategies as st
 
 from backends import netlink as nl
 from backends.base import ExternalInterface
-from backends.vxlan import (
-    DesiredIndex,
-    Peer,
-    VxlanOptions,
-    desired_peers,
-    device_mtu,
-    plan,
-    random_mac,
-)
+from backends.vxlan_device import VxlanOptions, device_mtu, random_mac
+from backends.vxlan_plan import DesiredIndex, Peer, desired_peers, plan
 from subnetmgr.model import ConfigError, Lease, LeaseAttrs
 
 NET = IPv4Network("10.5.0.0/16")
@@ -76,6 +69,9 @@ def test_options_are_case_insensitive_and_port_zero_means_8472() -> None:
         ("vni", 10_000_000, "Backend.VNI"),  # flannel.10000000 is 16 characters
         ("port", 70000, "Backend.Port"),
         ("mtu", 40, "Backend.MTU"),
+        ("mtu", 117, "Backend.MTU"),  # the underlay MTU: the device would get 67
+        ("mtu", 1500.0, "Backend.MTU"),
+        ("mtu", True, "Backend.MTU"),
         ("learning", "yes", "Backend.Learning"),
         ("directrouting", 1, "Backend.DirectRouting"),
         ("disabletxchecksumoffload", "off", "Backend.DisableTxChecksumOffload"),
@@ -95,8 +91,12 @@ def test_bad_options_name_the_field_and_value(key: str, value: object, field: st
 def test_mtu_rules() -> None:
     assert device_mtu(VxlanOptions(), ext(1500)) == 1450
     assert device_mtu(VxlanOptions(), ext(9000)) == 8950
-    assert device_mtu(VxlanOptions(mtu=1300), ext(9000)) == 1300
-    # An IPv6 underlay costs 70 bytes (flannel's rule).
+    # Backend.MTU is the underlay MTU (flannel's meaning): the device gets 50 less, whatever
+    # the external interface's MTU is.
+    assert device_mtu(VxlanOptions(mtu=1300), ext(9000)) == 1250
+    assert device_mtu(VxlanOptions(mtu=9000), ext(1500)) == 8950
+    assert device_mtu(VxlanOptions.from_backend({"MTU": 118}), ext(1500)) == 68
+    # An IPv6 underlay costs 70 bytes (flannel subtracts 50 regardless; we do not).
     assert device_mtu(VxlanOptions(), ext(1500, IPv6Address("fd00::1"))) == 1430
 
 
@@ -347,3 +347,19 @@ def test_get_requests_encode_what_they_ask_for() -> None:
     route = nl.parse_route(memoryview(nl.route_get(dst).body))
     assert route is not None and route.dst == IPv4Network("10.5.2.0/32")
     assert route.flags == nl.RTM_F_FIB_MATCH
+
+
+@given(st.one_of(st.integers(-(1 << 70), 1 << 70), st.floats(), st.text(max_size=8), st.none()))
+def test_backend_mtu_is_the_underlay_mtu_or_a_typed_error(value: object) -> None:
+    """Any Backend.MTU value gives a ConfigError naming the key, or a device MTU that is the
+    value (the external interface's when 0 or absent) minus 50 and at least 68."""
+    try:
+        options = VxlanOptions.from_backend({"MTU": value})
+    except ConfigError as e:
+        assert e.field == "Backend.MTU"
+        return
+    mtu = device_mtu(options, ext(1500))
+    if value in (None, 0):
+        assert mtu == 1450
+    else:
+        assert isinstance(value, int) and mtu == value - 50 and mtu >= 68
