@@ -192,6 +192,38 @@ async def probe_random_fully(prefix: Sequence[str] = (), iptables: str = "iptabl
     return rc == 0
 
 
+async def _remove_chain(prefix: Sequence[str], binary: str, spec: ChainSpec) -> bool:
+    """Take one chain and its jumps out (missing pieces are fine); True when it was there."""
+    ipt = [*prefix, binary, "-w", "5", "-t", spec.table]
+    found = False
+    while (await run_command([*ipt, "-D", spec.parent, *_jump(spec)], check=False))[0] == 0:
+        found = True
+    if (await run_command([*ipt, "-F", spec.chain], check=False))[0] == 0:
+        found = True
+    await run_command([*ipt, "-X", spec.chain], check=False)
+    return found
+
+
+async def remove_chains(
+    prefix: Sequence[str], binaries: Sequence[str], *, only: Sequence[ChainSpec] | None = None,
+    why: str = "",
+) -> None:  # fmt: skip
+    """Take our chains (FLANNEL-POSTRTG, FLANNEL-FWD; or `only` these) out with each binary.
+    With `why` (pruning): a binary that is not installed is skipped, a removal logged."""
+    placeholder = IPv4Network("0.0.0.0/0")  # the rules do not matter for removal
+    specs = only if only is not None else masq_chains(placeholder, placeholder)
+    for binary in binaries:
+        for spec in specs:
+            try:
+                if await _remove_chain(prefix, binary, spec) and why:
+                    log.info("removed %s chain %s (%s)", binary, spec.chain, why)
+            except IptablesError as e:
+                if not why:
+                    raise
+                log.debug("%s not looked at: %s", binary, e)
+                break
+
+
 @dataclass
 class _Family:
     """The chains of one address family and the programs that write them."""
@@ -284,30 +316,18 @@ class IptablesRules:
                     changed = True
         return changed
 
-    async def _remove_chain(self, binary: str, spec: ChainSpec) -> bool:
-        """Take one chain and its jumps out; True when it was there."""
-        jump = _jump(spec)
-        found = False
-        while (await self._run(binary, "-t", spec.table, "-D", spec.parent, *jump,
-                               check=False))[0] == 0:  # fmt: skip
-            found = True
-        if (await self._run(binary, "-t", spec.table, "-F", spec.chain, check=False))[0] == 0:
-            found = True
-        await self._run(binary, "-t", spec.table, "-X", spec.chain, check=False)
-        return found
-
     async def remove(self) -> None:
         """Take the jumps and chains out (missing pieces are fine)."""
-        for fam in self.families:
-            for spec in (*fam.chains, *fam.unwanted):
-                await self._remove_chain(fam.iptables, spec)
+        await remove_chains(self.prefix, [fam.iptables for fam in self.families])
 
     async def prune(self) -> None:
-        """Chains of disabled parts, and the nftables tables of a previous EnableNFTables run."""
+        """Chains of disabled parts (also IPv6 ones without an IPv6Network now), and the
+        nftables tables of a previous EnableNFTables run."""
         for fam in self.families:
-            for spec in fam.unwanted:
-                if await self._remove_chain(fam.iptables, spec):
-                    log.info("removed %s chain %s (not enabled now)", fam.iptables, spec.chain)
+            await remove_chains(self.prefix, [fam.iptables], only=fam.unwanted,
+                                why="not enabled now")  # fmt: skip
+        if self.ipv6 is None:
+            await remove_chains(self.prefix, [self.ip6tables], why="no IPv6Network now")
         from overlay.nftrules import remove_tables
 
         await remove_tables(self.prefix, quiet=True)

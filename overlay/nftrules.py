@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from overlay.masq import MULTICAST, IptablesError, IptablesRules, Network, run_command
+from overlay.masq import MULTICAST, IptablesError, Network, remove_chains, run_command
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +265,4 @@ class NftRules:
         if self.ipv6 is None:
             unused.append(TABLES[6])
         await remove_tables(self.prefix, unused)
-        ipv6 = (self.ipv6[0], None) if self.ipv6 is not None else None
-        old = IptablesRules(self.network, self.network, ipv6=ipv6, prefix=self.prefix)
-        for fam in old.families:
-            for spec in (*fam.chains, *fam.unwanted):
-                try:
-                    if await old._remove_chain(fam.iptables, spec):
-                        log.info("removed %s chain %s (nftables mode now)", fam.iptables,
-                                 spec.chain)  # fmt: skip
-                except IptablesError as e:
-                    log.debug("%s not looked at: %s", fam.iptables, e)
-                    break
+        await remove_chains(self.prefix, ("iptables", "ip6tables"), why="nftables mode now")
