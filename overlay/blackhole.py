@@ -7,7 +7,9 @@ As flannel: in the main table, the own lease's subnet (and IPv6 subnet when ther
 re-added every --iptables-resync seconds. Unlike flannel, when another route for exactly the
 subnet exists (a bridge's `10.x.y.0/24 dev cni0`, which already keeps that traffic here) we
 leave it alone and say so once at INFO, where flannel logs "file exists" errors every period;
-and a lease change takes our old subnet's blackhole route out.
+when such a route appears after ours (the bridge came up later), the kernel would keep using
+the blackhole and drop the bridge's traffic, so ours is taken out (WARNING); and a lease change
+takes our old subnet's blackhole route out.
 """
 
 from __future__ import annotations
@@ -72,9 +74,18 @@ class BlackholeRoute:
         added = False
         for subnet in self.subnets:
             routes = await self._routes(subnet)
-            if any(r.get("type") == "blackhole" for r in routes):
+            ours = [r for r in routes if r.get("type") == "blackhole"]
+            others = [r for r in routes if r.get("type") != "blackhole"]
+            if ours and others:
+                # A route added after ours (a bridge came up) sits behind it: the kernel would
+                # pick the blackhole and drop traffic to the bridge's pods. Ours goes.
+                await run_command(self._ip(subnet, "route", "del", "blackhole", str(subnet),
+                                           "table", "main"), check=False)  # fmt: skip
+                log.warning("removed blackhole route %s: %s has a route for it now", subnet,
+                            others[0].get("dev", "?"))  # fmt: skip
+            if ours and not others:
                 continue
-            if routes:
+            if others:
                 if subnet not in self._covered:
                     self._covered.add(subnet)
                     log.info("a route for %s exists already (%s): no blackhole route needed "
