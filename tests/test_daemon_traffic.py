@@ -63,8 +63,10 @@ def test_nftables_mode_from_the_config_and_back_to_iptables(
         assert [r.get("type") for r in routes] == ["blackhole"]
 
         in_ns(site, "nft", "delete", "table", "ip", "flannel-ipv4")
-        d.wait_for("nft repair", lambda: f"ip saddr {subnet}" in nft_table(site))
-        assert "nftables rules were missing or changed; restored them" in d.tail()
+        repaired = "nftables rules were missing or changed; restored them"
+        d.wait_for("nft repair", lambda: repaired in d.log.read_text(errors="replace"))
+        assert f"ip saddr {subnet} ip daddr {NETWORK} return" in nft_table(site)
+        assert d.metric("overlay_masq_repairs_total") == "overlay_masq_repairs_total 1"
         assert d.stop() == 0
         assert nft_table(site) != ""  # left in place on exit, like routes
 
