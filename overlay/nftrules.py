@@ -219,6 +219,8 @@ class NftRules:
         self.families: tuple[NftFamily, ...] = ()
         self._written: dict[str, str | None] = {}
         """table -> fingerprint of what the last ensure() left in the kernel."""
+        self._script: str | None = None
+        """The script the last ensure() applied (a new lease changes it)."""
         self.set_lease(lease, ipv6[1] if ipv6 else None)
 
     def set_lease(self, lease: IPv4Network, ipv6_lease: IPv6Network | None = None) -> None:
@@ -227,7 +229,6 @@ class NftRules:
             fams.append(NftFamily(self.ipv6[0], ipv6_lease, self.masq, self.forward,
                                   self.random_fully))  # fmt: skip
         self.families = tuple(fams)
-        self._written = {}  # the next ensure() writes the new content
 
     def script(self) -> str:
         return replace_script(self.families)
@@ -242,21 +243,24 @@ class NftRules:
         wanted = [f for f in self.families if f.definition()]
         if not wanted:
             return False
-        current = {f.table: await self._fingerprint(f) for f in wanted}
-        if all(current[t] is not None and current[t] == self._written.get(t) for t in current):
-            return False
         text = replace_script(wanted)
+        current = {f.table: await self._fingerprint(f) for f in wanted}
+        if text == self._script and all(
+            current[t] is not None and current[t] == self._written.get(t) for t in current
+        ):
+            return False
         try:
             await run_command([*self.prefix, "nft", "-f", "-"], stdin=text.encode())
         except IptablesError as e:
             raise IptablesError(f"{e}; its input was:\n{text}") from None
+        self._script = text
         self._written = {f.table: await self._fingerprint(f) for f in wanted}
         return True
 
     async def remove(self) -> None:
         """Delete both tables (missing ones are fine)."""
         await remove_tables(self.prefix)
-        self._written = {}
+        self._written, self._script = {}, None
 
     async def prune(self) -> None:
         """Tables of families with nothing enabled, and the iptables chains of a previous run

@@ -253,6 +253,10 @@ async def test_repairs_hand_edits_and_deletion_in_one_transaction(
         assert len(writes(log)) == 1, edit
         assert nft(netns, "list", "ruleset") == before, edit
 
+    # The same lease again (a re-acquisition of the same subnet): nothing to write.
+    r.set_lease(LEASE, LEASE6)
+    assert await r.ensure() is False and writes(log) == []
+
     # A new lease: one transaction, the new subnet in, the old one out.
     r.set_lease(IPv4Network("10.50.9.0/24"), LEASE6)
     assert await r.ensure() is True and len(writes(log)) == 1
