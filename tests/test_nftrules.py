@@ -315,3 +315,26 @@ def test_kernel_accepts_every_generated_table(
     done = subprocess.run(["unshare", "--net", "nft", "-c", "-f", "-"], input=script,
                           capture_output=True, text=True, timeout=10)  # fmt: skip
     assert done.returncode == 0, f"{done.stderr}\n{script}"
+
+
+async def test_traffic_rules_picks_the_mode_and_families_from_the_config() -> None:
+    """No kernel needed: without --ip-masq nothing is probed and nothing runs yet."""
+    from ipaddress import IPv4Address
+
+    from overlay.masq import IptablesRules, traffic_rules
+    from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
+
+    lease = Lease(LEASE, LeaseAttrs(IPv4Address("192.0.2.1")), ipv6_subnet=LEASE6)
+    plain = NetworkConfig.from_json('{"Network": "10.50.0.0/16"}')
+    r = await traffic_rules(plain, lease, masq=False, forward=True)
+    assert isinstance(r, IptablesRules) and r.ipv6 is None
+    assert [s.chain for s in r.chains] == ["FLANNEL-FWD"]
+    dual = NetworkConfig.from_json(json.dumps({
+        "Network": "10.50.0.0/16", "EnableNFTables": True,
+        "EnableIPv6": True, "IPv6Network": str(NET6),
+    }))  # fmt: skip
+    n = await traffic_rules(dual, lease, masq=False, forward=True)
+    assert isinstance(n, NftRules)
+    assert [(f.family, f.table) for f in n.families] == [("ip", "flannel-ipv4"),
+                                                        ("ip6", "flannel-ipv6")]  # fmt: skip
+    assert "chain postrtg" not in n.script() and n.script().count("chain forward") == 2
