@@ -224,8 +224,8 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--subnet-lease-renew-margin", _nonneg_int, 60,
          "renew the lease this many minutes before it expires", "MINUTES"),
     Flag("--ip-masq", _bool, False,
-         "install iptables rules that masquerade traffic leaving the overlay network and "
-         "accept forwarding within it", switch=True),
+         "masquerade traffic leaving the overlay network (nat chain FLANNEL-POSTRTG from "
+         "POSTROUTING, or chain postrtg of the nftables table)", switch=True),
     Flag("--ip-masq-fully-random-disable", _bool, False,
          "masquerade without --random-fully / fully-random (also used without it when the "
          "iptables or nft in use does not support it; a warning says so)", switch=True),
