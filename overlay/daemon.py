@@ -275,7 +275,9 @@ class Overlayd:
                 self.traffic.set_lease(own.subnet, own.ipv6_subnet)
             await self.traffic.ensure()
         except IptablesError as e:
-            raise FatalError(f"--ip-masq/--iptables-forward-rules: {e}") from None
+            raise FatalError(f"traffic rules ({self.traffic.name if self.traffic else 'setup'}): "
+                             f"{e}; --iptables-forward-rules=false without --ip-masq installs "
+                             "none") from None  # fmt: skip
         if opts.ip_blackhole_route:
             subnets = [s for s in (own.subnet, own.ipv6_subnet) if s is not None]
             if self.blackhole is None:

@@ -178,9 +178,10 @@ async def run_command(
     return rc, text, errors
 
 
-async def probe_random_fully(prefix: Sequence[str] = (), iptables: str = "iptables") -> bool:
+async def probe_random_fully(prefix: Sequence[str] = (), iptables: str = "iptables") -> bool | None:
     """Whether this iptables accepts `-j MASQUERADE --random-fully`: a rule with it in a scratch
-    chain, parsed by `iptables-restore --test` (nothing is committed)."""
+    chain, parsed by `iptables-restore --test` (nothing is committed). None: it cannot run at
+    all (not installed), which the first ensure() reports."""
     text = (f"*nat\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} -j MASQUERADE --random-fully\n"
             "COMMIT\n")  # fmt: skip
     argv = [*prefix, f"{iptables}-restore", "-w", "5", "--test", "--noflush"]
@@ -188,7 +189,7 @@ async def probe_random_fully(prefix: Sequence[str] = (), iptables: str = "iptabl
         rc, _, _ = await run_command(argv, check=False, stdin=text.encode())
     except IptablesError as e:
         log.debug("random-fully probe: %s", e)
-        return False
+        return None
     return rc == 0
 
 
@@ -344,7 +345,8 @@ async def traffic_rules(
     nft = config.enable_nftables
     random_fully = masq and not random_fully_disable
     if random_fully:
-        random_fully = await (probe_fully_random(prefix) if nft else probe_random_fully(prefix))
+        probed = await (probe_fully_random(prefix) if nft else probe_random_fully(prefix))
+        random_fully = probed is not False  # None: not runnable, ensure() will say so
         if not random_fully:
             tool = "nft" if nft else "iptables"
             log.warning("%s here does not support fully random masquerading: using plain "

@@ -162,9 +162,9 @@ def fingerprint(listing: str) -> str | None:
         return None
 
 
-async def probe_fully_random(prefix: Sequence[str] = ()) -> bool:
+async def probe_fully_random(prefix: Sequence[str] = ()) -> bool | None:
     """Whether nft and the kernel accept `masquerade fully-random`: a scratch table checked
-    with `nft --check` (not committed)."""
+    with `nft --check` (not committed). None: nft cannot run at all (not installed)."""
     text = (f"table ip {PROBE_TABLE} {{\n\tchain probe {{\n\t\ttype nat hook postrouting "
             "priority srcnat; policy accept;\n\t\tmasquerade fully-random\n\t}\n}\n")  # fmt: skip
     try:
@@ -172,7 +172,7 @@ async def probe_fully_random(prefix: Sequence[str] = ()) -> bool:
                                      stdin=text.encode())  # fmt: skip
     except IptablesError as e:
         log.debug("fully-random probe: %s", e)
-        return False
+        return None
     return rc == 0
 
 

@@ -300,8 +300,10 @@ async def test_fully_random_probe_and_a_failing_nft(netns: str, tmp_path: Path) 
     r = NftRules(NETWORK, LEASE, prefix=(*prefix, "env", "PATH=/nonexistent"))
     with pytest.raises(IptablesError, match=r"(?s)nft -f -` failed.*nft.*its input was"):
         await r.ensure()
+    missing = (str(tmp_path / "no-such-program"),)
     with pytest.raises(IptablesError, match="not found"):
-        await NftRules(NETWORK, LEASE, prefix=(str(tmp_path / "no-such-program"),)).ensure()
+        await NftRules(NETWORK, LEASE, prefix=missing).ensure()
+    assert await probe_fully_random(missing) is None  # unknown, not "unsupported"
 
 
 @pytest.mark.root
