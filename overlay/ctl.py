@@ -30,7 +30,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, resolve
+from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, package_version, resolve
 from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
 from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
@@ -292,6 +292,8 @@ def build_parser(plugin_modules: Sequence[str] = PLUGIN_MODULES) -> argparse.Arg
         description="Look at and change overlay's network config, leases and reservations "
         "in etcd. Every --etcd-* flag can also come from FLANNELD_ETCD_*.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the version and exit")  # fmt: skip
     etcd = parser.add_argument_group("etcd")
     add_flags(etcd, ETCD_FLAGS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

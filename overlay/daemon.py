@@ -1,14 +1,15 @@
 """overlayd: the composition root. Builds the parts and wires them together.
 
 wait_for_config -> choose the backend -> backend.prepare() -> acquire the lease with those
-attributes -> backend.start(own) -> subnet.env (+ iptables with --ip-masq) -> ready; then, side by
-side in one TaskGroup: the lease mirror feeding backend.reconcile(peers, changed) with the subnets
-that changed (an incremental pass, whose cost does not grow with the number of leases; only
-leases that fit the network config, see subnetmgr.validate: the others are logged once and
-counted in overlay_leases_ignored_total{reason}), a full pass (changed=None) at start, every
---resync-period seconds and after an error, keep() renewing the lease (re-acquiring and
+attributes -> backend.start(own) -> subnet.env, traffic rules (overlay/masq.py) -> ready; then,
+side by side in one TaskGroup: the lease mirror feeding backend.reconcile(peers, changed) with
+the subnets that changed (an incremental pass, whose cost does not grow with the number of
+leases; only leases that fit the network config, see subnetmgr.validate: the others are logged
+once and counted in overlay_leases_ignored_total{reason}), a full pass (changed=None) at start,
+every --resync-period seconds and after an error, keep() renewing the lease (re-acquiring and
 restarting the backend when it is lost), a watch on the network config (a change is logged; it
-applies at the next start, as in flannel), the iptables resync, and the MQTT publisher.
+applies at the next start, as in flannel), the iptables resync (rules and blackhole route), and
+the MQTT publisher.
 
 SIGTERM/SIGINT stop everything and leave kernel state (devices, routes, rules) in place: exit 0.
 Fatal problems (no interface, out of subnets, a backend that cannot start) exit 1 with a message.
@@ -32,11 +33,12 @@ from typing import Any
 
 import backends
 from backends.base import Backend, BackendError, ExternalInterface
+from overlay.blackhole import BlackholeRoute
 from overlay.events import EventPublisher
 from overlay.events import raise_if_cancelling as _raise_if_cancelling
 from overlay.health import HealthServer, Metrics
 from overlay.iface import InterfaceError, choose_interface
-from overlay.masq import IptablesError, Masquerade
+from overlay.masq import IptablesError, TrafficRules, traffic_rules
 from overlay.options import Options, parse_options
 from overlay.sdnotify import sd_notify
 from overlay.subnetenv import SubnetEnv, SubnetEnvError, read_previous_subnet, write_subnet_env
@@ -148,7 +150,8 @@ class Overlayd:
         self.backend: Backend | None = None
         self.config: NetworkConfig | None = None
         self.own: Lease | None = None
-        self.masq: Masquerade | None = None
+        self.traffic: TrafficRules | None = None
+        self.blackhole: BlackholeRoute | None = None
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()  # one backend call at a time
         self._changed = asyncio.Event()
@@ -236,7 +239,7 @@ class Overlayd:
             tg.create_task(
                 _logged("config watch", self._supervise("config watch", self._watch_config))
             )
-            if self.masq is not None and self.opts.iptables_resync > 0:
+            if self.opts.iptables_resync > 0:
                 tg.create_task(_logged("iptables resync", self._masq_loop()))
 
     def _lease_details(self, lease: Lease) -> dict[str, Any]:
@@ -270,17 +273,7 @@ class Overlayd:
                     f"cannot write {self.opts.subnet_file}: {e}; check --subnet-file"
                 ) from None
             log.info("wrote %s (subnet %s, MTU %d)", self.opts.subnet_file, own.subnet, mtu)
-            if self.opts.ip_masq:
-                if self.masq is None:
-                    self.masq = Masquerade(
-                        self.config.network, own.subnet, prefix=self.iptables_prefix
-                    )
-                else:
-                    self.masq.set_lease(self.config.network, own.subnet)
-                try:
-                    await self.masq.ensure()
-                except IptablesError as e:
-                    raise FatalError(f"--ip-masq: {e}") from None
+            await self._apply_rules(own)
             m = self.metrics
             m.lease_subnet = str(own.subnet)
             m.lease_public_ip = str(own.attrs.public_ip)
@@ -288,6 +281,37 @@ class Overlayd:
             m.lease_expiration = _known(own.expiration)
             self._full_due = True  # the next reconcile is a full one
         self._changed.set()
+
+    async def _apply_rules(self, own: Lease) -> None:
+        """Masquerade/forward rules (iptables or nftables) and the blackhole route for `own`;
+        the first time, also take out rules this configuration does not install."""
+        assert self.config is not None
+        opts = self.opts
+        try:
+            if self.traffic is None:
+                self.traffic = await traffic_rules(
+                    self.config, own, masq=opts.ip_masq, forward=opts.iptables_forward_rules,
+                    random_fully_disable=opts.ip_masq_fully_random_disable,
+                    prefix=self.iptables_prefix,
+                )  # fmt: skip
+                await self.traffic.prune()
+            else:
+                self.traffic.set_lease(own.subnet, own.ipv6_subnet)
+            await self.traffic.ensure()
+        except IptablesError as e:
+            raise FatalError(f"traffic rules ({self.traffic.name if self.traffic else 'setup'}): "
+                             f"{e}; --iptables-forward-rules=false without --ip-masq installs "
+                             "none") from None  # fmt: skip
+        if opts.ip_blackhole_route:
+            subnets = [s for s in (own.subnet, own.ipv6_subnet) if s is not None]
+            if self.blackhole is None:
+                self.blackhole = BlackholeRoute(subnets, prefix=self.iptables_prefix)
+            else:
+                self.blackhole.set_subnets(subnets)
+            try:
+                await self.blackhole.ensure()
+            except IptablesError as e:
+                raise FatalError(f"--ip-blackhole-route: {e}") from None
 
     def _mark_ready(self) -> None:
         self.metrics.ready = True
@@ -491,19 +515,24 @@ class Overlayd:
                       "full" if full else f"{len(changed)} changed")  # fmt: skip
 
     async def _masq_loop(self) -> None:
-        assert self.masq is not None
+        """Every --iptables-resync seconds: the traffic rules and the blackhole route."""
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
             self.metrics.masq_resyncs += 1
-            try:
-                async with self._lock:
-                    repaired = await self.masq.ensure()
-            except IptablesError as e:
-                log.error("iptables resync failed: %s", e)
-                continue
-            if repaired:
-                self.metrics.masq_repairs += 1
-                log.warning("iptables rules were missing or changed; restored them")
+            parts = (("rules", self.traffic), ("blackhole route", self.blackhole))
+            for what, part in parts:
+                if part is None:
+                    continue
+                try:
+                    async with self._lock:
+                        repaired = await part.ensure()
+                except IptablesError as e:
+                    log.error("%s resync failed: %s", what, e)
+                    continue
+                if repaired and part is self.traffic:
+                    self.metrics.masq_repairs += 1
+                    log.warning("%s %s were missing or changed; restored them",
+                                self.traffic.name, what)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the process

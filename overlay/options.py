@@ -10,6 +10,7 @@ a message naming the flag (or variable) and the value, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import re
@@ -223,10 +224,24 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--subnet-lease-renew-margin", _nonneg_int, 60,
          "renew the lease this many minutes before it expires", "MINUTES"),
     Flag("--ip-masq", _bool, False,
-         "install iptables rules that masquerade traffic leaving the overlay network and "
-         "accept forwarding within it", switch=True),
+         "masquerade traffic leaving the overlay network (nat chain FLANNEL-POSTRTG from "
+         "POSTROUTING, or chain postrtg of the nftables table)", switch=True),
+    Flag("--ip-masq-fully-random-disable", _bool, False,
+         "masquerade without --random-fully / fully-random (also used without it when the "
+         "iptables or nft in use does not support it; a warning says so)", switch=True),
+    Flag("--iptables-forward-rules", _bool, True,
+         "accept forwarding to and from the overlay network (chain FLANNEL-FWD from FORWARD, "
+         "or chain forward of the nftables table), so a FORWARD policy of DROP does not stop "
+         "overlay traffic; independent of --ip-masq; =false leaves FORWARD alone",
+         switch=True),
     Flag("--iptables-resync", _nonneg_int, 5,
-         "seconds between checks that the iptables rules are still in place", "SECONDS"),
+         "seconds between checks that the iptables/nftables rules (and the blackhole route) "
+         "are still in place; 0: set them once", "SECONDS"),
+    Flag("--ip-blackhole-route", _bool, False,
+         "add a blackhole route for our own subnet, so traffic to its unassigned addresses is "
+         "dropped here instead of following the default route (for CNI setups without a "
+         "bridge covering the subnet); re-added every --iptables-resync seconds",
+         switch=True),
     Flag("--healthz-ip", _ipv4, IPv4Address("127.0.0.1"),
          "address the health server listens on (flannel's default is 0.0.0.0; ours is "
          "loopback)", "IP"),
@@ -249,11 +264,14 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
 def add_flags(parser: argparse._ActionsContainer, flags: Sequence[Flag]) -> None:
     for f in flags:
         shown = f.shown_default
-        if shown is None:
-            shown = "off" if f.switch else ("none" if f.default is None else str(f.default))
+        if shown is None and f.switch:
+            shown = "on" if f.default else "off"
+        elif shown is None:
+            shown = "none" if f.default is None else str(f.default)
         text = f"{f.help} (default: {shown}; env {f.env})"
-        if f.switch:
-            parser.add_argument(f.name, action="store_const", const=True, default=None, help=text)
+        if f.switch:  # `--flag` alone is true; `--flag=false` as Go's flag package takes it
+            parser.add_argument(f.name, nargs="?", const=True, default=None, metavar="BOOL",
+                                type=_checked(f.parse, "BOOL"), help=text)  # fmt: skip
         else:
             parser.add_argument(
                 f.name,
@@ -362,7 +380,10 @@ class Options:
     subnet_file: Path
     subnet_lease_renew_margin: int
     ip_masq: bool
+    ip_masq_fully_random_disable: bool
+    iptables_forward_rules: bool
     iptables_resync: int
+    ip_blackhole_route: bool
     healthz_ip: IPv4Address
     healthz_port: int
     metrics: bool
@@ -383,8 +404,18 @@ flannel CNI plugin and keeps the lease and the routes to every other host up to 
 
 Every flag can also be set with the environment variable shown (FLANNELD_<FLAG>); the command
 line wins. FLANNELD_IFACE takes a comma-separated list. Bad values exit with code 2.
+A switch (--ip-masq, --iptables-forward-rules, ...) alone means true; --switch=false (or
+FLANNELD_<SWITCH>=false) turns it off.
 SIGTERM/SIGINT stop the daemon and leave devices, routes and iptables rules in place (exit 0).
 """
+
+
+def package_version() -> str:
+    """The installed overlay package's version ("unknown" when run from a bare source tree)."""
+    try:
+        return importlib.metadata.version("overlay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the version and exit")  # fmt: skip
     etcd = parser.add_argument_group("etcd")
     add_flags(etcd, ETCD_FLAGS)
     daemon = parser.add_argument_group("daemon")

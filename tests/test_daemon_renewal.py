@@ -1,8 +1,10 @@
 """Lease renewal as the daemon sees it, in-process against a real etcd with a short lease TTL.
 
 The composition (Overlayd) runs with the alloc backend and an external interface given directly
-(alloc touches no kernel state, so no namespace is needed); only the TTL is shortened, through
-the SubnetManager the daemon accepts, so that a renewal happens within seconds.
+(alloc touches no kernel state); the traffic rules (forward rules are on by default) go into a
+throwaway namespace through the daemon's iptables_prefix, never the test machine's own. Only
+the TTL is shortened, through the SubnetManager the daemon accepts, so that a renewal happens
+within seconds.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from overlay.health import Metrics
 from overlay.options import parse_options
 from subnetmgr.manager import SubnetManager
 from subnetmgr.registry import EtcdOptions, EtcdRegistry
+from tests.netns import NetnsLab, netns_lab
+
+lab = pytest.fixture(netns_lab, name="lab")
 
 
 @pytest.mark.slow
+@pytest.mark.root
 async def test_renewal_is_reported_and_keeps_the_subnet(
-    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, lab: NetnsLab
 ) -> None:
     opts = parse_options(
         ["--etcd-prefix", etcd_prefix, "--subnet-file", str(tmp_path / "subnet.env"),
@@ -43,7 +49,9 @@ async def test_renewal_is_reported_and_keeps_the_subnet(
         metrics = Metrics()
         events = EventPublisher(None, "overlay", ext.public_ip, metrics)
         manager = SubnetManager(registry, ttl=6, renew_margin=4.0)  # renew every ~2 s
-        daemon = Overlayd(opts, registry, ext, metrics, events, manager=manager)
+        rules_ns = lab.netns("renew")
+        daemon = Overlayd(opts, registry, ext, metrics, events, manager=manager,
+                          iptables_prefix=rules_ns.exec_cmd())  # fmt: skip
         task = asyncio.create_task(daemon.run())
         try:
             async with asyncio.timeout(15):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import io
 import re
 import subprocess
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from overlay.options import DAEMON_FLAGS, ETCD_FLAGS, env_name, parse_options
 
@@ -158,3 +163,74 @@ def test_the_example_env_file_parses() -> None:
     assert set(env) | commented <= known, (set(env) | commented) - known
     opts = parse_options([], environ=env)
     assert opts.ip_masq is True and opts.metrics is True and opts.healthz_port == 8471
+
+
+def test_traffic_flags_default_as_flannel() -> None:
+    opts = parse_options([], environ={})
+    assert opts.iptables_forward_rules is True  # on by default, apart from --ip-masq
+    assert opts.ip_masq_fully_random_disable is False
+    assert opts.ip_blackhole_route is False
+    assert opts.iptables_resync == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "forward", "masq"),
+    [
+        (["--iptables-forward-rules=false"], {}, False, False),
+        (["--iptables-forward-rules=0", "--ip-masq"], {}, False, True),
+        (["--iptables-forward-rules"], {"FLANNELD_IPTABLES_FORWARD_RULES": "false"}, True, False),
+        ([], {"FLANNELD_IPTABLES_FORWARD_RULES": "false"}, False, False),
+        (["--ip-masq=false"], {"FLANNELD_IP_MASQ": "true"}, True, False),
+        (["--ip-masq=true", "--iptables-forward-rules", "no"], {}, False, True),
+    ],
+)
+def test_switches_take_false_as_go_flags_do(
+    argv: list[str], env: dict[str, str], forward: bool, masq: bool
+) -> None:
+    opts = parse_options(argv, environ=env)
+    assert (opts.iptables_forward_rules, opts.ip_masq) == (forward, masq)
+
+
+def test_new_traffic_switches_from_flags_and_env() -> None:
+    opts = parse_options(["--ip-masq-fully-random-disable", "--ip-blackhole-route"], environ={})
+    assert opts.ip_masq_fully_random_disable is True and opts.ip_blackhole_route is True
+    env = {"FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "1", "FLANNELD_IP_BLACKHOLE_ROUTE": "yes"}
+    opts = parse_options([], environ=env)
+    assert opts.ip_masq_fully_random_disable is True and opts.ip_blackhole_route is True
+
+
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False, "": False}  # fmt: skip
+
+
+@given(st.text(max_size=12))
+def test_a_switch_value_is_a_bool_or_exit_2(text: str) -> None:
+    """`--iptables-forward-rules=X` for any X: the boolean X names (any case, surrounding
+    space), or exit 2 naming the flag; never another value, never a crash."""
+    expected = BOOL_WORDS.get(text.strip().lower())
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            opts = parse_options([f"--iptables-forward-rules={text}"], environ={})
+        except SystemExit as e:
+            assert e.code == 2 and expected is None
+            assert "--iptables-forward-rules" in err.getvalue()
+            return
+    assert expected is not None and opts.iptables_forward_rules is expected
+
+
+@pytest.mark.parametrize("program", ["overlayd", "overlayctl"])
+def test_version_prints_the_package_version_and_exits_0(program: str) -> None:
+    out = subprocess.run([str(VENV_BIN / program), "--version"], capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"{program} {importlib.metadata.version('overlay')}"
+
+
+def test_help_names_the_new_flags_defaults() -> None:
+    out = subprocess.run([str(VENV_BIN / "overlayd"), "--help"], capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    text = " ".join(out.stdout.split())
+    assert "(default: on; env FLANNELD_IPTABLES_FORWARD_RULES)" in text
+    assert "(default: off; env FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE)" in text
+    assert "(default: off; env FLANNELD_IP_BLACKHOLE_ROUTE)" in text
+    assert "--version" in text
