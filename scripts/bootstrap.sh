@@ -14,6 +14,9 @@ DEB_PACKAGES=(
   python3 python3-venv python3-pip
   gcc libc6-dev                    # benchmark baselines written in C
   openssl                          # test certificates for etcd TLS
+  docker.io                        # the lab's container provider (dockerd; started by `lab up`)
+  debootstrap                      # the container lab's base image, built locally
+  ruby shellcheck                  # checks of the Vagrantfile and the provisioning script
 )
 
 missing=()
