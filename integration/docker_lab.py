@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,10 @@ from integration.netns import CommandError, delete_netns, ip_json, netns_exists,
 if TYPE_CHECKING:
     import docker
 
+# testcontainers' reaper (Ryuk) is an image from a registry, which the lab cannot pull; the lab
+# removes what it made itself (`down`, by label). Read by testcontainers when it is imported.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_CONTEXT = SOURCE_ROOT / "lab-image"
 LABEL = "org.overlay.lab"
@@ -79,6 +84,7 @@ CODE_FILES = (
 )
 ETCD_PORT = 2379
 HOST_CAPS = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]
+_SETTING_KEY = re.compile(r"FLANNELD_[A-Z0-9_]+")
 
 
 def _quiet(_: str) -> None:
@@ -565,14 +571,27 @@ class ContainerLab(Lab):
         node.container_pid = int(attrs["State"]["Pid"])
         self.save()
         await run("ip", "netns", "attach", node.ns, str(node.container_pid))
-        # Booted: systemd answers (degraded is fine, a container has no udev or getty).
-        await self.exec(node, "systemctl", "is-system-running", "--wait", check=False, limit=60)
+        await self._wait_booted(node)
         (self.subnet_file(index).parent).mkdir(parents=True, exist_ok=True)
         self.progress(
             f"h{index}: container {node.container} (systemd pid {node.container_pid}), "
             f"underlay address {ip}"
         )
         return node
+
+    async def _wait_booted(self, node: NodeState, limit: float = 60.0) -> None:
+        """Until systemd in the container has finished booting (running, or degraded: a
+        container lacks some of a machine's units). Before its bus exists, systemctl fails."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        state = ""
+        while loop.time() < deadline:
+            out = await self.exec(node, "systemctl", "is-system-running", check=False)
+            state = out.strip()
+            if state in ("running", "degraded"):
+                return
+            await asyncio.sleep(0.1)
+        raise LabError(f"systemd in {node.container} did not finish booting ({state!r})")
 
     async def exec(
         self, node: NodeState, *argv: str, check: bool = True, limit: float = 30.0,
@@ -599,9 +618,9 @@ class ContainerLab(Lab):
         if self.state.resync_period is not None:
             settings["FLANNELD_RESYNC_PERIOD"] = self.state.resync_period
         for key, value in os.environ.items():
-            if key.startswith("FLANNELD_") and key.replace("_", "").isalnum():
+            if _SETTING_KEY.fullmatch(key):
                 settings[key] = value
-        return [f"{k}={v}" for k, v in settings.items() if "\n" not in v]
+        return [f"{k}={v}" for k, v in settings.items() if "\n" not in v and "\0" not in v]
 
     async def _start_daemons(self, nodes: list[NodeState], ready_timeout: float) -> None:
         """Install and start overlayd.service in each container, all at once, as an operator
@@ -638,6 +657,12 @@ class ContainerLab(Lab):
                     f"last lines of its journal:\n" + self.log_tail(index)
                 )
             await asyncio.sleep(0.1)
+
+    async def daemon_log(self, index: int) -> str:
+        """Everything overlayd.service of host `index` has logged (its journal)."""
+        return await self.exec(
+            self.node(index), "journalctl", "-u", "overlayd", "--no-pager", "-o", "cat"
+        )
 
     def log_tail(self, index: int, lines: int = 20) -> str:
         try:

@@ -502,6 +502,14 @@ class Lab:
                 )
             await asyncio.sleep(0.1)
 
+    async def daemon_log(self, index: int) -> str:
+        """Everything host `index`'s overlayd has logged so far (its log file here)."""
+        path = self.node_dir(index) / "overlayd.log"
+        try:
+            return await asyncio.to_thread(path.read_text, errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, index: int, lines: int = 20) -> str:
         path = self.node_dir(index) / "overlayd.log"
         try:

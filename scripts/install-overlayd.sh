@@ -41,8 +41,8 @@ if [[ ! -f $env_file ]]; then
 fi
 for kv in "${sets[@]}"; do
   key=${kv%%=*}
-  if [[ ! $key =~ ^FLANNELD_[A-Z0-9_]+$ || $kv != *=* ]]; then
-    echo "install-overlayd.sh: --set '$kv': expected FLANNELD_NAME=value" >&2
+  if [[ ! $key =~ ^FLANNELD_[A-Z0-9_]+$ || $kv != *=* || $kv == *$'\n'* ]]; then
+    echo "install-overlayd.sh: --set '$kv': expected FLANNELD_NAME=value on one line" >&2
     exit 2
   fi
   # Drop the key's line (commented or not), then append the new one.

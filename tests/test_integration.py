@@ -25,6 +25,7 @@ from integration.etcdserver import EtcdServer
 from integration.lab import Lab
 from integration.netns import ip_json, list_netns, pid_alive, run
 from tests.labtools import (
+    LAB_PROVIDERS,
     LabCrash,
     assert_full_connectivity,
     assert_kept_subnet_and_lease,
@@ -41,9 +42,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 RESYNC = "1"  # seconds: the daemons' full reconcile pass, so repairs are quick to observe
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC)
+@pytest.fixture(scope="module", params=LAB_PROVIDERS)
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The shared lab, once per provider: hosts as namespaces, then hosts as containers."""
+    yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC, request.param)
 
 
 async def overlay_routes(lab: Lab, index: int) -> set[str]:
