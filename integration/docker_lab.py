@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -85,6 +85,8 @@ CODE_FILES = (
 ETCD_PORT = 2379
 HOST_CAPS = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]
 _SETTING_KEY = re.compile(r"FLANNELD_[A-Z0-9_]+")
+# Debian policy 5.6.1: lower case letters, digits, + - . ; at least two, starting alphanumeric.
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 def _quiet(_: str) -> None:
@@ -94,8 +96,12 @@ def _quiet(_: str) -> None:
 # --------------------------------------------------------------------------- the engine
 
 
-def ensure_engine(progress: Any = _quiet, start_limit: float = 60.0) -> docker.DockerClient:
-    """A client of a Docker engine that answers; start `dockerd` when none does."""
+def ensure_engine(
+    progress: Any = _quiet, start_limit: float = 60.0, base_url: str | None = None
+) -> docker.DockerClient:
+    """A client of a Docker engine that answers; start `dockerd` when none does.
+
+    `base_url` (default: DOCKER_HOST, else the local socket) is where the engine is asked."""
     try:
         import docker
         from docker.errors import DockerException
@@ -104,13 +110,19 @@ def ensure_engine(progress: Any = _quiet, start_limit: float = 60.0) -> docker.D
             "the container provider needs the Python packages testcontainers and docker: "
             "pip install 'testcontainers>=4.8,<5' (or run scripts/bootstrap.sh)"
         ) from None
+
+    def connect() -> docker.DockerClient:
+        if base_url is not None:
+            return docker.DockerClient(base_url=base_url, timeout=30)
+        return docker.from_env(timeout=30)
+
     try:
-        client = docker.from_env(timeout=30)
+        client = connect()
         client.ping()
         return client
     except DockerException:
         pass
-    if os.environ.get("DOCKER_HOST"):
+    if base_url is None and os.environ.get("DOCKER_HOST"):
         raise LabError(
             f"no Docker engine answers at DOCKER_HOST={os.environ['DOCKER_HOST']}; "
             "start it, or unset DOCKER_HOST to let the lab start a local dockerd"
@@ -121,9 +133,10 @@ def ensure_engine(progress: Any = _quiet, start_limit: float = 60.0) -> docker.D
             "no Docker engine answers and dockerd is not installed: "
             "apt-get install docker.io (or run scripts/bootstrap.sh)"
         )
+    host = [] if base_url is None else ["--host", base_url]
     with open(DOCKERD_LOG, "ab") as log:
         proc = subprocess.Popen(
-            [dockerd, *DOCKERD_ARGS],
+            [dockerd, *DOCKERD_ARGS, *host],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -141,7 +154,7 @@ def ensure_engine(progress: Any = _quiet, start_limit: float = 60.0) -> docker.D
                 + _tail(DOCKERD_LOG)
             )
         try:
-            client = docker.from_env(timeout=30)
+            client = connect()
             client.ping()
             return client
         except DockerException:
@@ -168,13 +181,18 @@ class ImageLayers:
 
 def base_packages(context: Path = IMAGE_CONTEXT) -> list[str]:
     """The base image's Debian packages (lab-image/packages.txt), checked to be package names."""
+    path = context / "packages.txt"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LabError(f"{path}: not UTF-8 text ({e})") from None
     names = []
-    for line in (context / "packages.txt").read_text().splitlines():
+    for line in text.split("\n"):  # lines end at \n only, whatever Unicode calls a break
         name = line.split("#", 1)[0].strip()
         if not name:
             continue
-        if not all(c.isalnum() or c in "+-." for c in name) or not name[0].isalnum():
-            raise LabError(f"{context / 'packages.txt'}: {name!r} is not a Debian package name")
+        if not _PACKAGE_NAME.fullmatch(name):
+            raise LabError(f"{path}: {name!r} is not a Debian package name")
         names.append(name)
     return names
 
@@ -602,9 +620,10 @@ class ContainerLab(Lab):
             *nsenter(self._init_pid(node)), *argv, check=check, limit=limit, input=input
         )
 
-    def daemon_settings(self) -> list[str]:
+    def daemon_settings(self, environ: Mapping[str, str] = os.environ) -> list[str]:
         """The FLANNELD_* lines of a host's /etc/default/overlayd: the netns lab's flags, plus
-        any FLANNELD_* of this process's environment (as netns daemons inherit them)."""
+        any FLANNELD_* of `environ` (this process's: netns daemons inherit it). Variables that
+        are no FLANNELD_NAME, and values with a line break or NUL, are left out."""
         settings = {
             "FLANNELD_ETCD_ENDPOINTS": self.state.daemon_endpoints,
             "FLANNELD_ETCD_PREFIX": self.state.prefix,
@@ -617,10 +636,10 @@ class ContainerLab(Lab):
         }
         if self.state.resync_period is not None:
             settings["FLANNELD_RESYNC_PERIOD"] = self.state.resync_period
-        for key, value in os.environ.items():
-            if _SETTING_KEY.fullmatch(key):
+        for key, value in environ.items():
+            if _SETTING_KEY.fullmatch(key) and not set(value) & {"\n", "\r", "\0"}:
                 settings[key] = value
-        return [f"{k}={v}" for k, v in settings.items() if "\n" not in v and "\0" not in v]
+        return [f"{k}={v}" for k, v in settings.items() if not set(v) & {"\n", "\r", "\0"}]
 
     async def _start_daemons(self, nodes: list[NodeState], ready_timeout: float) -> None:
         """Install and start overlayd.service in each container, all at once, as an operator
@@ -674,6 +693,16 @@ class ContainerLab(Lab):
         except (LabError, OSError, subprocess.TimeoutExpired) as e:
             return f"(no journal: {e})"
         return out.stdout.strip() or out.stderr.strip()
+
+    async def add_host_container(self) -> NodeState:
+        """A host container booted to systemd, overlayd installed but not started (for tests
+        of the unit itself; `add_node` is the whole thing)."""
+        node = await self._make_host()
+        await self.exec(
+            node, "/opt/overlay-src/scripts/install-overlayd.sh", "--venv", "/opt/overlay",
+            "--no-start",
+        )  # fmt: skip
+        return node
 
     # ------------------------------------------------------------------ daemons
 

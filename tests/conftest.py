@@ -8,8 +8,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import aetcd
 import pytest
+from hypothesis import settings
 
 from integration.etcdserver import EtcdServer
+
+# Hypothesis: "ci" (the default) keeps each property to a few seconds; HYPOTHESIS_PROFILE=long
+# runs many more examples.
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.register_profile("long", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Helper modules with asserts of their own: the same detailed failure messages as in tests.
 pytest.register_assert_rewrite("tests.labtools")
