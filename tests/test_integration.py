@@ -22,7 +22,7 @@ import pytest
 
 from integration.containers import SubnetEnv
 from integration.etcdserver import EtcdServer
-from integration.lab import Lab
+from integration.lab import Lab, open_lab
 from integration.netns import ip_json, list_netns, pid_alive, run
 from tests.labtools import (
     LAB_PROVIDERS,
@@ -271,11 +271,12 @@ async def test_restart_keeps_subnet_and_traffic(
 # --------------------------------------------------------------------------- external etcd
 
 
+@pytest.mark.parametrize("provider", LAB_PROVIDERS)
 async def test_lab_on_an_external_etcd_on_loopback(
-    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, provider: str
 ) -> None:
     """`--etcd-endpoints http://127.0.0.1:N`: daemons reach it through the lab's relay."""
-    lab = Lab(f"e{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs")
+    lab = open_lab(f"e{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs", provider=provider)
     try:
         await lab.up(nodes=2, etcd_endpoints=etcd_server.endpoint, etcd_prefix=etcd_prefix)
         assert lab.state.etcd_pid is None  # no etcd of its own

@@ -377,6 +377,35 @@ def test_cli_status_and_matrix_show_the_provider(clab: ContainerLab) -> None:
     assert "12/12 probes passed" in matrix.stdout  # 3 containers x 2 peers x TCP, UDP
 
 
+@pytest.mark.root
+@pytest.mark.slow
+def test_cli_up_and_down_with_containers(tmp_path: Path, image: str) -> None:
+    """`overlayctl lab up --provider containers` as a user runs it (udp backend): the same
+    progress, matrix and hints as the netns lab; `lab down` leaves nothing labelled."""
+    name = f"c{uuid.uuid4().hex[:6]}"
+    root = tmp_path / "labs"
+    common = ["--name", name, "--state-root", str(root)]
+    cli = [sys.executable, "-m", "integration.cli"]
+    try:
+        up = subprocess.run(
+            [*cli, "up", *common, "--provider", "containers", "--nodes", "2",
+             "--backend", "udp"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"image {image} (cached)" in up.stderr
+        assert "waiting for /readyz of 2 overlayd" in up.stderr
+        assert f"h1: container ovl-{name}-h1 (systemd pid" in up.stderr
+        assert "4/4 probes passed" in up.stdout  # 2 containers x 1 peer x TCP, UDP
+        assert f"overlayctl lab down --name {name}" in up.stdout
+    finally:
+        down = subprocess.run([*cli, "down", *common], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    assert f"removed network ovl-{name}" in down.stdout
+    assert _labelled(name, root) == [] and list_netns(f"ovl-{name}-") == []
+
+
 # --------------------------------------------------------------------------- teardown
 
 
