@@ -294,7 +294,29 @@ def ensure_image(
             _build_deps(client, tags, root, context, progress)
         _build_code(client, tags, root, context, progress)
         progress(f"image {tags.code} built in {time.monotonic() - started:.1f}s")
+        _prune(client, tags, progress)
     return tags.code
+
+
+def _prune(client: docker.DockerClient, keep: ImageLayers, progress: Any) -> None:
+    """Remove the lab's older images (labelled org.overlay.lab.image) that no container uses;
+    the ones in use (a running lab of an older image) stay."""
+    from docker.errors import APIError
+
+    wanted = {keep.base, keep.deps, keep.code}
+    removed: list[str] = []
+    # Newest layers first: a code image goes before the deps image it was built on.
+    for kind in ("code", "deps", "base"):
+        for image in client.images.list(filters={"label": f"{IMAGE_LABEL}={kind}"}):
+            if wanted & set(image.tags):
+                continue
+            try:
+                client.images.remove(image.id)
+            except APIError:
+                continue  # in use by a container, or the parent of a kept image
+            removed += image.tags or [image.short_id]
+    if removed:
+        progress(f"removed older lab images: {', '.join(removed)}")
 
 
 def _build_base(tag: str, context: Path, progress: Any) -> None:
