@@ -81,6 +81,7 @@ CODE_FILES = (
     "systemd/overlayd.service",
     "systemd/overlayd.env.example",
     "scripts/install-overlayd.sh",
+    "scripts/vagrant-provision.sh",
 )
 ETCD_PORT = 2379
 HOST_CAPS = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from integration.docker_lab import (
     layer_tags,
 )
 from integration.lab import LabError, open_lab
-from integration.netns import ip_json, list_netns
+from integration.netns import CommandError, ip_json, list_netns, run
 from tests.labtools import (
     LabCrash,
     assert_full_connectivity,
@@ -458,3 +459,74 @@ async def test_down_after_a_crashed_up_removes_only_what_is_labelled(
         await open_lab(name, state_root=root, provider="containers").down()
         for obj in foreign:
             obj.remove()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- Vagrant
+
+
+def test_vagrantfile_and_scripts_check() -> None:
+    """The Vagrantfile parses (ruby -c), the scripts pass shellcheck, and the Vagrantfile
+    provisions with a script of this repository that calls only this repository's scripts."""
+    ruby = subprocess.run(["ruby", "-c", str(SOURCE_ROOT / "Vagrantfile")], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert ruby.returncode == 0 and "Syntax OK" in ruby.stdout, ruby.stderr
+    scripts = ["bootstrap.sh", "install-overlayd.sh", "vagrant-provision.sh", "lab.sh", "test.sh"]
+    check = subprocess.run(
+        ["shellcheck", *(str(SOURCE_ROOT / "scripts" / s) for s in scripts)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout
+    vagrantfile = (SOURCE_ROOT / "Vagrantfile").read_text()
+    assert 'path: "scripts/vagrant-provision.sh"' in vagrantfile
+    provision = (SOURCE_ROOT / "scripts" / "vagrant-provision.sh").read_text()
+    called = set(re.findall(r"\./scripts/([\w.-]+)", provision))
+    assert called == {"bootstrap.sh", "install-overlayd.sh"}
+    assert '"$venv/bin/overlayctl" config set' in provision
+
+
+@pytest.mark.root
+@pytest.mark.slow
+async def test_vagrant_provisioning_in_lab_containers(tmp_path: Path, image: str) -> None:
+    """scripts/vagrant-provision.sh, as `vagrant up` runs it on node1 (--etcd) and node2, in
+    two host containers of a lab (booted systemd, the image's packages and venv standing in
+    for bootstrap.sh): etcd as a service on node1, the config written, overlayd active on
+    both with leases for their private addresses and a VXLAN route to each other."""
+    lab = open_lab(f"v{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs",
+                   provider="containers")  # fmt: skip
+    assert isinstance(lab, ContainerLab)
+    try:
+        await lab.up(nodes=0)
+        node1, node2 = await lab.add_host_container(), await lab.add_host_container()
+        etcd = f"http://{node1.ip}:2379"
+        config = '{"Network":"10.9.0.0/16","Backend":{"Type":"vxlan"}}'
+        env = [
+            "env", "OVERLAY_REPO=/opt/overlay-src", "OVERLAY_VENV=/opt/overlay",
+            "OVERLAY_SKIP_BOOTSTRAP=1", "/opt/overlay-src/scripts/vagrant-provision.sh",
+        ]  # fmt: skip
+        for bad in (["1.2.3.4;true", etcd, "--etcd"], [node1.ip, "file:///etc", "--etcd"],
+                    [node1.ip, etcd, "--both"]):  # fmt: skip
+            with pytest.raises(CommandError) as err:
+                await lab.exec(node1, *env, *bad)
+            assert err.value.code == 2 and "vagrant-provision.sh:" in err.value.stderr
+        await lab.exec(node1, *env, node1.ip, etcd, "--etcd", config, limit=120)
+        await lab.exec(node2, *env, node2.ip, etcd, "--no-etcd", limit=120)
+        for node in (node1, node2):
+            assert (await lab.exec(node, "systemctl", "is-active", "overlayd")).strip() == "active"
+            assert "FLANNEL_NETWORK=10.9.0.0/16" in lab.subnet_file(node.index).read_text()
+        assert (await lab.exec(node1, "systemctl", "is-active", "etcd")).strip() == "active"
+        out = await run(
+            "etcdctl", f"--endpoints={etcd}", "get", "--prefix", "/coreos.com/network/subnets/",
+            "--print-value-only", env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        public_ips = sorted(json.loads(v)["PublicIP"] for v in out.split())
+        assert public_ips == sorted([node1.ip, node2.ip])
+        env2 = lab.subnet_file(node2.index).read_text()
+        subnet2 = IPv4Network(re.findall(r"FLANNEL_SUBNET=(\S+)", env2)[0], strict=False)
+
+        async def routed() -> bool:
+            routes = await ip_json("route", "show", "dev", "flannel.1", ns=node1.ns)
+            return str(subnet2) in {r["dst"] for r in routes}
+
+        await eventually(routed, "node1 routes node2's subnet over flannel.1")
+    finally:
+        await lab.down()
