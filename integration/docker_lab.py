@@ -103,6 +103,14 @@ def ensure_engine(
     """A client of a Docker engine that answers; start `dockerd` when none does.
 
     `base_url` (default: DOCKER_HOST, else the local socket) is where the engine is asked."""
+    return engine_and_starter(progress, start_limit, base_url)[0]
+
+
+def engine_and_starter(
+    progress: Any = _quiet, start_limit: float = 60.0, base_url: str | None = None
+) -> tuple[docker.DockerClient, subprocess.Popen[bytes] | None]:
+    """`ensure_engine`, and the dockerd process when this call started it (else None), for a
+    caller that owns the engine's lifetime (the test session)."""
     try:
         import docker
         from docker.errors import DockerException
@@ -120,7 +128,7 @@ def ensure_engine(
     try:
         client = connect()
         client.ping()
-        return client
+        return client, None
     except DockerException:
         pass
     if base_url is None and os.environ.get("DOCKER_HOST"):
@@ -157,7 +165,7 @@ def ensure_engine(
         try:
             client = connect()
             client.ping()
-            return client
+            return client, proc
         except DockerException:
             time.sleep(0.2)
     raise LabError(f"dockerd did not answer within {start_limit}s; see {DOCKERD_LOG}")
@@ -445,6 +453,8 @@ class ContainerLab(Lab):
     ) -> None:
         super().__init__(name, state_root, progress)
         self._client: docker.DockerClient | None = None
+        self._checked_pids: set[int] = set()
+        """Nodes whose container pid was checked against the engine by this object."""
 
     # ------------------------------------------------------------------ names
 
@@ -469,9 +479,31 @@ class ContainerLab(Lab):
         return Path(f"/proc/{pid}/root/run/flannel/subnet.env")
 
     def _init_pid(self, node: NodeState) -> int:
-        if node.container_pid is None:
-            raise LabError(f"h{node.index} has no running container")
-        return node.container_pid
+        """The host pid of `node`'s container init, checked once per Lab object against the
+        engine (a pid from the state file may be stale: the container stopped, the pid
+        reused by another process)."""
+        if node.container is None or node.container_pid is None:
+            raise LabError(f"h{node.index} has no container")
+        if node.index in self._checked_pids:
+            return node.container_pid
+        from docker.errors import DockerException, NotFound
+
+        try:
+            c = self.client.containers.get(node.container)
+        except NotFound:
+            raise LabError(f"the container {node.container} of h{node.index} is gone") from None
+        except DockerException as e:
+            raise LabError(f"cannot inspect {node.container}: {e}") from None
+        if any(c.labels.get(k) != v for k, v in self.labels.items()):
+            raise LabError(f"{node.container} does not carry this lab's labels: not ours")
+        state = c.attrs.get("State", {})
+        pid = state.get("Pid")
+        if not state.get("Running") or not isinstance(pid, int) or pid <= 0:
+            raise LabError(f"the container {node.container} of h{node.index} is not running "
+                           f"({state.get('Status', 'unknown')})")  # fmt: skip
+        node.container_pid = pid
+        self._checked_pids.add(node.index)
+        return pid
 
     @property
     def client(self) -> docker.DockerClient:
@@ -610,6 +642,7 @@ class ContainerLab(Lab):
         await asyncio.to_thread(container.start)
         attrs = await asyncio.to_thread(self.client.api.inspect_container, node.container)
         node.container_pid = int(attrs["State"]["Pid"])
+        self._checked_pids.add(index)
         self.save()
         await run("ip", "netns", "attach", node.ns, str(node.container_pid))
         await self._wait_booted(node)
@@ -767,6 +800,7 @@ class ContainerLab(Lab):
 
     async def remove_node(self, index: int, delete_lease: bool = True) -> None:
         node = self.node(index)
+        self._checked_pids.discard(index)  # the index may be given to a new host later
         if node.kind == "overlayd":
             await self.stop_daemon(index)
         if delete_lease and node.subnet is not None:

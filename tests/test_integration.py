@@ -45,6 +45,8 @@ RESYNC = "1"  # seconds: the daemons' full reconcile pass, so repairs are quick 
 @pytest.fixture(scope="module", params=LAB_PROVIDERS)
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The shared lab, once per provider: hosts as namespaces, then hosts as containers."""
+    if request.param == "containers":
+        request.getfixturevalue("docker_engine")
     yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC, request.param)
 
 
@@ -273,9 +275,15 @@ async def test_restart_keeps_subnet_and_traffic(
 
 @pytest.mark.parametrize("provider", LAB_PROVIDERS)
 async def test_lab_on_an_external_etcd_on_loopback(
-    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, provider: str
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    provider: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """`--etcd-endpoints http://127.0.0.1:N`: daemons reach it through the lab's relay."""
+    if provider == "containers":
+        request.getfixturevalue("docker_engine")
     lab = open_lab(f"e{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs", provider=provider)
     try:
         await lab.up(nodes=2, etcd_endpoints=etcd_server.endpoint, etcd_prefix=etcd_prefix)

@@ -44,6 +44,8 @@ RESYNC = "1"  # seconds: the daemons' full reconcile pass
 @pytest.fixture(scope="module", params=LAB_PROVIDERS)
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The shared lab, once per provider: hosts as namespaces, then hosts as containers."""
+    if request.param == "containers":
+        request.getfixturevalue("docker_engine")
     # The lab's daemons inherit this process's environment: turn /metrics on for all of them,
     # including the ones the tests start later (a joining host, a restart).
     with pytest.MonkeyPatch.context() as mp:

@@ -96,6 +96,8 @@ async def hand_lab(
     request: pytest.FixtureRequest, unique: str, tmp_path: Path
 ) -> AsyncIterator[Lab]:
     """A lab with etcd and no overlayd host yet, on each provider."""
+    if request.param == "containers":
+        request.getfixturevalue("docker_engine")
     lab = open_lab(f"t{unique}", state_root=tmp_path / "labs", provider=request.param)
     try:
         # "bridge": containers wired by iproute2 here; the CNI plugin path runs in the CLI test

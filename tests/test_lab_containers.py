@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -205,7 +206,7 @@ def test_engine_errors_name_what_to_do(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(docker_engine: None) -> str:
     """The lab image, built (or taken from the cache) once."""
     return ensure_image(ensure_engine())
 
@@ -349,6 +350,36 @@ async def test_systemctl_stop_leaves_the_data_path(clab: ContainerLab) -> None:
         await lab.start_daemon(1)
     assert await lab.daemon_state(1) == "active"
     await assert_full_connectivity(lab)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+async def test_state_file_pids_are_checked_against_the_engine(clab: ContainerLab) -> None:
+    """A container pid from the state file is never trusted: a stale one (here this test's
+    own pid, as a reused pid would be) is replaced by the engine's; a container that is gone
+    or not the lab's is an error, and nothing runs in another process's namespaces."""
+    fresh = open_lab(clab.name, state_root=clab.dir.parent)
+    assert isinstance(fresh, ContainerLab)
+    real = clab.node(1).container_pid
+    fresh.node(1).container_pid = os.getpid()
+    assert fresh.subnet_file(1) == Path(f"/proc/{real}/root/run/flannel/subnet.env")
+    assert (await fresh.exec(fresh.node(1), "hostname")).strip() == "h1"
+    gone = open_lab(clab.name, state_root=clab.dir.parent)
+    assert isinstance(gone, ContainerLab)
+    gone.node(2).container = f"ovl-{clab.name}-h99"
+    with pytest.raises(LabError, match=f"ovl-{clab.name}-h99 of h2 is gone"):
+        await gone.exec(gone.node(2), "true")
+    foreign = ensure_engine().containers.create(
+        clab.state.image, ["true"], name=f"ovl-{clab.name}-f{uuid.uuid4().hex[:4]}"
+    )
+    try:
+        gone.node(3).container = foreign.name
+        with pytest.raises(LabError, match="does not carry this lab's labels"):
+            gone.subnet_file(3)
+    finally:
+        foreign.remove(force=True)
+    # The real state file was not rewritten by any of this.
+    assert open_lab(clab.name, state_root=clab.dir.parent).node(1).container_pid == real
 
 
 @pytest.mark.root
