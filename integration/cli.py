@@ -236,7 +236,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not lab.exists:
         print(f"no lab named {args.name!r}: nothing to do")
         return 0
-    for line in asyncio.run(lab.down()):
+    try:
+        done = asyncio.run(lab.down())
+    except (RuntimeError, OSError) as e:  # LabError, CommandError
+        print(f"lab down failed: {e}", file=sys.stderr)
+        return 2
+    for line in done:
         print(f"lab: {line}")
     return 0
 

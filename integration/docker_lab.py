@@ -136,6 +136,21 @@ def engine_and_starter(
             f"no Docker engine answers at DOCKER_HOST={os.environ['DOCKER_HOST']}; "
             "start it, or unset DOCKER_HOST to let the lab start a local dockerd"
         )
+    running = _dockerd_pid()
+    if running is not None:
+        # A dockerd is starting or shutting down: wait for it rather than start a second one
+        # (which would fail on its pid file).
+        progress(f"dockerd (pid {running}) does not answer yet; waiting for it")
+        deadline = time.monotonic() + start_limit
+        while time.monotonic() < deadline and _dockerd_pid() == running:
+            try:
+                client = connect()
+                client.ping()
+                return client, None
+            except DockerException:
+                time.sleep(0.2)
+        if _dockerd_pid() == running:
+            raise LabError(f"dockerd (pid {running}) did not answer within {start_limit}s")
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         raise LabError(
@@ -169,6 +184,16 @@ def engine_and_starter(
         except DockerException:
             time.sleep(0.2)
     raise LabError(f"dockerd did not answer within {start_limit}s; see {DOCKERD_LOG}")
+
+
+def _dockerd_pid(pidfile: Path = Path("/var/run/docker.pid")) -> int | None:
+    """The pid of a running dockerd named by its pid file, if any."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return pid if comm == "dockerd" else None
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -489,7 +514,7 @@ class ContainerLab(Lab):
         from docker.errors import DockerException, NotFound
 
         try:
-            c = self.client.containers.get(node.container)
+            c = self._answering_client().containers.get(node.container)
         except NotFound:
             raise LabError(f"the container {node.container} of h{node.index} is gone") from None
         except DockerException as e:
@@ -510,6 +535,24 @@ class ContainerLab(Lab):
         if self._client is None:
             self._client = ensure_engine(self.progress)
         return self._client
+
+    def _answering_client(self) -> docker.DockerClient:
+        """A client of the engine if it answers; never starts one (status, matrix, tests)."""
+        if self._client is not None:
+            return self._client
+        import docker
+        from docker.errors import DockerException
+
+        try:
+            client = docker.from_env(timeout=30)
+            client.ping()
+        except DockerException:
+            raise LabError(
+                "no Docker engine answers: the lab's containers are not running "
+                "(`overlayctl lab down` starts dockerd to remove them)"
+            ) from None
+        self._client = client
+        return client
 
     @property
     def exists(self) -> bool:
@@ -875,11 +918,23 @@ class ContainerLab(Lab):
         import docker
         from docker.errors import DockerException
 
-        try:
-            client = self._client or docker.from_env(timeout=30)
-            client.ping()
-        except DockerException:
-            client = None
+        client: docker.DockerClient | None = None
+        made = self.state.docker_network or self.state.etcd_container
+        if made or any(n.container for n in self.state.nodes):
+            # The state says Docker objects were (about to be) made: they live in the engine,
+            # stopped or not; start it if needed, as `up` would.
+            try:
+                client = self._client or ensure_engine(self.progress)
+            except LabError as e:
+                raise LabError(
+                    f"cannot reach the Docker engine to remove the lab's containers and "
+                    f"networks ({e}); nothing was removed, run `lab down` again"
+                ) from None
+        else:
+            with contextlib.suppress(DockerException):
+                answering = self._client or docker.from_env(timeout=30)
+                answering.ping()
+                client = answering
         if client is not None:
             self._client = client
             for c in self._labelled("containers"):
@@ -891,8 +946,6 @@ class ContainerLab(Lab):
             for v in self._labelled("volumes"):
                 await asyncio.to_thread(v.remove, force=True)
                 done.append(f"removed volume {v.name}")
-        elif self.state.docker_network:
-            done.append("no Docker engine answers: containers and networks left as they are")
         for node in self.state.nodes:
             node.daemon_pid = None  # systemd's business, gone with the container
         for ns in list(self.state.namespaces):
