@@ -206,8 +206,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if n["kind"] == "overlayd":
             health = "ready" if n["ready"] else ("alive, NOT ready" if n["alive"] else "DOWN")
             daemon = f"overlayd pid {n['daemon_pid']} {health}"
-            if n.get("systemd"):
-                daemon += f" (overlayd.service {n['systemd']})"
+            if n.get("systemd"):  # a container host: the pid is the one inside its container
+                daemon = (f"overlayd.service {n['systemd']}, main pid {n['daemon_pid']} "
+                          f"in the container, {health}")  # fmt: skip
         else:
             daemon = "configured by hand as a flannel host"
         conts = ", ".join(f"{c['namespace']}={c['ip']}" for c in n["containers"]) or "none"

@@ -842,25 +842,16 @@ class ContainerLab(Lab):
         await self.wait_ready(index, ready_timeout)
 
     async def remove_node(self, index: int, delete_lease: bool = True) -> None:
-        node = self.node(index)
+        """As for netns hosts (`systemctl stop overlayd`, lease deleted, workload namespaces
+        gone), then the host container is removed."""
+        await super().remove_node(index, delete_lease)
         self._checked_pids.discard(index)  # the index may be given to a new host later
-        if node.kind == "overlayd":
-            await self.stop_daemon(index)
-        if delete_lease and node.subnet is not None:
-            sub = IPv4Network(node.subnet)
-            await self.etcdctl(
-                "del", f"{self.state.prefix}/subnets/{sub.network_address}-{sub.prefixlen}"
-            )
-        for cont in node.containers:
-            await delete_netns(cont.ns)
-            self._forget_ns(cont.ns)
+
+    async def _delete_host(self, node: NodeState) -> None:
         if node.container is not None:
             await self._remove_container(node.container)
         await delete_netns(node.ns)
         self._forget_ns(node.ns)
-        self.state.nodes.remove(node)
-        self.save()
-        shutil.rmtree(self.node_dir(index), ignore_errors=True)
 
     async def _remove_container(self, name: str) -> bool:
         """Remove container `name` if it carries this lab's labels; whether it did."""

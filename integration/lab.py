@@ -584,12 +584,16 @@ class Lab:
         for cont in node.containers:
             await delete_netns(cont.ns)
             self._forget_ns(cont.ns)
-        await delete_netns(node.ns)
-        self._forget_ns(node.ns)
-        await run("ip", "link", "del", f"h{index}", ns=self.underlay_ns, check=False)
+        await self._delete_host(node)
         self.state.nodes.remove(node)
         self.save()
         shutil.rmtree(self.node_dir(index), ignore_errors=True)
+
+    async def _delete_host(self, node: NodeState) -> None:
+        """The host itself goes: its namespace and its port on the underlay (provider hook)."""
+        await delete_netns(node.ns)
+        self._forget_ns(node.ns)
+        await run("ip", "link", "del", f"h{node.index}", ns=self.underlay_ns, check=False)
 
     async def underlay_port(self, index: int) -> tuple[str | None, str]:
         """(namespace, device) of host `index`'s port on the underlay switch, for captures."""

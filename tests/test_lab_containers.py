@@ -401,7 +401,7 @@ def test_cli_status_and_matrix_show_the_provider(clab: ContainerLab) -> None:
         [*cli, "status", *common], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert f"lab {clab.name} (containers): backend vxlan" in text
-    assert "(overlayd.service active)" in text
+    assert "overlayd.service active, main pid" in text and "in the container, ready" in text
     matrix = subprocess.run(
         [*cli, "matrix", *common], capture_output=True, text=True, timeout=60
     )  # fmt: skip
