@@ -84,7 +84,10 @@ CODE_FILES = (
     "scripts/vagrant-provision.sh",
 )
 ETCD_PORT = 2379
-HOST_CAPS = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]
+# No SYS_ADMIN: with it, systemd in the container remounts /sys/fs/cgroup read-only, and on a
+# cgroup v1 host that mount is a bind of the host's own tmpfs: its superblock (the host's
+# /sys/fs/cgroup) turned read-only, which broke crun/podman on the host. Seen here, fixed.
+HOST_CAPS = ["NET_ADMIN", "NET_RAW"]
 _SETTING_KEY = re.compile(r"FLANNELD_[A-Z0-9_]+")
 # Debian policy 5.6.1: lower case letters, digits, + - . ; at least two, starting alphanumeric.
 _PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")

@@ -240,8 +240,24 @@ def test_install_script_refuses_hostile_settings(image: str) -> None:
     assert settings == ["FLANNELD_IFACE=eth7", "FLANNELD_ETCD_PREFIX=/a b&c", "FLANNELD_NEW=1"]
 
 
+def _cgroup_superblock() -> str:
+    """The super options of the root namespace's /sys/fs/cgroup mount (e.g. "rw,size=...")."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/sys/fs/cgroup":
+            return fields[-1]
+    return ""
+
+
 @pytest.fixture(scope="module")
-def clab(tmp_path_factory: pytest.TempPathFactory, image: str) -> Iterator[ContainerLab]:
+def cgroup_superblock_before() -> str:
+    return _cgroup_superblock()
+
+
+@pytest.fixture(scope="module")
+def clab(
+    tmp_path_factory: pytest.TempPathFactory, image: str, cgroup_superblock_before: str
+) -> Iterator[ContainerLab]:
     for lab in running_lab(tmp_path_factory, "s", "vxlan", "1", "containers"):
         assert isinstance(lab, ContainerLab)
         yield lab
@@ -250,6 +266,22 @@ def clab(tmp_path_factory: pytest.TempPathFactory, image: str) -> Iterator[Conta
 async def _unit(lab: ContainerLab, index: int, prop: str) -> str:
     out = await lab.exec(lab.node(index), "systemctl", "show", "-p", prop, "--value", "overlayd")
     return out.strip()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+async def test_host_cgroup_mount_is_left_alone(
+    clab: ContainerLab, cgroup_superblock_before: str
+) -> None:
+    """systemd in the host containers sees the host's /sys/fs/cgroup (cgroup v1 needs it) but
+    cannot remount it: the root namespace's cgroup tmpfs keeps its options (with SYS_ADMIN,
+    systemd turned that superblock read-only and broke crun on the host)."""
+    assert cgroup_superblock_before
+    assert _cgroup_superblock() == cgroup_superblock_before
+    caps = clab.client.api.inspect_container(clab.node(1).container)["HostConfig"]["CapAdd"]
+    assert "SYS_ADMIN" not in caps and "CAP_SYS_ADMIN" not in caps
+    out = await clab.exec(clab.node(1), "systemctl", "is-system-running", check=False)
+    assert out.strip() in ("running", "degraded")
 
 
 @pytest.mark.root
