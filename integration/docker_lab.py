@@ -139,7 +139,7 @@ def engine_and_starter(
             f"no Docker engine answers at DOCKER_HOST={os.environ['DOCKER_HOST']}; "
             "start it, or unset DOCKER_HOST to let the lab start a local dockerd"
         )
-    running = _dockerd_pid()
+    running = _dockerd_pid() if base_url is None else None  # the pid file is the local one's
     if running is not None:
         # A dockerd is starting or shutting down: wait for it rather than start a second one
         # (which would fail on its pid file).
