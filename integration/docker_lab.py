@@ -49,6 +49,7 @@ from integration.lab import (
     Lab,
     LabError,
     NodeState,
+    Progress,
     _free_underlay,
     http_status,
 )
@@ -101,7 +102,7 @@ def _quiet(_: str) -> None:
 
 
 def ensure_engine(
-    progress: Any = _quiet, start_limit: float = 60.0, base_url: str | None = None
+    progress: Progress = _quiet, start_limit: float = 60.0, base_url: str | None = None
 ) -> docker.DockerClient:
     """A client of a Docker engine that answers; start `dockerd` when none does.
 
@@ -110,7 +111,7 @@ def ensure_engine(
 
 
 def engine_and_starter(
-    progress: Any = _quiet, start_limit: float = 60.0, base_url: str | None = None
+    progress: Progress = _quiet, start_limit: float = 60.0, base_url: str | None = None
 ) -> tuple[docker.DockerClient, subprocess.Popen[bytes] | None]:
     """`ensure_engine`, and the dockerd process when this call started it (else None), for a
     caller that owns the engine's lifetime (the test session)."""
@@ -309,7 +310,7 @@ def _has_image(client: docker.DockerClient, tag: str) -> bool:
 
 def ensure_image(
     client: docker.DockerClient,
-    progress: Any = _quiet,
+    progress: Progress = _quiet,
     root: Path = SOURCE_ROOT,
     context: Path = IMAGE_CONTEXT,
 ) -> str:
@@ -335,7 +336,7 @@ def ensure_image(
     return tags.code
 
 
-def _prune(client: docker.DockerClient, keep: ImageLayers, progress: Any) -> None:
+def _prune(client: docker.DockerClient, keep: ImageLayers, progress: Progress) -> None:
     """Remove the lab's older images (labelled org.overlay.lab.image) that no container uses;
     the ones in use (a running lab of an older image) stay."""
     from docker.errors import APIError
@@ -356,7 +357,7 @@ def _prune(client: docker.DockerClient, keep: ImageLayers, progress: Any) -> Non
         progress(f"removed older lab images: {', '.join(removed)}")
 
 
-def _build_base(tag: str, context: Path, progress: Any) -> None:
+def _build_base(tag: str, context: Path, progress: Progress) -> None:
     if shutil.which("debootstrap") is None:
         raise LabError(
             "building the lab's base image needs debootstrap: apt-get install debootstrap "
@@ -428,7 +429,7 @@ def _docker_build(
 
 
 def _build_deps(
-    client: docker.DockerClient, tags: ImageLayers, root: Path, context: Path, progress: Any
+    client: docker.DockerClient, tags: ImageLayers, root: Path, context: Path, progress: Progress
 ) -> None:
     started = time.monotonic()
     reqs = runtime_requirements(root)
@@ -448,7 +449,7 @@ def _build_deps(
 
 
 def _build_code(
-    client: docker.DockerClient, tags: ImageLayers, root: Path, context: Path, progress: Any
+    client: docker.DockerClient, tags: ImageLayers, root: Path, context: Path, progress: Progress
 ) -> None:
     started = time.monotonic()
     progress(f"building the code layer {tags.code} from {root}")
@@ -477,7 +478,7 @@ class ContainerLab(Lab):
     provider = "containers"
 
     def __init__(
-        self, name: str = "lab", state_root: Path = STATE_ROOT, progress: Any = _quiet
+        self, name: str = "lab", state_root: Path = STATE_ROOT, progress: Progress = _quiet
     ) -> None:
         super().__init__(name, state_root, progress)
         self._client: docker.DockerClient | None = None
