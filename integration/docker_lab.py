@@ -841,8 +841,15 @@ class ContainerLab(Lab):
         raise LabError(f"overlayd of h{index} (pid {pid} in its container) outlived signal {sig}")
 
     async def start_daemon(self, index: int, ready_timeout: float = 60.0) -> None:
-        """`systemctl start overlayd` (returns once READY=1; at once when already running)."""
-        await self.exec(self.node(index), "systemctl", "start", "overlayd", limit=ready_timeout)
+        """Start overlayd.service now; return once it is ready (READY=1, /readyz).
+
+        `systemctl start` (at once when already running), except while systemd waits to
+        restart a killed daemon (substate auto-restart): `start` would wait out RestartSec
+        (5 s, measured), so `systemctl restart` starts it right away, as an operator would."""
+        node = self.node(index)
+        sub = await self.exec(node, "systemctl", "show", "-p", "SubState", "--value", "overlayd")
+        verb = "restart" if sub.strip() == "auto-restart" else "start"
+        await self.exec(node, "systemctl", verb, "overlayd", limit=ready_timeout)
         await self.wait_ready(index, ready_timeout)
 
     async def remove_node(self, index: int, delete_lease: bool = True) -> None:
