@@ -610,6 +610,7 @@ class ContainerLab(Lab):
                 self.docker_network,
                 driver="bridge",
                 internal=True,
+                check_duplicate=True,  # Docker would otherwise make a second "ovl-NAME"
                 ipam=ipam,
                 labels=self.labels,
                 options={"com.docker.network.bridge.name": f"ovb-{self.name}"},

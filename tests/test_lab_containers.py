@@ -593,3 +593,26 @@ async def test_vagrant_provisioning_in_lab_containers(tmp_path: Path, image: str
         await eventually(routed, "node1 routes node2's subnet over flannel.1")
     finally:
         await lab.down()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+async def test_names_taken_by_someone_else_fail_up_and_survive_down(
+    tmp_path: Path, image: str
+) -> None:
+    """A Docker network already called ovl-NAME (not the lab's): `up` fails saying so, and
+    `down` removes what the lab made but leaves that network alone."""
+    name = f"n{uuid.uuid4().hex[:6]}"
+    root = tmp_path / "labs"
+    client = ensure_engine()
+    theirs = client.networks.create(f"ovl-{name}", driver="bridge", internal=True)
+    try:
+        lab = open_lab(name, state_root=root, provider="containers")
+        with pytest.raises(LabError, match=f"Docker: .*ovl-{name}.*already exists"):
+            await lab.up(nodes=1)
+        await open_lab(name, state_root=root).down()
+        theirs.reload()  # still there
+        assert _labelled(name, root) == [] and not (root / name).exists()
+    finally:
+        await open_lab(name, state_root=root, provider="containers").down()
+        theirs.remove()
