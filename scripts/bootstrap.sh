@@ -15,6 +15,9 @@ DEB_PACKAGES=(
   gcc libc6-dev                    # benchmark baselines written in C
   openssl                          # test certificates for etcd TLS
   prometheus                       # promtool check metrics on a live /metrics page (tests)
+  docker.io                        # the lab's container provider (dockerd; started by `lab up`)
+  debootstrap                      # the container lab's base image, built locally
+  ruby shellcheck                  # checks of the Vagrantfile and the provisioning script
 )
 
 missing=()
