@@ -29,6 +29,14 @@ if ((${#missing[@]})); then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # No package may start its service while it installs: docker.io's dockerd would install its
+  # iptables rules (FORWARD policy DROP) on this host; `lab up` starts dockerd itself without
+  # them. A policy-rc.d that exit 101s is the Debian way; one already present is kept.
+  policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian's etcd, mosquitto and prometheus packages start services: overlay starts its own
