@@ -369,8 +369,8 @@ class Overlayd:
             self.events.publish("lease_expiring", subnet=str(ev.lease.subnet), reason=ev.reason)
         elif ev.kind == "lost":
             self.events.publish("lease_lost", subnet=str(ev.lease.subnet), reason=ev.reason)
-            self._set_ready(f"lease {ev.lease.subnet} lost: {ev.reason}"
-                            if not ev.reason.startswith("lease ") else ev.reason)  # fmt: skip
+            named = str(ev.lease.subnet) in ev.reason  # else say which lease
+            self._set_ready(ev.reason if named else f"lease {ev.lease.subnet} lost: {ev.reason}")
         elif ev.kind == "taken":
             holder = ev.holder.public_ip if ev.holder is not None else None
             self.events.publish("lease_taken", subnet=str(ev.lease.subnet),
