@@ -131,6 +131,8 @@ def test_outage_past_the_ttl_with_the_subnet_taken_meanwhile(
             assert events(d, "lease_reacquired") == 1 and events(d, "lease_lost") == 1
             assert d.get("/readyz") == (200, "ready\n")
             assert env_file.read_text() == before
+            # The mirror caught up with etcd (events, then progress answers on a quiet watch).
+            d.wait_for("no watch lag", lambda: gauge(d, "overlay_watch_lag_revisions") == 0)
             assert d.stop() == 0
         finally:
             d.kill()

@@ -31,10 +31,12 @@ from tests.labtools import (
     assert_kept_subnet_and_lease,
     crash_on,
     eventually,
+    full_passes,
     probe_stream,
     remote_subnets,
     running_lab,
     underlay_capture,
+    wait_full_passes,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -44,7 +46,9 @@ RESYNC = "1"  # seconds: the daemons' full reconcile pass, so repairs are quick 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLANNELD_METRICS", "true")  # /metrics: the full pass counter
+        yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC)
 
 
 async def overlay_routes(lab: Lab, index: int) -> set[str]:
@@ -122,9 +126,10 @@ async def test_malformed_leases_disturb_nothing(lab: Lab) -> None:
     }
     before = {n.index: await overlay_routes(lab, n.index) for n in lab.state.nodes}
     try:
+        passes = await full_passes(lab)
         for key, value in junk.items():
             await lab.etcdctl("put", key, value)
-        await asyncio.sleep(3 * float(RESYNC))  # let several full passes see the junk
+        await wait_full_passes(lab, passes, 3)  # several full passes have seen the junk
         status = await lab.status()
         assert all(n["alive"] and n["ready"] for n in status["nodes"])
         for n in lab.state.nodes:
