@@ -5,13 +5,13 @@ attributes -> backend.start(own) -> subnet.env, traffic rules (overlay/masq.py) 
 side by side in one TaskGroup: the lease mirror feeding the reconcile scheduler
 (overlay/reconcile.py: incremental passes for the subnets that changed, full passes at start,
 every --resync-period seconds and after an error; only leases that fit the network config, see
-subnetmgr.validate: the others are logged once and counted in overlay_leases_ignored_total{reason}), keep()
-renewing the lease and telling us what happens to it (OwnLeaseEvent: the subnet manager is the
-one judge; we turn its word into readiness, events and, on a new lease, a backend restart), a
-watch on the network config (a change is logged; it applies at the next start, as in flannel),
-the iptables resync (rules and blackhole route), and the MQTT publisher. etcd's health
-(registry.health) feeds /metrics, /readyz, /status and the etcd_down/etcd_up events. An etcd
-failure never touches the data path.
+subnetmgr.validate: the others are logged once and counted in
+overlay_leases_ignored_total{reason}), keep() renewing the lease and telling us what happens to it
+(OwnLeaseEvent: the subnet manager is the one judge; we turn its word into readiness, events and,
+on a new lease, a backend restart), a watch on the network config (a change is logged; it applies
+at the next start, as in flannel), the iptables resync (rules and blackhole route), and the MQTT
+publisher. etcd's health (registry.health) feeds /metrics, /readyz, /status and the
+etcd_down/etcd_up events. An etcd failure never touches the data path.
 
 SIGTERM/SIGINT stop everything and leave kernel state (devices, routes, rules) in place: exit 0.
 Fatal problems (no interface, out of subnets, a backend that cannot start) exit 1 with a message.
