@@ -243,7 +243,7 @@ def _whose(value: bytes) -> str:
     parts = [f"backend {attrs.backend_type or 'udp'}"]
     if isinstance(mac, str):
         parts.append(f"VtepMAC {printable(mac, 40)}")
-    return f"{attrs.public_ip}'s ({', '.join(parts)})"
+    return f"{attrs.public_ip} ({', '.join(parts)})"
 
 
 async def cmd_leases_revoke(registry: Any, args: argparse.Namespace) -> int:

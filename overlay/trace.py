@@ -599,7 +599,8 @@ def render_packet(pkt: Decoded) -> str:
         carried = f"{pkt.encap}{vni}: {pkt.note}" if pkt.outer else (pkt.note or "-")
     else:
         vni = f" vni {pkt.vni}" if pkt.vni is not None else ""
-        carried = f"{pkt.encap}{vni}: {pkt.inner.brief()}" if pkt.outer else pkt.inner.brief()
+        name = "flannel-udp" if pkt.encap == "udp" else pkt.encap
+        carried = f"{name}{vni}: {pkt.inner.brief()}" if pkt.outer else pkt.inner.brief()
     return f"{when}  {pkt.point:11}  {pkt.size:5}B  outer {outer}  |  {carried}"
 
 
@@ -611,7 +612,8 @@ def render_report(path: Path, points: Sequence[Point], result: Verdict) -> str:
         f"({path.dst_subnet} on {path.dst_host}) over {how}",
     ]
     for point in points:
-        lines.append(f"  {point.stage:11} {point.where()}: {len(point.packets)} packets"
+        n = len(point.packets)
+        lines.append(f"  {point.stage:11} {point.where()}: {n} packet{'' if n == 1 else 's'}"
                      + (f" ({point.problem})" if point.problem else ""))  # fmt: skip
     lines.append("")
     packets = sorted((p for point in points for p in point.packets), key=lambda p: p.time)

@@ -67,7 +67,7 @@ def test_revoke_a_dead_hosts_lease(
     lease_id = asyncio.run(_create(etcd_server, etcd_prefix, "10.1.5.0/24", VXLAN, 1200))
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.5.0/24") == 0
     out = capsys.readouterr().out
-    assert "revoked 10.1.5.0/24: it was the lease of 192.168.1.11's (backend vxlan, " in out
+    assert "revoked 10.1.5.0/24: it was the lease of 192.168.1.11 (backend vxlan, " in out
     assert "VtepMAC c6:d2:32:6f:8f:44" in out and "ago for 20m00s" in out
     assert etcdctl(etcd_server, "get", "--prefix", f"{etcd_prefix}/subnets/") == ""
     assert not lease_alive(etcd_server, lease_id)  # the etcd lease is revoked, not left over
@@ -79,7 +79,7 @@ def test_refuses_a_lease_renewed_on_time_unless_forced(
     lease_id = asyncio.run(_create(etcd_server, etcd_prefix, "10.1.6.0/24", VXLAN, 86400))
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.6.0/24") == 1
     err = capsys.readouterr().err
-    assert "refusing to revoke 10.1.6.0/24, the lease of 192.168.1.11's" in err
+    assert "refusing to revoke 10.1.6.0/24, the lease of 192.168.1.11" in err
     assert "for 24h00m00s" in err and "looks alive" in err and "--force" in err
     key = f"{etcd_prefix}/subnets/10.1.6.0-24"
     assert etcdctl(etcd_server, "get", "--print-value-only", key) == VXLAN.to_json()
@@ -104,7 +104,7 @@ def test_refuses_reservations_missing_and_bad_subnets(
     capsys.readouterr()
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.7.0/24", "--force") == 1
     err = capsys.readouterr().err
-    assert "is a reservation for 192.168.1.20's" in err and "overlayctl unreserve" in err
+    assert "is a reservation for 192.168.1.20" in err and "overlayctl unreserve" in err
     assert etcdctl(etcd_server, "get", "--print-value-only", f"{etcd_prefix}/subnets/10.1.7.0-24")
 
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.8.0/24") == 1
@@ -134,7 +134,7 @@ def test_revoke_a_malformed_value_and_a_dual_stack_key(
     # Another key uses the same etcd lease: only the key goes, the etcd lease stays for it.
     assert lease_alive(etcd_server, int(lease_hex, 16))
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.10.0/24") == 0
-    assert "192.168.1.11's" in capsys.readouterr().out
+    assert "192.168.1.11" in capsys.readouterr().out
     assert etcdctl(etcd_server, "get", "--prefix", subnets) == ""
     assert not lease_alive(etcd_server, int(lease_hex, 16))
 

@@ -249,10 +249,10 @@ def test_revoke_a_stopped_hosts_lease_and_the_other_drops_its_routes(vxlan_lab: 
         # Stopped a moment ago, its lease still has nearly 24 h: it looks alive.
         out = ctl(vxlan_lab, "leases", "revoke", subnet)
         assert out.returncode == 1 and "looks alive" in out.stderr
-        assert f"{h2.ip}'s (backend vxlan, VtepMAC {mac})" in out.stderr
+        assert f"{h2.ip} (backend vxlan, VtepMAC {mac})" in out.stderr
         out = ctl(vxlan_lab, "leases", "revoke", subnet, "--force")
         assert out.returncode == 0, out.stderr
-        assert f"revoked {subnet} (--force): it was the lease of {h2.ip}'s" in out.stdout
+        assert f"revoked {subnet} (--force): it was the lease of {h2.ip}" in out.stdout
 
         async def dropped() -> bool:
             return subnet not in await _remote_routes(vxlan_lab, 1)
