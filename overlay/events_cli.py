@@ -38,6 +38,8 @@ MAX_EVENT_BYTES = 16 * 1024
 """The largest MQTT message decoded (overlayd's events are about 200 bytes)."""
 MAX_DETAIL_CHARS = 200
 """Each detail value is cut to this many characters in the human-readable line."""
+MAX_DETAILS = 20
+"""At most this many details in the human-readable line."""
 _EVENT_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _MAX_TIME = 1e11  # year 5138: a time beyond it is not a Unix time
 
@@ -138,11 +140,10 @@ def render_human(item: Event | Skipped) -> str:
     doc = item.doc
     when = datetime.fromtimestamp(float(doc["time"]), UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     host = doc.get("host") or "-"
-    details = " ".join(
-        f"{printable(str(k), 40)}={_detail(v)}"
-        for k, v in doc.items()
-        if k not in ("event", "host", "time") and v is not None
-    )
+    shown = [(k, v) for k, v in doc.items() if k not in ("event", "host", "time") and v is not None]
+    details = " ".join(f"{printable(str(k), 40)}={_detail(v)}" for k, v in shown[:MAX_DETAILS])
+    if len(shown) > MAX_DETAILS:
+        details += f" (+{len(shown) - MAX_DETAILS} more details; --json shows all)"
     return f"{when}  {printable(str(host), 45):15}  {doc['event']:16}  {details}".rstrip()
 
 

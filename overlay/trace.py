@@ -307,7 +307,8 @@ def _host_of(leases: Sequence[Any], ip: IPv4Address, name: str) -> Any:
         if ip in lease.subnet:
             return lease
     raise TraceError(
-        f"{name} {ip} is in no lease's subnet: give container addresses (see `overlayctl leases`)"
+        f"{name} {ip} is in no usable lease's subnet: give container addresses (see "
+        "`overlayctl leases`)"
     )
 
 
@@ -641,6 +642,7 @@ def report_json(path: Path, points: Sequence[Point], result: Verdict) -> dict[st
 async def run_trace(args: argparse.Namespace) -> int:
     from subnetmgr.model import ConfigError, NetworkConfig
     from subnetmgr.registry import EtcdRegistry, RegistryError
+    from subnetmgr.validate import select_leases
 
     try:
         async with await EtcdRegistry.connect(args.etcd.registry_options()) as registry:
@@ -655,7 +657,9 @@ async def run_trace(args: argparse.Namespace) -> int:
         config = NetworkConfig.from_json(text)
     except ConfigError as e:
         raise TraceError(f"the network config is invalid: {e}") from None
-    path = path_from(config, leases, args.src, args.dst)
+    # The leases the hosts use: checked against the config, one per subnet (as overlayd).
+    usable = list(select_leases(config, leases).valid.values())
+    path = path_from(config, usable, args.src, args.dst)
     points = await plan_points(path, args)
     await capture(points, path, args)
     result = verdict(points, path)

@@ -252,6 +252,17 @@ def test_valid_events_round_trip(doc: dict[str, Any]) -> None:
     assert _one_printable_line(line) and f"192.0.2.5        {doc['event']}" in line
 
 
+def test_many_details_are_cut_in_the_human_line_not_in_json() -> None:
+    doc = {"event": "ready", "host": "192.0.2.5", "time": 1.5,
+           **{f"k{n}": "v" * 500 for n in range(25)}}  # fmt: skip
+    got = parse_event(TOPIC, json.dumps(doc).encode())
+    assert isinstance(got, Event)
+    line = render_human(got)
+    assert line.count("=") == 20 and "(+5 more details; --json shows all)" in line
+    assert "v" * 201 not in line and "v" * 197 + "..." in line
+    assert json.loads(render_json(got)) == doc
+
+
 @given(_valid_docs, st.sampled_from(["event", "host", "time"]), _scalars)
 def test_a_broken_field_is_skipped_with_its_reason(
     doc: dict[str, Any], field: str, value: object

@@ -217,7 +217,7 @@ def test_trace_refuses_what_it_cannot_trace(vxlan_lab: Lab) -> None:
     (_, src), _ = vxlan_lab.containers()[:2]
     assert src.ip
     out = ctl(vxlan_lab, "trace", "10.250.0.1", src.ip, "--src-netns", vxlan_lab.host_ns(1))
-    assert out.returncode == 1 and "SRC 10.250.0.1 is in no lease's subnet" in out.stderr
+    assert out.returncode == 1 and "SRC 10.250.0.1 is in no usable lease's subnet" in out.stderr
     subnet = IPv4Network(vxlan_lab.node(1).subnet or "")
     out = ctl(vxlan_lab, "trace", src.ip, str(subnet.network_address + 77))
     assert out.returncode == 1 and "never crosses the underlay" in out.stderr
