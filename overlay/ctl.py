@@ -457,8 +457,14 @@ def build_parser(plugin_modules: Sequence[str] = PLUGIN_MODULES) -> argparse.Arg
     revoke.add_argument("subnet", metavar="SUBNET", help="e.g. 10.1.7.0/24")
     revoke.add_argument("--force", action="store_true",
                         help="revoke even a lease whose host renewed it on time")  # fmt: skip
-    revoke.add_argument("--renew-margin", type=_minutes, default=60, metavar="MINUTES",
-                        help=margin_help)  # fmt: skip
+    # SUPPRESS: `leases --renew-margin N revoke` keeps N (a subparser default would replace it).
+    revoke.add_argument(
+        "--renew-margin",
+        type=_minutes,
+        default=argparse.SUPPRESS,
+        metavar="MINUTES",
+        help=margin_help.replace("%(default)s", "60"),
+    )
     revoke.set_defaults(func=_etcd_command(cmd_leases_revoke))
 
     reserve = sub.add_parser(

@@ -89,6 +89,10 @@ def test_refuses_a_lease_renewed_on_time_unless_forced(
     # even this fresh 24 h lease already: it looks dead.
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.6.0/24",
                "--renew-margin", "1450") == 0  # fmt: skip
+    asyncio.run(_create(etcd_server, etcd_prefix, "10.1.6.0/24", VXLAN, 86400))
+    # The same margin given to `leases` holds for `revoke` too.
+    assert ctl(etcd_server, etcd_prefix, "leases", "--renew-margin", "1450", "revoke",
+               "10.1.6.0/24") == 0  # fmt: skip
     capsys.readouterr()
     lease_id = asyncio.run(_create(etcd_server, etcd_prefix, "10.1.6.0/24", VXLAN, 86400))
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.6.0/24", "--force") == 0
