@@ -144,6 +144,38 @@ async def test_mqtt_events_human_readable_one_host(
     assert lines[1].split()[2:] == ["192.0.2.5", "ready", "subnet=10.9.4.0/24"]
 
 
+async def test_mqtt_feed_reconnects_after_the_broker_restarts(
+    broker: Broker,  # noqa: F811
+    unique: str,
+) -> None:
+    prefix = f"t{unique}"
+    args = ("events", "--json", "--mqtt-broker", f"127.0.0.1:{broker.port}",
+            "--mqtt-topic-prefix", prefix, "--count", "2", "--timeout", "60")  # fmt: skip
+    doc = {"event": "ready", "host": "192.0.2.5", "time": 1.0}
+    topic = f"{prefix}/192.0.2.5/events"
+    async with events_cmd(*args) as proc:
+        async with aiomqtt.Client("127.0.0.1", broker.port, timeout=5) as raw:
+            await raw.publish(topic, json.dumps(doc), qos=1)
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert json.loads(first) == doc
+        broker.stop()
+        broker.start()
+        assert proc.stderr is not None
+        note = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert b"lost the broker" in note
+        # The feed subscribes again once it is back: publish until it shows the message.
+        async with aiomqtt.Client("127.0.0.1", broker.port, timeout=5) as raw:
+            for _ in range(100):
+                await raw.publish(topic, json.dumps({**doc, "time": 2.0}), qos=1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.2)
+                    break
+        code, lines, err = await finish(proc)
+    assert code == 0, err
+    assert [json.loads(line)["time"] for line in lines] == [2.0]
+
+
 def test_no_broker_there_is_an_error() -> None:
     port = free_port()
     out = subprocess.run([*CTL, "events", "--mqtt-broker", f"127.0.0.1:{port}", "--timeout",
