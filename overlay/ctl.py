@@ -3,7 +3,8 @@
     overlayctl config set '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}'
     overlayctl config set @network.json
     overlayctl config get
-    overlayctl leases [--json]
+    overlayctl leases [--json] [--renew-margin MINUTES]
+    overlayctl leases revoke 10.1.7.0/24 [--force]
     overlayctl reserve 10.1.7.0/24 192.168.1.20
     overlayctl unreserve 10.1.7.0/24
 
@@ -30,13 +31,32 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, package_version, resolve
-from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
+from overlay.options import (
+    ETCD_FLAGS,
+    EtcdFlags,
+    _nonneg_int,
+    add_flags,
+    package_version,
+    resolve,
+)
+from subnetmgr.model import (
+    ConfigError,
+    Lease,
+    LeaseAttrs,
+    MalformedLease,
+    NetworkConfig,
+    printable,
+)
 from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
 log = logging.getLogger("overlayctl")
 
-PLUGIN_MODULES: tuple[str, ...] = ("integration.cli", "cni.install")
+PLUGIN_MODULES: tuple[str, ...] = (
+    "integration.cli",
+    "cni.install",
+    "overlay.events_cli",
+    "overlay.trace",
+)
 
 
 class UsageError(Exception):
@@ -90,7 +110,20 @@ async def cmd_config_get(registry: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
+RENEW_GRACE = 300
+"""Seconds a host may be late with its renewal (etcd briefly unreachable, a restart) before its
+lease looks dead."""
+
+
+def looks_dead(seconds_left: float | None, renew_margin: float) -> bool:
+    """Whether a lease's host missed its renewal: overlayd (like flanneld) renews its lease
+    once `renew_margin` seconds are left on it (--subnet-lease-renew-margin), so a lease with
+    less than that left, minus RENEW_GRACE, was not renewed when it should have been.
+    A reservation (None) never looks dead."""
+    return seconds_left is not None and seconds_left < renew_margin - RENEW_GRACE
+
+
+def _lease_row(lease: Lease, now: float, renew_margin: float = 3600.0) -> dict[str, Any]:
     data = lease.attrs.backend_data or {}
     ttl = None if lease.expiration is None else max(0, int(lease.expiration - now))
     mac = data.get("VtepMAC")
@@ -104,15 +137,16 @@ def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
         "key": lease.key,
         "ignored": None,
         "detail": None,
+        "looks_dead": looks_dead(ttl, renew_margin),
     }
 
 
-def _ignored_row(ignored: Ignored, now: float) -> dict[str, Any]:
+def _ignored_row(ignored: Ignored, now: float, renew_margin: float = 3600.0) -> dict[str, Any]:
     if ignored.lease is not None:
-        row = _lease_row(ignored.lease, now)
+        row = _lease_row(ignored.lease, now, renew_margin)
     else:  # it did not decode: only its key is known
         row = {"subnet": None, "public_ip": None, "backend": None, "vtep_mac": None,
-               "ttl": None, "reserved": None, "key": ignored.key}  # fmt: skip
+               "ttl": None, "reserved": None, "key": ignored.key, "looks_dead": False}  # fmt: skip
     row["ignored"] = ignored.reason
     row["detail"] = ignored.detail
     return row
@@ -126,9 +160,15 @@ def _human_ttl(seconds: int | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def render_leases_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def _status(row: Mapping[str, Any]) -> str:
+    if row["ignored"]:
+        return f"ignored: {row['ignored']}"
+    return "looks dead" if row.get("looks_dead") else "ok"
+
+
+def render_leases_table(rows: Sequence[Mapping[str, Any]], renew_margin: float = 3600.0) -> str:
     """One line per key; an ignored one says why (`ignored: outside_network`), with the details
-    listed under the table."""
+    listed under the table; a lease whose host missed its renewal says `looks dead`."""
     header = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "TTL", "RESERVED", "STATUS")
     body = [
         (
@@ -138,7 +178,7 @@ def render_leases_table(rows: Sequence[Mapping[str, Any]]) -> str:
             printable(r["vtep_mac"] or "-", 60),
             _human_ttl(r["ttl"]),
             "-" if r["reserved"] is None else "yes" if r["reserved"] else "no",
-            f"ignored: {r['ignored']}" if r["ignored"] else "ok",
+            _status(r),
         )
         for r in rows
     ]
@@ -149,6 +189,13 @@ def render_leases_table(rows: Sequence[Mapping[str, Any]]) -> str:
              for row in (header, *body)]  # fmt: skip
     if notes:
         lines += ["", "ignored by overlayd (the data path does not use them):", *notes]
+    if any(r.get("looks_dead") for r in rows):
+        lines += [
+            "",
+            f"looks dead: less than {_human_ttl(int(renew_margin - RENEW_GRACE))} left on its "
+            f"etcd lease, but a live host renews with {_human_ttl(int(renew_margin))} left "
+            "(--renew-margin); free the subnet with `overlayctl leases revoke SUBNET`",
+        ]
     return "\n".join(lines)
 
 
@@ -173,15 +220,77 @@ async def cmd_leases(registry: Any, args: argparse.Namespace) -> int:
         lease = by_key[key]
         ignored[key] = Ignored(key, reason, detail, lease.create_revision, lease)
     valid = sorted(selection.valid.values(), key=lambda x: x.subnet)
-    rows = [_lease_row(lease, now) for lease in valid]
-    rows += [_ignored_row(ignored[key], now) for key in sorted(ignored)]
+    margin = args.renew_margin * 60.0
+    rows = [_lease_row(lease, now, margin) for lease in valid]
+    rows += [_ignored_row(ignored[key], now, margin) for key in sorted(ignored)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print(f"no leases under {args.etcd.prefix}/subnets/")
     else:
-        print(render_leases_table(rows))
+        print(render_leases_table(rows, margin))
     return 0
+
+
+def _whose(value: bytes) -> str:
+    """Whose lease a stored value names, for messages: PublicIP, backend, VtepMAC."""
+    try:
+        attrs = LeaseAttrs.from_json(value)
+    except MalformedLease as e:
+        return f"a malformed value ({printable(str(e), 120)})"
+    data = attrs.backend_data or {}
+    mac = data.get("VtepMAC")
+    parts = [f"backend {attrs.backend_type or 'udp'}"]
+    if isinstance(mac, str):
+        parts.append(f"VtepMAC {printable(mac, 40)}")
+    return f"{attrs.public_ip} ({', '.join(parts)})"
+
+
+async def cmd_leases_revoke(registry: Any, args: argparse.Namespace) -> int:
+    """Delete a dead host's lease key and revoke its etcd lease; refuses a lease whose host
+    renewed it on time (see looks_dead) unless --force."""
+    subnet = _subnet_arg(args.subnet)
+    record = await registry.inspect_key(subnet)
+    if record is None:
+        raise CommandError(f"no lease for {subnet} (see `overlayctl leases`)")
+    whose = _whose(record.value)
+    if record.lease_id == 0:
+        raise CommandError(
+            f"{subnet} is a reservation for {whose}, not a lease: it never expires; "
+            f"remove it with `overlayctl unreserve {subnet}`"
+        )
+    margin = args.renew_margin * 60.0
+    left, granted = record.ttl, record.granted_ttl
+    if left < 0:
+        clock = "its etcd lease has just expired"
+    else:
+        clock = (
+            f"renewed {_human_ttl(max(granted - left, 0))} ago for {_human_ttl(granted)}, "
+            f"{_human_ttl(left)} left"
+        )
+    if left >= 0 and not looks_dead(left, margin) and not args.force:
+        raise CommandError(
+            f"refusing to revoke {subnet}, the lease of {whose}: {clock}, and a live host "
+            f"renews with {_human_ttl(int(margin))} left (--renew-margin), so its host looks "
+            "alive. Stop that host's overlayd first and wait, or pass --force (a running "
+            "host then takes a lease again at once)"
+        )
+    if not await registry.revoke_key(record):
+        raise CommandError(
+            f"{subnet} changed while revoking it (renewed or rewritten): nothing deleted; "
+            "look again with `overlayctl leases`"
+        )
+    forced = " (--force)" if args.force and not looks_dead(left, margin) else ""
+    print(f"revoked {subnet}{forced}: it was the lease of {whose}, {clock}")
+    print("the other hosts remove its routes as they see the key deleted")
+    return 0
+
+
+def _minutes(text: str) -> int:
+    try:
+        return _nonneg_int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _subnet_arg(text: str) -> IPv4Network:
@@ -314,16 +423,49 @@ def build_parser(plugin_modules: Sequence[str] = PLUGIN_MODULES) -> argparse.Arg
                            description="Print <prefix>/config as stored.")  # fmt: skip
     cget.set_defaults(func=_etcd_command(cmd_config_get))
 
+    margin_help = (
+        "the hosts' --subnet-lease-renew-margin: a live host renews its lease when this many "
+        "minutes are left on it (default %(default)s, as overlayd's and flanneld's)"
+    )
     leases = sub.add_parser(
         "leases",
-        help="list subnet leases",
+        help="list subnet leases, or revoke a dead host's lease",
         description="List every lease: subnet, public IP, backend, VTEP MAC, TTL left, and "
         "whether it is a reservation (no TTL). Keys that overlayd ignores (malformed, or not "
         "fitting the network config) are listed too, with the reason (STATUS; --json: "
-        '"ignored" and "detail").',
+        '"ignored" and "detail"). A lease whose host looks dead says so (STATUS "looks '
+        'dead"; --json: "looks_dead"): it has less than --renew-margin minus '
+        f"{RENEW_GRACE // 60} minutes left on its etcd lease, so its host missed the renewal "
+        "a live host makes with --renew-margin left.",
     )
     leases.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    leases.add_argument("--renew-margin", type=_minutes, default=60, metavar="MINUTES",
+                        help=margin_help)  # fmt: skip
     leases.set_defaults(func=_etcd_command(cmd_leases))
+    lsub = leases.add_subparsers(dest="leases_command", metavar="ACTION")
+    revoke = lsub.add_parser(
+        "revoke",
+        help="free a dead host's subnet",
+        description="Delete the lease key of SUBNET and revoke its etcd lease, so that the "
+        "other hosts drop its routes and the subnet can be allocated again. Says whose lease "
+        "it was (PublicIP, backend, VtepMAC). Refuses (exit 1) a lease its host renewed on "
+        "time: one with at least --renew-margin minus "
+        f"{RENEW_GRACE // 60} minutes left (etcd's LeaseTimeToLive: seconds left of the TTL "
+        "granted at the last renewal), unless --force. Refuses a reservation (see "
+        "unreserve). A key renewed between the check and the delete is left alone.",
+    )
+    revoke.add_argument("subnet", metavar="SUBNET", help="e.g. 10.1.7.0/24")
+    revoke.add_argument("--force", action="store_true",
+                        help="revoke even a lease whose host renewed it on time")  # fmt: skip
+    # SUPPRESS: `leases --renew-margin N revoke` keeps N (a subparser default would replace it).
+    revoke.add_argument(
+        "--renew-margin",
+        type=_minutes,
+        default=argparse.SUPPRESS,
+        metavar="MINUTES",
+        help=margin_help.replace("%(default)s", "60"),
+    )
+    revoke.set_defaults(func=_etcd_command(cmd_leases_revoke))
 
     reserve = sub.add_parser(
         "reserve",

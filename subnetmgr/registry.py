@@ -46,6 +46,7 @@ __all__ = [
     "Compacted",
     "EtcdOptions",
     "EtcdRegistry",
+    "KeyRecord",
     "LeaseBatch",
     "LeaseEvent",
     "LeaseLost",
@@ -72,6 +73,24 @@ class LeaseEvent:
     kind: Literal["added", "removed"]
     lease: Lease
     revision: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A lease key as etcd stores it, for `overlayctl leases revoke`."""
+
+    key: str
+    """The key's last element, e.g. `10.1.5.0-24`."""
+    value: bytes
+    lease_id: int
+    """0 for a reservation."""
+    mod_revision: int
+    ttl: int
+    """Seconds left on the etcd lease (-1: expired, or a reservation)."""
+    granted_ttl: int
+    """The TTL it was granted with (-1 for a reservation); granted - ttl = seconds since the
+    host last renewed (our renewals, like flannel's, grant a fresh etcd lease)."""
+    attached_keys: int
 
 
 class LeaseBatch(list[LeaseEvent]):
@@ -641,6 +660,50 @@ class EtcdRegistry:
         delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
         resp = await self._txn([exists, compare], [delete])
         return bool(resp.succeeded)
+
+    # ------------------------------------------------------------------ revoke (overlayctl)
+
+    async def inspect_key(self, subnet: Subnet) -> KeyRecord | None:
+        """The raw key holding `subnet` (also a dual-stack `<v4>&<v6>` key) and what etcd says
+        of its etcd lease; None when there is no such key."""
+        first = self.key(subnet)
+        resp = await self._range(first, _range_end(first))
+        kv = next((kv for kv in resp.kvs if kv.key == first or kv.key.startswith(first + b"&")),
+                  None)  # fmt: skip
+        if kv is None:
+            return None
+        ttl = granted = -1
+        attached = 0
+        if kv.lease:
+
+            async def go(c: EtcdConnection, md: Any) -> Any:
+                req = rpc.LeaseTimeToLiveRequest(ID=kv.lease, keys=True)
+                return await c.lease.LeaseTimeToLive(req, timeout=self.timeout, metadata=md)
+
+            ttl_resp = await self._conn.call("lease time-to-live", go)
+            ttl, granted = int(ttl_resp.TTL), int(ttl_resp.grantedTTL)
+            attached = len(ttl_resp.keys)
+        return KeyRecord(self.key_text(kv.key), bytes(kv.value), int(kv.lease),
+                         int(kv.mod_revision), ttl, granted, attached)  # fmt: skip
+
+    async def revoke_key(self, record: KeyRecord) -> bool:
+        """Delete the key of `record` if it still holds the same etcd lease (a renewal grants a
+        new one, so a host that renewed meanwhile keeps its lease), then revoke that etcd lease
+        when no other key uses it. False when the key changed or is gone."""
+        key = self._subnets + record.key.encode()
+        same = rpc.Compare(
+            key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL, lease=record.lease_id
+        )
+        exists = rpc.Compare(
+            key=key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0
+        )
+        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+        resp = await self._txn([exists, same], [delete])
+        if not resp.succeeded:
+            return False
+        if record.lease_id and record.attached_keys <= 1:
+            await self._revoke(record.lease_id)
+        return True
 
     # ------------------------------------------------------------------ watch
 

@@ -109,11 +109,14 @@ def test_leases_table_and_json(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "TTL",
                                 "RESERVED", "STATUS"]  # fmt: skip
-    rows = [line.split() for line in lines[1:]]
+    rows = [line.split() for line in lines[1 : lines.index("")]]  # the notes follow
     assert [r[0] for r in rows] == ["10.1.5.0/24", "10.1.6.0/24", "10.1.7.0/24"]
     assert rows[0][1:4] == ["192.168.1.11", "vxlan", "c6:d2:32:6f:8f:44"]
     assert rows[0][4].startswith(("59m", "1h00m")) and rows[0][5:] == ["no", "ok"]
     assert rows[1][1:4] == ["192.168.1.12", "udp", "-"] and rows[1][4].startswith(("9m", "10m"))
+    # 10 minutes left: its host missed the renewal it makes with 60 minutes left.
+    assert rows[1][5:] == ["no", "looks", "dead"]
+    assert any(line.startswith("looks dead: less than 55m00s left") for line in lines)
     assert rows[2][1] == "192.168.1.20" and rows[2][4:] == ["-", "yes", "ok"]
 
     assert ctl(etcd_server, etcd_prefix, "leases", "--json") == 0
@@ -121,7 +124,8 @@ def test_leases_table_and_json(
     assert doc[0]["vtep_mac"] == "c6:d2:32:6f:8f:44" and 3500 < doc[0]["ttl"] <= 3600
     assert doc[2] == {"subnet": "10.1.7.0/24", "public_ip": "192.168.1.20", "backend": "udp",
                       "vtep_mac": None, "ttl": None, "reserved": True, "key": "10.1.7.0-24",
-                      "ignored": None, "detail": None}  # fmt: skip
+                      "ignored": None, "detail": None, "looks_dead": False}  # fmt: skip
+    assert [row["looks_dead"] for row in doc] == [False, True, False]
 
 
 def test_reserve_and_unreserve(
@@ -173,8 +177,8 @@ def test_env_vars_with_the_real_binary(etcd_server: EtcdServer, etcd_prefix: str
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["config"], ["config", "set"], ["config", "get"], ["leases"], ["reserve"],
-     ["unreserve"]],
+    [[], ["config"], ["config", "set"], ["config", "get"], ["leases"], ["leases", "revoke"],
+     ["reserve"], ["unreserve"]],
 )  # fmt: skip
 def test_help_everywhere(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
