@@ -70,6 +70,8 @@ async def cmd_config_set(registry: Any, args: argparse.Namespace) -> int:
         config = NetworkConfig.from_json(text)
     except ConfigError as e:
         raise UsageError(f"invalid network config, nothing written: {e}") from None
+    for warning in config.warnings:
+        print(f"overlayctl: warning: {warning}", file=sys.stderr)
     await registry.put_config_text(text)
     how = " (no Backend given: default)" if config.backend_defaulted else ""
     print(

@@ -185,6 +185,8 @@ class Overlayd:
         )
         self.config = config
         self._config_revision = self.manager.config_revision
+        for warning in config.warnings:
+            log.warning("%s", warning)
         if config.backend_defaulted:
             log.info(
                 "the network config has no Backend: using the default backend %r "
