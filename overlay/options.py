@@ -74,10 +74,47 @@ def _regex(text: str) -> str:
     return text
 
 
+IFNAMSIZ = 16  # the kernel's limit on an interface name, with its NUL
+
+
 def _iface(text: str) -> str:
+    """An interface name, an IPv4 address, or an address with a prefix length (192.0.2.12/24:
+    the address is what is matched; the prefix length is accepted and not compared)."""
     text = text.strip()
     if not text:
         raise FlagValueError("expected an interface name or an IPv4 address")
+    if "/" in text:
+        address, _, plen = text.partition("/")
+        try:
+            ip = IPv4Address(address)
+        except ValueError:
+            raise FlagValueError(
+                f"{text!r}: {address!r} before the / is not an IPv4 address; give a name "
+                "(eth1), an address (192.0.2.12) or an address/length (192.0.2.12/24)"
+            ) from None
+        if not (plen.isascii() and plen.isdigit()) or not 0 <= int(plen[:3]) <= 32:
+            raise FlagValueError(
+                f"{text!r}: the prefix length {plen!r} after the / must be a number 0-32"
+            )
+        return str(ip)
+    if "." in text and text.replace(".", "").isdigit():  # all digits and dots: an address
+        try:
+            return str(IPv4Address(text))
+        except ValueError as e:
+            raise FlagValueError(f"{text!r} looks like an IPv4 address but is not: {e}") from None
+    if len(text.encode()) >= IFNAMSIZ:
+        raise FlagValueError(
+            f"{text!r} is not an interface name: at most {IFNAMSIZ - 1} bytes (Linux's limit)"
+        )
+    if (
+        text in (".", "..")
+        or any(c in text for c in "/:")
+        or not text.isprintable()
+        or any(c.isspace() for c in text)
+    ):
+        raise FlagValueError(
+            f"{text!r} is not an interface name: no spaces, '/', ':' or control characters"
+        )
     return text
 
 
@@ -206,8 +243,9 @@ ETCD_FLAGS: tuple[Flag, ...] = (
 
 DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--iface", _iface, (),
-         "interface (name or IPv4 address) for traffic between hosts; repeat to give "
-         "candidates, the first that exists wins", "NAME|IP", repeat=True,
+         "interface (name, IPv4 address, or address/length such as 192.0.2.12/24) for traffic "
+         "between hosts; repeat to give candidates, the first that exists wins; loopback and "
+         "link-local addresses are refused", "NAME|IP", repeat=True,
          shown_default="none"),
     Flag("--iface-regex", _regex, (),
          "regular expression matched against interface names and IPv4 addresses, tried after "
