@@ -40,6 +40,7 @@ from overlay.health import HealthServer, Metrics
 from overlay.iface import InterfaceError, choose_interface
 from overlay.masq import IptablesError, TrafficRules, traffic_rules
 from overlay.options import Options, parse_options
+from overlay.preflight import HostLock, PreflightError, privilege_problem
 from overlay.sdnotify import sd_notify
 from overlay.subnetenv import SubnetEnv, SubnetEnvError, read_previous_subnet, write_subnet_env
 from subnetmgr.manager import AcquireConflict, LeaseMirror, OutOfSubnets, SubnetManager
@@ -187,6 +188,12 @@ class Overlayd:
         self._config_revision = self.manager.config_revision
         for warning in config.warnings:
             log.warning("%s", warning)
+        # Before the backend touches the kernel and before a lease is taken (issue 12).
+        problem = privilege_problem(config.backend_type, self.opts.ip_masq,
+                                    self.opts.iptables_forward_rules,
+                                    self.opts.ip_blackhole_route)  # fmt: skip
+        if problem:
+            raise FatalError(problem)
         if config.backend_defaulted:
             log.info(
                 "the network config has no Backend: using the default backend %r "
@@ -554,7 +561,21 @@ async def _connect(opts: Options, metrics: Metrics) -> EtcdRegistry:
 
 
 async def serve(opts: Options, stop: asyncio.Event) -> int:
-    """Run until `stop` is set (exit 0) or a fatal error (exit 1)."""
+    """Run until `stop` is set (exit 0) or a fatal error (exit 1). One daemon per host: the
+    lock in the subnet file's directory is taken before anything else (overlay/preflight.py)."""
+    lock = HostLock.for_subnet_file(opts.subnet_file)
+    try:
+        lock.acquire()
+    except PreflightError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        return await _serve_locked(opts, stop)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
     try:
         ext = await choose_interface(
             opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip
