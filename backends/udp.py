@@ -36,6 +36,7 @@ from pathlib import Path
 
 from backends import udp_worker
 from backends.base import BackendAttrs, BackendError, ExternalInterface
+from backends.links import LinkClient
 from backends.tun import TunBusy, open_tun
 from subnetmgr.model import Lease, NetworkConfig, Subnet
 
@@ -49,7 +50,6 @@ ACCEPTED_TYPES = frozenset({"", "udp"})
 
 ROLES = ("tx", "rx")
 """One worker process per direction; its index is its stats slot."""
-NETLINK_TIMEOUT = 5.0
 BUSY_WAIT = 5.0
 """Seconds to wait for a flannel0 still held by a previous loop (its workers exit on EOF)."""
 IFF_TUN_TYPE = 1  # IFLA_TUN_TYPE of a TUN (not TAP) device
@@ -296,51 +296,52 @@ class UdpBackend:
 
     async def _check_existing_device(self) -> bool:
         """True when a compatible flannel0 exists (we attach to it); delete an incompatible one."""
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
         want_vnet = 1 if self.options.vnet_hdr else 0
+        links = LinkClient()
         try:
-            async with asyncio.timeout(NETLINK_TIMEOUT), AsyncIPRoute() as ipr:
-                idx = await ipr.link_lookup(ifname=self.device)
-                if not idx:
-                    log.info("udp backend: creating %s", self.device)
-                    return False
-                links = list(await ipr.link("get", index=idx[0]))
-                info = links[0].get("IFLA_LINKINFO") if links else None
-                kind = info.get("IFLA_INFO_KIND") if info else None
-                data = info.get("IFLA_INFO_DATA") if info else None
-                found = {
-                    "kind": kind,
-                    "type": data.get("IFLA_TUN_TYPE") if data else None,
-                    "pi": data.get("IFLA_TUN_PI") if data else None,
-                    "vnet_hdr": data.get("IFLA_TUN_VNET_HDR") if data else None,
-                    "multi_queue": data.get("IFLA_TUN_MULTI_QUEUE") if data else None,
-                    "persist": data.get("IFLA_TUN_PERSIST") if data else None,
-                }
-                want = {"kind": "tun", "type": IFF_TUN_TYPE, "pi": 0, "vnet_hdr": want_vnet,
-                        "multi_queue": 0}  # fmt: skip
-                if all(found[k] == v for k, v in want.items()):
-                    log.info(
-                        "udp backend: attaching to the existing %s (index %d, persistent %s), "
-                        "keeping its address and routes",
-                        self.device,
-                        idx[0],
-                        bool(found["persist"]),
-                    )
-                    return True
-                log.warning(
-                    "udp backend: replacing the existing %s: it is %s, we need %s",
-                    self.device,
-                    {k: found[k] for k in want},
-                    want,
-                )
-                await ipr.link("del", index=idx[0])
+            link = await links.get_link(self.device)
+            if link is None:
+                log.info("udp backend: creating %s", self.device)
                 return False
-        except (OSError, TimeoutError) as e:
+            info = link.get("IFLA_LINKINFO")
+            kind = info.get("IFLA_INFO_KIND") if info else None
+            data = info.get("IFLA_INFO_DATA") if info else None
+            found = {
+                "kind": kind,
+                "type": data.get("IFLA_TUN_TYPE") if data else None,
+                "pi": data.get("IFLA_TUN_PI") if data else None,
+                "vnet_hdr": data.get("IFLA_TUN_VNET_HDR") if data else None,
+                "multi_queue": data.get("IFLA_TUN_MULTI_QUEUE") if data else None,
+                "persist": data.get("IFLA_TUN_PERSIST") if data else None,
+            }
+            want = {"kind": "tun", "type": IFF_TUN_TYPE, "pi": 0, "vnet_hdr": want_vnet,
+                    "multi_queue": 0}  # fmt: skip
+            if all(found[k] == v for k, v in want.items()):
+                log.info(
+                    "udp backend: attaching to the existing %s (index %d, persistent %s), "
+                    "keeping its address and routes",
+                    self.device,
+                    link["index"],
+                    bool(found["persist"]),
+                )
+                return True
+            log.warning(
+                "udp backend: replacing the existing %s: it is %s, we need %s",
+                self.device,
+                {k: found[k] for k in want},
+                want,
+            )
+            await links.call("link", "del", index=link["index"])
+            return False
+        except (OSError, TimeoutError, NetlinkError) as e:
             raise BackendError(
                 f"udp backend: cannot inspect or replace the existing {self.device}: {e!r}; "
                 f"delete it with `ip link del {self.device}`"
             ) from None
+        finally:
+            links.close()
 
     async def _open_device(self) -> int:
         """open_tun, waiting up to BUSY_WAIT s for a previous loop's workers to let go."""
@@ -380,41 +381,49 @@ class UdpBackend:
             ) from None
         return sock
 
-    async def _configure_link(self) -> None:
-        from pyroute2 import AsyncIPRoute
+    async def _link_index(self, links: LinkClient) -> int:
+        link = await links.get_link(self.device)
+        if link is None:
+            raise OSError(f"{self.device} does not exist")
+        index: int = link["index"]
+        return index
 
+    async def _configure_link(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        links = LinkClient()
         try:
-            async with asyncio.timeout(NETLINK_TIMEOUT), AsyncIPRoute() as ipr:
-                idx = (await ipr.link_lookup(ifname=self.device))[0]
-                await ipr.link("set", index=idx, mtu=self.mtu)
-                await ipr.link("set", index=idx, state="up")
-        except (OSError, IndexError, TimeoutError) as e:
+            idx = await self._link_index(links)
+            await links.call("link", "set", index=idx, mtu=self.mtu)
+            await links.call("link", "set", index=idx, state="up")
+        except (OSError, TimeoutError, NetlinkError) as e:
             raise BackendError(f"udp backend: cannot set up {self.device}: {e!r}") from None
+        finally:
+            links.close()
         _disable_ipv6(self.device)
 
     async def _configure_address(self, own: Lease) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
-        addr = str(own.subnet.network_address)
+        addr = own.subnet.network_address
+        links = LinkClient()
         try:
-            async with asyncio.timeout(NETLINK_TIMEOUT), AsyncIPRoute() as ipr:
-                idx = (await ipr.link_lookup(ifname=self.device))[0]
-                async for msg in await ipr.addr("dump", index=idx):
-                    old = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-                    if msg["family"] == socket.AF_INET and old != addr:
-                        await ipr.addr("del", index=idx, address=old, prefixlen=msg["prefixlen"])
-                await ipr.addr("replace", index=idx, address=addr, prefixlen=32)
-                await ipr.route(
-                    "replace",
-                    dst=str(self.config.network.network_address),
-                    dst_len=self.config.network.prefixlen,
-                    oif=idx,
-                )
-        except (OSError, IndexError, TimeoutError) as e:
+            idx = await self._link_index(links)
+            await links.ensure_host_address(idx, addr, self.device)
+            await links.call(
+                "route",
+                "replace",
+                dst=str(self.config.network.network_address),
+                dst_len=self.config.network.prefixlen,
+                oif=idx,
+            )
+        except (OSError, TimeoutError, NetlinkError) as e:
             raise BackendError(
                 f"udp backend: cannot address {self.device} with {addr}/32 and route "
                 f"{self.config.network}: {e!r}"
             ) from None
+        finally:
+            links.close()
 
     async def _start_workers(self) -> None:
         self._stats_fd = os.memfd_create("overlay-udp-stats", os.MFD_CLOEXEC)

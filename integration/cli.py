@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from integration.containers import ATTACH_MODES
-from integration.lab import BACKENDS, DEFAULT_NETWORK, STATE_ROOT, Lab, LabError, MatrixEntry
+from integration.lab import (
+    BACKENDS,
+    DEFAULT_NETWORK,
+    PROVIDERS,
+    STATE_ROOT,
+    Lab,
+    LabError,
+    MatrixEntry,
+    open_lab,
+)
 
 
 def _progress(msg: str) -> None:
@@ -25,9 +34,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `lab` with its `up`, `status` and `down` commands to an argparse subparsers object."""
     lab: argparse.ArgumentParser = subparsers.add_parser(
         "lab",
-        help="a multi-node overlay lab in network namespaces",
-        description="Run several overlayd hosts in network namespaces on one machine, "
-        "with a local etcd, containers and real traffic between them.",
+        help="a multi-node overlay lab in network namespaces or Docker containers",
+        description="Run several overlayd hosts on one machine (network namespaces, or Docker "
+        "containers running overlayd under systemd), with a local etcd, containers and real "
+        "traffic between them.",
     )
     sub = lab.add_subparsers(dest="lab_cmd", required=True)
 
@@ -39,6 +49,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="build the lab, start the daemons, probe every container")
     common(up)
+    up.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="netns",
+        help="hosts as network namespaces (netns, default) or as Docker containers with "
+        "systemd (containers; starts dockerd when none answers, builds its image locally)",
+    )
     up.add_argument("--nodes", type=int, default=3, help="number of hosts (default: 3)")
     up.add_argument("--backend", choices=BACKENDS, default="vxlan", help="(default: vxlan)")
     up.add_argument(
@@ -84,7 +101,10 @@ def _lab(args: argparse.Namespace) -> Lab:
             "overlayctl lab: run as root (it creates network namespaces, veth and vxlan devices)"
         )
     try:
-        return Lab(args.name, state_root=args.state_root, progress=_progress)
+        # `up` names the provider; the other commands read it from the lab's state.
+        provider = getattr(args, "provider", None)
+        return open_lab(args.name, state_root=args.state_root, progress=_progress,
+                        provider=provider)  # fmt: skip
     except LabError as e:
         raise SystemExit(f"overlayctl lab: {e}") from None
 
@@ -173,8 +193,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=1))
         return 0
-    print(f"lab {st['name']}: backend {st['backend']}, network {st['network']}, "
-          f"underlay {st['underlay']}")  # fmt: skip
+    print(f"lab {st['name']} ({st['provider']}): backend {st['backend']}, "
+          f"network {st['network']}, underlay {st['underlay']}")  # fmt: skip
+    if st.get("image"):
+        print(f"image {st['image']}")
     etcd_state = {True: "running", False: "NOT RUNNING", None: "external"}[st["etcd_alive"]]
     print(f"etcd {st['etcd']} ({etcd_state}), prefix {st['etcd_prefix']}")
     if st["etcd_error"]:
@@ -184,10 +206,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if n["kind"] == "overlayd":
             health = "ready" if n["ready"] else ("alive, NOT ready" if n["alive"] else "DOWN")
             daemon = f"overlayd pid {n['daemon_pid']} {health}"
+            if n.get("systemd"):  # a container host: the pid is the one inside its container
+                daemon = (f"overlayd.service {n['systemd']}, main pid {n['daemon_pid']} "
+                          f"in the container, {health}")  # fmt: skip
         else:
             daemon = "configured by hand as a flannel host"
         conts = ", ".join(f"{c['namespace']}={c['ip']}" for c in n["containers"]) or "none"
-        print(f"  {n['node']} {n['namespace']} {n['public_ip']} subnet {n['subnet']}: {daemon}")
+        where = n.get("container") or n["namespace"]
+        print(f"  {n['node']} {where} {n['public_ip']} subnet {n['subnet']}: {daemon}")
         print(f"     containers: {conts}")
     print("leases in etcd:")
     for lease in st["leases"]:
@@ -211,7 +237,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not lab.exists:
         print(f"no lab named {args.name!r}: nothing to do")
         return 0
-    for line in asyncio.run(lab.down()):
+    try:
+        done = asyncio.run(lab.down())
+    except (RuntimeError, OSError) as e:  # LabError, CommandError
+        print(f"lab down failed: {e}", file=sys.stderr)
+        return 2
+    for line in done:
         print(f"lab: {line}")
     return 0
 

@@ -111,11 +111,17 @@ class NodeState:
     subnet: str | None = None
     vtep_mac: str | None = None
     containers: list[ContainerState] = field(default_factory=list)
+    container: str | None = None
+    """The Docker container of the host (provider "containers")."""
+    container_pid: int | None = None
+    """The host pid of that container's init (systemd)."""
 
 
 @dataclass
 class LabState:
     name: str
+    provider: str = "netns"
+    """Where hosts live: "netns" (network namespaces) or "containers" (integration.docker_lab)."""
     underlay: str = ""
     network: str = DEFAULT_NETWORK
     backend: str = "vxlan"
@@ -134,6 +140,10 @@ class LabState:
     """How containers are attached: "cni" (our flannel plugin) or "bridge" (iproute2)."""
     namespaces: list[str] = field(default_factory=list)
     nodes: list[NodeState] = field(default_factory=list)
+    image: str = ""
+    """The image of the hosts and etcd (provider "containers")."""
+    docker_network: str = ""
+    etcd_container: str = ""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LabState:
@@ -160,6 +170,9 @@ class MatrixEntry:
 
 
 class Lab:
+    provider = "netns"
+    """Where hosts live; integration.docker_lab.ContainerLab is the "containers" provider."""
+
     def __init__(
         self, name: str = "lab", state_root: Path = STATE_ROOT, progress: Progress = _quiet
     ) -> None:
@@ -256,6 +269,7 @@ class Lab:
             )
         self.state = LabState(
             self.name,
+            provider=self.provider,
             network=str(net),
             backend=backend,
             etcd_external=etcd_endpoints is not None,
@@ -273,7 +287,7 @@ class Lab:
             CniSetup.install(self.cni_bin)
         await self._make_underlay()
         if etcd_endpoints is None:
-            self._start_etcd()
+            await self._start_local_etcd()
         else:
             self.state.etcd_endpoint = etcd_endpoints
             self.save()
@@ -315,6 +329,10 @@ class Lab:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    async def _start_local_etcd(self) -> None:
+        """The lab's own etcd (provider hook)."""
+        self._start_etcd()
 
     def _start_etcd(self) -> None:
         host = str(self.mgmt_ip.ip)
@@ -376,8 +394,7 @@ class Lab:
     async def add_nodes(self, count: int, ready_timeout: float = 60.0) -> list[NodeState]:
         """Add `count` overlayd hosts: namespaces and links first, then all daemons at once."""
         added = [await self._make_host() for _ in range(count)]
-        for node in added:
-            self._start_daemon(node)
+        await self._start_daemons(added, ready_timeout)
         if added:
             self.progress(f"waiting for /readyz of {len(added)} overlayd ...")
         await asyncio.gather(*(self.wait_ready(n.index, ready_timeout) for n in added))
@@ -434,6 +451,11 @@ class Lab:
             argv += ["--resync-period", self.state.resync_period]
         return argv
 
+    async def _start_daemons(self, nodes: list[NodeState], ready_timeout: float) -> None:
+        """Start the daemons of freshly made hosts (provider hook; readiness is awaited later)."""
+        for node in nodes:
+            self._start_daemon(node)
+
     def _spawn(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> int:
         """Start a long-lived process of the lab (own session, output appended to a log).
 
@@ -480,6 +502,14 @@ class Lab:
                     f"last lines of its log:\n" + self.log_tail(index)
                 )
             await asyncio.sleep(0.1)
+
+    async def daemon_log(self, index: int) -> str:
+        """Everything host `index`'s overlayd has logged so far (its log file here)."""
+        path = self.node_dir(index) / "overlayd.log"
+        try:
+            return await asyncio.to_thread(path.read_text, errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, index: int, lines: int = 20) -> str:
         path = self.node_dir(index) / "overlayd.log"
@@ -552,12 +582,20 @@ class Lab:
         for cont in node.containers:
             await delete_netns(cont.ns)
             self._forget_ns(cont.ns)
-        await delete_netns(node.ns)
-        self._forget_ns(node.ns)
-        await run("ip", "link", "del", f"h{index}", ns=self.underlay_ns, check=False)
+        await self._delete_host(node)
         self.state.nodes.remove(node)
         self.save()
         shutil.rmtree(self.node_dir(index), ignore_errors=True)
+
+    async def _delete_host(self, node: NodeState) -> None:
+        """The host itself goes: its namespace and its port on the underlay (provider hook)."""
+        await delete_netns(node.ns)
+        self._forget_ns(node.ns)
+        await run("ip", "link", "del", f"h{node.index}", ns=self.underlay_ns, check=False)
+
+    async def underlay_port(self, index: int) -> tuple[str | None, str]:
+        """(namespace, device) of host `index`'s port on the underlay switch, for captures."""
+        return self.underlay_ns, f"h{index}"
 
     def _forget_ns(self, ns: str) -> None:
         if ns in self.state.namespaces:
@@ -753,6 +791,7 @@ class Lab:
             error = str(e)
         return {
             "name": self.name,
+            "provider": self.state.provider,
             "state_dir": str(self.dir),
             "underlay": self.state.underlay,
             "network": self.state.network,
@@ -828,6 +867,32 @@ class Lab:
                     if pid_alive(int(entry.name)):
                         found.append(int(entry.name))
         return found
+
+
+PROVIDERS = ("netns", "containers")
+
+
+def open_lab(
+    name: str = "lab",
+    state_root: Path = STATE_ROOT,
+    progress: Progress = _quiet,
+    provider: str | None = None,
+) -> Lab:
+    """The lab `name` with the provider its state records (or `provider` for a new one)."""
+    validate_name(name)
+    state = state_root / name / "state.json"
+    if provider is None:
+        provider = "netns"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            recorded = json.loads(state.read_text()).get("provider", "netns")
+            provider = recorded if isinstance(recorded, str) else "netns"
+    if provider == "netns":
+        return Lab(name, state_root, progress)
+    if provider == "containers":
+        from integration.docker_lab import ContainerLab
+
+        return ContainerLab(name, state_root, progress)
+    raise LabError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
 
 
 @dataclass(frozen=True)

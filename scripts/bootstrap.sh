@@ -15,6 +15,9 @@ DEB_PACKAGES=(
   gcc libc6-dev                    # benchmark baselines written in C
   openssl                          # test certificates for etcd TLS
   prometheus                       # promtool check metrics on a live /metrics page (tests)
+  docker.io                        # the lab's container provider (dockerd; started by `lab up`)
+  debootstrap                      # the container lab's base image, built locally
+  ruby shellcheck                  # checks of the Vagrantfile and the provisioning script
 )
 
 missing=()
@@ -26,6 +29,14 @@ if ((${#missing[@]})); then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # No package may start its service while it installs: docker.io's dockerd would install its
+  # iptables rules (FORWARD policy DROP) on this host; `lab up` starts dockerd itself without
+  # them. A policy-rc.d that exit 101s is the Debian way; one already present is kept.
+  policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian's etcd, mosquitto and prometheus packages start services: overlay starts its own

@@ -64,6 +64,21 @@ def etcd_factory() -> Iterator[Callable[..., EtcdServer]]:
             server.stop()
 
 
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[None]:
+    """The Docker engine of the container labs: the one that answers, or a dockerd started
+    for this session (as `lab up --provider containers` starts it) and stopped at its end."""
+    from integration.docker_lab import engine_and_starter
+
+    _, started = engine_and_starter()
+    try:
+        yield
+    finally:
+        if started is not None:
+            started.terminate()
+            started.wait(timeout=60)
+
+
 @pytest.fixture
 def unique() -> str:
     """A short unique token for names of namespaces, links and files (kernel names <= 15 chars)."""

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from integration.containers import SubnetEnv
-from integration.lab import Lab, LeaseView
+from integration.lab import PROVIDERS, Lab, LeaseView, open_lab
 from integration.netns import in_ns, run
 
 ICMP_PROBE = """
@@ -70,16 +70,30 @@ def remote_subnets(lab: Lab, index: int) -> set[str]:
 
 
 def running_lab(
-    tmp_path_factory: pytest.TempPathFactory, letter: str, backend: str, resync_period: str
+    tmp_path_factory: pytest.TempPathFactory,
+    letter: str,
+    backend: str,
+    resync_period: str,
+    provider: str = "netns",
 ) -> Iterator[Lab]:
-    """For a module fixture (`yield from`): a 3-host lab named `<letter><random>`, taken down
-    (daemons, etcd, namespaces, state) at the end, also when `up` fails."""
-    lab = Lab(f"{letter}{uuid.uuid4().hex[:6]}", state_root=tmp_path_factory.mktemp("labs"))
+    """For a module fixture (`yield from`): a 3-host lab named `<letter><random>` on
+    `provider` (hosts as namespaces or as containers), taken down (daemons, etcd, namespaces,
+    containers, state) at the end, also when `up` fails."""
+    lab = open_lab(
+        f"{letter}{uuid.uuid4().hex[:6]}",
+        state_root=tmp_path_factory.mktemp("labs"),
+        provider=provider,
+    )
     try:
         asyncio.run(lab.up(nodes=3, backend=backend, resync_period=resync_period))
         yield lab
     finally:
         asyncio.run(lab.down())
+
+
+# The module fixtures of the lab scenarios are parametrized with these: every scenario runs on
+# hosts as network namespaces and on hosts as containers (overlayd under systemd).
+LAB_PROVIDERS = PROVIDERS
 
 
 class LabCrash(Exception):
@@ -128,9 +142,10 @@ async def underlay_capture(
     packets are on disk; tcpdump is stopped in any case."""
     from scapy.utils import rdpcap
 
+    port_ns, port = await lab.underlay_port(index)
     dump = await asyncio.create_subprocess_exec(
-        *in_ns(lab.underlay_ns, ["tcpdump", "-i", f"h{index}", "--immediate-mode",
-                                 "-U", "-n", "-w", str(pcap), *capture_filter]),
+        *in_ns(port_ns, ["tcpdump", "-i", port, "--immediate-mode",
+                         "-U", "-n", "-w", str(pcap), *capture_filter]),
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -22,9 +22,10 @@ import pytest
 
 from integration.containers import SubnetEnv
 from integration.etcdserver import EtcdServer
-from integration.lab import Lab
+from integration.lab import Lab, open_lab
 from integration.netns import ip_json, list_netns, pid_alive, run
 from tests.labtools import (
+    LAB_PROVIDERS,
     LabCrash,
     assert_full_connectivity,
     assert_kept_subnet_and_lease,
@@ -41,9 +42,12 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 RESYNC = "1"  # seconds: the daemons' full reconcile pass, so repairs are quick to observe
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC)
+@pytest.fixture(scope="module", params=LAB_PROVIDERS)
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The shared lab, once per provider: hosts as namespaces, then hosts as containers."""
+    if request.param == "containers":
+        request.getfixturevalue("docker_engine")
+    yield from running_lab(tmp_path_factory, "i", "vxlan", RESYNC, request.param)
 
 
 async def overlay_routes(lab: Lab, index: int) -> set[str]:
@@ -269,11 +273,18 @@ async def test_restart_keeps_subnet_and_traffic(
 # --------------------------------------------------------------------------- external etcd
 
 
+@pytest.mark.parametrize("provider", LAB_PROVIDERS)
 async def test_lab_on_an_external_etcd_on_loopback(
-    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    provider: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """`--etcd-endpoints http://127.0.0.1:N`: daemons reach it through the lab's relay."""
-    lab = Lab(f"e{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs")
+    if provider == "containers":
+        request.getfixturevalue("docker_engine")
+    lab = open_lab(f"e{uuid.uuid4().hex[:6]}", state_root=tmp_path / "labs", provider=provider)
     try:
         await lab.up(nodes=2, etcd_endpoints=etcd_server.endpoint, etcd_prefix=etcd_prefix)
         assert lab.state.etcd_pid is None  # no etcd of its own

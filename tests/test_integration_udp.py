@@ -26,6 +26,7 @@ from integration.containers import SubnetEnv
 from integration.lab import HEALTH_PORT, Lab
 from integration.netns import ip_json, run
 from tests.labtools import (
+    LAB_PROVIDERS,
     assert_full_connectivity,
     assert_kept_subnet_and_lease,
     eventually,
@@ -40,13 +41,16 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 RESYNC = "1"  # seconds: the daemons' full reconcile pass
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=LAB_PROVIDERS)
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The shared lab, once per provider: hosts as namespaces, then hosts as containers."""
+    if request.param == "containers":
+        request.getfixturevalue("docker_engine")
     # The lab's daemons inherit this process's environment: turn /metrics on for all of them,
     # including the ones the tests start later (a joining host, a restart).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLANNELD_METRICS", "true")
-        yield from running_lab(tmp_path_factory, "u", "udp", RESYNC)
+        yield from running_lab(tmp_path_factory, "u", "udp", RESYNC, request.param)
 
 
 async def flannel0(lab: Lab, index: int) -> tuple[int, set[str], set[str]]:
@@ -222,9 +226,8 @@ async def test_restart_keeps_subnet_device_and_traffic(
     h1 = lab.node(1)
     lease_before = (await lab.leases())[IPv4Network(h1.subnet)]
     device_before = await flannel0(lab, 1)
-    log = lab.node_dir(1) / "overlayd.log"
     said = "attaching to the existing flannel0" if not delete_device else "creating flannel0"
-    said_before = log.read_text().count(said)
+    said_before = (await lab.daemon_log(1)).count(said)
     async with probe_stream(lab, source=2, target=1) as summary:
         await asyncio.sleep(0.5)
         await lab.stop_daemon(1, sig)
@@ -246,5 +249,5 @@ async def test_restart_keeps_subnet_device_and_traffic(
         assert index != device_before[0]
     else:
         assert index == device_before[0]  # the restarted daemon attached to the same device
-    assert log.read_text().count(said) == said_before + 1  # and said so in its log
+    assert (await lab.daemon_log(1)).count(said) == said_before + 1  # and said so in its log
     await assert_full_connectivity(lab)

@@ -20,10 +20,10 @@ import pytest
 
 from integration import cli
 from integration.containers import SubnetEnv, SubnetEnvError, container_address
-from integration.lab import Lab, LabError, validate_name
+from integration.lab import Lab, LabError, open_lab, validate_name
 from integration.netns import list_netns, run
 from integration.probe import check, stream
-from tests.labtools import LabCrash, crash_on
+from tests.labtools import LAB_PROVIDERS, LabCrash, crash_on
 
 
 def test_lab_names_are_checked() -> None:
@@ -91,9 +91,14 @@ async def test_probe_stream_counts_answers(probe_server: int) -> None:
 # --------------------------------------------------------------------------- root: a real lab
 
 
-@pytest.fixture
-async def hand_lab(unique: str, tmp_path: Path) -> AsyncIterator[Lab]:
-    lab = Lab(f"t{unique}", state_root=tmp_path / "labs")
+@pytest.fixture(params=LAB_PROVIDERS)
+async def hand_lab(
+    request: pytest.FixtureRequest, unique: str, tmp_path: Path
+) -> AsyncIterator[Lab]:
+    """A lab with etcd and no overlayd host yet, on each provider."""
+    if request.param == "containers":
+        request.getfixturevalue("docker_engine")
+    lab = open_lab(f"t{unique}", state_root=tmp_path / "labs", provider=request.param)
     try:
         # "bridge": containers wired by iproute2 here; the CNI plugin path runs in the CLI test
         # below and in tests/test_integration.py.
@@ -174,8 +179,9 @@ async def test_down_cleans_up_after_a_crashed_up(unique: str, tmp_path: Path) ->
 
 @pytest.mark.root
 async def test_second_up_with_the_same_name_is_refused(hand_lab: Lab) -> None:
-    with pytest.raises(LabError, match=r"already exists.*lab down"):
-        await Lab(hand_lab.name, state_root=hand_lab.dir.parent).up(nodes=0)
+    for provider in LAB_PROVIDERS:  # whichever provider the second one asks for
+        with pytest.raises(LabError, match=r"already exists.*lab down"):
+            await open_lab(hand_lab.name, hand_lab.dir.parent, provider=provider).up(nodes=0)
 
 
 @pytest.mark.root
