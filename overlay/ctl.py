@@ -30,7 +30,14 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from overlay.options import ETCD_FLAGS, EtcdFlags, add_flags, package_version, resolve
+from overlay.options import (
+    ETCD_FLAGS,
+    EtcdFlags,
+    add_flags,
+    package_version,
+    resolve,
+    secret_warnings,
+)
 from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
 from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
@@ -358,6 +365,8 @@ def main(
     problem = args.etcd.check()
     if problem:
         parser.error(problem)
+    for warning in secret_warnings(args, args.etcd):
+        log.warning("%s", warning)
     try:
         code: int = args.func(args)
     except UsageError as e:

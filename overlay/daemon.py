@@ -597,7 +597,7 @@ async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
             log.error("cannot listen on %s:%d for --healthz-port: %s", opts.healthz_ip,
                       opts.healthz_port, e)  # fmt: skip
             return 1
-    events = EventPublisher(opts.mqtt_broker, opts.mqtt_topic_prefix, ext.public_ip, metrics)
+    events = EventPublisher(opts.mqtt, opts.mqtt_topic_prefix, ext.public_ip, metrics)
     registry: EtcdRegistry | None = None
     daemon: Overlayd | None = None
     incremental = os.environ.get(FULL_RECONCILE_ENV, "") not in ("1", "true", "yes")
@@ -690,6 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # imported, so a filter on our handlers rather than a level on its logger).
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
+    for warning in opts.warnings:  # secrets on the command line or in clear text
+        log.warning("%s", warning)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack to stderr
     # Not asyncio.run(): its final "cancel everything and wait" would hang on a library task
     # that swallows cancellation; leftovers get a bounded grace period instead.
