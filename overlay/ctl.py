@@ -43,7 +43,7 @@ from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
 log = logging.getLogger("overlayctl")
 
-PLUGIN_MODULES: tuple[str, ...] = ("integration.cli", "cni.install")
+PLUGIN_MODULES: tuple[str, ...] = ("integration.cli", "cni.install", "overlay.install")
 
 
 class UsageError(Exception):
