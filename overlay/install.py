@@ -88,7 +88,10 @@ ProtectSystem=strict
 RuntimeDirectory=flannel
 RuntimeDirectoryPreserve=yes
 RuntimeDirectoryMode=0755
-ReadWritePaths=/run/flannel -/run/xtables.lock -/var/lib/cni -/etc/cni/net.d
+# iptables in legacy mode takes /run/xtables.lock: made beforehand, outside the sandbox ("+"),
+# so that it exists to be made writable (a missing path cannot be).
+ExecStartPre=+/usr/bin/touch /run/xtables.lock
+ReadWritePaths=/run/flannel /run/xtables.lock -/var/lib/cni -/etc/cni/net.d
 ProtectHome=yes
 PrivateTmp=yes
 ProtectKernelModules=yes
