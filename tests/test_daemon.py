@@ -389,7 +389,11 @@ def test_broker_down_does_not_stall_and_unknown_backend_waits_for_a_fix(
     assert "Backend.Type='bogus'" in bad.tail() and "waiting for a fix" in bad.tail()
     assert leases(site, etcd_prefix) == before  # nothing acquired, nothing renewed
     assert bad.get("/readyz")[0] != 200
-    etcdctl(site, "put", f"{etcd_prefix}/config", ALLOC_CONFIG)
+    # The fix carries a misspelt key: accepted, and the daemon's log names it.
+    fixed = {"Network": NETWORK, "Backend": {"Type": "alloc"}, "SubnetLength": 24}
+    etcdctl(site, "put", f"{etcd_prefix}/config", json.dumps(fixed))
     bad.wait_ready()
     assert leases(site, etcd_prefix).keys() == before.keys()  # the same host's lease, kept
+    assert "unknown key at the top level, ignored: 'SubnetLength'" in bad.tail()
+    assert "did you mean 'SubnetLen'?" in bad.tail()
     assert bad.stop() == 0
