@@ -67,6 +67,9 @@ def status_topic(prefix: str, public_ip: object) -> str:
 
 STATUS_FROM_EVENTS = {"lease_acquired", "lease_reacquired", "lease_renewed", "ready"}
 """Events whose details are our lease: the retained status message follows them."""
+LEASE_GONE = {"lease_lost", "lease_taken"}
+"""Events after which we hold no lease (lease_taken: another host's now, where that kind
+exists): the status says lease null."""
 LEASE_FIELDS = ("subnet", "public_ip", "backend", "expiration")
 OFFLINE_TIMEOUT = 1.0
 """Seconds a clean stop waits for the broker to take the "offline" status."""
@@ -120,7 +123,7 @@ class EventPublisher:
             lease = {k: details.get(k) for k in LEASE_FIELDS}
             if lease != self._lease:
                 self._lease, self._status_due = lease, True
-        elif kind == "lease_lost":
+        elif kind in LEASE_GONE:
             self._lease, self._status_due = None, True
         doc = {"event": kind, "host": self.host, "time": round(time.time(), 3), **details}
         payload = _json(doc)

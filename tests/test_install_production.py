@@ -115,6 +115,7 @@ async def test_production_install_in_a_systemd_host(
 
         out = await lab.exec(node, *run, "--force", limit=300)
         assert "replaced  /etc/systemd/system/overlayd.service" in out
+        assert "systemctl daemon-reload: done" in out  # install-systemd saw systemd running
         assert out.splitlines()[-2].strip() == "active"  # systemctl is-active
 
         # The venv is its own: pip inside, overlay installed as a regular package there.

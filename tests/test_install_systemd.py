@@ -231,3 +231,14 @@ def test_the_last_setting_of_a_key_wins(pairs: list[tuple[str, str]]) -> None:
         last = [v for k, v in pairs if k == key][-1]
         assert _systemd_env_value(text, key) == last
         assert len(re.findall(rf"^{key}=", text, re.M)) == 1
+
+
+def test_overlayctl_warns_about_a_password_on_its_command_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = ["--etcd-username", "u", "--etcd-password", "pw", "install-systemd",
+            "--prefix", str(tmp_path)]  # fmt: skip
+    assert main(argv, environ={}) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("--etcd-password on the command line" in w for w in warnings), warnings
+    assert any("clear text to http://127.0.0.1:2379" in w for w in warnings), warnings
