@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from overlay.options import DAEMON_FLAGS, ETCD_FLAGS, Flag, FlagValueError, build_parser
+
+log = logging.getLogger("overlayctl")
 
 UNIT_PATH = "etc/systemd/system/overlayd.service"
 ENV_PATH = "etc/default/overlayd"
@@ -192,11 +195,22 @@ def _known_flags() -> dict[str, Flag]:
     return {f.env: f for f in ETCD_FLAGS + DAEMON_FLAGS}
 
 
-def parse_env_setting(text: str) -> tuple[str, str]:
+def parse_env_setting(text: str, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """`KEY=VALUE` for the environment file: a known FLANNELD_* key, a value its flag accepts
-    and that systemd reads back as written; InstallError(code 2) saying why not."""
+    and that systemd reads back as written; InstallError(code 2) saying why not. `KEY` alone
+    takes the value of that variable from `environ` (this process's environment): the way to
+    hand over a password without putting it on a command line."""
     key, sep, value = text.partition("=")
     flags = _known_flags()
+    env = os.environ if environ is None else environ
+    if not sep and key in flags:
+        if key not in env:
+            raise InstallError(
+                f"--env {key}: without =VALUE the value comes from the environment variable "
+                f"{key}, which is not set",
+                2,
+            )
+        value, sep = env[key], "="
     if not sep or key not in flags:
         import difflib
 
@@ -354,6 +368,16 @@ def systemd_running() -> bool:
 
 
 def cmd_install_systemd(args: argparse.Namespace) -> int:
+    for item in args.env or ():
+        key, sep, _ = item.partition("=")
+        if sep and key in SECRET_KEYS:
+            log.warning(
+                "--env %s=... puts the password on this command line, where every user sees "
+                "it while it runs; next time: export %s and give --env %s alone",
+                key,
+                key,
+                key,
+            )
     try:
         settings = [parse_env_setting(x) for x in args.env or ()]
         outcomes = install_systemd(Path(args.prefix), settings, args.force, args.overlayd)
@@ -400,8 +424,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace files that differ from what would be written")  # fmt: skip
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="a FLANNELD_* setting for the environment file (repeatable); "
-                        "FLANNELD_ETCD_PASSWORD here makes the file 0600")  # fmt: skip
+                   help="a FLANNELD_* setting for the environment file (repeatable); KEY "
+                        "alone takes the value from the environment variable KEY (for "
+                        "passwords); FLANNELD_ETCD_PASSWORD makes the file 0600")  # fmt: skip
     p.add_argument("--overlayd", metavar="PATH", default=None,
                    help="the overlayd ExecStart= runs (default: the one of this "
                         f"installation, {default_overlayd()})")  # fmt: skip

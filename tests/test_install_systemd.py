@@ -175,7 +175,8 @@ def test_a_directory_in_the_way(tmp_path: Path) -> None:
     ("argv", "words"),
     [(["--env", "FLANNELD_IFAC=eth0"], "did you mean FLANNELD_IFACE?"),
      (["--env", "PATH=/tmp"], "known name"),
-     (["--env", "FLANNELD_IFACE"], "expected FLANNELD_NAME=VALUE"),
+     (["--env", "FLANNELD_IFACE"], "environment variable FLANNELD_IFACE, which is not set"),
+     (["--env", "FLANNELD_NOPE"], "expected FLANNELD_NAME=VALUE"),
      (["--env", "FLANNELD_IFACE=eth0:1"], "is not an interface name"),
      (["--env", "FLANNELD_HEALTHZ_PORT=99999"], "not a TCP port"),
      (["--env", "FLANNELD_ETCD_ENDPOINTS=ftp://x"], "is not an endpoint"),
@@ -242,3 +243,20 @@ def test_overlayctl_warns_about_a_password_on_its_command_line(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("--etcd-password on the command line" in w for w in warnings), warnings
     assert any("clear text to http://127.0.0.1:2379" in w for w in warnings), warnings
+
+
+def test_a_password_from_the_environment_not_the_command_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert parse_env_setting("FLANNELD_ETCD_PASSWORD", {"FLANNELD_ETCD_PASSWORD": "s3"}) == (
+        "FLANNELD_ETCD_PASSWORD", "s3",
+    )  # fmt: skip
+    with pytest.raises(InstallError, match="which is not set"):
+        parse_env_setting("FLANNELD_ETCD_PASSWORD", {})
+    with pytest.raises(InstallError, match="by hand"):  # same checks as a value given with =
+        parse_env_setting("FLANNELD_ETCD_PASSWORD", {"FLANNELD_ETCD_PASSWORD": "a'b"})
+    # On the command line it works, with a warning that says how to do it next time.
+    assert ctl("--prefix", str(tmp_path), "--env", "FLANNELD_ETCD_PASSWORD=s3") == 0
+    assert mode(tmp_path / ENV_PATH) == 0o600
+    (w,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "give --env FLANNELD_ETCD_PASSWORD alone" in w and "s3" not in w
