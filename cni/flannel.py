@@ -584,6 +584,14 @@ def parse_conf(data: bytes | str, command: str = "ADD") -> NetConf:
         ) from None
     if not isinstance(raw, dict):
         raise CNIError(ERR_DECODE, "the network configuration on stdin must be a JSON object")
+    if "plugins" in raw and "type" not in raw:  # a conflist run by hand (issue 12)
+        raise _conf_error(
+            'handed a network configuration list (it has a "plugins" key): a runtime gives '
+            "each plugin one entry of the list, not the list",
+            "to run the plugin by hand, give it one plugin conf: "
+            "jq '{cniVersion, name} + (.plugins[] | select(.type == \"flannel\"))' "
+            "/etc/cni/net.d/10-flannel.conflist (see docs/cni.md, running the plugin by hand)",
+        )
     version = raw.get("cniVersion")
     if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
         raise CNIError(

@@ -38,6 +38,7 @@ from overlay.options import (
     add_flags,
     package_version,
     resolve,
+    secret_warnings,
 )
 from subnetmgr.model import (
     ConfigError,
@@ -54,6 +55,7 @@ log = logging.getLogger("overlayctl")
 PLUGIN_MODULES: tuple[str, ...] = (
     "integration.cli",
     "cni.install",
+    "overlay.install",
     "overlay.events_cli",
     "overlay.trace",
 )
@@ -90,6 +92,8 @@ async def cmd_config_set(registry: Any, args: argparse.Namespace) -> int:
         config = NetworkConfig.from_json(text)
     except ConfigError as e:
         raise UsageError(f"invalid network config, nothing written: {e}") from None
+    for warning in config.warnings:
+        print(f"overlayctl: warning: {warning}", file=sys.stderr)
     await registry.put_config_text(text)
     how = " (no Backend given: default)" if config.backend_defaulted else ""
     print(
@@ -498,6 +502,8 @@ def main(
     problem = args.etcd.check()
     if problem:
         parser.error(problem)
+    for warning in secret_warnings(args, args.etcd):
+        log.warning("%s", warning)
     try:
         code: int = args.func(args)
     except UsageError as e:

@@ -41,6 +41,7 @@ from overlay.health import HealthServer, Metrics
 from overlay.iface import InterfaceError, choose_interface
 from overlay.masq import IptablesError, TrafficRules, traffic_rules
 from overlay.options import Options, parse_options
+from overlay.preflight import HostLock, PreflightError, privilege_problem
 from overlay.reconcile import Reconciler
 from overlay.sdnotify import sd_notify
 from overlay.subnetenv import SubnetEnv, SubnetEnvError, read_previous_subnet, write_subnet_env
@@ -219,6 +220,14 @@ class Overlayd:
         config = await _retry_etcd("reading the network config", self.manager.wait_for_config)
         self.config = config
         self._config_revision = self.manager.config_revision
+        for warning in config.warnings:
+            log.warning("%s", warning)
+        # Before the backend touches the kernel and before a lease is taken (issue 12).
+        problem = privilege_problem(config.backend_type, self.opts.ip_masq,
+                                    self.opts.iptables_forward_rules,
+                                    self.opts.ip_blackhole_route)  # fmt: skip
+        if problem:
+            raise FatalError(problem)
         if config.backend_defaulted:
             log.info(
                 "the network config has no Backend: using the default backend %r "
@@ -531,7 +540,21 @@ async def _connect(opts: Options, metrics: Metrics) -> EtcdRegistry:
 
 
 async def serve(opts: Options, stop: asyncio.Event) -> int:
-    """Run until `stop` is set (exit 0) or a fatal error (exit 1)."""
+    """Run until `stop` is set (exit 0) or a fatal error (exit 1). One daemon per host: the
+    lock in the subnet file's directory is taken before anything else (overlay/preflight.py)."""
+    lock = HostLock.for_subnet_file(opts.subnet_file)
+    try:
+        lock.acquire()
+    except PreflightError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        return await _serve_locked(opts, stop)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
     on_taken = os.environ.get(LEASE_TAKEN_ENV, "wait") or "wait"
     if on_taken not in TAKEN_POLICIES:
         log.error("%s=%r: use one of %s", LEASE_TAKEN_ENV, on_taken, ", ".join(TAKEN_POLICIES))
@@ -557,7 +580,7 @@ async def serve(opts: Options, stop: asyncio.Event) -> int:
             log.error("cannot listen on %s:%d for --healthz-port: %s", opts.healthz_ip,
                       opts.healthz_port, e)  # fmt: skip
             return 1
-    events = EventPublisher(opts.mqtt_broker, opts.mqtt_topic_prefix, ext.public_ip, metrics)
+    events = EventPublisher(opts.mqtt, opts.mqtt_topic_prefix, ext.public_ip, metrics)
     registry: EtcdRegistry | None = None
     daemon: Overlayd | None = None
     incremental = os.environ.get(FULL_RECONCILE_ENV, "") not in ("1", "true", "yes")
@@ -653,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # imported, so a filter on our handlers rather than a level on its logger).
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
+    for warning in opts.warnings:  # secrets on the command line or in clear text
+        log.warning("%s", warning)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack to stderr
     # Not asyncio.run(): its final "cancel everything and wait" would hang on a library task
     # that swallows cancellation; leftovers get a bounded grace period instead.

@@ -8,6 +8,10 @@ to that address), else the interface of the default route (lowest metric). When
 InterfaceError says what was tried.
 
 The public IP is `--public-ip` or the interface's first IPv4 address; the MTU is the link's.
+Neither may be loopback, link-local, unspecified, multicast or reserved (the checks of
+subnetmgr.validate, which other hosts apply to our lease): `--iface lo` is refused, not
+published as a peer at 127.0.0.1. When nothing matches, the message lists the interfaces that
+exist with their IPv4 addresses.
 Netlink through backends/links.py (pyroute2's AsyncIPRoute, opened one way for everyone).
 """
 
@@ -23,8 +27,12 @@ from typing import Any
 
 from backends.base import ExternalInterface
 from backends.links import collect, open_iproute
+from subnetmgr.model import printable
+from subnetmgr.validate import unusable_public_ip
 
 NETLINK_TIMEOUT = 5.0
+MAX_LISTED = 16
+"""The most interfaces an error message lists."""
 
 
 class InterfaceError(RuntimeError):
@@ -125,24 +133,51 @@ async def choose_interface(
     if link is None:
         raise InterfaceError(
             f"no external interface found: tried {'; '.join(tried)}. "
+            f"Interfaces here: {existing(links)}. "
             "Check the interface exists and has an IPv4 address, or pass --iface NAME|IP"
         )
     if src is not None and src in link.addrs:
         iface_addr = src
-    elif link.addrs:
-        iface_addr = link.addrs[0]
+    elif link.addrs:  # the first address other hosts could reach, else the first one
+        usable = [a for a in link.addrs if unusable_public_ip(a) is None]
+        iface_addr = (usable or link.addrs)[0]
     else:
         raise InterfaceError(
             f"interface {link.name!r} (chosen by {tried[-1]}) has no IPv4 address; "
             "give it one or pick another with --iface"
         )
+    why = unusable_public_ip(iface_addr)
+    if why is not None:
+        raise InterfaceError(
+            f"interface {link.name!r} (chosen by {tried[-1]}) has address {iface_addr}, which is "
+            f"{why}: other hosts cannot reach this host there. Pick the interface that carries "
+            f"traffic between hosts with --iface NAME|IP; interfaces here: {existing(links)}"
+        )
+    chosen = public_ip or iface_addr
+    why = unusable_public_ip(chosen)
+    if why is not None:
+        raise InterfaceError(
+            f"--public-ip {chosen} is {why}: other hosts would ignore the lease (or send to "
+            "themselves); give the address other hosts reach this one at"
+        )
     return ExternalInterface(
         name=link.name,
         index=link.index,
         iface_addr=iface_addr,
-        public_ip=public_ip or iface_addr,
+        public_ip=chosen,
         mtu=link.mtu,
     )
+
+
+def existing(links: dict[int, _Link]) -> str:
+    """The links as `name (addresses)`, by index, at most MAX_LISTED of them."""
+    ordered = sorted(links.values(), key=lambda x: x.index)
+    shown = [
+        f"{printable(str(x.name), 20)} ({', '.join(map(str, x.addrs[:4])) or 'no IPv4 address'})"
+        for x in ordered[:MAX_LISTED]
+    ]
+    more = len(ordered) - MAX_LISTED
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "") if shown else "none"
 
 
 async def _choose(

@@ -10,13 +10,15 @@ a message naming the flag (or variable) and the value, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +76,47 @@ def _regex(text: str) -> str:
     return text
 
 
+IFNAMSIZ = 16  # the kernel's limit on an interface name, with its NUL
+
+
 def _iface(text: str) -> str:
+    """An interface name, an IPv4 address, or an address with a prefix length (192.0.2.12/24:
+    the address is what is matched; the prefix length is accepted and not compared)."""
     text = text.strip()
     if not text:
         raise FlagValueError("expected an interface name or an IPv4 address")
+    if "/" in text:
+        address, _, plen = text.partition("/")
+        try:
+            ip = IPv4Address(address)
+        except ValueError:
+            raise FlagValueError(
+                f"{text!r}: {address!r} before the / is not an IPv4 address; give a name "
+                "(eth1), an address (192.0.2.12) or an address/length (192.0.2.12/24)"
+            ) from None
+        if not (plen.isascii() and plen.isdigit()) or not 0 <= int(plen[:3]) <= 32:
+            raise FlagValueError(
+                f"{text!r}: the prefix length {plen!r} after the / must be a number 0-32"
+            )
+        return str(ip)
+    if "." in text and text.replace(".", "").isdigit():  # all digits and dots: an address
+        try:
+            return str(IPv4Address(text))
+        except ValueError as e:
+            raise FlagValueError(f"{text!r} looks like an IPv4 address but is not: {e}") from None
+    if len(text.encode()) >= IFNAMSIZ:
+        raise FlagValueError(
+            f"{text!r} is not an interface name: at most {IFNAMSIZ - 1} bytes (Linux's limit)"
+        )
+    if (
+        text in (".", "..")
+        or any(c in text for c in "/:")
+        or not text.isprintable()
+        or any(c.isspace() for c in text)
+    ):
+        raise FlagValueError(
+            f"{text!r} is not an interface name: no spaces, '/', ':' or control characters"
+        )
     return text
 
 
@@ -130,6 +169,91 @@ def _host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise FlagValueError(f"{text!r} is not HOST:PORT such as 127.0.0.1:1883")
     return host, int(port)
+
+
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+_URL_USER_RE = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space
+_URL_USER_BAD = frozenset("/?#@:")  # would end the user name or the URL's authority
+
+
+@dataclass(frozen=True)
+class MqttBroker:
+    """Where `--mqtt-broker` points: HOST:PORT (plain TCP, today's form), mqtt://HOST[:PORT]
+    or mqtts://[USER@]HOST[:PORT] (TLS; port 8883 unless given)."""
+
+    host: str
+    port: int
+    tls: bool | None = None  # None: no scheme given (TLS only if --mqtt-cafile/--mqtt-certfile)
+    username: str | None = None
+
+    def __str__(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{user}{host}:{self.port}"
+
+
+def _mqtt_host(host: str, whole: str) -> str:
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(IPv6Address(host[1:-1]))
+        except ValueError:
+            raise FlagValueError(f"{whole!r}: {host!r} is not an IPv6 address") from None
+    if len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+        raise FlagValueError(f"{whole!r}: {host[:64]!r} is not a host name or IPv4 address")
+    return host
+
+
+def _mqtt_broker(text: str) -> MqttBroker:
+    text = text.strip()
+    tls: bool | None = None
+    rest = text
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        if scheme.lower() not in ("mqtt", "mqtts"):
+            raise FlagValueError(
+                f"{text[:80]!r}: scheme {scheme[:16]!r} is not mqtt:// or mqtts://"
+            )
+        tls = scheme.lower() == "mqtts"
+        rest = rest[:-1] if rest.endswith("/") else rest
+        if "/" in rest or "?" in rest or "#" in rest:
+            raise FlagValueError(f"{text[:80]!r}: no path or query after HOST:PORT")
+    username = None
+    if "@" in rest:
+        if tls is None:
+            raise FlagValueError(f"{text[:80]!r}: a user name needs the URL form mqtts://USER@HOST")
+        userinfo, _, rest = rest.rpartition("@")
+        if ":" in userinfo:
+            raise FlagValueError(
+                "a password in --mqtt-broker is visible to every user of this host (ps, "
+                "/proc/PID/cmdline): give it in FLANNELD_MQTT_PASSWORD (the environment file)"
+            )
+        if not _URL_USER_RE.fullmatch(userinfo) or _URL_USER_BAD & set(userinfo):
+            raise FlagValueError(
+                f"{text[:80]!r}: a user name in the URL must be 1-128 printable characters "
+                "without spaces or / ? # @ : (give any other with --mqtt-username)"
+            )
+        username = userinfo
+    default_port = MQTTS_PORT if tls else MQTT_PORT
+    if rest.startswith("["):
+        host, _, tail = rest.partition("]")
+        host += "]"
+        if tail and not tail.startswith(":"):
+            raise FlagValueError(f"{text[:80]!r} is not [IPV6]:PORT")
+        port_text = tail[1:] if tail else str(default_port)
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            host, port_text = rest, str(default_port)
+    if not host:
+        raise FlagValueError(f"{text[:80]!r} has no host; such as 127.0.0.1:1883 or mqtts://host")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text[:6]) < 65536:
+        raise FlagValueError(
+            f"{text[:80]!r}: port {port_text[:16]!r} is not 1-65535; such as 127.0.0.1:1883"
+        )
+    return MqttBroker(_mqtt_host(host, text[:80]), int(port_text), tls, username)
 
 
 def _topic_prefix(text: str) -> str:
@@ -220,8 +344,9 @@ ETCD_FLAGS: tuple[Flag, ...] = (
 
 DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--iface", _iface, (),
-         "interface (name or IPv4 address) for traffic between hosts; repeat to give "
-         "candidates, the first that exists wins", "NAME|IP", repeat=True,
+         "interface (name, IPv4 address, or address/length such as 192.0.2.12/24) for traffic "
+         "between hosts; repeat to give candidates, the first that exists wins; loopback and "
+         "link-local addresses are refused", "NAME|IP", repeat=True,
          shown_default="none"),
     Flag("--iface-regex", _regex, (),
          "regular expression matched against interface names and IPv4 addresses, tried after "
@@ -267,9 +392,20 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
          "port of the health server (/healthz, /readyz, /metrics); 0 turns it off", "PORT"),
     Flag("--metrics", _bool, False,
          "serve Prometheus metrics at /metrics on the health server (ours)", switch=True),
-    Flag("--mqtt-broker", _host_port, None,
-         "publish lease and peer events to this MQTT broker, HOST:PORT (ours; off by default)",
-         "HOST:PORT", shown_default="off"),
+    Flag("--mqtt-broker", _mqtt_broker, None,
+         "publish lease and peer events to this MQTT broker: HOST:PORT, mqtt://HOST[:PORT], or "
+         "mqtts://[USER@]HOST[:PORT] for TLS (port 8883 by default); never a password here "
+         "(ours; off by default)", "URL", shown_default="off"),
+    Flag("--mqtt-username", _str, None,
+         "MQTT user name (or USER@ in an mqtts:// URL)", "NAME"),
+    Flag("--mqtt-password", _str, None,
+         "MQTT password; give it in the environment file as FLANNELD_MQTT_PASSWORD, not on "
+         "the command line", "PASSWORD"),
+    Flag("--mqtt-cafile", _path, None,
+         "CA certificate file that signs the broker's certificate (TLS; default: the system's "
+         "CAs)", "FILE"),
+    Flag("--mqtt-certfile", _path, None, "TLS client certificate file for the broker", "FILE"),
+    Flag("--mqtt-keyfile", _path, None, "TLS client key file for the broker", "FILE"),
     Flag("--mqtt-topic-prefix", _topic_prefix, "overlay",
          "events go to <prefix>/<public-ip>/events (ours)", "PREFIX"),
     Flag("--log-level", _log_level, "info",
@@ -406,14 +542,133 @@ class Options:
     healthz_ip: IPv4Address
     healthz_port: int
     metrics: bool
-    mqtt_broker: tuple[str, int] | None
+    mqtt_broker: MqttBroker | None
+    mqtt_username: str | None
+    mqtt_password: str | None
+    mqtt_cafile: Path | None
+    mqtt_certfile: Path | None
+    mqtt_keyfile: Path | None
     mqtt_topic_prefix: str
     log_level: str
     resync_period: float
 
+    warnings: tuple[str, ...] = ()
+    """Things the operator should change (a password on the command line or in clear text);
+    overlayd logs them at WARNING once logging is set up."""
+
     @property
     def log_level_number(self) -> int:
         return int(getattr(logging, self.log_level.upper()))
+
+    @property
+    def mqtt(self) -> MqttSettings | None:
+        """Everything the MQTT publisher needs, or None when events are off."""
+        b = self.mqtt_broker
+        if b is None:
+            return None
+        tls = b.tls if b.tls is not None else bool(self.mqtt_cafile or self.mqtt_certfile)
+        return MqttSettings(
+            host=b.host,
+            port=b.port,
+            tls=tls,
+            username=self.mqtt_username or b.username,
+            password=self.mqtt_password,
+            cafile=self.mqtt_cafile,
+            certfile=self.mqtt_certfile,
+            keyfile=self.mqtt_keyfile,
+        )
+
+    def check_mqtt(self) -> str | None:
+        """A problem with the MQTT flags a user must fix, or None."""
+        b = self.mqtt_broker
+        tls_files = self.mqtt_cafile or self.mqtt_certfile or self.mqtt_keyfile
+        if b is None:
+            given = [f for f, v in (("--mqtt-username", self.mqtt_username),
+                     ("--mqtt-password", self.mqtt_password), ("--mqtt-cafile", self.mqtt_cafile),
+                     ("--mqtt-certfile", self.mqtt_certfile),
+                     ("--mqtt-keyfile", self.mqtt_keyfile)) if v is not None]  # fmt: skip
+            return f"{', '.join(given)} without --mqtt-broker" if given else None
+        if b.tls is False and tls_files:
+            return (
+                "--mqtt-cafile/--mqtt-certfile/--mqtt-keyfile need TLS: use mqtts:// in "
+                "--mqtt-broker"
+            )
+        if b.username and self.mqtt_username and b.username != self.mqtt_username:
+            return (
+                f"--mqtt-broker names user {b.username!r} and --mqtt-username "
+                f"{self.mqtt_username!r}: give one"
+            )
+        if self.mqtt_password is not None and not (self.mqtt_username or b.username):
+            return "--mqtt-password needs a user name (--mqtt-username or mqtts://USER@HOST)"
+        if (self.mqtt_certfile is None) != (self.mqtt_keyfile is None):
+            return "--mqtt-certfile and --mqtt-keyfile must be given together"
+        settings = self.mqtt
+        if settings is not None and settings.tls:
+            try:
+                settings.ssl_context()
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                return f"MQTT TLS files: {e}"
+        return None
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """The broker, its TLS files and credentials, as the publisher uses them."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context verifying the broker (its name or IP against the certificate) with
+        --mqtt-cafile or the system's CAs, presenting the client certificate when given.
+        OSError/ssl.SSLError on a missing or unreadable file, ValueError-like on bad PEM."""
+        for name, path in (("--mqtt-cafile", self.cafile), ("--mqtt-certfile", self.certfile),
+                           ("--mqtt-keyfile", self.keyfile)):  # fmt: skip
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"{name} {str(path)!r}: no such file")
+        context = ssl.create_default_context(
+            cafile=str(self.cafile) if self.cafile is not None else None
+        )
+        if self.certfile is not None:
+            context.load_cert_chain(
+                str(self.certfile), str(self.keyfile) if self.keyfile is not None else None
+            )
+        return context
+
+
+def secret_warnings(
+    ns: argparse.Namespace, etcd: EtcdFlags, mqtt: MqttSettings | None = None
+) -> tuple[str, ...]:
+    """Warnings for secrets on the command line (every user sees them in `ps`) and for
+    passwords that would travel in clear text."""
+    out = []
+    for dest, env in (("etcd_password", "FLANNELD_ETCD_PASSWORD"),
+                      ("mqtt_password", "FLANNELD_MQTT_PASSWORD")):  # fmt: skip
+        if getattr(ns, dest, None) is not None:
+            flag = "--" + dest.replace("_", "-")
+            out.append(
+                f"{flag} on the command line is visible to every user of this host (ps, "
+                f"/proc/PID/cmdline): put {env}=... in the environment file /etc/default/overlayd "
+                "(mode 0600; `overlayctl install-systemd --env` writes it) instead"
+            )
+    plain = [e for e in etcd.endpoints if e.lower().startswith("http://")]
+    if etcd.password is not None and plain:
+        out.append(
+            f"the etcd password is sent in clear text to {', '.join(plain)}: anyone on the path "
+            "can read it; use https:// endpoints (--etcd-cafile)"
+        )
+    if mqtt is not None and mqtt.password is not None and not mqtt.tls:
+        out.append(
+            f"the MQTT password is sent in clear text to {mqtt.host}:{mqtt.port}: use "
+            "mqtts:// in --mqtt-broker"
+        )
+    return tuple(out)
 
 
 DESCRIPTION = """\
@@ -465,4 +720,8 @@ def parse_options(
     if problem:
         parser.error(problem)
     kwargs = {f.dest: values[f.dest] for f in DAEMON_FLAGS}
-    return Options(etcd=etcd, **kwargs)
+    opts = Options(etcd=etcd, **kwargs)
+    problem = opts.check_mqtt()
+    if problem:
+        parser.error(problem)
+    return dataclasses.replace(opts, warnings=secret_warnings(ns, etcd, opts.mqtt))

@@ -18,6 +18,7 @@ DEB_PACKAGES=(
   docker.io                        # the lab's container provider (dockerd; started by `lab up`)
   debootstrap                      # the container lab's base image, built locally
   ruby shellcheck                  # checks of the Vagrantfile and the provisioning script
+  systemd jq                       # systemd-analyze verify of overlayd.service; docs/cni.md's jq line
 )
 
 missing=()

@@ -8,6 +8,7 @@ config JSON with case-insensitive keys.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -38,6 +39,25 @@ _KEY_V4 = rf"(?P<ip4>(?:{_OCTET}\.){{3}}{_OCTET})-(?P<len4>0|[1-9][0-9]?)"
 _KEY_V6 = r"(?P<ip6>[0-9a-f:.]+)-(?P<len6>[0-9]{1,3})"
 _SUBNET_KEY_RE = re.compile(rf"{_KEY_V4}(?:&{_KEY_V6})?")
 _BACKEND_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+KNOWN_BACKEND_TYPES: tuple[str, ...] = ("alloc", "host-gw", "udp", "vxlan")
+"""Backend.Type values a config may name (matched case-insensitively); the same set as
+backends.REGISTRY (a test pins them together: subnetmgr may not import backends)."""
+CONFIG_KEYS: tuple[str, ...] = (
+    "Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4", "EnableIPv6",
+    "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "EnableNFTables",
+)  # fmt: skip
+"""Top-level config keys that flannel and overlay read (others draw a warning, not an error)."""
+BACKEND_KEYS: Mapping[str, tuple[str, ...]] = {
+    "alloc": ("Type",),
+    "host-gw": ("Type",),
+    "udp": ("Type", "Port"),
+    "vxlan": ("Type", "VNI", "Port", "GBP", "Learning", "DirectRouting", "MTU", "MacPrefix",
+              "DisableTxChecksumOffload", "FilterPeers"),
+}  # fmt: skip
+"""Backend keys per type (flannel's, and ours; vxlan's MacPrefix is flannel's and ignored)."""
+MAX_WARNED_KEYS = 8
+"""The most unknown keys one warning names (a config may hold thousands)."""
 
 
 def brief(value: object, limit: int = 80) -> str:
@@ -328,6 +348,9 @@ class NetworkConfig:
     """With EnableIPv6: IPv6SubnetLen (64 for an IPv6Network of /62 or shorter, else prefix + 2)."""
     ipv6_subnet_min: IPv6Network | None = None
     ipv6_subnet_max: IPv6Network | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """Problems that do not stop the config (unknown keys): overlayctl prints them, overlayd
+    logs them."""
 
     DEFAULT_BACKEND = "udp"
 
@@ -397,6 +420,23 @@ class NetworkConfig:
         btype = backend.get("type", cls.DEFAULT_BACKEND)
         if not isinstance(btype, str) or not btype:
             raise ConfigError("Backend.Type", btype, "must be a non-empty string")
+        if btype.lower() not in KNOWN_BACKEND_TYPES:
+            raise ConfigError(
+                "Backend.Type",
+                btype,
+                f"unknown backend type{_did_you_mean(btype.lower()[:64], KNOWN_BACKEND_TYPES)}; "
+                f"one of {', '.join(KNOWN_BACKEND_TYPES)}",
+            )
+        warnings = _unknown_keys("", raw, CONFIG_KEYS)
+        if isinstance(backend_raw, dict):
+            known = BACKEND_KEYS[btype.lower()]
+            found = _unknown_keys("Backend.", backend_raw, known)
+            if found and "type" not in backend:
+                default = cls.DEFAULT_BACKEND
+                found.append(
+                    f"network config: Backend has no Type: the default {default!r} applies"
+                )
+            warnings += found
         return cls(
             network=network,
             subnet_len=subnet_len,
@@ -412,7 +452,35 @@ class NetworkConfig:
             ipv6_subnet_len=v6_len,
             ipv6_subnet_min=v6_min,
             ipv6_subnet_max=v6_max,
+            warnings=tuple(warnings),
         )
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, [c.lower() for c in choices], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {next(c for c in choices if c.lower() == close[0])!r}?)"
+
+
+def _unknown_keys(where: str, doc: Mapping[str, Any], known: tuple[str, ...]) -> list[str]:
+    """One warning naming the keys of `doc` not in `known` (case-insensitively), or none."""
+    lowered = {k.lower() for k in known}
+    unknown = [k for k in doc if not isinstance(k, str) or k.lower() not in lowered]
+    if not unknown:
+        return []
+    shown = []
+    for key in unknown[:MAX_WARNED_KEYS]:
+        text = printable(str(key), 40)
+        hint = _did_you_mean(str(key).lower()[:64], known)
+        shown.append(f"{where}{text!r}{hint}")
+    more = len(unknown) - MAX_WARNED_KEYS
+    tail = f" and {more} more" if more > 0 else ""
+    scope = f"in {where[:-1]}" if where else "at the top level"
+    return [
+        f"network config: unknown key{'s' if len(unknown) > 1 else ''} {scope}, ignored: "
+        f"{', '.join(shown)}{tail}; known: {', '.join(known)}"
+    ]
 
 
 def _short(text: str | bytes) -> str:

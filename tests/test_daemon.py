@@ -365,7 +365,7 @@ def test_no_interface_exits_1_with_a_clear_error(daemon_factory: object) -> None
     assert "tried --iface nosuch0; --iface-regex ^zz" in d.tail()
 
 
-def test_broker_down_does_not_stall_and_unknown_backend_exits_1(
+def test_broker_down_does_not_stall_and_unknown_backend_waits_for_a_fix(
     site: Site, etcd_prefix: str, daemon_factory: object
 ) -> None:
     assert callable(daemon_factory)
@@ -380,9 +380,20 @@ def test_broker_down_does_not_stall_and_unknown_backend_exits_1(
 
     etcdctl(site, "put", f"{etcd_prefix}/config",
             json.dumps({"Network": NETWORK, "Backend": {"Type": "bogus"}}))  # fmt: skip
+    # An unknown Backend.Type is an invalid config (issue 12): the daemon neither exits (which
+    # systemd's Restart=always would loop) nor takes a lease; it waits for a fixed config.
+    before = leases(site, etcd_prefix)  # the first daemon's lease, left in place by SIGTERM
     bad: Daemon = daemon_factory()
     bad.start()
-    assert bad.proc is not None
-    assert bad.proc.wait(timeout=30) == 1
-    bad.proc = None
-    assert "unknown Backend.Type 'bogus'" in bad.tail()
+    bad.wait_for("the config refused in the log", lambda: "unknown backend type" in bad.tail())
+    assert "Backend.Type='bogus'" in bad.tail() and "waiting for a fix" in bad.tail()
+    assert leases(site, etcd_prefix) == before  # nothing acquired, nothing renewed
+    assert bad.get("/readyz")[0] != 200
+    # The fix carries a misspelt key: accepted, and the daemon's log names it.
+    fixed = {"Network": NETWORK, "Backend": {"Type": "alloc"}, "SubnetLength": 24}
+    etcdctl(site, "put", f"{etcd_prefix}/config", json.dumps(fixed))
+    bad.wait_ready()
+    assert leases(site, etcd_prefix).keys() == before.keys()  # the same host's lease, kept
+    assert "unknown key at the top level, ignored: 'SubnetLength'" in bad.tail()
+    assert "did you mean 'SubnetLen'?" in bad.tail()
+    assert bad.stop() == 0

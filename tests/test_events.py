@@ -31,12 +31,18 @@ class Broker:
     port: int
     host: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
+    listener_conf: str = ""
+    """Lines for the listener (TLS: cafile, certfile, keyfile, require_certificate)."""
+    anonymous: bool = True
+    password_file: Path | None = None
 
     def start(self) -> None:
         conf = self.directory / "mosquitto.conf"
+        auth = f"password_file {self.password_file}\n" if self.password_file else ""
         conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            f"{self.listener_conf}"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n{auth}"
             "persistence true\n"
             f"persistence_location {self.directory}/\n"
             "log_dest none\n"

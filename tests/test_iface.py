@@ -93,3 +93,55 @@ async def test_no_default_route(netns: str) -> None:
         await choose_interface(netns=netns)
     with pytest.raises(InterfaceError, match=r"--iface-can-reach 198\.51\.100\.1"):
         await choose_interface(can_reach=IPv4Address("198.51.100.1"), netns=netns)
+
+
+# ------------------------------------------------ issue 12: addresses other hosts cannot reach
+
+
+async def test_loopback_interface_is_refused(netns: str) -> None:
+    # --iface lo used to publish 127.0.0.1 in the lease, and other hosts added it as a peer.
+    for wanted in (["lo"], ["127.0.0.1"]):
+        with pytest.raises(InterfaceError) as exc:
+            await choose_interface(wanted, netns=netns)
+        text = str(exc.value)
+        assert "'lo'" in text and "127.0.0.1, which is loopback" in text and "--iface" in text
+        assert "ia0 (192.168.51.2)" in text  # what could be chosen instead
+
+
+async def test_link_local_only_interface_is_refused_and_skipped_when_another_exists(
+    netns: str,
+) -> None:
+    ip("-n", netns, "addr", "add", "169.254.7.2/16", "dev", "id0")
+    with pytest.raises(InterfaceError, match=r"169\.254\.7\.2, which is link-local"):
+        await choose_interface(["id0"], netns=netns)
+    # A link-local address listed first does not hide a usable one on the same link.
+    ip("-n", netns, "addr", "add", "192.168.54.2/24", "dev", "id0")
+    ext = await choose_interface(["id0"], netns=netns)
+    assert ext.iface_addr == ext.public_ip == IPv4Address("192.168.54.2")
+
+
+@pytest.mark.parametrize(
+    ("public", "why"),
+    [("127.0.0.9", "loopback"), ("0.0.0.0", "unspecified"), ("169.254.1.1", "link-local"),
+     ("224.0.0.5", "multicast"), ("255.255.255.255", "reserved or broadcast")],
+)  # fmt: skip
+async def test_unusable_public_ip_is_refused(netns: str, public: str, why: str) -> None:
+    with pytest.raises(InterfaceError, match=rf"--public-ip {public} is {why}"):
+        await choose_interface(["ia0"], public_ip=IPv4Address(public), netns=netns)
+
+
+async def test_no_match_lists_the_interfaces_that_exist(netns: str) -> None:
+    with pytest.raises(InterfaceError) as exc:
+        await choose_interface(["eth9"], netns=netns)
+    text = str(exc.value)
+    assert "Interfaces here: lo (127.0.0.1)" in text
+    for shown in ("ia0 (192.168.51.2)", "ic0 (192.168.53.2)", "id0 (no IPv4 address)"):
+        assert shown in text
+
+
+async def test_address_with_prefix_length_from_the_flag(netns: str) -> None:
+    from overlay.options import parse_options
+
+    opts = parse_options(["--iface", "192.168.52.2/24"], environ={})
+    assert opts.iface == ("192.168.52.2",)
+    assert (await choose_interface(opts.iface, netns=netns)).name == "ib0"

@@ -61,7 +61,8 @@ def test_flags_parse() -> None:
     assert opts.ip_masq is True and opts.iptables_resync == 9
     assert opts.healthz_ip == IPv4Address("0.0.0.0") and opts.healthz_port == 8471
     assert opts.metrics is True
-    assert opts.mqtt_broker == ("127.0.0.1", 1884)
+    assert opts.mqtt_broker is not None
+    assert (opts.mqtt_broker.host, opts.mqtt_broker.port) == ("127.0.0.1", 1884)
     assert opts.mqtt_topic_prefix == "lab"
     assert opts.log_level == "debug"
     assert opts.resync_period == 2.5
@@ -86,7 +87,8 @@ def test_env_vars_and_precedence() -> None:
     assert opts.healthz_port == 9999
     assert opts.public_ip == IPv4Address("198.51.100.4")
     assert opts.subnet_lease_renew_margin == 30
-    assert opts.mqtt_broker == ("localhost", 1883)
+    assert opts.mqtt_broker is not None
+    assert (opts.mqtt_broker.host, opts.mqtt_broker.port) == ("localhost", 1883)
     env_only = parse_options([], environ=env)
     assert env_only.iface == ("eth7", "10.9.9.9")
     # A regex may contain commas: its variable is one regex, as flannel's.

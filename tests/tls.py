@@ -80,15 +80,17 @@ def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
     )
 
 
-def make_pki(d: Path) -> Pki:
-    """Write a CA, server and client certificates into the directory `d` (which must exist)."""
+def make_pki(d: Path, server_ips: tuple[str, ...] = ("127.0.0.1",)) -> Pki:
+    """Write a CA, server and client certificates into the directory `d` (which must exist);
+    the server certificate names `server_ips` and localhost."""
     _ca(d, "ca")
     _ca(d, "otherca")
+    names = ",".join([*(f"IP:{ip}" for ip in server_ips), "DNS:localhost"])
     _leaf(
         d,
         "server",
         "ca",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        f"subjectAltName={names}\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
     return Pki(
