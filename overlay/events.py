@@ -175,7 +175,7 @@ class EventPublisher:
         except (OSError, ValueError) as e:
             log.error("MQTT events are off: the TLS files cannot be used: %s", e)
             return
-        backoff = Backoff(0.5, self.max_backoff)
+        backoff = Backoff(min(0.5, self.max_backoff), self.max_backoff)
         identifier = f"overlayd-{self.host}-{os.getpid()}"
         while True:
             raise_if_cancelling()
