@@ -36,7 +36,12 @@ from subnetmgr.validate import Ignored, select_leases, unusable_public_ip
 
 log = logging.getLogger("overlayctl")
 
-PLUGIN_MODULES: tuple[str, ...] = ("integration.cli", "cni.install")
+PLUGIN_MODULES: tuple[str, ...] = (
+    "integration.cli",
+    "cni.install",
+    "overlay.status",
+    "overlay.doctor",
+)
 
 
 class UsageError(Exception):
