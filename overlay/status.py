@@ -249,7 +249,8 @@ async def read_daemon(host: IPv4Address, port: int) -> DaemonView:
         code, body = await http_get(address, port, "/readyz")
     except (OSError, TimeoutError) as e:
         view.error = (
-            f"nothing answers at {view.endpoint}: {e or 'timed out'} (is overlayd running?)"
+            f"nothing answers at {view.endpoint}: "
+            f"{str(e) or f'timed out after {HTTP_TIMEOUT:g} s'} (is overlayd running?)"
         )
         return view
     except AnswerError as e:
