@@ -78,6 +78,7 @@ PROBE_TIMEOUT = 2.0
 ETCD_SLOW_MS = 500.0
 DEFAULT_CNI_DATA_DIR = Path("/var/lib/cni/flannel")
 """The flannel plugin's dataDir default (cni/flannel.py DEFAULT_DATA_DIR)."""
+CNI_CONF_DIR = Path("/etc/cni/net.d")
 HOST_LOCAL_DIR = Path("/var/lib/cni/networks")
 """host-local's dataDir default."""
 MAX_SAVED_CONF = 2 << 20
@@ -687,6 +688,43 @@ def parse_saved_conf(path: Path, data: bytes) -> SavedConf | str:
     return SavedConf(path, cid, ifname, name, bridge, ipam_dir)
 
 
+def conf_data_dir(data: bytes) -> Path | None:
+    """The flannel plugin's dataDir in a CNI network config or conflist (its default when the
+    plugin is there without one); None when no flannel plugin is in it."""
+    if len(data) > MAX_SAVED_CONF:
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    plugins = doc.get("plugins")
+    for conf in plugins if isinstance(plugins, list) else [doc]:
+        if isinstance(conf, dict) and conf.get("type") == "flannel":
+            found = conf.get("dataDir")
+            if isinstance(found, str) and found.startswith("/") and "\0" not in found:
+                return Path(found)
+            return DEFAULT_CNI_DATA_DIR
+    return None
+
+
+def flannel_data_dir(conf_dir: Path) -> Path:
+    """The dataDir of the first flannel plugin in the runtime's configs (file name order, as
+    runtimes pick them), else the plugin's default."""
+    try:
+        names = sorted(os.listdir(conf_dir))[:MAX_ENTRIES]
+    except OSError:
+        return DEFAULT_CNI_DATA_DIR
+    for name in names:
+        if name.endswith((".conf", ".conflist", ".json")):
+            data = _read_small(conf_dir / name, MAX_SAVED_CONF)
+            found = conf_data_dir(data) if data is not None else None
+            if found is not None:
+                return found
+    return DEFAULT_CNI_DATA_DIR
+
+
 def parse_ip_file(data: bytes) -> tuple[str, str | None] | None:
     """host-local's reservation file: `<containerID>\\r\\n<ifname>` (or the ID alone)."""
     if len(data) > MAX_IP_FILE:
@@ -918,7 +956,8 @@ async def run_checks(args: argparse.Namespace) -> list[Check]:
     else:
         for name in ("peers", "subnet_env", "duplicate_public_ip", "lease_renewals"):
             checks.append(Check(name, WARN, "not checked: etcd is unreachable"))
-    checks.append(await check_cni(host, args.cni_data_dir))
+    data_dir = args.cni_data_dir or flannel_data_dir(args.cni_conf_dir)
+    checks.append(await check_cni(host, data_dir))
     return checks
 
 
@@ -966,19 +1005,30 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--cni-data-dir",
         type=Path,
-        default=DEFAULT_CNI_DATA_DIR,
-        help="the flannel CNI plugin's dataDir (default: %(default)s)",
+        default=None,
+        metavar="DIR",
+        help="the flannel CNI plugin's dataDir (default: the dataDir of the flannel plugin "
+        f"in --cni-conf-dir's network configs, else {DEFAULT_CNI_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--cni-conf-dir",
+        type=Path,
+        default=CNI_CONF_DIR,
+        metavar="DIR",
+        help="where the runtime's CNI network configs are (default: %(default)s)",
     )
     parser.add_argument(
         "--probe-timeout",
         type=_positive,
         default=PROBE_TIMEOUT,
+        metavar="SECONDS",
         help="seconds allowed for each peer probe (default: %(default)s)",
     )
     parser.add_argument(
         "--etcd-slow-ms",
         type=_positive,
         default=ETCD_SLOW_MS,
+        metavar="MS",
         help="WARN when one etcd read takes longer (default: %(default)s)",
     )
     add_local_flags(parser)

@@ -583,6 +583,8 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
                 problems.append(f"device {name} does not exist")
             elif not dev.up:
                 problems.append(f"device {name} is down")
+            elif env is not None and dev.mtu is not None and env.mtu != dev.mtu:
+                problems.append(f"subnet.env says MTU {env.mtu}, {name} has {dev.mtu}")
         others = {s: x for s, x in etcd.valid.items() if s != own_subnet}
         same_backend = {s: x for s, x in others.items()
                         if (x.attrs.backend_type or "udp") == config.backend_type}  # fmt: skip
@@ -623,6 +625,7 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
         "ready": daemon.ready,
         "reason": daemon.reason,
         "daemon": {
+            "pid": local.get("daemon_pid"),
             "endpoint": daemon.endpoint,
             "reachable": daemon.reachable,
             "error": daemon.error,
@@ -674,8 +677,9 @@ def render_status(doc: Mapping[str, Any]) -> str:
     d = doc["daemon"]
     served = [p for p, ok in (("/status", d["status_served"]), ("/metrics", d["metrics_served"]))
               if ok]  # fmt: skip
-    lines.append(f"health:      {d['endpoint']}"
-                 + (f" (serves {', '.join(served)})" if served else ""))  # fmt: skip
+    about = [f"overlayd pid {d['pid']}"] if d.get("pid") else ["no overlayd in this namespace"]
+    about += [f"serves {', '.join(served)}"] if served else []
+    lines.append(f"health:      {d['endpoint']} ({'; '.join(about)})")
     lease = doc["lease"]
     if lease:
         lines.append(f"lease:       {lease['subnet']} for {lease['public_ip']}, backend "
@@ -710,8 +714,11 @@ def render_status(doc: Mapping[str, Any]) -> str:
             text += f", {p['kernel_fdb']} FDB entries"
         lines.append(text)
     ignored = doc["ignored_leases"]
-    lines.append(f"ignored:     {len(ignored)} lease key(s)"
-                 + ("" if not ignored else ":"))  # fmt: skip
+    by_daemon = doc["ignored_by_daemon"]
+    seen = ""
+    if by_daemon:
+        seen = " (overlayd ignores " + ", ".join(f"{k} {v}" for k, v in by_daemon.items()) + ")"
+    lines.append(f"ignored:     {len(ignored)} lease key(s){seen}" + (":" if ignored else ""))
     for row in ignored[:20]:
         lines.append(f"  {printable(row['key'], 80)}: {row['reason']} ({row['detail']})")
     e = doc["etcd"]
@@ -733,9 +740,110 @@ def render_status(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MAX_PROC_FILE = 1 << 20
+"""Bytes of /proc/PID/cmdline or environ read."""
+
+
+def _read_proc(path: Path) -> list[str] | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROC_FILE)
+    except OSError:
+        return None
+    return [x.decode("utf-8", "surrogateescape") for x in data.split(b"\0") if x]
+
+
+def daemon_argv(cmdline: Sequence[str]) -> list[str] | None:
+    """The flags of an overlayd command line (`overlayd ...`, `python -m overlay.daemon ...`,
+    `python /path/overlayd ...`), None for any other program."""
+    for i, arg in enumerate(cmdline[:4]):
+        if arg == "overlay.daemon" and i > 0 and cmdline[i - 1] == "-m":
+            return list(cmdline[i + 1 :])
+        python = i > 0 and os.path.basename(cmdline[0]).startswith("python")
+        if os.path.basename(arg) == "overlayd" and (i == 0 or python):
+            return list(cmdline[i + 1 :])
+    return None
+
+
+def parse_daemon_flags(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """overlayd's flags from its argv and environment, read with overlayd's own parser and
+    precedence; None when overlayd itself would refuse them."""
+    import contextlib
+    import io
+
+    from overlay.options import ETCD_FLAGS, build_parser
+
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            ns, _unknown = parser.parse_known_args(list(argv))
+            return resolve(parser, ns, ETCD_FLAGS + DAEMON_FLAGS, environ)
+    except SystemExit:
+        return None
+
+
+def same_netns(pid: int) -> bool:
+    try:
+        mine, theirs = os.stat("/proc/self/ns/net"), os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def find_daemons(proc: Path = Path("/proc")) -> list[tuple[int, dict[str, Any]]]:
+    """Every overlayd in this network namespace with its flags (PID order)."""
+    found = []
+    try:
+        entries = sorted(int(e.name) for e in proc.iterdir() if e.name.isdigit())
+    except OSError:
+        return []
+    for pid in entries:
+        if pid == os.getpid():
+            continue
+        cmdline = _read_proc(proc / str(pid) / "cmdline")
+        argv = daemon_argv(cmdline) if cmdline else None
+        if argv is None or not same_netns(pid):
+            continue
+        env_items = _read_proc(proc / str(pid) / "environ") or []
+        environ = dict(x.split("=", 1) for x in env_items if "=" in x and x.startswith("FLANNELD_"))
+        values = parse_daemon_flags(argv, environ)
+        if values is not None:
+            found.append((pid, values))
+    return found
+
+
+def _given(args: argparse.Namespace, flag: Flag) -> bool:
+    return getattr(args, flag.dest, None) is not None or flag.env in os.environ
+
+
 def resolve_local(args: argparse.Namespace) -> dict[str, Any]:
-    """The local daemon's flags (command line, else FLANNELD_*, else overlayd's defaults)."""
-    return resolve(args.local_parser, args, local_flags(), os.environ)
+    """The local daemon's flags: the command line, else FLANNELD_* of our environment, else
+    the flags of the overlayd running in this network namespace (read from /proc: its argv
+    and FLANNELD_* environment, parsed by overlayd's parser), else overlayd's defaults.
+
+    The etcd flags are filled in the same way (args.etcd is replaced). With several overlayd
+    in this namespace, the one whose --healthz-port was given wins, else the lowest PID."""
+    from overlay.options import ETCD_FLAGS, EtcdFlags
+
+    values = resolve(args.local_parser, args, local_flags(), os.environ)
+    values["daemon_pid"] = None
+    daemons = find_daemons()
+    if getattr(args, "healthz_port", None) is not None:
+        daemons = [d for d in daemons if d[1]["healthz_port"] == args.healthz_port] or daemons
+    values["daemons_found"] = len(daemons)
+    if not daemons:
+        return values
+    pid, theirs = daemons[0]
+    values["daemon_pid"] = pid
+    for flag in local_flags():
+        if not _given(args, flag):
+            values[flag.dest] = theirs[flag.dest]
+    etcd = {f.dest: getattr(args.etcd, f.dest.removeprefix("etcd_")) for f in ETCD_FLAGS}
+    for flag in ETCD_FLAGS:
+        if not _given(args, flag):
+            etcd[flag.dest] = theirs[flag.dest]
+    args.etcd = EtcdFlags.from_values(etcd)
+    return values
 
 
 def cmd_status(args: argparse.Namespace) -> int:

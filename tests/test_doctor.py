@@ -419,3 +419,57 @@ async def test_check_cni_without_probing(tmp_path: Path) -> None:
         assert f" {path}" in got.fix.split(": rm -f", 1)[1]
     missing = await check_cni(host, tmp_path / "nothing")
     assert missing.result == PASS and "does not exist" in missing.message
+
+
+@given(json_values)
+def test_conf_data_dir_any_json(doc: object) -> None:
+    from overlay.doctor import conf_data_dir
+
+    got = conf_data_dir(json.dumps(doc).encode())
+    assert got is None or got.is_absolute()
+
+
+def test_flannel_data_dir(tmp_path: Path) -> None:
+    from overlay.doctor import DEFAULT_CNI_DATA_DIR, conf_data_dir, flannel_data_dir
+
+    assert flannel_data_dir(tmp_path / "missing") == DEFAULT_CNI_DATA_DIR
+    (tmp_path / "05-other.conflist").write_text(json.dumps({"plugins": [{"type": "bridge"}]}))
+    assert flannel_data_dir(tmp_path) == DEFAULT_CNI_DATA_DIR
+    (tmp_path / "10-flannel.conf").write_text(
+        json.dumps({"type": "flannel", "dataDir": "/srv/cni"})
+    )
+    (tmp_path / "20-flannel.conflist").write_text(json.dumps({"plugins": [{"type": "flannel"}]}))
+    assert flannel_data_dir(tmp_path) == Path("/srv/cni")  # the first in file name order
+    assert (
+        conf_data_dir(json.dumps({"plugins": [{"type": "flannel"}]}).encode())
+        == DEFAULT_CNI_DATA_DIR
+    )
+    assert (
+        conf_data_dir(json.dumps({"type": "flannel", "dataDir": "rel"}).encode())
+        == DEFAULT_CNI_DATA_DIR
+    )
+    assert conf_data_dir(b"[" * 100_000) is None
+
+
+def test_daemon_argv_and_flags() -> None:
+    from overlay.status import daemon_argv, parse_daemon_flags
+
+    assert daemon_argv(["/usr/bin/python3", "-m", "overlay.daemon", "--iface", "eth0"]) == [
+        "--iface",
+        "eth0",
+    ]
+    assert daemon_argv(["/opt/overlay/bin/overlayd", "--healthz-port", "9"]) == [
+        "--healthz-port",
+        "9",
+    ]
+    assert daemon_argv(["python3", "/opt/overlay/bin/overlayd"]) == []
+    assert daemon_argv(["bash", "-c", "overlayd"]) is None
+    assert daemon_argv(["python3", "overlay.daemon"]) is None
+    values = parse_daemon_flags(
+        ["--healthz-port", "8286", "--etcd-prefix", "/x"], {"FLANNELD_SUBNET_FILE": "/run/f/s.env"}
+    )
+    assert values is not None
+    assert values["healthz_port"] == 8286 and values["etcd_prefix"] == "/x"
+    assert values["subnet_file"] == Path("/run/f/s.env")
+    assert parse_daemon_flags(["--healthz-port", "99999"], {}) is None  # overlayd refuses it
+    assert parse_daemon_flags([], {"FLANNELD_HEALTHZ_PORT": "x"}) is None

@@ -186,6 +186,31 @@ def test_status_of_a_ready_daemon(lab: Lab) -> None:
     assert f"lease:       {node.subnet} for {node.ip}, backend vxlan" in out
 
 
+def test_status_and_doctor_take_the_running_daemons_flags(lab: Lab, tmp_path: Path) -> None:
+    """No flag at all: the etcd endpoints and prefix, health port and subnet file are those of
+    the overlayd running in the namespace (its argv in /proc); the CNI dataDir is the flannel
+    plugin's in the runtime's network configs."""
+    node = lab.node(1)
+    bare = ["ip", "netns", "exec", node.ns, sys.executable, "-m", "overlay.ctl"]
+    proc = subprocess.run([*bare, "status", "--json"], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["daemon"]["pid"] == node.daemon_pid
+    assert doc["lease"]["subnet"] == node.subnet
+    assert doc["subnet_env"]["path"] == str(lab.subnet_file(1))
+    conflist = {"cniVersion": "1.0.0", "name": "overlay-lab", "plugins": [
+        {"type": "flannel", "dataDir": str(lab.node_dir(1) / "cni" / "flannel")},
+        {"type": "portmap"}]}  # fmt: skip
+    (tmp_path / "10-flannel.conflist").write_text(json.dumps(conflist))
+    (tmp_path / "00-junk.conf").write_bytes(b"\xff{")
+    proc = subprocess.run([*bare, "doctor", "--cni-conf-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (f"PASS cni_state: 1 saved confs in {lab.node_dir(1) / 'cni' / 'flannel'}, each "
+            "with a live address") in proc.stdout.splitlines()  # fmt: skip
+
+
 def test_ip_forward_off(lab: Lab) -> None:
     ns = lab.node(1).ns
     sh(ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
@@ -247,12 +272,38 @@ def test_mtu_mismatch_in_subnet_env(lab: Lab) -> None:
     before = rewrite_env(lab, 1, mtu=1400)
     try:
         rc, checks = doctor(lab)
+        src, out, _ = overlayctl(lab, 1, "status", "--json")
     finally:
         write_subnet_env(lab.subnet_file(1), before)
     assert rc == 1
     assert set(failed(checks)) == {"mtu"}
     assert checks["mtu"][0]["message"] == "subnet.env FLANNEL_MTU 1400, but flannel.1 carries 1450"
     assert "restart overlayd" in checks["mtu"][0]["fix"]
+    assert src == 1
+    assert json.loads(out)["problems"] == ["subnet.env says MTU 1400, flannel.1 has 1450"]
+
+
+def test_status_lists_ignored_leases(lab: Lab) -> None:
+    subnet = free_subnet(lab)
+    key = f"{lab.state.prefix}/subnets/{subnet_key(subnet)}"
+    asyncio.run(lab.etcdctl("put", key, "not json \x1b[2J"))
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # the daemon's gauge follows its watch
+            rc, out, _ = overlayctl(lab, 1, "status", "--json")
+            doc = json.loads(out)
+            if doc["ignored_by_daemon"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        _, text, _ = overlayctl(lab, 1, "status")
+    finally:
+        asyncio.run(lab.etcdctl("del", key))
+    assert rc == 0  # an ignored key is reported, not a problem of this host
+    assert doc["ignored_by_daemon"] == {"not_json": 1}
+    [row] = doc["ignored_leases"]
+    assert row["key"] == subnet_key(subnet) and row["reason"] == "not_json"
+    assert "ignored:     1 lease key(s) (overlayd ignores not_json 1):" in text
+    assert "\x1b" not in text  # the value's escape sequence is not printed raw
 
 
 def test_mtu_mismatch_on_the_device(lab: Lab) -> None:
