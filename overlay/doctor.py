@@ -201,12 +201,14 @@ def forward_drop_chains(ruleset: Any) -> list[str]:
     return out
 
 
-async def check_forward(config: NetworkConfig | None) -> list[Check]:
+async def check_forward(network: IPv4Network | None) -> list[Check]:
+    """`network`: the config's, else subnet.env's FLANNEL_NETWORK (etcd may be down)."""
     from overlay.masq import FWD_CHAIN, IptablesError, run_command
 
-    if config is None:
-        return [Check("forward", WARN, "not checked: no valid network config in etcd")]
-    net = config.network
+    if network is None:
+        return [Check("forward", WARN, "not checked: the network is unknown (no valid config "
+                      "in etcd, no subnet.env)")]  # fmt: skip
+    net = network
     try:
         rc, forward, err = await run_command(["iptables", "-S", "FORWARD"], check=False)
         _, chain, _ = await run_command(["iptables", "-S", FWD_CHAIN], check=False)
@@ -941,7 +943,8 @@ async def run_checks(args: argparse.Namespace) -> list[Check]:
             )
         )
     checks.append(check_ip_forward())
-    checks += await check_forward(host.config)
+    network = host.config.network if host.config is not None else None
+    checks += await check_forward(network or (env.network if env is not None else None))
     checks.append(await check_mtu(host))
     tx = await check_tx_checksum(host)
     if tx is not None:

@@ -562,6 +562,17 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
         }
     elif daemon.status is not None and daemon.status.get("lease"):
         lease_doc = dict(daemon.status["lease"], reserved=None, found_by="daemon")
+    elif daemon.metrics is not None and daemon.metrics.get("overlay_lease_info"):
+        labels = daemon.metrics["overlay_lease_info"][0][0]  # etcd unreachable: as the daemon says
+        expires = metric(daemon.metrics, "overlay_lease_expiration_seconds")
+        lease_doc = {
+            "subnet": str(daemon_subnet(daemon)) if daemon_subnet(daemon) else None,
+            "public_ip": _address(labels.get("public_ip")),
+            "backend": _short(labels.get("backend")),
+            "ttl_seconds": None if expires is None else int(expires - now),
+            "reserved": expires is None,
+            "found_by": "daemon",
+        }
     elif etcd.reachable:
         problems.append("no lease in etcd belongs to this host")
     if env_error:

@@ -489,6 +489,56 @@ def test_status_of_a_daemon_waiting_for_config(lab: Lab, tmp_path: Path) -> None
     assert text.startswith("overlayd:    NOT READY (")
 
 
+TX_CHECK = """
+import asyncio, json, sys
+from ipaddress import IPv4Address, IPv4Network
+from overlay.doctor import Host, check_tx_checksum
+from overlay.status import EtcdView, local_addresses
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
+
+async def main():
+    config = NetworkConfig.from_json(sys.argv[1])
+    attrs = LeaseAttrs(IPv4Address(sys.argv[3]), backend_type="vxlan")
+    host = Host({}, EtcdView("e"), config, Lease(IPv4Network(sys.argv[2]), attrs),
+                await local_addresses(), None, None)
+    check = await check_tx_checksum(host)
+    print(json.dumps([check.result, check.message, check.fix]))
+
+asyncio.run(main())
+"""
+
+
+def test_tx_checksum_behind_nat(lab: Lab) -> None:
+    """A PublicIP that is on no interface of the host (as behind NAT; here a lease naming an
+    underlay address nobody has) with tx checksum offload on flannel.1: FAIL, until it is off.
+    The device and ethtool are the real ones of h1."""
+    node = lab.node(1)
+    config = json.dumps({"Network": lab.state.network, "Backend": {"Type": "vxlan"}})
+    nat_ip = str(IPv4Network(lab.state.underlay).network_address + 200)
+
+    def check() -> list[str]:
+        out = sh(node.ns, sys.executable, "-c", TX_CHECK, config, str(node.subnet), nat_ip)
+        result: list[str] = json.loads(out)
+        return result
+
+    result, message, fix = check()
+    assert result == "FAIL"
+    assert message.startswith(f"PublicIP {nat_ip} is on no local interface")
+    assert fix == (
+        'set "DisableTxChecksumOffload": true in the config\'s Backend (or now: '
+        "ethtool -K flannel.1 tx-checksum-ip-generic off)"
+    )
+    sh(node.ns, "ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", "off")
+    try:
+        result, message, _ = check()
+    finally:
+        sh(node.ns, "ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", "on")
+    assert result == "PASS"
+    assert message == (
+        f"PublicIP {nat_ip} is not local (NAT), and tx-checksum-ip-generic is off on flannel.1"
+    )
+
+
 def test_etcd_down(lab: Lab) -> None:
     pid = lab.state.etcd_pid
     assert pid is not None
@@ -509,8 +559,13 @@ def test_etcd_down(lab: Lab) -> None:
             "message": "not checked: etcd is unreachable",
             "fix": "",
         }
+    # What does not need etcd is still checked: FORWARD against subnet.env's network.
+    assert checks["forward"][0]["result"] == "PASS"
+    assert checks["ip_forward"][0]["result"] == "PASS"
     doc = json.loads(out)
     assert rc2 == 1 and doc["etcd"]["reachable"] is False
+    # Our lease as the daemon reports it (its /metrics), since etcd cannot say.
+    assert doc["lease"]["subnet"] == lab.node(1).subnet and doc["lease"]["found_by"] == "daemon"
     assert any(p.startswith("etcd: ") for p in doc["problems"])
 
 
