@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -49,7 +50,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -411,9 +412,25 @@ def parse_echo_reply(packet: bytes) -> tuple[IPv4Address, int] | None:
     return IPv4Address(packet[12:16]), ident
 
 
-async def ping(src: IPv4Address | None, dst: IPv4Address, limit: float) -> float | None:
-    """RTT in ms of an ICMP echo from `src` to `dst` (3 tries within `limit` s), else None."""
+PROBE_TRIES = 3
+PEER_LINES = 20
+"""Peers shown one line each when all answer; past this, the answers are one summary line
+(a failing peer always has its own line)."""
+
+
+async def ping(
+    src: IPv4Address | None, targets: Sequence[IPv4Address], limit: float
+) -> dict[IPv4Address, float | None]:
+    """Round trip in ms of an ICMP echo from `src` to each target, None for no answer.
+
+    One raw socket for all targets (a cluster of 10,000 hosts is 10,000 probes, not 10,000
+    sockets): PROBE_TRIES echoes to each target not yet answered, spread over `limit` s; a reply
+    counts when it comes from a target and carries our identifier. OSError when `src` is not an
+    address of this host."""
     loop = asyncio.get_running_loop()
+    wanted = set(targets)
+    rtt: dict[IPv4Address, float | None] = dict.fromkeys(targets)
+    sent: dict[IPv4Address, float] = {}
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setblocking(False)
     ident = random.randrange(1, 0xFFFF)
@@ -422,27 +439,40 @@ async def ping(src: IPv4Address | None, dst: IPv4Address, limit: float) -> float
             sock.bind((str(src), 0))
         start = time.monotonic()
         deadline = start + limit
-        tries = 0
-        next_send = start
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if now >= next_send and tries < 3:
-                sock.sendto(echo_request(ident, tries), (str(dst), 0))
-                tries += 1
-                next_send = now + limit / 3
-            wait = min(deadline, next_send if tries < 3 else deadline) - now
-            try:
-                async with asyncio.timeout(max(wait, 0.01)):
-                    packet = await loop.sock_recv(sock, 65535)
-            except TimeoutError:
-                continue
-            reply = parse_echo_reply(packet)
-            if reply == (dst, ident):
-                return round((time.monotonic() - start) * 1000, 2)
+        for attempt in range(PROBE_TRIES):
+            for target in targets:
+                if rtt[target] is None:
+                    sent.setdefault(target, time.monotonic())
+                    # A full buffer or no route to one target: it goes unanswered.
+                    with contextlib.suppress(OSError):
+                        sock.sendto(echo_request(ident, attempt), (str(target), 0))
+            round_end = min(deadline, start + limit * (attempt + 1) / PROBE_TRIES)
+            while any(v is None for v in rtt.values()):
+                left = round_end - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        packet = await loop.sock_recv(sock, 65535)
+                except TimeoutError:
+                    break
+                reply = parse_echo_reply(packet)
+                if reply is not None and reply[1] == ident and reply[0] in wanted:
+                    if rtt[reply[0]] is None:
+                        rtt[reply[0]] = round((time.monotonic() - sent[reply[0]]) * 1000, 2)
+            if all(v is not None for v in rtt.values()):
+                break
     finally:
         sock.close()
+    return rtt
+
+
+def _port(backend: Mapping[str, Any], default: int) -> int:
+    for key in ("Port", "port"):
+        value = backend.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+            return value
+    return default
 
 
 async def check_peers(host: Host, limit: float) -> list[Check]:
@@ -466,50 +496,68 @@ async def check_peers(host: Host, limit: float) -> list[Check]:
         from backends.udp import DEFAULT_PORT as UDP_PORT
         from backends.vxlan_device import DEFAULT_PORT as VXLAN_PORT
 
-        port = (
-            config.backend.get("Port")
-            or config.backend.get("port")
-            or (VXLAN_PORT if config.backend_type == "vxlan" else UDP_PORT)
-        )
+        port = _port(config.backend, VXLAN_PORT if config.backend_type == "vxlan" else UDP_PORT)
         src: IPv4Address | None = own.network_address
-        device = device_name(config)
-        how = f"through {device} (udp {port})"
+        how = f"through {device_name(config)} (udp {port})"
     else:
         src, port, how = None, 0, "on the underlay (host-gw has no encapsulation)"
 
-    async def one(peer: Lease) -> Check:
-        dst = peer.subnet.network_address if src is not None else peer.attrs.public_ip
-        name = f"peer {peer.subnet}"
-        try:
-            rtt = await ping(src, dst, limit)
-        except OSError as e:
-            return Check(
-                name,
+    def target(peer: Lease) -> IPv4Address:
+        return peer.subnet.network_address if src is not None else peer.attrs.public_ip
+
+    try:
+        rtts = await ping(src, sorted({target(p) for p in peers}), limit)
+    except OSError as e:
+        return [
+            Check(
+                "peers",
                 FAIL,
                 f"cannot send a probe from {src}: {e.strerror or e}",
                 "check that overlayd runs and its device has our subnet's address",
             )
+        ]
+    checks = []
+    answered = []
+    for peer in peers:
+        dst = target(peer)
+        rtt = rtts.get(dst)
+        name = f"peer {peer.subnet}"
         if rtt is not None:
-            return Check(
-                name, PASS, f"{peer.attrs.public_ip}: {dst} answered an ICMP echo {how} in {rtt} ms"
+            answered.append(rtt)
+            checks.append(
+                Check(
+                    name,
+                    PASS,
+                    f"{peer.attrs.public_ip}: {dst} answered an ICMP echo {how} in {rtt} ms",
+                )
             )
+            continue
         fix = (
-            (
-                f"let udp {port} from this host's underlay address in on {peer.attrs.public_ip} "
-                f"(e.g. iptables -I INPUT -p udp --dport {port} -j ACCEPT there; cloud security "
-                "groups too), and check overlayd runs there"
-            )
+            f"let udp {port} from this host's underlay address in on {peer.attrs.public_ip} "
+            f"(e.g. iptables -I INPUT -p udp --dport {port} -j ACCEPT there; cloud security "
+            "groups too), and check overlayd runs there"
             if port
             else f"check the route to {peer.attrs.public_ip} and ip_forward on that host"
         )
-        return Check(
-            name,
-            FAIL,
-            f"{peer.attrs.public_ip}: no answer from {dst} {how} within {limit:g} s",
-            fix,
+        checks.append(
+            Check(
+                name,
+                FAIL,
+                f"{peer.attrs.public_ip}: no answer from {dst} {how} within {limit:g} s",
+                fix,
+            )
         )
-
-    return list(await asyncio.gather(*(one(p) for p in peers)))
+    if len(peers) > PEER_LINES:
+        median = sorted(answered)[len(answered) // 2] if answered else None
+        summary = Check(
+            "peers",
+            PASS if len(answered) == len(peers) else FAIL,
+            f"{len(answered)} of {len(peers)} peers answered an ICMP echo {how}"
+            + (f", median {median} ms" if median is not None else ""),
+            "see the peer lines",
+        )
+        checks = [summary, *(c for c in checks if c.result != PASS)]
+    return checks
 
 
 # --------------------------------------------------------------------------- etcd checks
@@ -600,6 +648,8 @@ def overdue(left: int, granted: int, margin_minutes: int) -> bool:
 
 
 def check_renewals(etcd: EtcdView, margin_minutes: int, prefix: str) -> Check:
+    if etcd.ttl_error is not None:
+        return Check("lease_renewals", WARN, f"cannot read the leases' TTLs: {etcd.ttl_error}")
     dead = []
     judged = 0
     for lease in sorted(etcd.leases, key=lambda x: x.subnet):

@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -53,6 +53,8 @@ with 10,000 peers is a few KiB: the counters are not per peer)."""
 COMMAND_LIMIT = 8 << 20
 """Bytes of `ip -j` / `bridge -j` output read (10,000 peers is about 3 MiB of FDB JSON)."""
 SHOWN = 200
+TTL_LOOKUPS_IN_FLIGHT = 32
+"""etcd lease time-to-live lookups of `doctor` in flight at once."""
 """Characters of an outside value quoted in a message."""
 
 LOCAL_FLAG_NAMES = (
@@ -403,11 +405,21 @@ class EtcdView:
     """Lease key -> etcd lease ID (0: a reservation)."""
     ttls: dict[int, tuple[int, int]] = field(default_factory=dict)
     """etcd lease ID -> (seconds left, granted TTL), looked up by `doctor` only."""
+    ttl_error: str | None = None
+    """Why the TTLs could not be read (etcd answered the lists, then failed)."""
+
+    def ttl_left(self, lease: Lease) -> int | None:
+        """Seconds left on `lease` (None: a reservation, or not looked up)."""
+        found = self.ttls.get(self.lease_ids.get(lease.key, 0))
+        return None if found is None else found[0]
 
 
-async def read_etcd(etcd: Any, *, ttls: bool = False) -> EtcdView:
+async def read_etcd(
+    etcd: Any, *, ttls: bool = False, ttl_filter: Callable[[Lease], bool] | None = None
+) -> EtcdView:
     """Config, leases (valid and ignored, as `overlayctl leases` judges them) and the latency of
-    one read; with `ttls`, each etcd lease's time to live and granted TTL (for `doctor`)."""
+    one read; with `ttls`, the time to live and granted TTL of each lease's etcd lease (of the
+    leases `ttl_filter` accepts, when given: status needs only ours)."""
     from aetcd import rpc
 
     from subnetmgr.registry import EtcdRegistry, RegistryError
@@ -422,7 +434,9 @@ async def read_etcd(etcd: Any, *, ttls: bool = False) -> EtcdView:
                 text, _ = await registry.get_config_value()
                 view.latency_ms = round((time.monotonic() - start) * 1000, 2)
                 view.reachable = True
-                leases, _ = await registry.list_leases()
+                # No expiry lookups here (one per lease: 45x a plain read at 2,000 leases,
+                # bench/bench_doctor.py); the TTLs needed are looked up below.
+                leases, _ = await registry.list_leases(expirations=False)
                 view.leases = leases
                 if text is None:
                     view.config_error = f"no network config at {etcd.prefix}/config"
@@ -439,20 +453,30 @@ async def read_etcd(etcd: Any, *, ttls: bool = False) -> EtcdView:
                     view.ignored.append(
                         {"key": key, "reason": ign.reason, "detail": printable(ign.detail, SHOWN)}
                     )
-                if ttls:
-                    await _read_ttls(registry, view, rpc)
-            finally:
+            except BaseException:
                 await registry.close()
+                raise
     except RegistryError as e:
         view.reachable = False
         view.error = printable(str(e), 400)
+        return view
     except TimeoutError:
         view.reachable = False
         view.error = f"etcd at {view.endpoints} did not answer within {etcd.timeout * 3:g} s"
+        return view
+    try:
+        if ttls:  # outside the deadline above: one lookup per etcd lease, each with its own
+            await _read_ttls(registry, view, rpc, ttl_filter)
+    except RegistryError as e:
+        view.ttl_error = printable(str(e), 400)
+    finally:
+        await registry.close()
     return view
 
 
-async def _read_ttls(registry: Any, view: EtcdView, rpc: Any) -> None:
+async def _read_ttls(
+    registry: Any, view: EtcdView, rpc: Any, keep: Callable[[Lease], bool] | None
+) -> None:
     """Each lease key's etcd lease ID, and each ID's time to live and granted TTL.
 
     Through the registry's connection (its endpoints, TLS and failover): the registry itself
@@ -468,14 +492,23 @@ async def _read_ttls(registry: Any, view: EtcdView, rpc: Any) -> None:
     resp = await conn.call("get", get)
     for kv in resp.kvs:
         view.lease_ids[registry.key_text(kv.key)] = int(kv.lease)
-    for lease_id in sorted({i for i in view.lease_ids.values() if i}):
+    sem = asyncio.Semaphore(TTL_LOOKUPS_IN_FLIGHT)
 
-        async def ttl(c: Any, md: Any, lease_id: int = lease_id) -> Any:
+    async def one(lease_id: int) -> None:
+        async def ttl(c: Any, md: Any) -> Any:
             req = rpc.LeaseTimeToLiveRequest(ID=lease_id)
             return await c.lease.LeaseTimeToLive(req, timeout=registry.timeout, metadata=md)
 
-        answer = await conn.call("lease time-to-live", ttl)
+        async with sem:
+            answer = await conn.call("lease time-to-live", ttl)
         view.ttls[lease_id] = (int(answer.TTL), int(answer.grantedTTL))
+
+    wanted = {x.key for x in view.leases if keep is None or keep(x)}
+    ids = sorted({i for k, i in view.lease_ids.items() if i and k in wanted})
+    results = await asyncio.gather(*(one(i) for i in ids), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 # --------------------------------------------------------------------------- the report
@@ -532,12 +565,15 @@ ERROR_COUNTERS = (
 async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `overlayctl status --json` prints (schema in docs/operations.md)."""
     local = args.local
-    daemon, etcd, local_ips = await asyncio.gather(
-        read_daemon(local["healthz_ip"], local["healthz_port"]),
-        read_etcd(args.etcd),
-        local_addresses(),
+    daemon, local_ips = await asyncio.gather(
+        read_daemon(local["healthz_ip"], local["healthz_port"]), local_addresses()
     )
     env, env_error = read_subnet_env(local["subnet_file"])
+    hints = {daemon_subnet(daemon), env.subnet if env is not None else None}
+    ours = {local["public_ip"]} if local["public_ip"] is not None else set(local_ips)
+    etcd = await read_etcd(
+        args.etcd, ttls=True, ttl_filter=lambda x: x.subnet in hints or x.attrs.public_ip in ours
+    )
     problems: list[str] = []
     now = time.time()
     if daemon.error:
@@ -556,7 +592,7 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
             "subnet": str(lease.subnet),
             "public_ip": str(lease.attrs.public_ip),
             "backend": printable(lease.attrs.backend_type or "udp", 32),
-            "ttl_seconds": None if lease.expiration is None else int(lease.expiration - now),
+            "ttl_seconds": etcd.ttl_left(lease),
             "reserved": lease.reserved,
             "found_by": source,
         }

@@ -3,9 +3,9 @@ CNI state check on files made here, and the ICMP probe against this namespace's 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
+import sys
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -36,7 +36,9 @@ from overlay.doctor import (
 )
 from overlay.status import EtcdView
 from subnetmgr.model import Lease, LeaseAttrs
+from tests.netns import NetnsLab, netns_lab
 
+lab = pytest.fixture(netns_lab, name="lab")
 NET = IPv4Network("10.1.0.0/16")
 addresses = st.builds(IPv4Address, st.integers(0, 2**32 - 1))
 networks = st.builds(
@@ -212,18 +214,39 @@ def test_arp_reply_any_bytes(data: bytes) -> None:
 
 @pytest.mark.root
 async def test_ping_loopback_answers() -> None:
-    """The probe's ICMP codec against a real kernel: this namespace answers on loopback."""
-    loop = IPv4Address("127.0.0.1")
-    rtt = await ping(loop, loop, 2.0)
-    assert rtt is not None and rtt >= 0
-    results = await asyncio.gather(*(ping(loop, loop, 2.0) for _ in range(5)))
-    assert all(r is not None for r in results)  # concurrent probes each see their own reply
+    """The probe's ICMP codec against a real kernel: this namespace answers on all of 127/8,
+    and each reply is matched to its target on the one socket."""
+    targets = [IPv4Address(f"127.0.0.{i}") for i in range(1, 40)]
+    rtts = await ping(None, targets, 2.0)
+    assert sorted(rtts) == targets
+    assert all(r is not None and r >= 0 for r in rtts.values())
+
+
+PING_IN_NS = """
+import asyncio, json, sys
+from ipaddress import IPv4Address
+from overlay.doctor import ping
+rtts = asyncio.run(ping(None, [IPv4Address(a) for a in sys.argv[1:]], 1.0))
+print(json.dumps({str(k): v for k, v in rtts.items()}))
+"""
+
+
+@pytest.mark.root
+def test_ping_some_answer_some_do_not(lab: NetnsLab) -> None:
+    """In a throwaway namespace with loopback only: 127.0.0.1 answers; 10.77.0.2, routed onto
+    lo but nobody's address, never does; 10.78.0.1 has no route at all. Bounded by the limit."""
+    ns = lab.netns("ping")
+    ns.ip("route", "add", "10.77.0.0/24", "dev", "lo")
+    out = ns.run(sys.executable, "-c", PING_IN_NS, "127.0.0.1", "10.77.0.2", "10.78.0.1")
+    got = json.loads(out)
+    assert got["127.0.0.1"] is not None
+    assert got["10.77.0.2"] is None and got["10.78.0.1"] is None
 
 
 @pytest.mark.root
 async def test_ping_from_an_address_we_do_not_have() -> None:
     with pytest.raises(OSError):
-        await ping(IPv4Address("192.0.2.1"), IPv4Address("127.0.0.1"), 0.5)
+        await ping(IPv4Address("192.0.2.1"), [IPv4Address("127.0.0.1")], 0.5)
 
 
 # --------------------------------------------------------------------------- pure checks
