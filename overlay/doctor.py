@@ -303,10 +303,9 @@ async def check_mtu(host: Host) -> Check:
         )
     overhead = OVERHEAD[config.backend_type]
     underlay = ext_mtu
-    if config.backend_type == "vxlan":
-        configured = config.backend.get("MTU") or config.backend.get("mtu")
-        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
-            underlay = configured
+    options = vxlan_options(config)
+    if options is not None and options.mtu > 0:  # Backend.MTU: the underlay's, as flannel's
+        underlay = options.mtu
     expected = underlay - overhead
     problems = []
     name = device_name(config)
@@ -467,6 +466,20 @@ async def ping(
     return rtt
 
 
+def vxlan_options(config: NetworkConfig) -> Any:
+    """The vxlan Backend options, validated as the backend validates them (None: another
+    backend, or options the backend would refuse: then the daemon is not running vxlan)."""
+    if config.backend_type != "vxlan":
+        return None
+    from backends.vxlan_device import VxlanOptions
+    from subnetmgr.model import ConfigError
+
+    try:
+        return VxlanOptions.from_backend(config.backend)
+    except ConfigError:
+        return None
+
+
 def _port(backend: Mapping[str, Any], default: int) -> int:
     for key in ("Port", "port"):
         value = backend.get(key)
@@ -494,9 +507,9 @@ async def check_peers(host: Host, limit: float) -> list[Check]:
         return [Check("peers", PASS, "alloc backend: no data path between hosts")]
     if config.backend_type in ("vxlan", "udp"):
         from backends.udp import DEFAULT_PORT as UDP_PORT
-        from backends.vxlan_device import DEFAULT_PORT as VXLAN_PORT
 
-        port = _port(config.backend, VXLAN_PORT if config.backend_type == "vxlan" else UDP_PORT)
+        options = vxlan_options(config)
+        port = options.port if options is not None else _port(config.backend, UDP_PORT)
         src: IPv4Address | None = own.network_address
         how = f"through {device_name(config)} (udp {port})"
     else:

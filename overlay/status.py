@@ -555,6 +555,16 @@ def daemon_subnet(view: DaemonView) -> IPv4Network | None:
     return None
 
 
+def ignored_gauge(samples: Samples | None) -> dict[str, int]:
+    """The daemon's `overlay_leases_ignored` gauge: reason (printable) -> count; samples that
+    are not finite are left out."""
+    out: dict[str, int] = {}
+    for labels, value in (samples or {}).get("overlay_leases_ignored", []):
+        if math.isfinite(value):
+            out[printable(labels.get("reason", "?"), 40)] = int(value)
+    return out
+
+
 ERROR_COUNTERS = (
     "overlay_etcd_errors_total",
     "overlay_reconcile_errors_total",
@@ -659,8 +669,7 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
                 f"overlayd hands {int(programmed)} peers to the backend, etcd has {len(others)} "
                 "valid leases of other hosts (it may be catching up; run again)"
             )
-    gauge = (daemon.metrics or {}).get("overlay_leases_ignored", [])
-    ignored_now = {labels.get("reason", "?"): int(v) for labels, v in gauge}
+    ignored_now = ignored_gauge(daemon.metrics)
     errors = {n: int(v) for n in ERROR_COUNTERS
               if (v := metric(daemon.metrics, n)) is not None}  # fmt: skip
     daemon_etcd = daemon.status.get("etcd") if daemon.status is not None else None

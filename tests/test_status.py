@@ -374,3 +374,19 @@ def test_render_status_of_an_unreachable_everything() -> None:
     assert text.splitlines()[0] == "overlayd:    UNKNOWN (daemon not reached)"
     assert "etcd:        UNREACHABLE: connection refused" in text
     assert text.endswith("  - etcd: connection refused")
+
+
+def test_hostile_metric_values_are_left_out() -> None:
+    from overlay.status import ignored_gauge
+
+    samples = parse_metrics(
+        'overlay_leases_ignored{reason="\\u001b[31mred"} +Inf\n'
+        'overlay_leases_ignored{reason="not_json"} 2\n'
+        'overlay_leases_ignored{reason="nan"} NaN\n'
+        "overlay_peers NaN\n"
+    )
+    assert ignored_gauge(samples) == {"not_json": 2}
+    assert metric(samples, "overlay_peers") is None
+    assert ignored_gauge(parse_metrics('overlay_leases_ignored{reason="\x1b[2J"} 1\n')) == {
+        "\\x1b[2J": 1
+    }

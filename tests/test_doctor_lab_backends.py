@@ -1,8 +1,10 @@
-"""`overlayctl doctor` and `status` on a udp lab: the peer probe goes through flannel0 and the
-packet loops (udp 8285), and a DROP of udp 8285 on a peer fails exactly that peer's line."""
+"""`overlayctl doctor` and `status` on udp and host-gw labs. udp: the peer probe goes through
+flannel0 and the packet loops (udp 8285), and a DROP of udp 8285 on a peer fails exactly that
+peer's line. host-gw: no device, routes via each PublicIP, the probe on the underlay."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from ipaddress import IPv4Network
@@ -19,6 +21,11 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     yield from running_lab(tmp_path_factory, "u", "udp", "5")
+
+
+@pytest.fixture(scope="module")
+def hostgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from running_lab(tmp_path_factory, "g", "host-gw", "5")
 
 
 def test_udp_lab_healthy_then_a_peer_drops_8285(lab: Lab) -> None:
@@ -51,3 +58,31 @@ def test_udp_lab_status(lab: Lab) -> None:
     assert doc["device"]["mtu"] == 1472
     assert doc["peers"]["leases"] == 2 and doc["peers"]["programmed"] == 2
     assert doc["peers"]["kernel_routes"] == 1  # one route for the whole network via flannel0
+
+
+def test_hostgw_lab(hostgw: Lab) -> None:
+    rc, checks = doctor(hostgw)
+    assert failed(checks) == {} and rc == 0
+    assert checks["mtu"][0]["message"] == "eth0 1500, subnet.env 1500"
+    assert checks[peer_name(hostgw, 2)][0]["message"].startswith(
+        f"{hostgw.node(2).ip}: {hostgw.node(2).ip} answered an ICMP echo on the underlay "
+        "(host-gw has no encapsulation) in "
+    )
+    rc, out, err = overlayctl(hostgw, 1, "status", "--json")
+    assert rc == 0, out + err
+    doc = json.loads(out)
+    assert doc["backend"] == "host-gw" and doc["device"] is None
+    assert doc["peers"]["leases"] == 2 and doc["peers"]["kernel_routes"] == 2
+    assert doc["peers"]["missing"] == []
+    # A peer route deleted by hand (overlayd stopped, so that no pass repairs it): a problem.
+    sub2 = hostgw.node(2).subnet
+    asyncio.run(hostgw.stop_daemon(1))
+    try:
+        sh(hostgw.node(1).ns, "ip", "route", "del", str(sub2))
+        rc, out, _ = overlayctl(hostgw, 1, "status", "--json")
+    finally:
+        asyncio.run(hostgw.start_daemon(1))
+    doc = json.loads(out)
+    assert rc == 1 and doc["peers"]["missing"] == [sub2]
+    assert f"1 peer subnet(s) without a route: {sub2}" in doc["problems"]
+    assert doc["peers"]["kernel_routes"] == 1
