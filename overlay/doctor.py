@@ -520,6 +520,9 @@ async def check_peers(host: Host, limit: float) -> list[Check]:
 
     try:
         rtts = await ping(src, sorted({target(p) for p in peers}), limit)
+    except PermissionError as e:
+        return [Check("peers", FAIL, f"cannot open a raw ICMP socket: {e.strerror or e}",
+                      "run overlayctl doctor as root (or with CAP_NET_RAW)")]  # fmt: skip
     except OSError as e:
         return [
             Check(
@@ -944,7 +947,11 @@ async def check_cni(host: Host, data_dir: Path) -> Check:
                     )
                 )
     for bridge, items in probe.items():
-        answered = await arp_answers(bridge, [ip for _, ip in items], ARP_TIMEOUT)
+        try:
+            answered = await arp_answers(bridge, [ip for _, ip in items], ARP_TIMEOUT)
+        except OSError as e:
+            return Check("cni_state", WARN, f"cannot send ARP on {bridge}: {e.strerror or e}",
+                         "run overlayctl doctor as root (or with CAP_NET_RAW)")  # fmt: skip
         for conf, ip in items:
             if ip not in answered:
                 stale.append(
