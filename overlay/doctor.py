@@ -9,8 +9,8 @@ checks, in order:
 - `daemon`: /readyz of the local overlayd (and its reason when not ready);
 - `ip_forward`: net.ipv4.ip_forward of this namespace;
 - `forward`: a FORWARD policy of DROP needs our forward rules (iptables chain FLANNEL-FWD
-  jumped to from FORWARD, or the nftables table's forward chain when iptables' FORWARD
-  accepts); another nftables base chain on the forward hook with policy drop is a WARN (an
+  jumped to from FORWARD; the nftables table's forward chain does not override iptables'
+  drop); another nftables base chain on the forward hook with policy drop is a WARN (an
   accept in one table does not override a drop in another);
 - `mtu`: the backend's device MTU against the external interface's (flannel's rule: vxlan
   -50, udp -28, host-gw the same), subnet.env's FLANNEL_MTU against the device's. Flannel's
@@ -21,7 +21,9 @@ checks, in order:
   path. vxlan and udp: an ICMP echo from our device address to the peer's (the subnet's first
   address, on the peer's flannel.N / flannel0): our kernel encapsulates it (udp: our packet
   loop), so it crosses the underlay on the encapsulation port and only the peer's kernel
-  answers; bounded by --probe-timeout. host-gw has no encapsulation: an echo to the PublicIP;
+  answers; all peers from one raw socket, bounded by --probe-timeout (past 20 peers, one
+  summary line and a line per peer that did not answer). host-gw has no encapsulation: an
+  echo to the PublicIP;
 - `etcd`: reachability and the latency of one read (WARN over --etcd-slow-ms);
 - `subnet_env`: subnet.env against our lease (subnet) and the network config (network);
 - `duplicate_public_ip`: two leases naming one PublicIP;
@@ -30,7 +32,8 @@ checks, in order:
   So from one look: a lease whose time left is below that point (with a little slack) missed
   its renewal, and its host is dead or cut off from etcd; a lease with any time left above it
   may be a live host. A reservation never expires and is not judged;
-- `cni_state`: saved delegate confs in the flannel plugin's dataDir (--cni-data-dir) whose
+- `cni_state`: saved delegate confs in the flannel plugin's dataDir (--cni-data-dir, else the
+  flannel plugin's in the runtime's configs in --cni-conf-dir, else its default) whose
   container has no host-local address any more, an address outside our subnet, or an address
   that nobody answers ARP for on the bridge (its network namespace is gone); host-local
   addresses whose container has no saved conf.
@@ -51,7 +54,7 @@ import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -71,6 +74,7 @@ from overlay.status import (
     read_subnet_env,
     resolve_local,
 )
+from overlay.subnetenv import SubnetEnv
 from subnetmgr.model import Lease, NetworkConfig, printable
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
@@ -113,8 +117,7 @@ class Host:
     lease: Lease | None
     addresses: dict[IPv4Address, str]
     env_error: str | None
-    env: Any = None
-    notes: list[str] = field(default_factory=list)
+    env: SubnetEnv | None = None
 
 
 # --------------------------------------------------------------------------- checks
@@ -601,11 +604,11 @@ def check_etcd(etcd: EtcdView, slow_ms: float) -> Check:
 
 def check_subnet_env(host: Host) -> Check:
     path = host.local["subnet_file"]
-    if host.env_error:
+    if host.env is None:
         return Check(
             "subnet_env",
             FAIL,
-            host.env_error,
+            host.env_error or f"{path}: not read",
             f"start overlayd (it writes the file once it holds a lease) with --subnet-file {path}",
         )
     env = host.env

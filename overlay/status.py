@@ -39,7 +39,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from overlay.options import DAEMON_FLAGS, Flag, add_flags, resolve
+from overlay.options import DAEMON_FLAGS, EtcdFlags, Flag, add_flags, resolve
 from overlay.subnetenv import SubnetEnv, SubnetEnvError
 from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
 from subnetmgr.validate import select_leases
@@ -415,7 +415,7 @@ class EtcdView:
 
 
 async def read_etcd(
-    etcd: Any, *, ttls: bool = False, ttl_filter: Callable[[Lease], bool] | None = None
+    etcd: EtcdFlags, *, ttls: bool = False, ttl_filter: Callable[[Lease], bool] | None = None
 ) -> EtcdView:
     """Config, leases (valid and ignored, as `overlayctl leases` judges them) and the latency of
     one read; with `ttls`, the time to live and granted TTL of each lease's etcd lease (of the
@@ -879,7 +879,7 @@ def resolve_local(args: argparse.Namespace) -> dict[str, Any]:
 
     The etcd flags are filled in the same way (args.etcd is replaced). With several overlayd
     in this namespace, the one whose --healthz-port was given wins, else the lowest PID."""
-    from overlay.options import ETCD_FLAGS, EtcdFlags
+    from overlay.options import ETCD_FLAGS
 
     values = resolve(args.local_parser, args, local_flags(), os.environ)
     values["daemon_pid"] = None
