@@ -496,3 +496,26 @@ def test_daemon_argv_and_flags() -> None:
     assert values["subnet_file"] == Path("/run/f/s.env")
     assert parse_daemon_flags(["--healthz-port", "99999"], {}) is None  # overlayd refuses it
     assert parse_daemon_flags([], {"FLANNELD_HEALTHZ_PORT": "x"}) is None
+
+
+@given(
+    st.lists(st.text(max_size=20) | st.sampled_from(["--healthz-port", "--iface", "-m",
+                                                     "overlay.daemon", "--etcd-prefix"]),
+             max_size=8),
+    st.dictionaries(st.sampled_from(["FLANNELD_HEALTHZ_PORT", "FLANNELD_SUBNET_FILE",
+                                     "FLANNELD_ETCD_ENDPOINTS"]), st.text(max_size=20),
+                    max_size=3),
+)  # fmt: skip
+def test_daemon_flags_from_any_proc_contents(argv: list[str], environ: dict[str, str]) -> None:
+    """Whatever another process's argv and environment hold: overlayd's flags as overlayd
+    would read them (every flag present, each of its type), or None."""
+    from overlay.options import DAEMON_FLAGS, ETCD_FLAGS
+    from overlay.status import daemon_argv, parse_daemon_flags
+
+    flags = daemon_argv(["python3", "-m", "overlay.daemon", *argv])
+    assert flags == argv
+    values = parse_daemon_flags(argv, environ)
+    if values is not None:
+        assert set(values) == {f.dest for f in ETCD_FLAGS + DAEMON_FLAGS}
+        assert isinstance(values["healthz_port"], int) and 0 <= values["healthz_port"] <= 65535
+        assert isinstance(values["subnet_file"], Path)
