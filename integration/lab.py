@@ -449,6 +449,7 @@ class Lab:
             # network, so subnet.env says FLANNEL_IPMASQ=true and the CNI delegate does not
             # masquerade (container to container keeps its source address).
             "--ip-masq",
+            "--metrics",  # what `overlayctl status` reads: peers, ignored leases, errors
         ]  # fmt: skip
         if self.state.resync_period is not None:
             argv += ["--resync-period", self.state.resync_period]

@@ -58,6 +58,8 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "overlay.install",
     "overlay.events_cli",
     "overlay.trace",
+    "overlay.status",
+    "overlay.doctor",
 )
 
 
