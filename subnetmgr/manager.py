@@ -114,7 +114,6 @@ class SubnetManager:
         self.ttl = ttl
         self.max_attempts = max_attempts
         self._rng = rng or random.Random()
-        self._warned_ipv6 = False
         self.config_revision = 0
         """The store revision at which wait_for_config read the config it returned."""
 
@@ -163,19 +162,17 @@ class SubnetManager:
     # ------------------------------------------------------------------ acquire
 
     async def acquire(
-        self, config: NetworkConfig, attrs: LeaseAttrs, previous: Subnet | None = None
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        previous: Subnet | None = None,
+        previous_ipv6: IPv6Network | None = None,
     ) -> Lease:
         """Get a lease for `attrs.public_ip`; see allocation.choose for the order.
 
         Raises OutOfSubnets when no subnet is free, AcquireConflict after `max_attempts`
         lost races, RegistryError when etcd cannot be used.
         """
-        if config.enable_ipv6 and not self._warned_ipv6:
-            log.warning(
-                "EnableIPv6 is set in the network config, but overlay acquires IPv4 leases only "
-                "(no IPv6 subnet in the lease key); IPv6 traffic is not routed"
-            )
-            self._warned_ipv6 = True
         known: dict[tuple[Subnet, IPv6Network | None], Lease] = {}
         revision = 0
         relist = True
@@ -197,20 +194,26 @@ class SubnetManager:
             # few subnets. An uncontended join is flannel's exactly.
             pool = allocation.MAX_CANDIDATES << min(2 * (attempt - 1), WIDEN_STEPS)
             choice = allocation.choose(
-                config, leases, attrs.public_ip, previous, self._rng, candidates=pool
+                config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6
             )
             if choice is None and not relist:  # perhaps freed meanwhile: look at everything
                 listed, revision = await self.registry.list_leases(expirations=False)
                 known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
                 leases = listed + self._undecodable_keys()
                 choice = allocation.choose(
-                    config, leases, attrs.public_ip, previous, self._rng, candidates=pool
+                    config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6
                 )
             if choice is None:
                 raise OutOfSubnets(
                     f"out of subnets: no free /{config.subnet_len} left between "
                     f"{config.subnet_min.network_address} and {config.subnet_max.network_address} "
-                    f"in {config.network} ({len(leases)} leases); widen Network or SubnetMin/"
+                    f"in {config.network}"
+                    + (
+                        f" (or no free /{config.ipv6_subnet_len} in {config.ipv6_network})"
+                        if config.enable_ipv6
+                        else ""
+                    )
+                    + f" ({len(leases)} leases); widen Network or SubnetMin/"
                     "SubnetMax, or delete stale leases"
                 )
             # Only a lost create race is repaired by the keys created since; after anything
@@ -218,13 +221,19 @@ class SubnetManager:
             relist = choice.existing is not None
             if choice.existing is not None:
                 lease = await self.registry.update_lease(choice.existing, attrs, self.ttl)
-            else:
+            elif choice.ipv6_subnet is None:
                 lease = await self.registry.create_lease(choice.subnet, attrs, self.ttl)
+            else:
+                lease = await self.registry.create_lease(
+                    choice.subnet, attrs, self.ttl, choice.ipv6_subnet
+                )
+                if lease is not None:
+                    lease = await self._check_dual_stack_race(config, lease)
             if lease is not None:
                 log.info(
                     "acquired %s %s for %s (%s)",
                     "reservation" if lease.reserved else "lease",
-                    lease.subnet,
+                    lease.key,
                     attrs.public_ip,
                     choice.reason,
                 )
@@ -241,6 +250,41 @@ class SubnetManager:
             f"could not claim a subnet for {attrs.public_ip} in {self.max_attempts} attempts: "
             "other hosts took each one first; try again"
         )
+
+    async def _check_dual_stack_race(self, config: NetworkConfig, lease: Lease) -> Lease | None:
+        """`lease` (a dual-stack key just created) when no older key names an overlapping IPv4
+        or IPv6 subnet, else None with our key deleted again.
+
+        etcd's transaction guards the whole key only: two hosts choosing the same IPv4 subnet
+        with different IPv6 subnets (or the reverse) at once would both succeed, their keys
+        being different (flannel has that race). Of two such keys the older (lower creation
+        revision, then the smaller key) keeps the subnet, the rule every host's validation
+        applies (subnetmgr.validate); the younger gives its key back and tries again, as after
+        a lost create."""
+        sub6 = lease.ipv6_subnet
+        assert sub6 is not None
+        listed, _revision = await self.registry.list_leases(expirations=False)
+        mine = (lease.create_revision, lease.key)
+        older = [
+            other.key
+            for other in listed
+            if other.key != lease.key
+            and (other.create_revision, other.key) < mine
+            and (
+                (allocation.blocks(config, other.subnet) and other.subnet.overlaps(lease.subnet))
+                or (
+                    other.ipv6_subnet is not None
+                    and allocation.blocks_ipv6(config, other.ipv6_subnet)
+                    and other.ipv6_subnet.overlaps(sub6)
+                )
+            )
+        ]
+        if not older:
+            return lease
+        log.info("subnet %s was taken meanwhile by %s; giving our key back", lease.key,
+                 older[0])  # fmt: skip
+        await self.registry.delete_lease(lease.subnet, sub6)
+        return None
 
     def _undecodable_keys(self) -> list[Lease]:
         """A stand-in lease (PublicIP 0.0.0.0, so never ours) for each key whose value does not
@@ -276,7 +320,7 @@ class SubnetManager:
         backoff = _Backoff(first=0.5, cap=30.0)
         while True:
             try:
-                return await self.acquire(config, lost.attrs, previous=lost.subnet)
+                return await self.acquire(config, lost.attrs, lost.subnet, lost.ipv6_subnet)
             except (RegistryError, OutOfSubnets, AcquireConflict) as e:
                 log.error("cannot re-acquire a lease for %s: %s; retrying", lost.attrs.public_ip, e)
                 await backoff.sleep()
@@ -321,7 +365,7 @@ class SubnetManager:
             backoff = _Backoff()
             while True:
                 try:
-                    lease, revision = await self.registry.get_lease(own.subnet)
+                    lease, revision = await self.registry.get_lease(own.subnet, own.ipv6_subnet)
                     if lease is None:
                         set_lost("the key is gone (expired, revoked or deleted)")
                         return
@@ -329,7 +373,9 @@ class SubnetManager:
                         set_lost(f"the key was overwritten with {lease.attrs.to_json()}")
                         return
                     backoff.reset()
-                    async for ev in self.registry.watch_leases(revision + 1, own.subnet):
+                    async for ev in self.registry.watch_leases(
+                        revision + 1, own.subnet, own.ipv6_subnet
+                    ):
                         if ev.kind == "removed":
                             set_lost("the key was deleted or its etcd lease expired or was revoked")
                             return
