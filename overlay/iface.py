@@ -8,6 +8,10 @@ to that address), else the interface of the default route (lowest metric). When
 InterfaceError says what was tried.
 
 The public IP is `--public-ip` or the interface's first IPv4 address; the MTU is the link's.
+The public IPv6 address (dual stack) is `--public-ipv6` or the interface's first global IPv6
+address (scope global: a ULA counts, link-local does not; tentative or DAD-failed ones are
+skipped), as flanneld picks it; None when it has none (the daemon refuses EnableIPv6 then).
+`--iface` also takes an IPv6 address of the interface.
 Netlink through backends/links.py (pyroute2's AsyncIPRoute, opened one way for everyone).
 """
 
@@ -17,8 +21,8 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
-from socket import AF_INET
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 from backends.base import ExternalInterface
@@ -37,6 +41,13 @@ class _Link:
     name: str
     mtu: int
     addrs: list[IPv4Address] = field(default_factory=list)
+    addrs6: list[IPv6Address] = field(default_factory=list)
+    """Global-scope IPv6 addresses, in the kernel's order."""
+
+
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+RT_SCOPE_UNIVERSE = 0
 
 
 async def _read_links(ipr: Any) -> dict[int, _Link]:
@@ -48,16 +59,30 @@ async def _read_links(ipr: Any) -> dict[int, _Link]:
         address = msg.get("address") or msg.get("local")
         if link is not None and address:
             link.addrs.append(IPv4Address(address))
+    for msg in await collect(await ipr.addr("dump", family=AF_INET6)):
+        link = links.get(msg["index"])
+        address = msg.get("address")
+        flags = int(msg.get("IFA_FLAGS") or msg.get("flags") or 0)
+        if (
+            link is None
+            or not address
+            or msg.get("scope") != RT_SCOPE_UNIVERSE
+            or flags & (IFA_F_DADFAILED | IFA_F_TENTATIVE)
+        ):
+            continue
+        addr6 = IPv6Address(address)
+        if not addr6.is_link_local and addr6.ipv4_mapped is None:
+            link.addrs6.append(addr6)
     return links
 
 
 def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
     try:
-        ip = IPv4Address(wanted)
+        ip: IPv4Address | IPv6Address | None = ip_address(wanted)
     except ValueError:
         ip = None
     for link in links.values():
-        if ip is not None and ip in link.addrs:
+        if ip is not None and (ip in link.addrs or ip in link.addrs6):
             return link
         if ip is None and link.name == wanted:
             return link
@@ -110,6 +135,7 @@ async def choose_interface(
     regexes: Sequence[str] = (),
     can_reach: IPv4Address | None = None,
     public_ip: IPv4Address | None = None,
+    public_ipv6: IPv6Address | None = None,
     *,
     netns: str | None = None,
     netlink_timeout: float = NETLINK_TIMEOUT,
@@ -142,6 +168,8 @@ async def choose_interface(
         iface_addr=iface_addr,
         public_ip=public_ip or iface_addr,
         mtu=link.mtu,
+        iface_addr6=link.addrs6[0] if link.addrs6 else None,
+        public_ipv6=public_ipv6 or (link.addrs6[0] if link.addrs6 else None),
     )
 
 

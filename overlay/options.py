@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,21 @@ def _ipv4(text: str) -> IPv4Address:
         return IPv4Address(text.strip())
     except ValueError:
         raise FlagValueError(f"{text!r} is not an IPv4 address such as 192.168.1.10") from None
+
+
+def _ipv6(text: str) -> IPv6Address:
+    try:
+        addr = IPv6Address(text.strip())
+    except ValueError:
+        raise FlagValueError(f"{text!r} is not an IPv6 address such as fd00:12::10") from None
+    if addr.ipv4_mapped is not None or addr.is_link_local or addr.is_multicast:
+        raise FlagValueError(
+            f"{text!r} cannot carry traffic between hosts (IPv4-mapped, link-local or "
+            "multicast): give a global or unique-local IPv6 address"
+        )
+    if addr.is_unspecified or addr.is_loopback:
+        raise FlagValueError(f"{text!r} is unspecified or loopback: give the host's own address")
+    return addr
 
 
 def _regex(text: str) -> str:
@@ -206,7 +221,7 @@ ETCD_FLAGS: tuple[Flag, ...] = (
 
 DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--iface", _iface, (),
-         "interface (name or IPv4 address) for traffic between hosts; repeat to give "
+         "interface (name, IPv4 or IPv6 address) for traffic between hosts; repeat to give "
          "candidates, the first that exists wins", "NAME|IP", repeat=True,
          shown_default="none"),
     Flag("--iface-regex", _regex, (),
@@ -219,6 +234,9 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--public-ip", _ipv4, None,
          "IPv4 address other hosts use to reach this one (default: the interface's first "
          "IPv4 address)", "IP"),
+    Flag("--public-ipv6", _ipv6, None,
+         "IPv6 address other hosts use to reach this one with EnableIPv6 (default: the "
+         "interface's first global IPv6 address)", "IPV6"),
     Flag("--subnet-file", _path, DEFAULT_SUBNET_FILE,
          "where to write the subnet.env that the flannel CNI plugin reads", "FILE"),
     Flag("--subnet-lease-renew-margin", _nonneg_int, 60,
@@ -377,6 +395,7 @@ class Options:
     iface_regex: tuple[str, ...]
     iface_can_reach: IPv4Address | None
     public_ip: IPv4Address | None
+    public_ipv6: IPv6Address | None
     subnet_file: Path
     subnet_lease_renew_margin: int
     ip_masq: bool
