@@ -348,3 +348,26 @@ def test_vxlan_dual_stack_needs_an_ipv6_underlay_address() -> None:
     ext = ExternalInterface("eth0", 2, IPv4Address("192.0.2.1"), IPv4Address("192.0.2.1"), 1500)
     with pytest.raises(BackendError, match="EnableIPv6 needs a global IPv6 address on eth0"):
         VxlanBackend(dual_config("vxlan"), ext)
+
+
+async def test_interface_choice_finds_the_global_ipv6_address(lab: NetnsLab) -> None:
+    from overlay.iface import choose_interface
+
+    a, b = lab.netns("ifa"), lab.netns("ifb")
+    va, _vb = lab.veth(a, b, "192.168.94.1/24", "192.168.94.2/24")
+    # A link-local (automatic), a tentative one (DAD still running) and two global ones.
+    a.run("sysctl", "-qw", f"net.ipv6.conf.{va}.dad_transmits=200")
+    a.ip("addr", "add", "fd94::7/64", "dev", va)  # stays tentative for long
+    a.ip("addr", "add", "fd94::1/64", "dev", va, "nodad")
+    a.ip("addr", "add", "2001:db8:94::1/64", "dev", va, "nodad")
+    ext = await choose_interface([va], netns=a.name)
+    assert ext.iface_addr6 in (IPv6Address("fd94::1"), IPv6Address("2001:db8:94::1"))
+    assert ext.public_ipv6 == ext.iface_addr6
+    assert ext.iface_addr6 is not None and not ext.iface_addr6.is_link_local
+    # --iface by an IPv6 address of the interface; --public-ipv6 wins over the interface's.
+    ext = await choose_interface(["fd94::1"], public_ipv6=IPv6Address("fd95::9"), netns=a.name)
+    assert ext.name == va and ext.public_ipv6 == IPv6Address("fd95::9")
+    # No global IPv6 address: None (the daemon refuses EnableIPv6 then).
+    a.ip("-6", "addr", "flush", "dev", va, "scope", "global")
+    ext = await choose_interface([va], netns=a.name)
+    assert ext.iface_addr6 is None and ext.public_ipv6 is None
