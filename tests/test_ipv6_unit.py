@@ -328,3 +328,62 @@ def test_public_ipv6_flag_refuses_unusable_values(
         parse_options(["--public-ipv6", value], {})
     assert e.value.code == 2
     assert "--public-ipv6" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- more properties
+
+
+@given(
+    sub=st.integers(0, 2**128 - 1),
+    plen=st.integers(0, 128),
+    ip6=st.none() | st.integers(0, 2**128 - 1),
+)
+def test_properties_check_lease_ipv6_is_a_reason_or_a_usable_ipv6_side(
+    sub: int, plen: int, ip6: int | None
+) -> None:
+    """Any IPv6 part and PublicIPv6: a known reason, or a /IPv6SubnetLen inside IPv6Network
+    with a usable (or no) PublicIPv6."""
+    c = dual()
+    sub6 = IPv6Network((sub & ~((1 << (128 - plen)) - 1), plen))
+    l6 = Lease(
+        IPv4Network("10.1.4.0/24"),
+        LeaseAttrs(ME, IPv6Address(ip6) if ip6 is not None else None, "vxlan"),
+        sub6,
+    )
+    problem = check_lease(c, l6)
+    if problem is None:
+        assert c.ipv6_network is not None and sub6.subnet_of(c.ipv6_network)
+        assert sub6.prefixlen == c.ipv6_subnet_len
+        assert ip6 is None or unusable_public_ipv6(IPv6Address(ip6)) is None
+    else:
+        assert problem[0] in {
+            "ipv6_outside_network",
+            "ipv6_wrong_prefix_len",
+            "unusable_public_ipv6",
+        }
+
+
+@given(st.text(max_size=300))
+def test_properties_previous_ipv6_subnet_from_any_subnet_env(text: str) -> None:
+    """Whatever subnet.env holds: None or an IPv6 network, never an exception; a subnet.env
+    the daemon wrote gives its FLANNEL_IPV6_SUBNET's network back."""
+    import tempfile
+    from pathlib import Path
+
+    from overlay.subnetenv import SubnetEnv, read_previous_ipv6_subnet, write_subnet_env
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "subnet.env"
+        path.write_text(text, errors="surrogateescape")
+        got = read_previous_ipv6_subnet(path)
+        assert got is None or isinstance(got, IPv6Network)
+        env = SubnetEnv(
+            IPv4Network("10.1.0.0/16"),
+            IPv4Network("10.1.7.0/24"),
+            1450,
+            False,
+            IPv6Network("fd00:1::/48"),
+            IPv6Network("fd00:1:0:7::/64"),
+        )
+        write_subnet_env(path, env)
+        assert read_previous_ipv6_subnet(path) == IPv6Network("fd00:1:0:7::/64")
