@@ -22,7 +22,8 @@ a route at metric 0 that is not ours and goes elsewhere (the operator's: left al
 Dual stack (`EnableIPv6`): per remote dual-stack host-gw lease also
 `<remote v6 subnet> via <remote PublicIPv6> dev <external interface> proto 77`, when the
 PublicIPv6 is on-link (inside a network of the interface's global IPv6 addresses); else logged
-once and skipped. backends/ipv6.py makes them, always as a full pass.
+once and skipped. backends/ipv6.py makes them: a full pass when the IPv4 side's is full, else
+only the difference to the previous pass.
 """
 
 from __future__ import annotations
@@ -306,9 +307,9 @@ class HostGwBackend:
             stats.skipped = len(self.skipped.reasons)
             self.last = stats
             if self.config.enable_ipv6:
-                await self._v6_pass(peers)
+                await self._v6_pass(peers, stats.full)
 
-    async def _v6_pass(self, peers: Mapping[Subnet, Lease]) -> None:
+    async def _v6_pass(self, peers: Mapping[Subnet, Lease], full: bool) -> None:
         """The IPv6 routes of every dual-stack host-gw peer whose PublicIPv6 is on-link."""
         from socket import AF_INET6
 
@@ -325,7 +326,7 @@ class HostGwBackend:
                         log.warning("host-gw: skipping IPv6 subnet %s: %s (host-gw needs every "
                                     "host on one L2 segment)", sub6, why)  # fmt: skip
                     del want[sub6]
-            await self.v6.hostgw(self.ext.index, want, RTPROT_HOSTGW)
+            await self.v6.hostgw(self.ext.index, want, RTPROT_HOSTGW, full=full)
         except Exception as e:  # pyroute2's NetlinkError is no OSError
             raise BackendError(f"host-gw: IPv6 routes: {e}") from e
 

@@ -11,11 +11,17 @@ the VTEP MAC of its second device `flannel-v6.<VNI>`). Per remote lease the kern
 - host-gw: a route `<remote v6 subnet> via <remote PublicIPv6> dev <external interface>`
   (proto 77), only when the PublicIPv6 is on-link.
 
-`desired_v6()` is the pure plan. `V6Pass` reads what the kernel has through pyroute2 (three dumps
-at most: the entries of one device, or our proto-77 routes) and applies the difference: always a
-full pass, as IPv6 peers are few beside the IPv4 ones (their incremental machinery in
-backends/netlink.py is IPv4 only). It is idempotent, repairs entries deleted by hand, removes
-stale ones and leaves entries that are already right untouched.
+`desired_v6()` is the pure plan. `V6Pass` applies it through pyroute2 in two kinds of pass:
+
+- full (`full=True`: start, every --resync-period, after an error or a failed entry, a new
+  device): reads what the kernel has (three dumps at most: the entries of one device, or our
+  proto-77 routes) and applies the difference. It is idempotent, repairs entries deleted by
+  hand, removes stale ones and leaves entries that are already right untouched;
+- on lease events (`full=False`): compares the desired peers with those the previous pass left
+  in the kernel and applies only that difference, reading nothing (a few requests per event
+  whatever the number of peers). Damage by hand waits for the next full pass, as with the IPv4
+  side's incremental passes (which read their keys back: the raw netlink client of
+  backends/netlink.py is IPv4 only).
 """
 
 from __future__ import annotations
@@ -111,6 +117,8 @@ class V6Stats:
     peers: int = 0
     applied: int = 0
     failed: int = 0
+    full: bool = True
+    """False: only the difference to the previous pass was applied (nothing read)."""
 
 
 def _route_key(msg: Any) -> tuple[IPv6Network, IPv6Address | None, int | None, bool]:
@@ -132,6 +140,33 @@ class V6Pass:
         self.links = links
         self.name = name
         self.last = V6Stats()
+        self._applied: dict[IPv6Network, V6Peer] | None = None
+        """What the previous pass left in the kernel; None: the next pass must be full."""
+        self._applied_for: tuple[str, int] | None = None
+        """(kind, device index) that `_applied` is about."""
+
+    async def _run(
+        self,
+        kind: str,
+        index: int,
+        desired: Mapping[IPv6Network, V6Peer],
+        full: bool,
+        full_pass: Any,
+        diff_pass: Any,
+    ) -> V6Stats:
+        previous = self._applied
+        self._applied = None  # an exception leaves it so: the next pass is a full one
+        stats = V6Stats(peers=len(desired), full=True)
+        if full or previous is None or self._applied_for != (kind, index):
+            await full_pass(stats)
+        else:
+            stats.full = False
+            await diff_pass(previous, stats)
+        if not stats.failed:
+            self._applied = dict(desired)
+            self._applied_for = (kind, index)
+        self._log(stats)
+        return stats
 
     async def _try(self, what: str, stats: V6Stats, method: str, *args: Any, **kw: Any) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -207,9 +242,47 @@ class V6Pass:
         await self._try(f"route {dst} via {gw} (delete)", stats, "route", "del",
                         dst=str(dst), oif=oif, family=AF_INET6, **extra)  # fmt: skip
 
-    async def vxlan(self, index: int, desired: Mapping[IPv6Network, V6Peer]) -> V6Stats:
+    async def vxlan(
+        self, index: int, desired: Mapping[IPv6Network, V6Peer], *, full: bool = True
+    ) -> V6Stats:
         """flannel-v6.N's neighbours, FDB entries and onlink routes for `desired`."""
-        stats = V6Stats(peers=len(desired))
+
+        async def full_pass(stats: V6Stats) -> None:
+            await self._vxlan_full(index, desired, stats)
+
+        async def diff_pass(previous: dict[IPv6Network, V6Peer], stats: V6Stats) -> None:
+            gone, new = _diff(previous, desired)
+            still = {(p.vtep_mac, p.public_ipv6) for p in desired.values()}
+            for p in gone:
+                await self._try(f"route {p.subnet} (delete)", stats, "route", "del",
+                                dst=str(p.subnet), oif=index, family=AF_INET6)  # fmt: skip
+                addr = str(p.subnet.network_address)
+                await self._try(f"neighbour {addr} (delete)", stats, "neigh", "del",
+                                family=AF_INET6, ifindex=index, dst=addr)  # fmt: skip
+                if (p.vtep_mac, p.public_ipv6) not in still:
+                    await self._try(f"fdb {p.vtep_mac} dst {p.public_ipv6} (delete)", stats,
+                                    "fdb", "del", ifindex=index, lladdr=p.vtep_mac,
+                                    dst=str(p.public_ipv6), flags=NTF_SELF)  # fmt: skip
+            for p in new:
+                await self._vxlan_add(index, p, stats)
+
+        return await self._run("vxlan", index, desired, full, full_pass, diff_pass)
+
+    async def _vxlan_add(self, index: int, p: V6Peer, stats: V6Stats) -> None:
+        addr = str(p.subnet.network_address)
+        await self._try(f"neighbour {addr} lladdr {p.vtep_mac}", stats, "neigh", "replace",
+                        family=AF_INET6, ifindex=index, dst=addr, lladdr=p.vtep_mac,
+                        state=NUD_PERMANENT)  # fmt: skip
+        await self._try(f"fdb {p.vtep_mac} dst {p.public_ipv6}", stats, "fdb", "replace",
+                        ifindex=index, lladdr=p.vtep_mac, dst=str(p.public_ipv6),
+                        state=NUD_PERMANENT, flags=NTF_SELF)  # fmt: skip
+        await self._try(f"route {p.subnet} via {addr} dev #{index} onlink", stats, "route",
+                        "replace", dst=str(p.subnet), gateway=addr, oif=index,
+                        flags=RTNH_F_ONLINK, proto=3, family=AF_INET6)  # fmt: skip
+
+    async def _vxlan_full(
+        self, index: int, desired: Mapping[IPv6Network, V6Peer], stats: V6Stats
+    ) -> None:
         want_neigh = {p.subnet.network_address: p.vtep_mac for p in desired.values()}
         want_fdb = {(p.vtep_mac, p.public_ipv6) for p in desired.values()}
         # Neighbours (flannel's order: neighbour, FDB, route).
@@ -258,24 +331,49 @@ class V6Pass:
         for addr in have_neigh.keys() - want_neigh.keys():
             await self._try(f"neighbour {addr} (delete)", stats, "neigh", "del",
                             family=AF_INET6, ifindex=index, dst=str(addr))  # fmt: skip
-        self._log(stats)
-        return stats
 
     async def hostgw(
-        self, ext_index: int, desired: Mapping[IPv6Network, V6Peer], protocol: int
+        self,
+        ext_index: int,
+        desired: Mapping[IPv6Network, V6Peer],
+        protocol: int,
+        *,
+        full: bool = True,
     ) -> V6Stats:
         """host-gw's IPv6 routes via each PublicIPv6 on the external interface."""
-        stats = V6Stats(peers=len(desired))
-        want = {p.subnet: (p.public_ipv6, ext_index, False) for p in desired.values()}
-        await self.routes(want, lambda m: m["proto"] == protocol, stats, protocol)
-        self._log(stats)
-        return stats
+
+        async def full_pass(stats: V6Stats) -> None:
+            want = {p.subnet: (p.public_ipv6, ext_index, False) for p in desired.values()}
+            await self.routes(want, lambda m: m["proto"] == protocol, stats, protocol)
+
+        async def diff_pass(previous: dict[IPv6Network, V6Peer], stats: V6Stats) -> None:
+            gone, new = _diff(previous, desired)
+            for p in gone:
+                await self._try(f"route {p.subnet} (delete)", stats, "route", "del",
+                                dst=str(p.subnet), oif=ext_index, proto=protocol,
+                                family=AF_INET6)  # fmt: skip
+            for p in new:
+                await self._try(f"route {p.subnet} via {p.public_ipv6}", stats, "route",
+                                "replace", dst=str(p.subnet), gateway=str(p.public_ipv6),
+                                oif=ext_index, proto=protocol, family=AF_INET6)  # fmt: skip
+
+        return await self._run("host-gw", ext_index, desired, full, full_pass, diff_pass)
 
     def _log(self, stats: V6Stats) -> None:
         self.last = stats
         if stats.applied or stats.failed:
-            log.info("%s IPv6 pass: %d peers, %d changes, %d failed", self.name, stats.peers,
-                     stats.applied, stats.failed)  # fmt: skip
+            log.info("%s IPv6 %s pass: %d peers, %d changes, %d failed", self.name,
+                     "full" if stats.full else "incremental", stats.peers, stats.applied,
+                     stats.failed)  # fmt: skip
+
+
+def _diff(
+    previous: Mapping[IPv6Network, V6Peer], desired: Mapping[IPv6Network, V6Peer]
+) -> tuple[list[V6Peer], list[V6Peer]]:
+    """(peers whose entries go, peers whose entries come): a changed peer is in both."""
+    gone = [p for s, p in previous.items() if desired.get(s) != p]
+    new = [p for s, p in desired.items() if previous.get(s) != p]
+    return gone, new
 
 
 def onlink6(addrs: Iterable[Any]) -> list[IPv6Network]:

@@ -31,7 +31,8 @@ option off, a table left from an earlier run is deleted in `prepare()`.
 Dual stack (`EnableIPv6`): a second device `flannel-v6.<VNI>` (VXLAN over the IPv6 underlay,
 `local` = the interface's IPv6 address, its own random VTEP MAC published as BackendV6Data, MTU =
 underlay MTU - 70) gets our IPv6 subnet's address as /128 and, per remote dual-stack vxlan lease,
-the same neighbour, FDB and onlink route triple as IPv4 (backends/ipv6.py, always a full pass).
+the same neighbour, FDB and onlink route triple as IPv4 (backends/ipv6.py: a full pass when the
+IPv4 side's is full, else only the difference to the previous pass).
 DirectRouting applies to IPv4 only.
 """
 
@@ -252,7 +253,7 @@ class VxlanBackend:
                 want6 = desired_v6(peers, self.own, self.type, need_mac=True,
                                    skipped=self._skipped6)  # fmt: skip
                 try:
-                    await self.v6.vxlan(index6, want6)
+                    await self.v6.vxlan(index6, want6, full=stats.full)
                 except Exception as e:  # pyroute2's NetlinkError is no OSError
                     raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
 

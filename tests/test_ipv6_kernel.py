@@ -233,6 +233,49 @@ async def test_vxlan_dual_stack_second_device_entries_traffic_repair_and_removal
     await b1.reconcile({leases[1].subnet: leases[1]})
     assert b1.v6.last.applied == 0 and b1.v6.last.failed == 0
 
+    # Lease events: only the difference is applied, nothing is read (a third host comes, its
+    # MAC changes, it goes); a full pass after that finds nothing to do.
+    third = Lease(
+        IPv4Network("10.6.3.0/24"),
+        LeaseAttrs(
+            IPv4Address("192.168.93.3"),
+            IPv6Address("fd93::3"),
+            "vxlan",
+            {"VNI": 1, "VtepMAC": "02:00:00:00:03:04"},
+            {"VNI": 1, "VtepMAC": "02:00:00:00:03:06"},
+        ),
+        IPv6Network("fd00:6:0:3::/64"),
+    )
+    peers = {leases[1].subnet: leases[1], third.subnet: third}
+    await b1.reconcile(peers, {third.subnet})
+    assert not b1.last.full and not b1.v6.last.full and b1.v6.last.applied == 3
+    with3 = (
+        sorted([*want[0], ("fd00:6:0:3::", "02:00:00:00:03:06")]),
+        sorted([*want[1], ("02:00:00:00:03:06", "fd93::3")]),
+        sorted([*want[2], ("fd00:6:0:3::/64", "fd00:6:0:3::", True)]),
+    )
+    assert v6_entries(h1, "flannel-v6.1") == with3
+    moved = Lease(
+        third.subnet,
+        LeaseAttrs(
+            third.attrs.public_ip,
+            IPv6Address("fd93::33"),
+            "vxlan",
+            third.attrs.backend_data,
+            {"VNI": 1, "VtepMAC": "02:00:00:00:03:07"},
+        ),
+        third.ipv6_subnet,
+    )
+    await b1.reconcile({**peers, third.subnet: moved}, {third.subnet})
+    entries = v6_entries(h1, "flannel-v6.1")
+    assert ("fd00:6:0:3::", "02:00:00:00:03:07") in entries[0]
+    assert ("02:00:00:00:03:07", "fd93::33") in entries[1]
+    assert ("02:00:00:00:03:06", "fd93::3") not in entries[1]
+    await b1.reconcile({leases[1].subnet: leases[1]}, {third.subnet})
+    assert v6_entries(h1, "flannel-v6.1") == want
+    await b1.reconcile({leases[1].subnet: leases[1]})
+    assert b1.v6.last.full and b1.v6.last.applied == 0
+
     # A restarted backend adopts flannel-v6.1 with its MAC and changes nothing.
     again = VxlanBackend(cfg, pair.ext(0), netns=h1.name)
     made.append(again)
@@ -331,6 +374,17 @@ async def test_hostgw_ipv6_routes_traffic_skips_and_repair(
 
     h1.ip("-6", "route", "del", "fd00:6:0:2::/64", "proto", str(RTPROT_HOSTGW))
     await b1.reconcile({leases[1].subnet: leases[1]})
+    assert ours() == [("fd00:6:0:2::/64", "fd93::2", u1)]
+    # Lease events: the difference only (a host comes and goes), no kernel reads.
+    extra = Lease(
+        IPv4Network("10.6.4.0/24"),
+        LeaseAttrs(IPv4Address("192.168.93.4"), IPv6Address("fd93::4"), "host-gw"),
+        IPv6Network("fd00:6:0:4::/64"),
+    )
+    await b1.reconcile({leases[1].subnet: leases[1], extra.subnet: extra}, {extra.subnet})
+    assert not b1.v6.last.full and b1.v6.last.applied == 1
+    assert ours() == [("fd00:6:0:2::/64", "fd93::2", u1), ("fd00:6:0:4::/64", "fd93::4", u1)]
+    await b1.reconcile({leases[1].subnet: leases[1]}, {extra.subnet})
     assert ours() == [("fd00:6:0:2::/64", "fd93::2", u1)]
     await b1.reconcile({})
     assert ours() == []
