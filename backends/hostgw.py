@@ -224,7 +224,7 @@ class HostGwBackend:
         self.netns = netns
         self.own: Lease | None = None
         self.last = RouteStats()
-        self.v6 = V6Pass(links.LinkClient(netns), "host-gw")
+        self.v6 = V6Pass(links.LinkClient(netns), "host-gw", netns)
         self._skipped6: set[tuple[str, str]] = set()
         self.skipped = SkipLog()
         self._links = links.LinkClient(netns)
@@ -435,4 +435,4 @@ class HostGwBackend:
             self._nl.close()
             self._nl = None
         self._links.close()
-        self.v6.links.close()
+        self.v6.close()

@@ -14,9 +14,10 @@ the VTEP MAC of its second device `flannel-v6.<VNI>`). Per remote lease the kern
 `desired_v6()` is the pure plan. `V6Pass` applies it through pyroute2 in two kinds of pass:
 
 - full (`full=True`: start, every --resync-period, after an error or a failed entry, a new
-  device): reads what the kernel has (three dumps at most: the entries of one device, or our
-  proto-77 routes) and applies the difference. It is idempotent, repairs entries deleted by
-  hand, removes stale ones and leaves entries that are already right untouched;
+  device): reads what the kernel has through pyroute2 (three dumps at most: the entries of one
+  device, or our proto-77 routes) and applies the difference, the writes batched over raw
+  netlink (backends/netlink.py, one send per 256 requests). It is idempotent, repairs entries
+  deleted by hand, removes stale ones and leaves entries that are already right untouched;
 - on lease events (`full=False`): compares the desired peers with those the previous pass left
   in the kernel and applies only that difference, reading nothing (a few requests per event
   whatever the number of peers). Damage by hand waits for the next full pass, as with the IPv4
@@ -34,7 +35,8 @@ from ipaddress import IPv6Address, IPv6Network
 from socket import AF_INET6
 from typing import Any
 
-from backends.links import LinkClient
+from backends import netlink as nl
+from backends.links import LinkClient, check_netns
 from backends.vxlan_plan import ZERO_MAC, vtep_mac_of
 from subnetmgr.model import Lease, Subnet
 from subnetmgr.validate import ipv6_owners
@@ -133,13 +135,17 @@ def _route_key(msg: Any) -> tuple[IPv6Network, IPv6Address | None, int | None, b
 
 
 class V6Pass:
-    """A full, level-triggered pass over the IPv6 entries of one data path (see the module
-    docstring). `vx_index` set: vxlan on that device; None: host-gw routes on `ext_index`."""
+    """The passes over the IPv6 entries of one data path (see the module docstring): `vxlan()`
+    for flannel-v6.<VNI>'s entries, `hostgw()` for IPv6 routes on the external interface."""
 
-    def __init__(self, links: LinkClient, name: str) -> None:
+    def __init__(self, links: LinkClient, name: str, netns: str | None = None) -> None:
         self.links = links
         self.name = name
+        self.netns = netns
         self.last = V6Stats()
+        self._nl: nl.RtnlSocket | None = None
+        self._queue: list[tuple[nl.Request, bool]] = []
+        """A full pass's writes (request, is a delete), sent in one batch by _flush()."""
         self._applied: dict[IPv6Network, V6Peer] | None = None
         """What the previous pass left in the kernel; None: the next pass must be full."""
         self._applied_for: tuple[str, int] | None = None
@@ -158,7 +164,12 @@ class V6Pass:
         self._applied = None  # an exception leaves it so: the next pass is a full one
         stats = V6Stats(peers=len(desired), full=True)
         if full or previous is None or self._applied_for != (kind, index):
-            await full_pass(stats)
+            self._queue = []
+            try:
+                await full_pass(stats)
+                await self._flush(stats)
+            finally:
+                self._queue = []
         else:
             stats.full = False
             await diff_pass(previous, stats)
@@ -167,6 +178,36 @@ class V6Pass:
             self._applied_for = (kind, index)
         self._log(stats)
         return stats
+
+    async def _flush(self, stats: V6Stats) -> None:
+        """Send the queued writes in batches; count and log what the kernel refused."""
+        if not self._queue:
+            return
+        if self._nl is None:
+            check_netns(self.netns)
+            self._nl = nl.RtnlSocket(self.netns)
+        deletes = {id(req) for req, delete in self._queue if delete}
+        try:
+            result = await self._nl.apply([req for req, _ in self._queue])
+        except (OSError, TimeoutError):
+            self._nl.close()
+            self._nl = None
+            raise
+        failed = 0
+        for req, code in result.failed:
+            if id(req) in deletes and code in _GONE:
+                continue
+            failed += 1
+            log.warning("%s: %s failed: %s", self.name, req.what, errno.errorcode.get(code, code))
+        stats.failed += failed
+        stats.applied += result.sent - len(result.failed)
+
+    def close(self) -> None:
+        """Close our sockets (kernel state stays)."""
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+        self.links.close()
 
     async def _try(self, what: str, stats: V6Stats, method: str, *args: Any, **kw: Any) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -218,12 +259,9 @@ class V6Pass:
         for dst, (gw, oif, onlink) in want.items():
             group = have.pop(dst, [])
             right = [m for m in group if _route_key(m)[1:] == (gw, oif, onlink)]
-            if not right:
-                await self._try(
-                    f"route {dst} via {gw} dev #{oif}{' onlink' if onlink else ''}", stats,
-                    "route", "replace", dst=str(dst), gateway=str(gw), oif=oif,
-                    flags=RTNH_F_ONLINK if onlink else 0, proto=protocol, family=AF_INET6,
-                )  # fmt: skip
+            if not right:  # sent with the pass's batch (see _flush)
+                req = nl.route_replace(dst, gw, oif, onlink=onlink, protocol=protocol)
+                self._queue.append((req, False))
             for msg in group:
                 if right and msg is right[0]:
                     continue
@@ -293,9 +331,7 @@ class V6Pass:
                 have_neigh[IPv6Address(dst)] = (msg.get_attr("NDA_LLADDR"), msg["state"])
         for addr, mac in want_neigh.items():
             if have_neigh.get(addr, (None, 0))[0] != mac:
-                await self._try(f"neighbour {addr} lladdr {mac}", stats, "neigh", "replace",
-                                family=AF_INET6, ifindex=index, dst=str(addr), lladdr=mac,
-                                state=NUD_PERMANENT)  # fmt: skip
+                self._queue.append((nl.neigh_replace(index, addr, mac), False))
         # FDB entries.
         have_fdb: set[tuple[str, IPv6Address]] = set()
         for msg in await self.links.call("fdb", "dump", ifindex=index):
@@ -310,9 +346,7 @@ class V6Pass:
             if msg["state"] & NUD_PERMANENT:
                 have_fdb.add((mac, ip6))
         for mac, ip6 in want_fdb - have_fdb:
-            await self._try(f"fdb {mac} dst {ip6}", stats, "fdb", "replace", ifindex=index,
-                            lladdr=mac, dst=str(ip6), state=NUD_PERMANENT,
-                            flags=NTF_SELF)  # fmt: skip
+            self._queue.append((nl.fdb_replace(index, mac, ip6), False))
         # Routes.
         want_routes = {p.subnet: (p.subnet.network_address, index, True) for p in desired.values()}
         await self.routes(
@@ -326,11 +360,9 @@ class V6Pass:
             protocol=3,
         )
         for mac, ip6 in have_fdb - want_fdb:
-            await self._try(f"fdb {mac} dst {ip6} (delete)", stats, "fdb", "del", ifindex=index,
-                            lladdr=mac, dst=str(ip6), flags=NTF_SELF)  # fmt: skip
+            self._queue.append((nl.fdb_delete(index, mac, ip6), True))
         for addr in have_neigh.keys() - want_neigh.keys():
-            await self._try(f"neighbour {addr} (delete)", stats, "neigh", "del",
-                            family=AF_INET6, ifindex=index, dst=str(addr))  # fmt: skip
+            self._queue.append((nl.neigh_delete(index, addr), True))
 
     async def hostgw(
         self,

@@ -108,7 +108,7 @@ class VxlanBackend:
         """flannel-v6.<VNI> with EnableIPv6, else None."""
         if config.enable_ipv6:
             self.dev6 = VxlanDevice(self.options, ext, self.links, netns, ipv6=True)
-        self.v6 = V6Pass(self.links, f"flannel-v6.{self.options.vni}")
+        self.v6 = V6Pass(self.links, f"flannel-v6.{self.options.vni}", netns)
         self._skipped6: set[tuple[str, str]] = set()
         self.own: Lease | None = None
         self.last = ReconcileStats()
@@ -480,7 +480,7 @@ class VxlanBackend:
         if self._nl is not None:
             self._nl.close()
             self._nl = None
-        self.links.close()
+        self.v6.close()  # closes self.links too
 
     # ----------------------------------------------------------------------- helpers
 
