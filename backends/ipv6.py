@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 from socket import AF_INET6
@@ -157,8 +157,8 @@ class V6Pass:
         index: int,
         desired: Mapping[IPv6Network, V6Peer],
         full: bool,
-        full_pass: Any,
-        diff_pass: Any,
+        full_pass: Callable[[V6Stats], Awaitable[None]],
+        diff_pass: Callable[[dict[IPv6Network, V6Peer], V6Stats], Awaitable[None]],
     ) -> V6Stats:
         previous = self._applied
         self._applied = None  # an exception leaves it so: the next pass is a full one
@@ -244,7 +244,7 @@ class V6Pass:
     async def routes(
         self,
         want: Mapping[IPv6Network, tuple[IPv6Address, int, bool]],
-        ours: Any,
+        ours: Callable[[Any], bool],
         stats: V6Stats,
         protocol: int,
     ) -> None:
