@@ -321,8 +321,9 @@ class V6Pass:
     async def _vxlan_full(
         self, index: int, desired: Mapping[IPv6Network, V6Peer], stats: V6Stats
     ) -> None:
-        want_neigh = {p.subnet.network_address: p.vtep_mac for p in desired.values()}
-        want_fdb = {(p.vtep_mac, p.public_ipv6) for p in desired.values()}
+        macs = {p.subnet: p.vtep_mac for p in desired.values() if p.vtep_mac is not None}
+        want_neigh = {sub.network_address: mac for sub, mac in macs.items()}
+        want_fdb = {(mac, desired[sub].public_ipv6) for sub, mac in macs.items()}
         # Neighbours (flannel's order: neighbour, FDB, route).
         have_neigh: dict[IPv6Address, tuple[str | None, int]] = {}
         for msg in await self.links.call("neigh", "dump", family=AF_INET6, ifindex=index):
@@ -342,7 +343,7 @@ class V6Pass:
             try:
                 ip6 = IPv6Address(dst)
             except ValueError:
-                continue  # an IPv4 destination on our IPv6 device: stale, delete below
+                continue  # an IPv4 destination: not one of ours (we write IPv6 ones only)
             if msg["state"] & NUD_PERMANENT:
                 have_fdb.add((mac, ip6))
         for mac, ip6 in want_fdb - have_fdb:
