@@ -11,7 +11,9 @@ The public IP is `--public-ip` or the interface's first IPv4 address; the MTU is
 The public IPv6 address (dual stack) is `--public-ipv6` or the interface's first global IPv6
 address (scope global: a ULA counts, link-local does not; tentative or DAD-failed ones are
 skipped), as flanneld picks it; None when it has none (the daemon refuses EnableIPv6 then).
-`--iface` also takes an IPv6 address of the interface.
+`--iface` also takes an IPv6 address of the interface, `--iface-regex` is also matched against
+global IPv6 addresses (after the IPv4 ones, before names), and `--iface-can-reach` also takes
+an IPv6 address (the interface of the IPv6 route to it).
 Netlink through backends/links.py (pyroute2's AsyncIPRoute, opened one way for everyone).
 """
 
@@ -91,10 +93,14 @@ def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
 
 def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
     rx = re.compile(pattern)
-    # Only links with an IPv4 address can carry the overlay; addresses first, then names.
+    # Only links with an IPv4 address can carry the overlay; addresses first (IPv4, then
+    # global IPv6 ones), then names.
     ordered = sorted((x for x in links.values() if x.addrs), key=lambda link: link.index)
     for link in ordered:
         if any(rx.search(str(a)) for a in link.addrs):
+            return link
+    for link in ordered:
+        if any(rx.search(str(a)) for a in link.addrs6):
             return link
     for link in ordered:
         if rx.search(link.name):
@@ -102,16 +108,20 @@ def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
     return None
 
 
-async def _route_oif(ipr: Any, dst: IPv4Address) -> tuple[int | None, IPv4Address | None]:
+async def _route_oif(
+    ipr: Any, dst: IPv4Address | IPv6Address
+) -> tuple[int | None, IPv4Address | None]:
+    """The interface of the route to `dst` and, for an IPv4 `dst`, the source it would use."""
+    family = AF_INET if dst.version == 4 else AF_INET6
     try:
-        routes = await collect(await ipr.route("get", dst=str(dst)))
+        routes = await collect(await ipr.route("get", dst=str(dst), family=family))
     except Exception:  # netlink error: unreachable network and the like
         return None, None
     for r in routes:
         oif = r.get("oif")
         if oif:
             src = r.get("prefsrc")
-            return int(oif), IPv4Address(src) if src else None
+            return int(oif), IPv4Address(src) if src and dst.version == 4 else None
     return None, None
 
 
@@ -133,7 +143,7 @@ async def _default_oif(ipr: Any) -> int | None:
 async def choose_interface(
     ifaces: Sequence[str] = (),
     regexes: Sequence[str] = (),
-    can_reach: IPv4Address | None = None,
+    can_reach: IPv4Address | IPv6Address | None = None,
     public_ip: IPv4Address | None = None,
     public_ipv6: IPv6Address | None = None,
     *,
@@ -178,7 +188,7 @@ async def _choose(
     links: dict[int, _Link],
     ifaces: Sequence[str],
     regexes: Sequence[str],
-    can_reach: IPv4Address | None,
+    can_reach: IPv4Address | IPv6Address | None,
 ) -> tuple[_Link | None, IPv4Address | None, list[str]]:
     tried: list[str] = []
     if ifaces or regexes:

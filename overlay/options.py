@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,15 @@ def _ipv4(text: str) -> IPv4Address:
         return IPv4Address(text.strip())
     except ValueError:
         raise FlagValueError(f"{text!r} is not an IPv4 address such as 192.168.1.10") from None
+
+
+def _ip_any(text: str) -> IPv4Address | IPv6Address:
+    try:
+        return ip_address(text.strip())
+    except ValueError:
+        raise FlagValueError(
+            f"{text!r} is not an IPv4 or IPv6 address such as 192.168.1.10 or fd00:12::10"
+        ) from None
 
 
 def _ipv6(text: str) -> IPv6Address:
@@ -225,11 +234,12 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
          "candidates, the first that exists wins", "NAME|IP", repeat=True,
          shown_default="none"),
     Flag("--iface-regex", _regex, (),
-         "regular expression matched against interface names and IPv4 addresses, tried after "
+         "regular expression matched against interface names and addresses, tried after "
          "--iface; repeatable (its env var holds one regex)", "REGEX", repeat=True,
          env_split=False, shown_default="none"),
-    Flag("--iface-can-reach", _ipv4, None,
-         "use the interface of the route to this IPv4 address (when no --iface/--iface-regex)",
+    Flag("--iface-can-reach", _ip_any, None,
+         "use the interface of the route to this IPv4 or IPv6 address (when no "
+         "--iface/--iface-regex)",
          "IP"),
     Flag("--public-ip", _ipv4, None,
          "IPv4 address other hosts use to reach this one (default: the interface's first "
@@ -393,7 +403,7 @@ class Options:
     etcd: EtcdFlags
     iface: tuple[str, ...]
     iface_regex: tuple[str, ...]
-    iface_can_reach: IPv4Address | None
+    iface_can_reach: IPv4Address | IPv6Address | None
     public_ip: IPv4Address | None
     public_ipv6: IPv6Address | None
     subnet_file: Path

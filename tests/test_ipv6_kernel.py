@@ -421,6 +421,16 @@ async def test_interface_choice_finds_the_global_ipv6_address(lab: NetnsLab) -> 
     # --iface by an IPv6 address of the interface; --public-ipv6 wins over the interface's.
     ext = await choose_interface(["fd94::1"], public_ipv6=IPv6Address("fd95::9"), netns=a.name)
     assert ext.name == va and ext.public_ipv6 == IPv6Address("fd95::9")
+    # --iface-regex also matches global IPv6 addresses; --iface-can-reach takes an IPv6 one.
+    a.ip("link", "add", "zz0", "type", "veth", "peer", "name", "zz1")
+    a.ip("addr", "add", "192.168.95.1/24", "dev", "zz0")
+    a.ip("addr", "add", "fd96::1/64", "dev", "zz0", "nodad")
+    a.ip("link", "set", "zz0", "up")
+    a.ip("link", "set", "zz1", "up")
+    assert (await choose_interface(regexes=[r"^fd96:"], netns=a.name)).name == "zz0"
+    ext = await choose_interface(can_reach=IPv6Address("fd96::77"), netns=a.name)
+    assert ext.name == "zz0" and ext.iface_addr == IPv4Address("192.168.95.1")
+    assert (await choose_interface(can_reach=IPv6Address("fd94::9"), netns=a.name)).name == va
     # No global IPv6 address: None (the daemon refuses EnableIPv6 then).
     a.ip("-6", "addr", "flush", "dev", va, "scope", "global")
     ext = await choose_interface([va], netns=a.name)

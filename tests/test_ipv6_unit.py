@@ -387,3 +387,14 @@ def test_properties_previous_ipv6_subnet_from_any_subnet_env(text: str) -> None:
         )
         write_subnet_env(path, env)
         assert read_previous_ipv6_subnet(path) == IPv6Network("fd00:1:0:7::/64")
+
+
+def test_iface_can_reach_takes_ipv6_and_refuses_garbage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_options(["--iface-can-reach", "fd00:9::1"], {}).iface_can_reach == IPv6Address(
+        "fd00:9::1"
+    )
+    env = {"FLANNELD_IFACE_CAN_REACH": "192.0.2.1"}
+    assert parse_options([], env).iface_can_reach == IPv4Address("192.0.2.1")
+    with pytest.raises(SystemExit):
+        parse_options(["--iface-can-reach", "fd00::/64"], {})
+    assert "--iface-can-reach" in capsys.readouterr().err
