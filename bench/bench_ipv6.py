@@ -13,6 +13,10 @@ external interface), with N remote dual-stack vxlan leases:
     dumps of flannel-v6.1 and the changes).
 Ratios dual/single are printed; absolute times are noisy on a shared machine.
 
+With --throughput (vxlan and host-gw): a 2-host `--ipv6` lab (integration.lab), and iperf3 TCP
+from h1c0 to h2c0 over IPv4 and over IPv6 (VXLAN over the IPv6 underlay / plain IPv6 routes),
+alternating run by run for --rounds rounds of --seconds; medians and the ratio IPv6/IPv4.
+
 Everything happens inside namespaces created here and deleted at the end; no packet is sent.
 """
 
@@ -31,9 +35,14 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_overlay import IPERF_PORT, iperf, wait_listening
 
 from backends.base import ExternalInterface
 from backends.vxlan import VxlanBackend
+from integration.lab import Lab
+from integration.netns import in_ns
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
 
 BASE = {"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}
@@ -129,11 +138,49 @@ async def one(size: int, events: int) -> None:
           f"  dual {md:8.2f} ms  dual/single {md / ms:6.1f}")  # fmt: skip
 
 
+def _r(values: list[float]) -> list[float]:
+    return [round(v, 2) for v in values]
+
+
+async def throughput(backend: str, rounds: int, seconds: int) -> None:
+    lab = Lab(f"b6{uuid.uuid4().hex[:6]}")
+    server = None
+    try:
+        await lab.up(nodes=2, backend=backend, ipv6=True)
+        (_, c1), (_, c2) = lab.containers()[:2]
+        assert c2.ip is not None and c2.ip6 is not None
+        server = await asyncio.create_subprocess_exec(
+            *in_ns(c2.ns, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_listening(c2.ns, IPERF_PORT)
+        runs: dict[int, list[float]] = {4: [], 6: []}
+        for _ in range(rounds):
+            for family, target in ((4, c2.ip), (6, c2.ip6)):
+                runs[family].append(await iperf(c1.ns, target, seconds, []))
+        v4, v6 = (statistics.median(runs[f]) for f in (4, 6))
+        print(f"{backend:8} TCP c2c over IPv4 {v4:6.2f} Gbit/s  over IPv6 {v6:6.2f} Gbit/s  "
+              f"IPv6/IPv4 {v6 / v4:4.2f}  (runs v4 {_r(runs[4])}, v6 {_r(runs[6])})")  # fmt: skip
+    finally:
+        if server is not None:
+            server.kill()
+            await server.wait()
+        await lab.down()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="100,1000")
     p.add_argument("--events", type=int, default=20)
+    p.add_argument("--throughput", action="store_true", help="iperf3 IPv4 vs IPv6 in a lab")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=4)
     args = p.parse_args()
+    if args.throughput:
+        for backend in ("vxlan", "host-gw"):
+            asyncio.run(throughput(backend, args.rounds, args.seconds))
+        return 0
     for size in (int(x) for x in args.sizes.split(",")):
         asyncio.run(one(size, args.events))
     return 0
