@@ -228,7 +228,7 @@ class SubnetManager:
                     choice.subnet, attrs, self.ttl, choice.ipv6_subnet
                 )
                 if lease is not None:
-                    lease = await self._check_dual_stack_race(config, lease)
+                    lease = await self._check_dual_stack_race(config, lease, revision)
             if lease is not None:
                 log.info(
                     "acquired %s %s for %s (%s)",
@@ -251,7 +251,9 @@ class SubnetManager:
             "other hosts took each one first; try again"
         )
 
-    async def _check_dual_stack_race(self, config: NetworkConfig, lease: Lease) -> Lease | None:
+    async def _check_dual_stack_race(
+        self, config: NetworkConfig, lease: Lease, revision: int
+    ) -> Lease | None:
         """`lease` (a dual-stack key just created) when no older key names an overlapping IPv4
         or IPv6 subnet, else None with our key deleted again.
 
@@ -260,10 +262,13 @@ class SubnetManager:
         being different (flannel has that race). Of two such keys the older (lower creation
         revision, then the smaller key) keeps the subnet, the rule every host's validation
         applies (subnetmgr.validate); the younger gives its key back and tries again, as after
-        a lost create."""
+        a lost create.
+
+        Only keys created after `revision` can conflict: allocation saw every key up to it and
+        chose subnets none of them overlaps. So this lists only those (usually ours alone)."""
         sub6 = lease.ipv6_subnet
         assert sub6 is not None
-        listed, _revision = await self.registry.list_leases(expirations=False)
+        listed, _ = await self.registry.list_leases(expirations=False, created_after=revision)
         mine = (lease.create_revision, lease.key)
         older = [
             other.key

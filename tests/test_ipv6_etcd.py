@@ -9,8 +9,8 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 import aetcd
 
-from subnetmgr.manager import SubnetManager
-from subnetmgr.model import LeaseAttrs, NetworkConfig, parse_subnet_key
+from subnetmgr.manager import AcquireConflict, OutOfSubnets, SubnetManager
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, parse_subnet_key
 from tests.test_manager import MakeRegistry, keep_running, make_registry, stop
 
 __all__ = ["make_registry"]  # the fixture, imported for pytest
@@ -93,3 +93,23 @@ async def test_twenty_dual_stack_hosts_get_distinct_subnets_in_both_families(
     v6 = {lease.ipv6_subnet for lease in leases}
     assert len(v4) == len(v6) == 20
     assert all(isinstance(s, IPv6Network) and cfg.contains_ipv6(s) for s in v6)
+
+
+async def test_the_ipv6_part_is_claimed_once_even_when_the_keys_differ(
+    make_registry: MakeRegistry,
+) -> None:
+    """Six hosts at once, plenty of IPv4 subnets but three IPv6 ones: etcd's transaction alone
+    would let all six in (their keys differ by the IPv4 part); exactly three get a lease, each
+    with its own IPv6 subnet, the others are told they are out of subnets."""
+    cfg = dual_config("10.64.0.0/16", "fd00:64::/62")  # /64s :1, :2, :3
+    managers = [SubnetManager(await make_registry()) for _ in range(6)]
+    results = await asyncio.gather(
+        *(m.acquire(cfg, dual_host(i + 1)) for i, m in enumerate(managers)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if isinstance(r, Lease)]
+    lost = [r for r in results if not isinstance(r, Lease)]
+    assert len(won) == 3 and {x.ipv6_subnet for x in won} == {
+        IPv6Network(f"fd00:64:0:{i}::/64") for i in (1, 2, 3)
+    }
+    assert all(isinstance(e, (OutOfSubnets, AcquireConflict)) for e in lost), lost
