@@ -99,9 +99,11 @@ async def test_hostile_ipv6_leases_are_ignored(lab: Lab) -> None:
     hostile = {
         "10.1.250.0-24&fd99::-64": "fd28::99",  # outside IPv6Network
         f"10.1.251.0-24&{lab.state.network6.split('/')[0]}-60": "fd28::99",  # wrong length
-        f"10.1.252.0-24&{str(victim.subnet6).replace('/', '-')}": "fd28::99",  # a host's
         "10.1.253.0-24&fd10:1:0:fd::-64": "ff02::1",  # multicast PublicIPv6
         "10.1.254.0-24&fd10:1:0:fe::-64": "::ffff:198.18.0.9",  # IPv4-mapped PublicIPv6
+        # Last: a host's IPv6 subnet under another IPv4 subnet. Its IPv4 side is valid, so its
+        # IPv4 route shows when every daemon has handled all five keys (events come in order).
+        f"10.1.252.0-24&{str(victim.subnet6).replace('/', '-')}": "fd28::99",
     }
     public_ip = IPv4Network(lab.state.underlay).network_address + 99  # on-link, no host
     for key, ip6 in hostile.items():
@@ -112,7 +114,16 @@ async def test_hostile_ipv6_leases_are_ignored(lab: Lab) -> None:
         )
         await lab.etcdctl("put", f"{lab.state.prefix}/subnets/{key}", value)
     try:
-        await asyncio.sleep(2.5)  # past a full pass (--resync-period 1)
+
+        async def handled() -> bool:
+            for node in lab.state.nodes:
+                routes = await ip_json("-4", "route", "show", "10.1.252.0/24", ns=node.ns)
+                if not routes:
+                    return False
+            return True
+
+        await eventually(handled, "every daemon routes the IPv4 side of the last key")
+        await asyncio.sleep(1.5)  # and a full pass (--resync-period 1) changes nothing
         for node in lab.state.nodes:
             others = {str(n.subnet6) for n in lab.state.nodes if n.index != node.index}
             assert await v6_routes(lab, node.index) == others
