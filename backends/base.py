@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
 
 from subnetmgr.model import Lease, NetworkConfig, Subnet
@@ -42,6 +42,10 @@ class ExternalInterface:
     public_ip: IPv4Address
     """The address other hosts send to (--public-ip, else iface_addr)."""
     mtu: int
+    iface_addr6: IPv6Address | None = None
+    """The interface's first global IPv6 address (dual stack: VXLAN over IPv6 leaves from it)."""
+    public_ipv6: IPv6Address | None = None
+    """The IPv6 address other hosts send to (--public-ipv6, else iface_addr6)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class BackendAttrs:
 
     backend_type: str
     backend_data: Mapping[str, Any] | None = field(default=None, hash=False)
+    backend_v6_data: Mapping[str, Any] | None = field(default=None, hash=False)
+    """Dual stack: what the lease publishes as BackendV6Data (vxlan: the v6 device's VTEP MAC)."""
 
 
 class BackendError(RuntimeError):

@@ -18,6 +18,12 @@ Skipped, each logged once per lease and reason: a lease whose PublicIP is not on
 external interface (no network of its addresses covers it, or the kernel refuses the route),
 whose PublicIP is our own, whose subnet is not inside the network, or whose subnet already has
 a route at metric 0 that is not ours and goes elsewhere (the operator's: left alone).
+
+Dual stack (`EnableIPv6`): per remote dual-stack host-gw lease also
+`<remote v6 subnet> via <remote PublicIPv6> dev <external interface> proto 77`, when the
+PublicIPv6 is on-link (inside a network of the interface's global IPv6 addresses); else logged
+once and skipped. backends/ipv6.py makes them: a full pass when the IPv4 side's is full, else
+only the difference to the previous pass.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from ipaddress import IPv4Address, IPv4Network
 from backends import links
 from backends import netlink as nl
 from backends.base import BackendAttrs, BackendError, ExternalInterface
+from backends.ipv6 import V6Pass, desired_v6, onlink6
 from subnetmgr.model import Lease, NetworkConfig, Subnet
 
 log = logging.getLogger(__name__)
@@ -206,11 +213,19 @@ class HostGwBackend:
                 f"{ext.iface_addr} of {ext.name} (a NAT?); host-gw routes to other hosts' "
                 "interface addresses on one L2 segment: drop --public-ip or use vxlan"
             )
+        if config.enable_ipv6 and ext.public_ipv6 != ext.iface_addr6:
+            raise BackendError(
+                f"host-gw: the public IPv6 {ext.public_ipv6} differs from the address "
+                f"{ext.iface_addr6} of {ext.name}; host-gw routes to other hosts' interface "
+                "addresses on one L2 segment: drop --public-ipv6 or use vxlan"
+            )
         self.config = config
         self.ext = ext
         self.netns = netns
         self.own: Lease | None = None
         self.last = RouteStats()
+        self.v6 = V6Pass(links.LinkClient(netns), "host-gw", netns)
+        self._skipped6: set[tuple[str, str]] = set()
         self.skipped = SkipLog()
         self._links = links.LinkClient(netns)
         self._nl: nl.RtnlSocket | None = None
@@ -291,6 +306,29 @@ class HostGwBackend:
             stats.routes = len(self._desired) if self._desired is not None else 0
             stats.skipped = len(self.skipped.reasons)
             self.last = stats
+            if self.config.enable_ipv6:
+                await self._v6_pass(peers, stats.full)
+
+    async def _v6_pass(self, peers: Mapping[Subnet, Lease], full: bool) -> None:
+        """The IPv6 routes of every dual-stack host-gw peer whose PublicIPv6 is on-link."""
+        from socket import AF_INET6
+
+        try:
+            nets = onlink6(
+                await self.v6.links.call("get_addr", family=AF_INET6, index=self.ext.index)
+            )
+            want = desired_v6(peers, self.own, self.type, need_mac=False, skipped=self._skipped6)
+            for sub6, peer in list(want.items()):
+                if not any(peer.public_ipv6 in net for net in nets):
+                    why = f"PublicIPv6 {peer.public_ipv6} is not on-link from {self.ext.name}"
+                    if (str(sub6), why) not in self._skipped6:
+                        self._skipped6.add((str(sub6), why))
+                        log.warning("host-gw: skipping IPv6 subnet %s: %s (host-gw needs every "
+                                    "host on one L2 segment)", sub6, why)  # fmt: skip
+                    del want[sub6]
+            await self.v6.hostgw(self.ext.index, want, RTPROT_HOSTGW, full=full)
+        except Exception as e:  # pyroute2's NetlinkError is no OSError
+            raise BackendError(f"host-gw: IPv6 routes: {e}") from e
 
     async def _onlink(self) -> list[IPv4Network]:
         try:
@@ -397,3 +435,4 @@ class HostGwBackend:
             self._nl.close()
             self._nl = None
         self._links.close()
+        self.v6.close()

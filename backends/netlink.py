@@ -14,7 +14,10 @@ batched the same way, one answer per request, for passes that look only at what 
 Dumps (neighbours, FDB, routes) are parsed with `struct` directly: only the attributes the
 backends need are decoded, which keeps a 30,000-entry read in the low hundreds of milliseconds.
 
-Everything here is IPv4 and rtnetlink only. No global state: one `RtnlSocket` per user.
+Dumps, parsing and targeted reads are IPv4 only; the requests that write (`neigh_replace`,
+`neigh_delete`, `fdb_replace`, `fdb_delete`, `route_replace`) also take IPv6 addresses (the
+IPv6 side of dual stack, backends/ipv6.py, batches its writes through `apply()`). No global
+state: one `RtnlSocket` per user.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 # --------------------------------------------------------------------------- constants
 
@@ -177,9 +180,13 @@ class Request:
     what: str
 
 
-def neigh_replace(ifindex: int, dst: IPv4Address, mac: str) -> Request:
+def _af(addr: IPv4Address | IPv6Address) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def neigh_replace(ifindex: int, dst: IPv4Address | IPv6Address, mac: str) -> Request:
     body = (
-        _NDMSG.pack(socket.AF_INET, ifindex, NUD_PERMANENT, 0, RTN_UNICAST)
+        _NDMSG.pack(_af(dst), ifindex, NUD_PERMANENT, 0, RTN_UNICAST)
         + _attr(NDA_DST, dst.packed)
         + _attr(NDA_LLADDR, mac_bytes(mac))
     )
@@ -188,12 +195,12 @@ def neigh_replace(ifindex: int, dst: IPv4Address, mac: str) -> Request:
     )
 
 
-def neigh_delete(ifindex: int, dst: IPv4Address) -> Request:
-    body = _NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0) + _attr(NDA_DST, dst.packed)
+def neigh_delete(ifindex: int, dst: IPv4Address | IPv6Address) -> Request:
+    body = _NDMSG.pack(_af(dst), ifindex, 0, 0, 0) + _attr(NDA_DST, dst.packed)
     return Request(RTM_DELNEIGH, 0, body, f"neighbour {dst} (delete)")
 
 
-def fdb_replace(ifindex: int, mac: str, dst: IPv4Address) -> Request:
+def fdb_replace(ifindex: int, mac: str, dst: IPv4Address | IPv6Address) -> Request:
     body = (
         _NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
         + _attr(NDA_LLADDR, mac_bytes(mac))
@@ -202,7 +209,7 @@ def fdb_replace(ifindex: int, mac: str, dst: IPv4Address) -> Request:
     return Request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body, f"fdb {mac} dst {dst}")
 
 
-def fdb_delete(ifindex: int, mac: str, dst: IPv4Address | None) -> Request:
+def fdb_delete(ifindex: int, mac: str, dst: IPv4Address | IPv6Address | None) -> Request:
     body = _NDMSG.pack(AF_BRIDGE, ifindex, 0, NTF_SELF, 0) + _attr(NDA_LLADDR, mac_bytes(mac))
     if dst is not None:
         body += _attr(NDA_DST, dst.packed)
@@ -210,8 +217,8 @@ def fdb_delete(ifindex: int, mac: str, dst: IPv4Address | None) -> Request:
 
 
 def route_replace(
-    dst: IPv4Network,
-    gateway: IPv4Address,
+    dst: IPv4Network | IPv6Network,
+    gateway: IPv4Address | IPv6Address,
     oif: int,
     *,
     onlink: bool,
@@ -220,7 +227,7 @@ def route_replace(
     """`ip route replace DST via GATEWAY dev #OIF [onlink] proto PROTOCOL` (main table)."""
     body = (
         _RTMSG.pack(
-            socket.AF_INET,
+            _af(dst.network_address),
             dst.prefixlen,
             0,
             0,

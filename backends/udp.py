@@ -106,6 +106,12 @@ class UdpBackend:
         persist: bool = True,
     ) -> None:
         """`persist`: flannel0 outlives the daemon (TUNSETPERSIST), see `prepare`."""
+        if config.enable_ipv6:
+            raise BackendError(
+                "the udp backend carries IPv4 only (as flannel's), but the network config sets "
+                f"EnableIPv6 (IPv6Network {config.ipv6_network}): remove EnableIPv6, or use "
+                'Backend {"Type": "vxlan"} or {"Type": "host-gw"} for dual stack'
+            )
         self.config = config
         self.ext = ext
         self.device = device

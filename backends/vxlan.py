@@ -27,6 +27,13 @@ vxlan leases, through an nftables table of our own (`table ip overlay_vxlan`, se
 backends/nftset.py): a full pass makes the table and its set match the peers, an incremental
 pass adds or deletes only the changed peers' addresses, each in one nft transaction. With the
 option off, a table left from an earlier run is deleted in `prepare()`.
+
+Dual stack (`EnableIPv6`): a second device `flannel-v6.<VNI>` (VXLAN over the IPv6 underlay,
+`local` = the interface's IPv6 address, its own random VTEP MAC published as BackendV6Data, MTU =
+underlay MTU - 70) gets our IPv6 subnet's address as /128 and, per remote dual-stack vxlan lease,
+the same neighbour, FDB and onlink route triple as IPv4 (backends/ipv6.py: a full pass when the
+IPv4 side's is full, else only the difference to the previous pass).
+DirectRouting applies to IPv4 only.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from ipaddress import IPv4Address, IPv4Network
 from backends import netlink as nl
 from backends import nftset
 from backends.base import BackendAttrs, BackendError, ExternalInterface
+from backends.ipv6 import V6Pass, desired_v6
 from backends.links import LinkClient
 from backends.vxlan_device import FILTER_PEERS_KEY, VxlanDevice, VxlanOptions
 from backends.vxlan_plan import ZERO_MAC, DesiredIndex, Peer, Plan, desired_peers, plan
@@ -96,6 +104,12 @@ class VxlanBackend:
         self.options = VxlanOptions.from_backend(config.backend)
         self.links = LinkClient(netns)
         self.dev = VxlanDevice(self.options, ext, self.links, netns)
+        self.dev6: VxlanDevice | None = None
+        """flannel-v6.<VNI> with EnableIPv6, else None."""
+        if config.enable_ipv6:
+            self.dev6 = VxlanDevice(self.options, ext, self.links, netns, ipv6=True)
+        self.v6 = V6Pass(self.links, f"flannel-v6.{self.options.vni}", netns)
+        self._skipped6: set[tuple[str, str]] = set()
         self.own: Lease | None = None
         self.last = ReconcileStats()
         self._nl: nl.RtnlSocket | None = None
@@ -142,10 +156,16 @@ class VxlanBackend:
         """Create (or reuse) flannel.<VNI>; publish {"VNI": n, "VtepMAC": mac}."""
         async with self._lock:
             await self.dev.ensure()
+            if self.dev6 is not None:
+                await self.dev6.ensure()
             if not self.options.filter_peers:
                 await self._remove_filter()
         assert self.mac is not None
-        return BackendAttrs(self.type, {"VNI": self.options.vni, "VtepMAC": self.mac})
+        v6_data = None
+        if self.dev6 is not None:
+            assert self.dev6.mac is not None
+            v6_data = {"VNI": self.options.vni, "VtepMAC": self.dev6.mac}
+        return BackendAttrs(self.type, {"VNI": self.options.vni, "VtepMAC": self.mac}, v6_data)
 
     async def start(self, own: Lease) -> int:
         """Give the device our subnet's network address as /32; return the overlay MTU."""
@@ -153,7 +173,25 @@ class VxlanBackend:
             self.own = own
             index = await self.dev.ensure()
             await self.dev.ensure_address(index, self.own.subnet.network_address)
+            await self._ensure_v6_device()
+        if self.dev6 is not None:
+            return min(self.mtu, self.dev6.mtu)  # one FLANNEL_MTU for both families
         return self.mtu
+
+    async def _ensure_v6_device(self) -> int | None:
+        """flannel-v6.<VNI> made or adopted, with our IPv6 subnet's address as /128."""
+        if self.dev6 is None:
+            return None
+        try:
+            index6 = await self.dev6.ensure()
+            own6 = self.own.ipv6_subnet if self.own is not None else None
+            if own6 is not None:
+                await self.v6.ensure_address(index6, own6.network_address)
+        except Exception as e:  # pyroute2's NetlinkError is no OSError
+            if isinstance(e, BackendError):
+                raise
+            raise BackendError(f"setting up {self.dev6.name}: {e}") from e
+        return index6
 
     async def reconcile(
         self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None = None
@@ -210,6 +248,14 @@ class VxlanBackend:
             if self.options.filter_peers:
                 stats.filter = await self._filter_pass(candidates)
             self.last = stats
+            index6 = await self._ensure_v6_device()
+            if index6 is not None:
+                want6 = desired_v6(peers, self.own, self.type, need_mac=True,
+                                   skipped=self._skipped6)  # fmt: skip
+                try:
+                    await self.v6.vxlan(index6, want6, full=stats.full)
+                except Exception as e:  # pyroute2's NetlinkError is no OSError
+                    raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
 
     def _public_ips(self, subnets: Collection[Subnet]) -> set[IPv4Address]:
         state = self._desired
@@ -434,7 +480,7 @@ class VxlanBackend:
         if self._nl is not None:
             self._nl.close()
             self._nl = None
-        self.links.close()
+        self.v6.close()  # closes self.links too
 
     # ----------------------------------------------------------------------- helpers
 

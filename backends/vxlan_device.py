@@ -143,13 +143,26 @@ class VxlanDevice:
         ext: ExternalInterface,
         links: LinkClient,
         netns: str | None = None,
+        *,
+        ipv6: bool = False,
     ) -> None:
         self.options = options
         self.ext = ext
         self.links = links
         self.netns = netns
-        self.name = options.device
-        self.mtu = device_mtu(options, ext)
+        self.ipv6 = ipv6
+        """True: dual stack's second device flannel-v6.<VNI>, VXLAN over the IPv6 underlay."""
+        self.name = f"flannel-v6.{options.vni}" if ipv6 else options.device
+        local: IPv4Address | IPv6Address | None = ext.iface_addr6 if ipv6 else ext.iface_addr
+        if local is None:
+            raise BackendError(
+                f"vxlan: EnableIPv6 needs a global IPv6 address on {ext.name} for "
+                f"{self.name}'s underlay; give it one"
+            )
+        self.local = local
+        self.mtu = (
+            (options.mtu or ext.mtu) - VXLAN_OVERHEAD_V6 if ipv6 else device_mtu(options, ext)
+        )
         if self.mtu < MIN_DEVICE_MTU:
             raise BackendError(
                 f"vxlan MTU {self.mtu} (external interface {ext.name} MTU {ext.mtu}) is below "
@@ -182,14 +195,14 @@ class VxlanDevice:
         have = {
             "VNI": data.get_attr("IFLA_VXLAN_ID"),
             "port": data.get_attr("IFLA_VXLAN_PORT"),
-            "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+            "local": data.get_attr("IFLA_VXLAN_LOCAL6" if self.ipv6 else "IFLA_VXLAN_LOCAL"),
             "link": data.get_attr("IFLA_VXLAN_LINK"),
             "GBP": bool(data.get_attr("IFLA_VXLAN_GBP")),
         }
         want = {
             "VNI": self.options.vni,
             "port": self.options.port,
-            "local": str(self.ext.iface_addr),
+            "local": str(self.local),
             "link": self.ext.index,
             "GBP": self.options.gbp,
         }
@@ -212,7 +225,7 @@ class VxlanDevice:
         except (OSError, TimeoutError) as e:
             raise BackendError(
                 f"cannot set up vxlan device {self.name} on {self.ext.name} "
-                f"(local {self.ext.iface_addr}): {e}"
+                f"(local {self.local}): {e}"
             ) from e
 
     async def _create_device(self) -> int:
@@ -224,7 +237,7 @@ class VxlanDevice:
             ifname=self.name,
             kind="vxlan",
             vxlan_id=self.options.vni,
-            vxlan_local=str(self.ext.iface_addr),
+            **{("vxlan_local6" if self.ipv6 else "vxlan_local"): str(self.local)},
             vxlan_link=self.ext.index,
             vxlan_port=self.options.port,
             vxlan_learning=int(self.options.learning),
@@ -241,7 +254,7 @@ class VxlanDevice:
             self.name,
             self.options.vni,
             self.options.port,
-            self.ext.iface_addr,
+            self.local,
             self.ext.name,
             self.mac,
             self.mtu,

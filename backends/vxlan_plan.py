@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from backends import netlink as nl
-from subnetmgr.model import Lease, Subnet
+from subnetmgr.model import Lease, Subnet, brief
 
 log = logging.getLogger("backends.vxlan")
 """The backend's logger: the skip lines read as the vxlan backend's, as before the split."""
@@ -38,20 +38,22 @@ class Peer:
     """True: DirectRouting applies (PublicIP on-link), only a route via the PublicIP."""
 
 
-def vtep_mac_of(lease: Lease) -> str:
-    """The lease's VtepMAC, normalised; ValueError naming the lease when it is missing or bad."""
-    data = lease.attrs.backend_data or {}
+def vtep_mac_of(lease: Lease, *, v6: bool = False) -> str:
+    """The lease's VtepMAC (`v6`: BackendV6Data's), normalised; ValueError naming the lease
+    when it is missing or bad."""
+    name = "BackendV6Data" if v6 else "BackendData"
+    data = (lease.attrs.backend_v6_data if v6 else lease.attrs.backend_data) or {}
     mac = data.get("VtepMAC")
     if not isinstance(mac, str):
-        raise ValueError(f"lease {lease.key}: BackendData has no VtepMAC string: {dict(data)!r}")
+        raise ValueError(f"lease {lease.key}: {name} has no VtepMAC string: {brief(dict(data))}")
     if _CANONICAL_MAC.match(mac) and int(mac[:2], 16) & 1 == 0 and mac != ZERO_MAC:
         return mac  # the common case, cheap: flannel writes lower-case colon-separated MACs
     try:
         raw = nl.mac_bytes(mac)
     except ValueError as e:
-        raise ValueError(f"lease {lease.key}: BackendData.VtepMAC: {e}") from None
+        raise ValueError(f"lease {lease.key}: {name}.VtepMAC: {e}") from None
     if raw[0] & 1 or raw == b"\0" * 6:
-        raise ValueError(f"lease {lease.key}: BackendData.VtepMAC {mac!r} is not a unicast MAC")
+        raise ValueError(f"lease {lease.key}: {name}.VtepMAC {mac!r} is not a unicast MAC")
     return nl.mac_str(raw)
 
 

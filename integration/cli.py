@@ -17,6 +17,7 @@ from integration.containers import ATTACH_MODES
 from integration.lab import (
     BACKENDS,
     DEFAULT_NETWORK,
+    DEFAULT_NETWORK6,
     PROVIDERS,
     STATE_ROOT,
     Lab,
@@ -80,6 +81,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="attach containers with our flannel CNI plugin (cni, default) or with iproute2 "
         "commands laying out what the bridge plugin would (bridge)",
     )
+    up.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual stack: IPv6 underlay addresses (a ULA /64 of the lab's own), EnableIPv6 in "
+        "the network config, containers with both families, the matrix probes both (vxlan, "
+        "host-gw or alloc)",
+    )
+    up.add_argument(
+        "--network6", default=DEFAULT_NETWORK6, help=f"with --ipv6 (default: {DEFAULT_NETWORK6})"
+    )
     up.add_argument("--no-matrix", action="store_true", help="skip the connectivity matrix")
     up.set_defaults(func=cmd_up)
 
@@ -137,6 +148,8 @@ async def _up(lab: Lab, args: argparse.Namespace) -> int:
         resync_period=args.resync_period,
         lease_ttl=args.lease_ttl,
         attach=args.attach,
+        ipv6=args.ipv6,
+        network6=args.network6,
     )
     rc = 0
     if not args.no_matrix:
@@ -152,14 +165,33 @@ async def _up(lab: Lab, args: argparse.Namespace) -> int:
 
 
 def format_matrix(lab: Lab, entries: list[MatrixEntry]) -> str:
-    """A table: rows are sources, columns destinations, cells `tcp/udp` round trips in ms."""
+    """A table per address family: rows are sources, columns destinations, cells `tcp/udp`
+    round trips in ms. Then the total and each failure."""
+    lines = []
+    for family in sorted({e.family for e in entries} or {4}):
+        lines += _family_table(lab, [e for e in entries if e.family == family], family)
+    ok = sum(e.ok for e in entries)
+    lines.append(f"{ok}/{len(entries)} probes passed")
+    for e in entries:
+        if not e.ok:
+            lines.append(f"  FAIL {e.proto} {e.src_ip} -> {e.dst_ip}: {e.error}")
+    return "\n".join(lines)
+
+
+def _family_table(lab: Lab, entries: list[MatrixEntry], family: int) -> list[str]:
     conts = lab.containers()
-    label = {c.ns: f"{c.ns.removeprefix(lab.ns_prefix)} {c.ip}" for _, c in conts}
+    if family == 6:
+        conts = [(n, c) for n, c in conts if c.ip6]
+    label = {
+        c.ns: f"{c.ns.removeprefix(lab.ns_prefix)} {c.ip6 if family == 6 else c.ip}"
+        for _, c in conts
+    }
     cells: dict[tuple[str, str], dict[str, MatrixEntry]] = {}
     for e in entries:
         cells.setdefault((e.src, e.dst), {})[e.proto] = e
     width = max([len(v) for v in label.values()] + [14]) + 2
-    lines = ["connectivity matrix (round trip TCP/UDP in ms; FAIL = no answer; - = not probed)"]
+    title = "connectivity matrix" + (" IPv6" if family == 6 else "")
+    lines = [f"{title} (round trip TCP/UDP in ms; FAIL = no answer; - = not probed)"]
     lines.append("from \\ to".ljust(width) + "".join(label[c.ns].ljust(width) for _, c in conts))
     for _, src in conts:
         row = label[src.ns].ljust(width)
@@ -180,12 +212,7 @@ def format_matrix(lab: Lab, entries: list[MatrixEntry]) -> str:
                 cell = "/".join(parts)
             row += cell.ljust(width)
         lines.append(row)
-    ok = sum(e.ok for e in entries)
-    lines.append(f"{ok}/{len(entries)} probes passed")
-    for e in entries:
-        if not e.ok:
-            lines.append(f"  FAIL {e.proto} {e.src_ip} -> {e.dst_ip}: {e.error}")
-    return "\n".join(lines)
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -201,6 +228,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"network {st['network']}, underlay {st['underlay']}")  # fmt: skip
     if st.get("image"):
         print(f"image {st['image']}")
+    if "network6" in st:
+        print(f"dual stack: IPv6 network {st['network6']}, underlay {st['underlay6']}")
     etcd_state = {True: "running", False: "NOT RUNNING", None: "external"}[st["etcd_alive"]]
     print(f"etcd {st['etcd']} ({etcd_state}), prefix {st['etcd_prefix']}")
     if st["etcd_error"]:
@@ -215,14 +244,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                           f"in the container, {health}")  # fmt: skip
         else:
             daemon = "configured by hand as a flannel host"
-        conts = ", ".join(f"{c['namespace']}={c['ip']}" for c in n["containers"]) or "none"
+        conts = (
+            ", ".join(
+                f"{c['namespace']}={c['ip']}" + (f",{c['ip6']}" if "ip6" in c else "")
+                for c in n["containers"]
+            )
+            or "none"
+        )
         where = n.get("container") or n["namespace"]
-        print(f"  {n['node']} {where} {n['public_ip']} subnet {n['subnet']}: {daemon}")
+        v6 = f" + {n['public_ipv6']} {n['subnet6']}" if "public_ipv6" in n else ""
+        print(f"  {n['node']} {where} {n['public_ip']} subnet {n['subnet']}{v6}: {daemon}")
         print(f"     containers: {conts}")
     print("leases in etcd:")
     for lease in st["leases"]:
         data = json.dumps(lease["backend_data"]) if lease["backend_data"] else ""
-        print(f"  {lease['subnet']} -> {lease['public_ip']} {lease['backend_type']} {data}")
+        sub = lease["subnet"] + (f" & {lease['subnet6']}" if "subnet6" in lease else "")
+        print(f"  {sub} -> {lease['public_ip']} {lease['backend_type']} {data}")
     return 0
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 
 from integration.netns import CommandError, run
@@ -41,6 +41,8 @@ class Container:
     ip: IPv4Address
     host_veth: str | None
     """The host end of the veth when we named it ("bridge" mode); None when a plugin named it."""
+    ip6: IPv6Address | None = None
+    """The IPv6 address the CNI result gave (dual stack), else None."""
 
 
 def container_address(env: SubnetEnv, index: int) -> IPv4Interface:
@@ -159,9 +161,12 @@ async def _attach_with_cni(
         raise AttachError(f"flannel CNI ADD for {container_ns} failed: {e}") from None
     try:
         result = json.loads(out)
-        address = IPv4Interface(result["ips"][0]["address"])
-    except (ValueError, KeyError, IndexError, TypeError) as e:
+        texts = [str(entry["address"]) for entry in result["ips"]]
+        address = next(IPv4Interface(t) for t in texts if ":" not in t)
+        address6 = next((IPv6Interface(t) for t in texts if ":" in t), None)
+    except (ValueError, KeyError, IndexError, TypeError, StopIteration) as e:
         raise AttachError(
-            f"flannel CNI ADD for {container_ns} gave no address ({e}): {out!r}"
+            f"flannel CNI ADD for {container_ns} gave no IPv4 address ({e!r}): {out!r}"
         ) from None
-    return Container(container_ns, host_ns, address.ip, None)
+    ip6 = address6.ip if address6 is not None else None
+    return Container(container_ns, host_ns, address.ip, None, ip6)

@@ -17,6 +17,14 @@ underlay bridge: etcd listens on it (so every host reaches etcd over the underla
 cluster), and the lab reads /readyz of every daemon through it. Host namespaces have no default
 route: nothing they send can leave the lab.
 
+With `ipv6=True` (`overlayctl lab up --ipv6`) underlay and overlay are dual stack: each host's
+eth0 also gets `<ULA /64>::<index>` (a /64 of fdXX:XXXX:XXXX::/48 derived from the lab's name
+and underlay, so two labs never share one), the network config gets EnableIPv6 with
+IPv6Network (default fd10:1::/48), the daemons find their PublicIPv6 on eth0, the flannel
+CNI plugin gives every container an IPv4 and an IPv6 address, and the matrix probes both
+families. DAD is off in the lab's namespaces (addresses are usable at once); IPv6 forwarding is
+on in the hosts. The udp backend and `attach="bridge"` stay IPv4 only (LabError).
+
 State lives in /run/overlay-lab/NAME/ (state.json, etcd data, per node subnet.env and logs) and
 is written before each thing is created, so `down()` also cleans up after a crashed `up()`;
 it additionally removes anything named with the lab's prefix and any process whose command
@@ -29,6 +37,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -38,7 +47,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +75,7 @@ STATE_ROOT = Path("/run/overlay-lab")
 UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
 HEALTH_PORT = 8286
 DEFAULT_NETWORK = "10.1.0.0/16"
+DEFAULT_NETWORK6 = "fd10:1::/48"
 DEFAULT_PREFIX = "/coreos.com/network"
 BACKENDS = ("vxlan", "udp", "alloc", "host-gw")
 _NAME_RE = re.compile(r"^[a-z0-9]{1,10}$")
@@ -98,6 +108,7 @@ class ContainerState:
     ns: str
     ip: str | None = None
     probe_pid: int | None = None
+    ip6: str | None = None
 
 
 @dataclass
@@ -115,6 +126,9 @@ class NodeState:
     """The Docker container of the host (provider "containers")."""
     container_pid: int | None = None
     """The host pid of that container's init (systemd)."""
+    ip6: str | None = None
+    """The underlay IPv6 address on eth0 (`ipv6` labs)."""
+    subnet6: str | None = None
 
 
 @dataclass
@@ -145,6 +159,10 @@ class LabState:
     """The image of the hosts and etcd (provider "containers")."""
     docker_network: str = ""
     etcd_container: str = ""
+    ipv6: bool = False
+    """Dual stack: IPv6 underlay addresses and EnableIPv6 (see the module docstring)."""
+    underlay6: str = ""
+    network6: str = ""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LabState:
@@ -165,6 +183,7 @@ class MatrixEntry:
     ok: bool
     rtt_ms: float | None
     error: str = ""
+    family: int = 4
 
 
 # --------------------------------------------------------------------------- the lab
@@ -250,8 +269,19 @@ class Lab:
         lease_ttl: str | None = None,
         ready_timeout: float = 60.0,
         attach: str = "cni",
+        ipv6: bool = False,
+        network6: str = DEFAULT_NETWORK6,
     ) -> None:
         """Build the underlay, etcd, the network config, `nodes` daemons and their containers."""
+        if ipv6 and backend == "udp":
+            raise LabError("--ipv6: the udp backend carries IPv4 only (as flannel's)")
+        if ipv6 and attach != "cni":
+            raise LabError("--ipv6 needs --attach cni (the bridge mode is IPv4 only)")
+        if ipv6:
+            try:
+                net6 = IPv6Network(network6, strict=True)
+            except ValueError as e:
+                raise LabError(f"--network6 {network6!r} is not an IPv6 CIDR: {e}") from None
         if backend not in BACKENDS:
             raise LabError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if attach not in ATTACH_MODES:
@@ -279,6 +309,8 @@ class Lab:
             lease_ttl=lease_ttl,
             containers_per_node=containers_per_node,
             attach=attach,
+            ipv6=ipv6,
+            network6=str(net6) if ipv6 else "",
         )
         if etcd_prefix is not None:
             self.state.prefix = etcd_prefix
@@ -296,7 +328,9 @@ class Lab:
             self.save()
             self.state.daemon_endpoints = await self._reachable_endpoints(etcd_endpoints)
             self.save()
-        config = {"Network": str(net), "Backend": {"Type": backend}}
+        config: dict[str, Any] = {"Network": str(net), "Backend": {"Type": backend}}
+        if ipv6:
+            config.update(EnableIPv6=True, IPv6Network=self.state.network6)
         await self.etcdctl("put", f"{self.state.prefix}/config", json.dumps(config))
         self.progress(f"network config written to {self.state.prefix}/config: {config}")
         await self.add_nodes(nodes, ready_timeout=ready_timeout)
@@ -304,6 +338,8 @@ class Lab:
     async def _make_underlay(self) -> None:
         with self._pool_lock():
             self.state.underlay = str(await _free_underlay())
+            if self.state.ipv6:
+                self.state.underlay6 = str(_underlay6(self.name, self.state.underlay))
             self.state.namespaces.append(self.underlay_ns)
             self.save()
             u = self.underlay_ns
@@ -404,6 +440,7 @@ class Lab:
         for node in added:
             env = SubnetEnv.read(self.subnet_file(node.index))
             node.subnet = str(env.subnet)
+            node.subnet6 = str(env.ipv6_subnet) if env.ipv6_subnet is not None else None
             self.save()
             self.progress(f"h{node.index}: ready, subnet {env.subnet}, MTU {env.mtu}")
             await self._add_containers(node, env)
@@ -424,6 +461,8 @@ class Lab:
         self.save()
         self.node_dir(index).mkdir(parents=True, exist_ok=True)
         await add_netns(node.ns)
+        if self.state.ipv6:  # before eth0 exists: its link-local address skips DAD too
+            await _dual_stack_sysctls(node.ns, forwarding=True)
         port = f"h{index}"
         await run(
             "ip", "link", "add", port, "netns", self.underlay_ns, "type", "veth",
@@ -431,8 +470,17 @@ class Lab:
         )  # fmt: skip
         await run("ip", "link", "set", port, "master", "br0", "up", ns=self.underlay_ns)
         await run("ip", "addr", "add", str(ip), "dev", "eth0", ns=node.ns)
+        if self.state.ipv6:
+            net6 = IPv6Network(self.state.underlay6)
+            node.ip6 = str(net6.network_address + index)
+            self.save()
+            addr6 = f"{node.ip6}/{net6.prefixlen}"
+            await run("ip", "addr", "add", addr6, "dev", "eth0", "nodad", ns=node.ns)
         await run("ip", "link", "set", "eth0", "up", ns=node.ns)
-        self.progress(f"h{index}: namespace {node.ns}, underlay address {ip}")
+        self.progress(
+            f"h{index}: namespace {node.ns}, underlay address {ip}"
+            + (f" and {node.ip6}" if node.ip6 else "")
+        )
         return node
 
     def daemon_argv(self, node: NodeState) -> list[str]:
@@ -531,6 +579,8 @@ class Lab:
             self.state.namespaces.append(cont.ns)
             self.save()
             await add_netns(cont.ns)
+            if self.state.ipv6:
+                await _dual_stack_sysctls(cont.ns, forwarding=False)
             if self.state.attach == "cni":
                 attached = await attach_container(
                     node.ns, cont.ns, env, j,
@@ -541,9 +591,13 @@ class Lab:
             else:
                 attached = await attach_container(node.ns, cont.ns, env, j)
             cont.ip = str(attached.ip)
+            cont.ip6 = str(attached.ip6) if attached.ip6 is not None else None
             cont.probe_pid = self._start_probe_server(node.index, cont.ns)
             self.save()
-            self.progress(f"h{node.index}: container {cont.ns} at {cont.ip}")
+            self.progress(
+                f"h{node.index}: container {cont.ns} at {cont.ip}"
+                + (f" and {cont.ip6}" if cont.ip6 else "")
+            )
         for cont in node.containers:
             await self._wait_probe_server(cont)
 
@@ -584,7 +638,8 @@ class Lab:
         node = self.node(index)
         await self.stop_daemon(index)
         if delete_lease and node.subnet is not None:
-            await self.etcdctl("del", self.lease_key(IPv4Network(node.subnet)))
+            sub6 = IPv6Network(node.subnet6) if node.subnet6 else None
+            await self.etcdctl("del", self.lease_key(IPv4Network(node.subnet), sub6))
         for cont in node.containers:
             await delete_netns(cont.ns)
             self._forget_ns(cont.ns)
@@ -622,29 +677,50 @@ class Lab:
         if subnet is None:
             subnet = self._free_subnet_from_top({lease.subnet for lease in leases.values()})
         node.subnet = str(subnet)
+        # Dual stack: an IPv6 subnet from the top too, the PublicIPv6 on eth0, flannel-v6.1.
+        subnet6 = None
+        ip6 = IPv6Address(node.ip6) if node.ip6 else None
+        vtep_mac6 = None
+        if self.state.ipv6:
+            subnet6 = _free_subnet6_from_top(
+                IPv6Network(self.state.network6), {x.subnet6 for x in leases.values()}
+            )
+            node.subnet6 = str(subnet6)
         hostgw = self.state.backend == "host-gw"
         if hostgw:
-            value = flannelhost.flannel_hostgw_lease_value(IPv4Address(node.ip))
+            value = flannelhost.flannel_hostgw_lease_value(IPv4Address(node.ip), ip6)
         else:
             node.vtep_mac = flannelhost.random_vtep_mac()
-            value = flannelhost.flannel_vxlan_lease_value(IPv4Address(node.ip), node.vtep_mac)
+            vtep_mac6 = flannelhost.random_vtep_mac() if subnet6 is not None else None
+            value = flannelhost.flannel_vxlan_lease_value(
+                IPv4Address(node.ip), node.vtep_mac, public_ipv6=ip6, vtep_mac6=vtep_mac6
+            )
         self.save()
         out = await self.etcdctl("lease", "grant", "86400")
         lease_id = out.split()[1]
-        await self.etcdctl("put", f"--lease={lease_id}", self.lease_key(subnet), value)
+        await self.etcdctl("put", f"--lease={lease_id}", self.lease_key(subnet, subnet6), value)
         if hostgw:
             mtu = 1500
-            await flannelhost.enable_forwarding(node.ns)
+            await flannelhost.enable_forwarding(node.ns, ipv6=subnet6 is not None)
         else:
             mtu = 1500 - 50
             assert node.vtep_mac is not None
             await flannelhost.setup_flannel_device(
                 node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
             )
+            if subnet6 is not None and ip6 is not None and vtep_mac6 is not None:
+                mtu = 1500 - 70  # one FLANNEL_MTU for both families, as overlayd writes it
+                await flannelhost.setup_flannel_device(
+                    node.ns, "eth0", ip6, subnet6, vtep_mac6, mtu
+                )
         # IPMASQ=true as flanneld --ip-masq (kube-flannel) writes it, like the overlayd hosts:
         # the CNI delegate then keeps container source addresses. (The masquerade rules for
         # traffic leaving the network are not made here: nothing leaves the lab.)
-        env = SubnetEnv(IPv4Network(self.state.network), subnet, mtu, ipmasq=True)
+        env = SubnetEnv(
+            IPv4Network(self.state.network), subnet, mtu, ipmasq=True,
+            ipv6_network=IPv6Network(self.state.network6) if subnet6 else None,
+            ipv6_subnet=subnet6,
+        )  # fmt: skip
         write_subnet_env(self.subnet_file(node.index), env)
         await self.sync_flannel_host(node.index)
         what = "host-gw" if hostgw else f"VTEP {node.vtep_mac}"
@@ -667,10 +743,15 @@ class Lab:
         for lease in (await self.leases()).values():
             if lease.subnet == own or lease.attrs.backend_type != self.state.backend:
                 continue
+            ip6 = lease.attrs.public_ipv6
+            dual = self.state.ipv6 and lease.subnet6 is not None and ip6 is not None
             if self.state.backend == "host-gw":
                 await flannelhost.add_hostgw_peer(
                     node.ns, "eth0", lease.subnet, lease.attrs.public_ip
                 )
+                if dual:
+                    assert lease.subnet6 is not None and ip6 is not None
+                    await flannelhost.add_hostgw_peer(node.ns, "eth0", lease.subnet6, ip6)
                 continue
             data = lease.attrs.backend_data or {}
             mac = data.get("VtepMAC")
@@ -678,12 +759,17 @@ class Lab:
                 continue
             peer = flannelhost.VxlanPeer(lease.subnet, lease.attrs.public_ip, mac)
             await flannelhost.add_peer(node.ns, peer)
+            mac6 = (lease.attrs.backend_v6_data or {}).get("VtepMAC")
+            if dual and isinstance(mac6, str):
+                assert lease.subnet6 is not None and ip6 is not None
+                await flannelhost.add_peer(node.ns, flannelhost.VxlanPeer(lease.subnet6, ip6, mac6))
 
     # ------------------------------------------------------------------ etcd
 
-    def lease_key(self, subnet: IPv4Network) -> str:
-        """The etcd key of `subnet`'s lease, through the one lease key codec (subnetmgr.model)."""
-        return f"{self.state.prefix}/subnets/{subnet_key(subnet)}"
+    def lease_key(self, subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
+        """The etcd key of `subnet`'s lease (dual stack: with `subnet6`), through the one lease
+        key codec (subnetmgr.model)."""
+        return f"{self.state.prefix}/subnets/{subnet_key(subnet, subnet6)}"
 
     async def etcdctl(self, *args: str, limit: float = 10.0) -> str:
         env = dict(os.environ, ETCDCTL_API="3")
@@ -701,11 +787,11 @@ class Lab:
             key = base64.b64decode(kv["key"]).decode(errors="replace")
             value = base64.b64decode(kv.get("value", ""))
             try:
-                subnet, _ = parse_subnet_key(key.rsplit("/", 1)[-1])
+                subnet, subnet6 = parse_subnet_key(key.rsplit("/", 1)[-1])
                 attrs = LeaseAttrs.from_json(value)
             except MalformedLease:
                 continue
-            result[subnet] = LeaseView(subnet, attrs, int(kv.get("lease", 0)))
+            result[subnet] = LeaseView(subnet, attrs, int(kv.get("lease", 0)), subnet6)
         return result
 
     # ------------------------------------------------------------------ traffic
@@ -728,6 +814,9 @@ class Lab:
                 return []
             ips = [str(dc.ip) for _, dc in targets]
             by_ip = {str(dc.ip): dc.ns for _, dc in targets}
+            if self.state.ipv6 and src.ip6:  # both families (a container without one: IPv4)
+                ips += [dc.ip6 for _, dc in targets if dc.ip6]
+                by_ip.update((dc.ip6, dc.ns) for _, dc in targets if dc.ip6)
             try:
                 out = await run(
                     sys.executable, "-m", "integration.probe", "check",
@@ -738,8 +827,8 @@ class Lab:
             except (CommandError, ValueError) as e:
                 # The probe client itself failed: every probe from this container failed.
                 return [
-                    MatrixEntry(src.ns, by_ip[ip], str(src.ip), ip, proto, False, None,
-                                f"probe client failed: {e}")
+                    MatrixEntry(src.ns, by_ip[ip], _src_ip(src, ip), ip, proto, False, None,
+                                f"probe client failed: {e}", _family(ip))
                     for ip in ips for proto in ("tcp", "udp")
                 ]  # fmt: skip
             entries = []
@@ -748,12 +837,13 @@ class Lab:
                     MatrixEntry(
                         src.ns,
                         by_ip[r["target"]],
-                        str(src.ip),
+                        _src_ip(src, r["target"]),
                         r["target"],
                         r["proto"],
                         r["ok"],
                         r["rtt_ms"],
                         r["error"],
+                        _family(r["target"]),
                     )
                 )
             return entries
@@ -778,7 +868,11 @@ class Lab:
                     "alive": alive if n.kind == "overlayd" else None,
                     "ready": ready if n.kind == "overlayd" else None,
                     "subnet": n.subnet,
-                    "containers": [{"namespace": c.ns, "ip": c.ip} for c in n.containers],
+                    "containers": [
+                        {"namespace": c.ns, "ip": c.ip, **({"ip6": c.ip6} if c.ip6 else {})}
+                        for c in n.containers
+                    ],
+                    **({"public_ipv6": n.ip6, "subnet6": n.subnet6} if n.ip6 else {}),
                 }
             )
         leases: list[dict[str, Any]] = []
@@ -788,6 +882,7 @@ class Lab:
                 leases.append(
                     {
                         "subnet": str(lease.subnet),
+                        **({"subnet6": str(lease.subnet6)} if lease.subnet6 else {}),
                         "public_ip": str(lease.attrs.public_ip),
                         "backend_type": lease.attrs.backend_type,
                         "backend_data": dict(lease.attrs.backend_data or {}),
@@ -801,6 +896,11 @@ class Lab:
             "state_dir": str(self.dir),
             "underlay": self.state.underlay,
             "network": self.state.network,
+            **(
+                {"underlay6": self.state.underlay6, "network6": self.state.network6}
+                if self.state.ipv6
+                else {}
+            ),
             "backend": self.state.backend,
             "etcd": self.state.etcd_endpoint,
             "etcd_prefix": self.state.prefix,
@@ -907,6 +1007,8 @@ class LeaseView:
     attrs: LeaseAttrs
     etcd_lease: int
     """The etcd lease ID (0: a reservation without TTL)."""
+    subnet6: IPv6Network | None = None
+    """The IPv6 subnet of a dual-stack key."""
 
 
 async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> int | None:
@@ -945,3 +1047,40 @@ async def _free_underlay() -> IPv4Network:
         if not any(cand.overlaps(u) for u in used):
             return cand
     raise LabError(f"no free /24 left in the underlay pool {UNDERLAY_POOL}")
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+def _src_ip(src: ContainerState, target: str) -> str:
+    return str(src.ip6) if _family(target) == 6 else str(src.ip)
+
+
+def _underlay6(name: str, underlay: str) -> IPv6Network:
+    """The lab's IPv6 underlay: a /64 of a ULA /48 (fd + 40 bits) derived from its name and
+    IPv4 underlay, so labs that exist at once (distinct underlays) never share it."""
+    digest = hashlib.sha256(f"{name} {underlay}".encode()).digest()
+    prefix = (0xFD << 120) | (int.from_bytes(digest[:5]) << 80)
+    return IPv6Network((prefix, 64))
+
+
+async def _dual_stack_sysctls(ns: str, *, forwarding: bool) -> None:
+    """No duplicate address detection in a lab namespace (addresses usable at once: every
+    address in the lab is unique by construction); IPv6 forwarding on a host."""
+    settings = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+    if forwarding:
+        settings.append("net.ipv6.conf.all.forwarding=1")
+    await run("sysctl", "-qw", *settings, ns=ns)
+
+
+def _free_subnet6_from_top(net6: IPv6Network, taken: set[IPv6Network | None]) -> IPv6Network:
+    """The highest IPv6 subnet of the default length (64, or prefix + 2) not in `taken`."""
+    length = 64 if net6.prefixlen <= 62 else net6.prefixlen + 2
+    step = 1 << (128 - length)
+    top = int(net6.broadcast_address) + 1 - step
+    for i in range(1, 1000):  # a few taken ones at most in a lab
+        sub = IPv6Network((top - i * step + step, length))
+        if sub not in taken:
+            return sub
+    raise LabError(f"no free IPv6 subnet left at the top of {net6}")

@@ -77,18 +77,39 @@ async def _tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 
 async def serve(host: str, port: int) -> None:
+    """Echo on `host`; the default 0.0.0.0 also serves `::` (dual-stack containers) when the
+    namespace has IPv6."""
     loop = asyncio.get_running_loop()
-    server = await asyncio.start_server(_tcp_echo, host, port, reuse_address=True)
-    transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(host, port))
+    hosts = [host]
+    if host == "0.0.0.0" and socket.has_ipv6:
+        hosts.append("::")
+    servers: list[asyncio.Server] = []
+    transports: list[asyncio.BaseTransport] = []
+    for h in hosts:
+        try:
+            servers.append(await asyncio.start_server(_tcp_echo, h, port, reuse_address=True))
+            family = socket.AF_INET6 if ":" in h else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:  # beside the IPv4 socket on the same port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((h, port))
+            transport, _ = await loop.create_datagram_endpoint(_UdpEcho, sock=sock)
+            transports.append(transport)
+        except OSError:
+            if h == host:
+                raise
+            break  # IPv6 disabled in this namespace: IPv4 only
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"probe: serving TCP and UDP on {host}:{port}", flush=True)
+    print(f"probe: serving TCP and UDP on {' and '.join(hosts)} port {port}", flush=True)
     try:
         await stop.wait()
     finally:
-        transport.close()
-        server.close()
+        for t in transports:
+            t.close()
+        for server in servers:
+            server.close()
 
 
 # --------------------------------------------------------------------------- check
@@ -114,7 +135,8 @@ async def probe_tcp(target: str, port: int, limit: float) -> ProbeResult:
 
 async def probe_udp(target: str, port: int, limit: float, tries: int = 3) -> ProbeResult:
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setblocking(False)
     try:
         sock.connect((target, port))

@@ -44,7 +44,13 @@ from overlay.options import Options, parse_options
 from overlay.preflight import HostLock, PreflightError, privilege_problem
 from overlay.reconcile import Reconciler
 from overlay.sdnotify import sd_notify
-from overlay.subnetenv import SubnetEnv, SubnetEnvError, read_previous_subnet, write_subnet_env
+from overlay.subnetenv import (
+    SubnetEnv,
+    SubnetEnvError,
+    read_previous_ipv6_subnet,
+    read_previous_subnet,
+    write_subnet_env,
+)
 from subnetmgr.backoff import Backoff
 from subnetmgr.manager import (
     TAKEN_POLICIES,
@@ -234,6 +240,14 @@ class Overlayd:
                 '(write "Backend": {"Type": "vxlan"} to choose another)',
                 config.backend_type,
             )
+        if config.enable_ipv6 and self.ext.public_ipv6 is None:
+            raise FatalError(
+                f"the network config sets EnableIPv6, but interface {self.ext.name} has no "
+                "global IPv6 address: give it one, or pass --public-ipv6 (FLANNELD_PUBLIC_IPV6)"
+            )
+        if config.enable_ipv6:
+            log.info("dual stack: IPv6 network %s, subnet length /%d, public IPv6 %s",
+                     config.ipv6_network, config.ipv6_subnet_len, self.ext.public_ipv6)  # fmt: skip
         log.info("network %s, subnet length /%d, backend %s", config.network,
                  config.subnet_len, config.backend_type)  # fmt: skip
         try:
@@ -246,17 +260,20 @@ class Overlayd:
             raise FatalError(f"backend {config.backend_type!r}: {e}") from None
         lease_attrs = LeaseAttrs(
             public_ip=self.ext.public_ip,
+            public_ipv6=self.ext.public_ipv6 if config.enable_ipv6 else None,
             backend_type=attrs.backend_type,
             backend_data=attrs.backend_data,
+            backend_v6_data=attrs.backend_v6_data if config.enable_ipv6 else None,
         )
         previous = read_previous_subnet(self.opts.subnet_file)
+        previous6 = read_previous_ipv6_subnet(self.opts.subnet_file)
         if previous is not None:
             log.info("%s names subnet %s from a previous run", self.opts.subnet_file, previous)
 
         async def acquire() -> Lease:
             while True:
                 try:
-                    return await self.manager.acquire(config, lease_attrs, previous)
+                    return await self.manager.acquire(config, lease_attrs, previous, previous6)
                 except AcquireConflict as e:
                     log.warning("%s", e)
                     await asyncio.sleep(1.0)
@@ -266,7 +283,7 @@ class Overlayd:
         except OutOfSubnets as e:
             raise FatalError(f"{e}; widen Network or free a lease (overlayctl leases)") from None
         self.metrics.lease_acquisitions += 1
-        log.info("acquired lease %s for %s", own.subnet, own.attrs.public_ip)
+        log.info("acquired lease %s for %s", own.key, own.attrs.public_ip)
         # From here on the backends see only leases that fit this config, and never a lease
         # over our own subnet.
         self.mirror.config = config
@@ -312,6 +329,8 @@ class Overlayd:
                 subnet=own.subnet,
                 mtu=mtu,
                 ipmasq=self.opts.ip_masq,
+                ipv6_network=self.config.ipv6_network if own.ipv6_subnet else None,
+                ipv6_subnet=own.ipv6_subnet,
             )
             try:
                 write_subnet_env(self.opts.subnet_file, env)
@@ -561,7 +580,7 @@ async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
         return 1
     try:
         ext = await choose_interface(
-            opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip
+            opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip, opts.public_ipv6
         )
     except (InterfaceError, TimeoutError) as e:
         log.error("%s", e or "timed out reading interfaces")

@@ -12,6 +12,14 @@ Neither may be loopback, link-local, unspecified, multicast or reserved (the che
 subnetmgr.validate, which other hosts apply to our lease): `--iface lo` is refused, not
 published as a peer at 127.0.0.1. When nothing matches, the message lists the interfaces that
 exist with their IPv4 addresses.
+
+The public IPv6 address (dual stack) is `--public-ipv6` or the interface's first global IPv6
+address (scope global: a ULA counts, link-local does not; tentative or DAD-failed ones are
+skipped), as flanneld picks it; None when it has none (the daemon refuses EnableIPv6 then).
+`--iface` also takes an IPv6 address of the interface, `--iface-regex` is also matched against
+global IPv6 addresses (after the IPv4 ones, before names), and `--iface-can-reach` also takes
+an IPv6 address (the interface of the IPv6 route to it).
+
 Netlink through backends/links.py (pyroute2's AsyncIPRoute, opened one way for everyone).
 """
 
@@ -21,8 +29,8 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
-from socket import AF_INET
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 from backends.base import ExternalInterface
@@ -45,6 +53,13 @@ class _Link:
     name: str
     mtu: int
     addrs: list[IPv4Address] = field(default_factory=list)
+    addrs6: list[IPv6Address] = field(default_factory=list)
+    """Global-scope IPv6 addresses, in the kernel's order."""
+
+
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+RT_SCOPE_UNIVERSE = 0
 
 
 async def _read_links(ipr: Any) -> dict[int, _Link]:
@@ -56,16 +71,30 @@ async def _read_links(ipr: Any) -> dict[int, _Link]:
         address = msg.get("address") or msg.get("local")
         if link is not None and address:
             link.addrs.append(IPv4Address(address))
+    for msg in await collect(await ipr.addr("dump", family=AF_INET6)):
+        link = links.get(msg["index"])
+        address = msg.get("address")
+        flags = int(msg.get("IFA_FLAGS") or msg.get("flags") or 0)
+        if (
+            link is None
+            or not address
+            or msg.get("scope") != RT_SCOPE_UNIVERSE
+            or flags & (IFA_F_DADFAILED | IFA_F_TENTATIVE)
+        ):
+            continue
+        addr6 = IPv6Address(address)
+        if not addr6.is_link_local and addr6.ipv4_mapped is None:
+            link.addrs6.append(addr6)
     return links
 
 
 def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
     try:
-        ip = IPv4Address(wanted)
+        ip: IPv4Address | IPv6Address | None = ip_address(wanted)
     except ValueError:
         ip = None
     for link in links.values():
-        if ip is not None and ip in link.addrs:
+        if ip is not None and (ip in link.addrs or ip in link.addrs6):
             return link
         if ip is None and link.name == wanted:
             return link
@@ -74,10 +103,14 @@ def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
 
 def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
     rx = re.compile(pattern)
-    # Only links with an IPv4 address can carry the overlay; addresses first, then names.
+    # Only links with an IPv4 address can carry the overlay; addresses first (IPv4, then
+    # global IPv6 ones), then names.
     ordered = sorted((x for x in links.values() if x.addrs), key=lambda link: link.index)
     for link in ordered:
         if any(rx.search(str(a)) for a in link.addrs):
+            return link
+    for link in ordered:
+        if any(rx.search(str(a)) for a in link.addrs6):
             return link
     for link in ordered:
         if rx.search(link.name):
@@ -85,16 +118,20 @@ def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
     return None
 
 
-async def _route_oif(ipr: Any, dst: IPv4Address) -> tuple[int | None, IPv4Address | None]:
+async def _route_oif(
+    ipr: Any, dst: IPv4Address | IPv6Address
+) -> tuple[int | None, IPv4Address | None]:
+    """The interface of the route to `dst` and, for an IPv4 `dst`, the source it would use."""
+    family = AF_INET if dst.version == 4 else AF_INET6
     try:
-        routes = await collect(await ipr.route("get", dst=str(dst)))
+        routes = await collect(await ipr.route("get", dst=str(dst), family=family))
     except Exception:  # netlink error: unreachable network and the like
         return None, None
     for r in routes:
         oif = r.get("oif")
         if oif:
             src = r.get("prefsrc")
-            return int(oif), IPv4Address(src) if src else None
+            return int(oif), IPv4Address(src) if src and dst.version == 4 else None
     return None, None
 
 
@@ -116,8 +153,9 @@ async def _default_oif(ipr: Any) -> int | None:
 async def choose_interface(
     ifaces: Sequence[str] = (),
     regexes: Sequence[str] = (),
-    can_reach: IPv4Address | None = None,
+    can_reach: IPv4Address | IPv6Address | None = None,
     public_ip: IPv4Address | None = None,
+    public_ipv6: IPv6Address | None = None,
     *,
     netns: str | None = None,
     netlink_timeout: float = NETLINK_TIMEOUT,
@@ -166,6 +204,8 @@ async def choose_interface(
         iface_addr=iface_addr,
         public_ip=chosen,
         mtu=link.mtu,
+        iface_addr6=link.addrs6[0] if link.addrs6 else None,
+        public_ipv6=public_ipv6 or (link.addrs6[0] if link.addrs6 else None),
     )
 
 
@@ -185,7 +225,7 @@ async def _choose(
     links: dict[int, _Link],
     ifaces: Sequence[str],
     regexes: Sequence[str],
-    can_reach: IPv4Address | None,
+    can_reach: IPv4Address | IPv6Address | None,
 ) -> tuple[_Link | None, IPv4Address | None, list[str]]:
     tried: list[str] = []
     if ifaces or regexes:

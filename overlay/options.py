@@ -18,7 +18,7 @@ import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,30 @@ def _ipv4(text: str) -> IPv4Address:
         return IPv4Address(text.strip())
     except ValueError:
         raise FlagValueError(f"{text!r} is not an IPv4 address such as 192.168.1.10") from None
+
+
+def _ip_any(text: str) -> IPv4Address | IPv6Address:
+    try:
+        return ip_address(text.strip())
+    except ValueError:
+        raise FlagValueError(
+            f"{text!r} is not an IPv4 or IPv6 address such as 192.168.1.10 or fd00:12::10"
+        ) from None
+
+
+def _ipv6(text: str) -> IPv6Address:
+    try:
+        addr = IPv6Address(text.strip())
+    except ValueError:
+        raise FlagValueError(f"{text!r} is not an IPv6 address such as fd00:12::10") from None
+    if addr.ipv4_mapped is not None or addr.is_link_local or addr.is_multicast:
+        raise FlagValueError(
+            f"{text!r} cannot carry traffic between hosts (IPv4-mapped, link-local or "
+            "multicast): give a global or unique-local IPv6 address"
+        )
+    if addr.is_unspecified or addr.is_loopback:
+        raise FlagValueError(f"{text!r} is unspecified or loopback: give the host's own address")
+    return addr
 
 
 def _regex(text: str) -> str:
@@ -344,20 +368,24 @@ ETCD_FLAGS: tuple[Flag, ...] = (
 
 DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--iface", _iface, (),
-         "interface (name, IPv4 address, or address/length such as 192.0.2.12/24) for traffic "
-         "between hosts; repeat to give candidates, the first that exists wins; loopback and "
-         "link-local addresses are refused", "NAME|IP", repeat=True,
+         "interface (name, IPv4 or IPv6 address, or address/length such as 192.0.2.12/24) for "
+         "traffic between hosts; repeat to give candidates, the first that exists wins; "
+         "loopback and link-local addresses are refused", "NAME|IP", repeat=True,
          shown_default="none"),
     Flag("--iface-regex", _regex, (),
-         "regular expression matched against interface names and IPv4 addresses, tried after "
+         "regular expression matched against interface names and addresses, tried after "
          "--iface; repeatable (its env var holds one regex)", "REGEX", repeat=True,
          env_split=False, shown_default="none"),
-    Flag("--iface-can-reach", _ipv4, None,
-         "use the interface of the route to this IPv4 address (when no --iface/--iface-regex)",
+    Flag("--iface-can-reach", _ip_any, None,
+         "use the interface of the route to this IPv4 or IPv6 address (when no "
+         "--iface/--iface-regex)",
          "IP"),
     Flag("--public-ip", _ipv4, None,
          "IPv4 address other hosts use to reach this one (default: the interface's first "
          "IPv4 address)", "IP"),
+    Flag("--public-ipv6", _ipv6, None,
+         "IPv6 address other hosts use to reach this one with EnableIPv6 (default: the "
+         "interface's first global IPv6 address)", "IPV6"),
     Flag("--subnet-file", _path, DEFAULT_SUBNET_FILE,
          "where to write the subnet.env that the flannel CNI plugin reads", "FILE"),
     Flag("--subnet-lease-renew-margin", _nonneg_int, 60,
@@ -529,8 +557,9 @@ class Options:
     etcd: EtcdFlags
     iface: tuple[str, ...]
     iface_regex: tuple[str, ...]
-    iface_can_reach: IPv4Address | None
+    iface_can_reach: IPv4Address | IPv6Address | None
     public_ip: IPv4Address | None
+    public_ipv6: IPv6Address | None
     subnet_file: Path
     subnet_lease_renew_margin: int
     subnet_lease_ttl: int

@@ -313,6 +313,20 @@ def write_subnet_env(path: Path, env: SubnetEnv) -> None:
         os.close(dir_fd)
 
 
+def read_previous_ipv6_subnet(path: Path) -> IPv6Network | None:
+    """FLANNEL_IPV6_SUBNET of an existing subnet.env, as a network; None when absent, and None
+    (logged) when unusable. Flannel reads it as the previous IPv6 subnet to reuse."""
+    try:
+        text = read_text(path)
+        raw = parse_lines(text, str(path)).get("FLANNEL_IPV6_SUBNET")
+        return None if raw is None else parse_ipv6_cidr(raw)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # SubnetEnvError is a ValueError
+        log.warning("ignoring FLANNEL_IPV6_SUBNET of %s: %s", path, e)
+        return None
+
+
 def read_previous_subnet(path: Path) -> IPv4Network | None:
     """FLANNEL_SUBNET of an existing subnet.env, as a network; None (logged) when unusable.
 

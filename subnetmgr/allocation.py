@@ -9,24 +9,26 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from typing import Literal
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from typing import Literal, TypeVar
 
 from subnetmgr.model import Lease, NetworkConfig, Subnet
+
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
 MAX_CANDIDATES = 100
 """Flannel collects up to this many free subnets and picks one of them at random."""
 
 
-def _span(net: IPv4Network) -> tuple[int, int]:
+def _span(net: IPv4Network | IPv6Network) -> tuple[int, int]:
     """The half-open integer range [first, last + 1) of the addresses in `net`."""
     start = int(net.network_address)
     # From the prefix length: `num_addresses` builds the broadcast address, and allocation
     # computes this for every lease on every attempt.
-    return start, start + (1 << (32 - net.prefixlen))
+    return start, start + (1 << (net.max_prefixlen - net.prefixlen))
 
 
-def _merged_spans(taken: Iterable[IPv4Network]) -> list[tuple[int, int]]:
+def _merged_spans(taken: Iterable[IPv4Network | IPv6Network]) -> list[tuple[int, int]]:
     spans = sorted(_span(n) for n in taken)
     merged: list[tuple[int, int]] = []
     for start, end in spans:
@@ -38,11 +40,15 @@ def _merged_spans(taken: Iterable[IPv4Network]) -> list[tuple[int, int]]:
     return merged
 
 
-def _free_starts(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int) -> list[int]:
-    """The first addresses of up to `limit` free subnets, lowest first (see free_subnets)."""
-    step = 1 << (32 - config.subnet_len)
-    addr = int(config.subnet_min.network_address)
-    last = int(config.subnet_max.network_address)
+def _walk_free(
+    low: _Net, high: _Net, taken: Iterable[IPv4Network | IPv6Network], limit: int
+) -> list[int]:
+    """The first addresses of up to `limit` subnets from `low` to `high` (inclusive, in steps of
+    their size) that overlap none of `taken`, lowest first. O(len(taken) + walked subnets): the
+    taken ranges are merged and swept once."""
+    step = 1 << (low.max_prefixlen - low.prefixlen)
+    addr = int(low.network_address)
+    last = int(high.network_address)
     spans = _merged_spans(taken)
     n = len(spans)
     i = 0
@@ -58,6 +64,11 @@ def _free_starts(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int
         out.append(addr)
         addr += step
     return out
+
+
+def _free_starts(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int) -> list[int]:
+    """The first addresses of up to `limit` free subnets, lowest first (see free_subnets)."""
+    return _walk_free(config.subnet_min, config.subnet_max, taken, limit)
 
 
 def free_subnets(
@@ -90,6 +101,35 @@ def taken_subnets(config: NetworkConfig, leases: Iterable[Lease]) -> list[IPv4Ne
     return [lease.subnet for lease in leases if blocks(config, lease.subnet)]
 
 
+def blocks_ipv6(config: NetworkConfig, subnet: IPv6Network) -> bool:
+    """`blocks` for the IPv6 part of a dual-stack key: every IPv6 subnet a config for this
+    IPv6Network could hand out (a prefix from IPv6Network's + 2 to /126, inside it) blocks."""
+    net = config.ipv6_network
+    return (
+        net is not None and net.prefixlen + 2 <= subnet.prefixlen <= 126 and subnet.subnet_of(net)
+    )
+
+
+def taken_ipv6_subnets(config: NetworkConfig, leases: Iterable[Lease]) -> list[IPv6Network]:
+    """The IPv6 parts of `leases` that block IPv6 allocation (see `blocks_ipv6`)."""
+    return [
+        lease.ipv6_subnet
+        for lease in leases
+        if lease.ipv6_subnet is not None and blocks_ipv6(config, lease.ipv6_subnet)
+    ]
+
+
+def free_ipv6_subnets(
+    config: NetworkConfig, taken: Iterable[IPv6Network], limit: int = MAX_CANDIDATES
+) -> list[IPv6Network]:
+    """Walk IPv6SubnetMin..IPv6SubnetMax in IPv6SubnetLen steps and return up to `limit` IPv6
+    subnets that overlap none of `taken`, lowest first ([] without EnableIPv6)."""
+    low, high = config.ipv6_subnet_min, config.ipv6_subnet_max
+    if not config.enable_ipv6 or low is None or high is None:
+        return []
+    return [IPv6Network((a, config.ipv6_subnet_len)) for a in _walk_free(low, high, taken, limit)]
+
+
 def is_free(subnet: IPv4Network, taken: Iterable[IPv4Network]) -> bool:
     """Whether `subnet` overlaps none of `taken`."""
     return not any(subnet.overlaps(t) for t in taken)
@@ -108,7 +148,9 @@ def own_leases(
         for lease in leases
         if lease.attrs.public_ip == public_ip
         and config.contains(lease.subnet)
-        and lease.ipv6_subnet is None  # a dual-stack lease does not fit: we acquire IPv4 only
+        # With EnableIPv6 only a dual-stack key fits, without it only an IPv4 key (flannel's
+        # isIPv6SubnetConfigCompat): the key names both subnets, so it cannot be updated in place.
+        and config.contains_ipv6(lease.ipv6_subnet)
     ]
     return sorted(mine, key=lambda lease: (not lease.reserved, int(lease.subnet.network_address)))
 
@@ -124,6 +166,8 @@ class Choice:
     subnet: Subnet
     reason: Literal["own", "reserved", "previous", "random"]
     existing: Lease | None = None
+    ipv6_subnet: IPv6Network | None = None
+    """With EnableIPv6: the IPv6 subnet claimed with it (one dual-stack key names both)."""
 
 
 def choose(
@@ -133,25 +177,45 @@ def choose(
     previous: IPv4Network | None = None,
     rng: random.Random | None = None,
     candidates: int = MAX_CANDIDATES,
+    previous_ipv6: IPv6Network | None = None,
 ) -> Choice | None:
     """Flannel's order of preference; None means "out of subnets".
 
-    1. a lease or reservation whose PublicIP is ours and that fits the config;
-    2. `previous` (from subnet.env) when it fits the config and overlaps no other lease;
-    3. a random one among the first `candidates` free subnets (flannel: 100).
+    1. a lease or reservation whose PublicIP is ours and that fits the config (with EnableIPv6:
+       a dual-stack key whose IPv6 part fits too);
+    2. `previous` (from subnet.env) when it fits the config and overlaps no other lease; with
+       EnableIPv6 `previous_ipv6` must fit too and overlap no other lease's IPv6 part;
+    3. a random one among the first `candidates` free subnets (flannel: 100) and, with
+       EnableIPv6, independently a random one among the first `candidates` free IPv6 subnets
+       (flannel's allocateSubnet). No free IPv4 or no free IPv6 subnet: out of subnets.
 
-    "Overlaps" counts only the leases that `blocks` says block: a rogue `0.0.0.0-0` does not
-    make every subnet taken.
+    "Overlaps" counts only the leases that `blocks` (`blocks_ipv6`) says block: a rogue
+    `0.0.0.0-0` does not make every subnet taken.
     """
     mine = own_leases(config, leases, public_ip)
     if mine:
         lease = mine[0]
-        return Choice(lease.subnet, "reserved" if lease.reserved else "own", lease)
+        return Choice(
+            lease.subnet, "reserved" if lease.reserved else "own", lease, lease.ipv6_subnet
+        )
     taken = taken_subnets(config, leases)
-    if previous is not None and config.contains(previous) and is_free(previous, taken):
-        return Choice(previous, "previous")
+    taken6 = taken_ipv6_subnets(config, leases) if config.enable_ipv6 else []
+    if (
+        previous is not None
+        and config.contains(previous)
+        and is_free(previous, taken)
+        and config.contains_ipv6(previous_ipv6)
+        and (previous_ipv6 is None or not any(previous_ipv6.overlaps(t) for t in taken6))
+    ):
+        return Choice(previous, "previous", None, previous_ipv6)
     free = _free_starts(config, taken, candidates)
     if not free:
         return None
-    start = (rng or random.Random()).choice(free)
-    return Choice(IPv4Network((start, config.subnet_len)), "random")
+    rng = rng or random.Random()
+    subnet = IPv4Network((rng.choice(free), config.subnet_len))
+    if not config.enable_ipv6:
+        return Choice(subnet, "random")
+    free6 = free_ipv6_subnets(config, taken6, candidates)
+    if not free6:
+        return None
+    return Choice(subnet, "random", None, rng.choice(free6))

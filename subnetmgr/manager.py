@@ -178,7 +178,6 @@ class SubnetManager:
         self.ttl = ttl
         self.max_attempts = max_attempts
         self._rng = rng or random.Random()
-        self._warned_ipv6 = False
         self.config_revision = 0
         """The store revision at which wait_for_config read the config it returned."""
 
@@ -227,19 +226,17 @@ class SubnetManager:
     # ------------------------------------------------------------------ acquire
 
     async def acquire(
-        self, config: NetworkConfig, attrs: LeaseAttrs, previous: Subnet | None = None
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        previous: Subnet | None = None,
+        previous_ipv6: IPv6Network | None = None,
     ) -> Lease:
         """Get a lease for `attrs.public_ip`; see allocation.choose for the order.
 
         Raises OutOfSubnets when no subnet is free, AcquireConflict after `max_attempts`
         lost races, RegistryError when etcd cannot be used.
         """
-        if config.enable_ipv6 and not self._warned_ipv6:
-            log.warning(
-                "EnableIPv6 is set in the network config, but overlay acquires IPv4 leases only "
-                "(no IPv6 subnet in the lease key); IPv6 traffic is not routed"
-            )
-            self._warned_ipv6 = True
         known: dict[tuple[Subnet, IPv6Network | None], Lease] = {}
         revision = 0
         relist = True
@@ -261,20 +258,26 @@ class SubnetManager:
             # few subnets. An uncontended join is flannel's exactly.
             pool = allocation.MAX_CANDIDATES << min(2 * (attempt - 1), WIDEN_STEPS)
             choice = allocation.choose(
-                config, leases, attrs.public_ip, previous, self._rng, candidates=pool
+                config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6
             )
             if choice is None and not relist:  # perhaps freed meanwhile: look at everything
                 listed, revision = await self.registry.list_leases(expirations=False)
                 known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
                 leases = listed + self._undecodable_keys()
                 choice = allocation.choose(
-                    config, leases, attrs.public_ip, previous, self._rng, candidates=pool
+                    config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6
                 )
             if choice is None:
                 raise OutOfSubnets(
                     f"out of subnets: no free /{config.subnet_len} left between "
                     f"{config.subnet_min.network_address} and {config.subnet_max.network_address} "
-                    f"in {config.network} ({len(leases)} leases); widen Network or SubnetMin/"
+                    f"in {config.network}"
+                    + (
+                        f" (or no free /{config.ipv6_subnet_len} in {config.ipv6_network})"
+                        if config.enable_ipv6
+                        else ""
+                    )
+                    + f" ({len(leases)} leases); widen Network or SubnetMin/"
                     "SubnetMax, or delete stale leases"
                 )
             # Only a lost create race is repaired by the keys created since; after anything
@@ -282,13 +285,19 @@ class SubnetManager:
             relist = choice.existing is not None
             if choice.existing is not None:
                 lease = await self.registry.update_lease(choice.existing, attrs, self.ttl)
-            else:
+            elif choice.ipv6_subnet is None:
                 lease = await self.registry.create_lease(choice.subnet, attrs, self.ttl)
+            else:
+                lease = await self.registry.create_lease(
+                    choice.subnet, attrs, self.ttl, choice.ipv6_subnet
+                )
+                if lease is not None:
+                    lease = await self._check_dual_stack_race(config, lease, revision)
             if lease is not None:
                 log.info(
                     "acquired %s %s for %s (%s)",
                     "reservation" if lease.reserved else "lease",
-                    lease.subnet,
+                    lease.key,
                     attrs.public_ip,
                     choice.reason,
                 )
@@ -305,6 +314,46 @@ class SubnetManager:
             f"could not claim a subnet for {attrs.public_ip} in {self.max_attempts} attempts: "
             "other hosts took each one first; try again"
         )
+
+    async def _check_dual_stack_race(
+        self, config: NetworkConfig, lease: Lease, revision: int
+    ) -> Lease | None:
+        """`lease` (a dual-stack key just created) when no older key names an overlapping IPv4
+        or IPv6 subnet, else None with our key deleted again.
+
+        etcd's transaction guards the whole key only: two hosts choosing the same IPv4 subnet
+        with different IPv6 subnets (or the reverse) at once would both succeed, their keys
+        being different (flannel has that race). Of two such keys the older (lower creation
+        revision, then the smaller key) keeps the subnet, the rule every host's validation
+        applies (subnetmgr.validate); the younger gives its key back and tries again, as after
+        a lost create.
+
+        Only keys created after `revision` can conflict: allocation saw every key up to it and
+        chose subnets none of them overlaps. So this lists only those (usually ours alone)."""
+        sub6 = lease.ipv6_subnet
+        assert sub6 is not None
+        listed, _ = await self.registry.list_leases(expirations=False, created_after=revision)
+        mine = (lease.create_revision, lease.key)
+        older = [
+            other.key
+            for other in listed
+            if other.key != lease.key
+            and (other.create_revision, other.key) < mine
+            and (
+                (allocation.blocks(config, other.subnet) and other.subnet.overlaps(lease.subnet))
+                or (
+                    other.ipv6_subnet is not None
+                    and allocation.blocks_ipv6(config, other.ipv6_subnet)
+                    and other.ipv6_subnet.overlaps(sub6)
+                )
+            )
+        ]
+        if not older:
+            return lease
+        log.info("subnet %s was taken meanwhile by %s; giving our key back", lease.key,
+                 older[0])  # fmt: skip
+        await self.registry.delete_lease(lease.subnet, sub6)
+        return None
 
     def _undecodable_keys(self) -> list[Lease]:
         """A stand-in lease (PublicIP 0.0.0.0, so never ours) for each key whose value does not
@@ -344,9 +393,11 @@ class SubnetManager:
         while True:
             try:
                 if current is None:
-                    lease, revision = await self.registry.get_lease(lost.subnet)
+                    lease, revision = await self.registry.get_lease(lost.subnet, lost.ipv6_subnet)
                     if lease is None:
-                        new = await self.registry.create_lease(lost.subnet, lost.attrs, self.ttl)
+                        new = await self.registry.create_lease(
+                            lost.subnet, lost.attrs, self.ttl, lost.ipv6_subnet
+                        )
                         if new is not None:
                             return new
                         # The key exists: a value that does not decode (get_lease skips it),
@@ -363,7 +414,7 @@ class SubnetManager:
                             await self._report(lost, current, on_event)
                         if self.on_taken == "move":
                             return await self.acquire(config, lost.attrs)
-                        await self._key_changed(lost.subnet, revision)
+                        await self._key_changed(lost, revision)
                         current = None
                         backoff.reset()
                         continue
@@ -379,7 +430,7 @@ class SubnetManager:
                     await self._report(lost, current, on_event)
                 if current.kind == "taken" and self.on_taken == "move":
                     return await self.acquire(config, lost.attrs)
-                await self._key_changed(lost.subnet, revision)
+                await self._key_changed(lost, revision)
                 current = None
                 backoff.reset()
             except LeaseLost:
@@ -402,11 +453,13 @@ class SubnetManager:
                       "be free (policy wait; see docs/subnetmgr.md)")  # fmt: skip
             await on_event(OwnLeaseEvent("taken", lost, loss.reason, loss.holder))
 
-    async def _key_changed(self, subnet: Subnet, revision: int) -> None:
-        """Return at the first change of `subnet`'s key after `revision` (0: look first)."""
+    async def _key_changed(self, lease: Lease, revision: int) -> None:
+        """Return at the first change of `lease`'s key after `revision` (0: look first)."""
         if revision == 0:
-            _lease, revision = await self.registry.get_lease(subnet)
-        async for _event in self.registry.watch_leases(revision + 1, subnet):
+            _lease, revision = await self.registry.get_lease(lease.subnet, lease.ipv6_subnet)
+        async for _event in self.registry.watch_leases(
+            revision + 1, lease.subnet, lease.ipv6_subnet
+        ):
             return
         raise RegistryError("the watch on our lease's key ended")
 
@@ -459,12 +512,14 @@ class SubnetManager:
             backoff = Backoff(0.2, 5.0)
             while True:
                 try:
-                    lease, revision = await self.registry.get_lease(own.subnet)
+                    lease, revision = await self.registry.get_lease(own.subnet, own.ipv6_subnet)
                     if lease is None or lease.attrs != own.attrs:
                         set_lost(_loss_of(own, None if lease is None else lease.attrs))
                         return
                     backoff.reset()
-                    async for ev in self.registry.watch_leases(revision + 1, own.subnet):
+                    async for ev in self.registry.watch_leases(
+                        revision + 1, own.subnet, own.ipv6_subnet
+                    ):
                         if ev.kind == "removed":
                             set_lost(_loss_of(own, None))
                             return

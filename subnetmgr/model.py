@@ -360,6 +360,20 @@ class NetworkConfig:
             subnet.network_address
         ) <= int(self.subnet_max.network_address)
 
+    def contains_ipv6(self, subnet: IPv6Network | None) -> bool:
+        """Whether `subnet` is the IPv6 part a lease under this config must have: None without
+        EnableIPv6, else a /IPv6SubnetLen within IPv6SubnetMin..IPv6SubnetMax (flannel's
+        isIPv6SubnetConfigCompat)."""
+        if not self.enable_ipv6 or self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
+            return subnet is None
+        return (
+            subnet is not None
+            and subnet.prefixlen == self.ipv6_subnet_len
+            and int(self.ipv6_subnet_min.network_address)
+            <= int(subnet.network_address)
+            <= int(self.ipv6_subnet_max.network_address)
+        )
+
     @classmethod
     def from_json(cls, text: str | bytes) -> NetworkConfig:
         """Parse and check a config; any input gives a NetworkConfig or ConfigError (limits: see
@@ -380,7 +394,10 @@ class NetworkConfig:
         enable_nft = _bool(doc, "enablenftables", "EnableNFTables", False)
         if not enable_ipv4:
             raise ConfigError(
-                "EnableIPv4", False, "IPv6-only networks are not supported by overlay yet"
+                "EnableIPv4",
+                False,
+                "IPv6-only networks are not supported by overlay yet (dual stack is: "
+                "EnableIPv4 true with EnableIPv6 and IPv6Network)",
             )
         net_raw = doc.get("network")
         if net_raw is None:

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Network
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -142,12 +142,18 @@ class Registry(Protocol):
         list it had."""
         ...
 
-    async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
-        """One lease (None when absent or malformed) and the store revision."""
+    async def get_lease(
+        self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None
+    ) -> tuple[Lease | None, int]:
+        """One lease (None when absent or malformed) and the store revision; with `ipv6_subnet`
+        the dual-stack key naming both."""
         ...
 
-    async def create_lease(self, subnet: Subnet, attrs: LeaseAttrs, ttl: int) -> Lease | None:
-        """Create the key atomically; None when it exists already."""
+    async def create_lease(
+        self, subnet: Subnet, attrs: LeaseAttrs, ttl: int, ipv6_subnet: IPv6Network | None = None
+    ) -> Lease | None:
+        """Create the key atomically (a dual-stack key with `ipv6_subnet`); None when it exists
+        already."""
         ...
 
     async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
@@ -159,18 +165,26 @@ class Registry(Protocol):
         """Same value, new expiration; raises LeaseLost when the key is gone or changed."""
         ...
 
-    async def delete_lease(self, subnet: Subnet) -> bool: ...
+    async def delete_lease(
+        self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None
+    ) -> bool: ...
 
     async def reserve(self, subnet: Subnet, public_ip: IPv4Address) -> None: ...
 
     async def unreserve(self, subnet: Subnet) -> bool: ...
 
     def watch_leases(
-        self, start_revision: int, subnet: Subnet | None = None
+        self,
+        start_revision: int,
+        subnet: Subnet | None = None,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseEvent]: ...
 
     def watch_lease_batches(
-        self, start_revision: int, subnet: Subnet | None = None
+        self,
+        start_revision: int,
+        subnet: Subnet | None = None,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseBatch]: ...
 
     async def close(self) -> None: ...
@@ -250,8 +264,8 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ helpers
 
-    def key(self, subnet: Subnet) -> bytes:
-        return self._subnets + subnet_key(subnet).encode()
+    def key(self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None) -> bytes:
+        return self._subnets + subnet_key(subnet, ipv6_subnet).encode()
 
     @property
     def timeout(self) -> float:
@@ -513,8 +527,10 @@ class EtcdRegistry:
                 leases.append(lease)
         return leases, int(resp.header.revision)
 
-    async def get_lease(self, subnet: Subnet) -> tuple[Lease | None, int]:
-        resp = await self._range(self.key(subnet))
+    async def get_lease(
+        self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None
+    ) -> tuple[Lease | None, int]:
+        resp = await self._range(self.key(subnet, ipv6_subnet))
         revision = int(resp.header.revision)
         if not resp.kvs:
             return None, revision
@@ -529,8 +545,10 @@ class EtcdRegistry:
         )
         return lease, revision
 
-    async def create_lease(self, subnet: Subnet, attrs: LeaseAttrs, ttl: int) -> Lease | None:
-        key = self.key(subnet)
+    async def create_lease(
+        self, subnet: Subnet, attrs: LeaseAttrs, ttl: int, ipv6_subnet: IPv6Network | None = None
+    ) -> Lease | None:
+        key = self._subnets + subnet_key(subnet, ipv6_subnet).encode()
         lease_id, expiry = await self._grant_or_spare(ttl)
         compare = rpc.Compare(
             key=key, target=rpc.Compare.VERSION, result=rpc.Compare.EQUAL, version=0
@@ -546,7 +564,7 @@ class EtcdRegistry:
         if not resp.succeeded:
             await self._keep_spare(lease_id, ttl, expiry)
             return None
-        return Lease(subnet, attrs, None, expiry, int(resp.header.revision))
+        return Lease(subnet, attrs, ipv6_subnet, expiry, int(resp.header.revision))
 
     async def _grant_or_spare(self, ttl: int) -> tuple[int, float]:
         """A fresh etcd lease: one left unattached by a lost race moments ago, else a new one.
@@ -622,9 +640,9 @@ class EtcdRegistry:
             raise LeaseLost(f"lease {lease.subnet} of {lease.attrs.public_ip} was lost: {why}")
         return new
 
-    async def delete_lease(self, subnet: Subnet) -> bool:
+    async def delete_lease(self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None) -> bool:
         async def go(c: EtcdConnection, md: Any) -> Any:
-            req = rpc.DeleteRangeRequest(key=self.key(subnet))
+            req = rpc.DeleteRangeRequest(key=self.key(subnet, ipv6_subnet))
             return await c.kv.DeleteRange(req, timeout=self.timeout, metadata=md)
 
         resp = await self._conn.call("delete", go)
@@ -708,7 +726,10 @@ class EtcdRegistry:
     # ------------------------------------------------------------------ watch
 
     async def watch_lease_batches(
-        self, start_revision: int, subnet: Subnet | None = None
+        self,
+        start_revision: int,
+        subnet: Subnet | None = None,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseBatch]:
         """Lease events from `start_revision` on, one LeaseBatch per etcd watch response.
 
@@ -720,7 +741,7 @@ class EtcdRegistry:
         if subnet is None:
             key, end = self._subnets, self._subnets_end
         else:
-            key, end = self.key(subnet), b""
+            key, end = self.key(subnet, ipv6_subnet), b""
         req = rpc.WatchCreateRequest(
             key=key, range_end=end, start_revision=start_revision, prev_kv=True
         )
@@ -778,9 +799,12 @@ class EtcdRegistry:
         return LeaseEvent("removed", last, revision)
 
     async def watch_leases(
-        self, start_revision: int, subnet: Subnet | None = None
+        self,
+        start_revision: int,
+        subnet: Subnet | None = None,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseEvent]:
         """Like `watch_lease_batches`, one event at a time."""
-        async for batch in self.watch_lease_batches(start_revision, subnet):
+        async for batch in self.watch_lease_batches(start_revision, subnet, ipv6_subnet):
             for event in batch:
                 yield event

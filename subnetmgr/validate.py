@@ -7,7 +7,15 @@ Every lease that decodes is checked before any backend sees it (`check_lease`):
 - its prefix length is `SubnetLen` ("wrong_prefix_len": a /25 inside a host's /24). Keys have
   no host bits (model.parse_subnet_key), so a lease of that length inside Network is aligned;
 - its PublicIP is a usable unicast address ("unusable_public_ip": 0.0.0.0/8, loopback,
-  multicast, link-local, 240.0.0.0/4 including 255.255.255.255).
+  multicast, link-local, 240.0.0.0/4 including 255.255.255.255);
+- with EnableIPv6, the IPv6 part of a dual-stack key lies inside `IPv6Network`
+  ("ipv6_outside_network") with the prefix length `IPv6SubnetLen` ("ipv6_wrong_prefix_len"),
+  and a PublicIPv6, when given, is usable ("unusable_public_ipv6": unspecified, loopback,
+  multicast, link-local, IPv4-mapped or reserved). A lease without an IPv6 part is an IPv4
+  peer; without EnableIPv6 the IPv6 part is not used and not checked.
+
+Two dual-stack leases with different IPv4 subnets may still name one IPv6 subnet; a backend's
+IPv6 plan keeps one of them (`ipv6_owners`, same rule as `pick`).
 
 Then, among the leases that pass, at most one per subnet (`select_leases`): our own lease always
 keeps its subnet ("overlaps_own" for any other key naming it, e.g. a dual-stack key
@@ -22,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from subnetmgr.model import Lease, NetworkConfig, Subnet, printable
 
@@ -30,10 +38,13 @@ __all__ = [
     "Ignored",
     "IgnoredLeases",
     "Selection",
+    "check_ipv6",
     "check_lease",
+    "ipv6_owners",
     "pick",
     "select_leases",
     "unusable_public_ip",
+    "unusable_public_ipv6",
 ]
 
 log = logging.getLogger("overlay.subnetmgr.validate")
@@ -56,6 +67,60 @@ def unusable_public_ip(ip: IPv4Address) -> str | None:
     return None
 
 
+def unusable_public_ipv6(ip: IPv6Address) -> str | None:
+    """Why `ip` cannot be a host's PublicIPv6 (a VXLAN or host-gw peer), or None when it can."""
+    if ip.is_unspecified:
+        return "unspecified (::)"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.ipv4_mapped is not None:
+        return "IPv4-mapped"
+    if ip.is_reserved:  # ::/8 and the other IETF-reserved blocks
+        return "reserved"
+    return None
+
+
+def check_ipv6(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
+    """(reason, detail) when the IPv6 part of `lease` cannot be used under `config`."""
+    sub6 = lease.ipv6_subnet
+    net6 = config.ipv6_network
+    if not config.enable_ipv6 or net6 is None or sub6 is None:
+        return None
+    if not sub6.subnet_of(net6):
+        return "ipv6_outside_network", f"{sub6} is not inside IPv6Network {net6}"
+    if sub6.prefixlen != config.ipv6_subnet_len:
+        return (
+            "ipv6_wrong_prefix_len",
+            f"{sub6} is a /{sub6.prefixlen}, the network config says IPv6SubnetLen "
+            f"{config.ipv6_subnet_len}",
+        )
+    ip6 = lease.attrs.public_ipv6
+    why = None if ip6 is None else unusable_public_ipv6(ip6)
+    if why is not None:
+        return "unusable_public_ipv6", f"PublicIPv6 {ip6} is {why}"
+    return None
+
+
+def ipv6_owners(leases: Iterable[Lease], own: Lease | None = None) -> dict[IPv6Network, Lease]:
+    """The one lease that may use each IPv6 subnet among `leases` (each passed check_lease):
+    none when it is our own IPv6 subnet, else the oldest by etcd creation revision, then the
+    smaller key, as `pick` does for IPv4 subnets, so that every host decides alike."""
+    out: dict[IPv6Network, Lease] = {}
+    own6 = own.ipv6_subnet if own is not None else None
+    for lease in leases:
+        sub6 = lease.ipv6_subnet
+        if sub6 is None or sub6 == own6:
+            continue
+        kept = out.get(sub6)
+        if kept is None or _age(lease) < _age(kept):
+            out[sub6] = lease
+    return out
+
+
 def check_lease(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
     """(reason, detail) when `lease` on its own cannot be a peer under `config`, else None."""
     subnet = lease.subnet
@@ -75,7 +140,7 @@ def check_lease(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
     why = unusable_public_ip(lease.attrs.public_ip)
     if why is not None:
         return "unusable_public_ip", f"PublicIP {lease.attrs.public_ip} is {why}"
-    return None
+    return check_ipv6(config, lease)
 
 
 def _age(lease: Lease) -> tuple[int, str]:

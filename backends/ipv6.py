@@ -1,0 +1,419 @@
+"""The IPv6 half of dual stack, shared by vxlan and host-gw: the plan and a level-triggered pass.
+
+With `EnableIPv6` a lease's key names an IPv6 subnet too (`10.1.5.0-24&fd00:1:0:5::-64`) and
+its value a `PublicIPv6`. A vxlan peer also publishes `BackendV6Data` (`{"VNI":1,"VtepMAC":...}`,
+the VTEP MAC of its second device `flannel-v6.<VNI>`). Per remote lease the kernel gets:
+
+- vxlan (on flannel-v6.N, as for IPv4 on flannel.N): a permanent neighbour
+  `<remote v6 subnet address> lladdr <remote v6 VtepMAC>`, a permanent FDB entry
+  `<remote v6 VtepMAC> dst <remote PublicIPv6> self`, and a route
+  `<remote v6 subnet> via <remote v6 subnet address> dev flannel-v6.N onlink`;
+- host-gw: a route `<remote v6 subnet> via <remote PublicIPv6> dev <external interface>`
+  (proto 77), only when the PublicIPv6 is on-link.
+
+`desired_v6()` is the pure plan. `V6Pass` applies it through pyroute2 in two kinds of pass:
+
+- full (`full=True`: start, every --resync-period, after an error or a failed entry, a new
+  device): reads what the kernel has through pyroute2 (three dumps at most: the entries of one
+  device, or our proto-77 routes) and applies the difference, the writes batched over raw
+  netlink (backends/netlink.py, one send per 256 requests). It is idempotent, repairs entries
+  deleted by hand, removes stale ones and leaves entries that are already right untouched;
+- on lease events (`full=False`): compares the desired peers with those the previous pass left
+  in the kernel and applies only that difference, reading nothing (a few requests per event
+  whatever the number of peers). Damage by hand waits for the next full pass, as with the IPv4
+  side's incremental passes (which read their keys back: the raw netlink client of
+  backends/netlink.py is IPv4 only).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv6Address, IPv6Network
+from socket import AF_INET6
+from typing import Any
+
+from backends import netlink as nl
+from backends.links import LinkClient, check_netns
+from backends.vxlan_plan import ZERO_MAC, vtep_mac_of
+from subnetmgr.model import Lease, Subnet
+from subnetmgr.validate import ipv6_owners
+
+log = logging.getLogger(__name__)
+
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+RTNH_F_ONLINK = 0x4
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+RTPROT_KERNEL = 2
+RTPROT_RA = 9
+IFA_F_NODAD = 0x02
+_GONE = {errno.ENOENT, errno.ESRCH}
+
+
+@dataclass(frozen=True)
+class V6Peer:
+    """One remote host's IPv6 side: its v6 subnet, PublicIPv6 and (vxlan) v6 VTEP MAC."""
+
+    subnet: IPv6Network
+    public_ipv6: IPv6Address
+    vtep_mac: str | None
+
+
+def desired_v6(
+    peers: Mapping[Subnet, Lease],
+    own: Lease | None,
+    backend_type: str,
+    *,
+    need_mac: bool,
+    skipped: set[tuple[str, str]],
+) -> dict[IPv6Network, V6Peer]:
+    """The IPv6 peers to program among `peers` (already checked by subnetmgr.validate).
+
+    Leases of other backend types and IPv4-only leases are left out silently. A dual-stack lease
+    without PublicIPv6, or (vxlan) without a valid BackendV6Data VtepMAC, is logged once (per
+    key and reason, via `skipped`) and left out; its IPv4 side is unaffected. Of two leases
+    naming one IPv6 subnet the older keeps it (validate.ipv6_owners); our own IPv6 subnet is
+    never a peer's."""
+    out: dict[IPv6Network, V6Peer] = {}
+    mine = [lease for lease in peers.values() if lease.attrs.backend_type == backend_type]
+    owners = ipv6_owners(mine, own)
+    for lease in mine:
+        sub6 = lease.ipv6_subnet
+        if sub6 is None:
+            continue
+        why = None
+        mac = None
+        if owners.get(sub6) is not lease:
+            why = (
+                f"its IPv6 subnet {sub6} is ours"
+                if own is not None and own.ipv6_subnet == sub6
+                else f"its IPv6 subnet {sub6} belongs to the older lease {owners[sub6].key}"
+            )
+        elif lease.attrs.public_ipv6 is None:
+            why = "it has an IPv6 subnet but no PublicIPv6"
+        elif need_mac:
+            try:
+                mac = vtep_mac_of(lease, v6=True)
+            except ValueError as e:
+                why = str(e)
+        if why is not None:
+            token = (lease.key, why)
+            if token not in skipped:
+                skipped.add(token)
+                log.warning("%s: skipping the IPv6 side of lease %s: %s", backend_type,
+                            lease.key, why)  # fmt: skip
+            continue
+        assert lease.attrs.public_ipv6 is not None
+        out[sub6] = V6Peer(sub6, lease.attrs.public_ipv6, mac)
+    return out
+
+
+@dataclass
+class V6Stats:
+    """What the last IPv6 pass did."""
+
+    peers: int = 0
+    applied: int = 0
+    failed: int = 0
+    full: bool = True
+    """False: only the difference to the previous pass was applied (nothing read)."""
+
+
+def _route_key(msg: Any) -> tuple[IPv6Network, IPv6Address | None, int | None, bool]:
+    dst = msg.get_attr("RTA_DST") or "::"
+    gw = msg.get_attr("RTA_GATEWAY")
+    return (
+        IPv6Network(f"{dst}/{msg['dst_len']}"),
+        IPv6Address(gw) if gw else None,
+        msg.get_attr("RTA_OIF"),
+        bool(msg["flags"] & RTNH_F_ONLINK),
+    )
+
+
+class V6Pass:
+    """The passes over the IPv6 entries of one data path (see the module docstring): `vxlan()`
+    for flannel-v6.<VNI>'s entries, `hostgw()` for IPv6 routes on the external interface."""
+
+    def __init__(self, links: LinkClient, name: str, netns: str | None = None) -> None:
+        self.links = links
+        self.name = name
+        self.netns = netns
+        self.last = V6Stats()
+        self._nl: nl.RtnlSocket | None = None
+        self._queue: list[tuple[nl.Request, bool]] = []
+        """A full pass's writes (request, is a delete), sent in one batch by _flush()."""
+        self._applied: dict[IPv6Network, V6Peer] | None = None
+        """What the previous pass left in the kernel; None: the next pass must be full."""
+        self._applied_for: tuple[str, int] | None = None
+        """(kind, device index) that `_applied` is about."""
+
+    async def _run(
+        self,
+        kind: str,
+        index: int,
+        desired: Mapping[IPv6Network, V6Peer],
+        full: bool,
+        full_pass: Callable[[V6Stats], Awaitable[None]],
+        diff_pass: Callable[[dict[IPv6Network, V6Peer], V6Stats], Awaitable[None]],
+    ) -> V6Stats:
+        previous = self._applied
+        self._applied = None  # an exception leaves it so: the next pass is a full one
+        stats = V6Stats(peers=len(desired), full=True)
+        if full or previous is None or self._applied_for != (kind, index):
+            self._queue = []
+            try:
+                await full_pass(stats)
+                await self._flush(stats)
+            finally:
+                self._queue = []
+        else:
+            stats.full = False
+            await diff_pass(previous, stats)
+        if not stats.failed:
+            self._applied = dict(desired)
+            self._applied_for = (kind, index)
+        self._log(stats)
+        return stats
+
+    async def _flush(self, stats: V6Stats) -> None:
+        """Send the queued writes in batches; count and log what the kernel refused."""
+        if not self._queue:
+            return
+        if self._nl is None:
+            check_netns(self.netns)
+            self._nl = nl.RtnlSocket(self.netns)
+        deletes = {id(req) for req, delete in self._queue if delete}
+        try:
+            result = await self._nl.apply([req for req, _ in self._queue])
+        except (OSError, TimeoutError):
+            self._nl.close()
+            self._nl = None
+            raise
+        failed = 0
+        for req, code in result.failed:
+            if id(req) in deletes and code in _GONE:
+                continue
+            failed += 1
+            log.warning("%s: %s failed: %s", self.name, req.what, errno.errorcode.get(code, code))
+        stats.failed += failed
+        stats.applied += result.sent - len(result.failed)
+
+    def close(self) -> None:
+        """Close our sockets (kernel state stays)."""
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+        self.links.close()
+
+    async def _try(self, what: str, stats: V6Stats, method: str, *args: Any, **kw: Any) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            await self.links.call(method, *args, **kw)
+            stats.applied += 1
+        except NetlinkError as e:
+            if args and args[0] == "del" and e.code in _GONE:
+                return
+            stats.failed += 1
+            log.warning("%s: %s failed: %s", self.name, what, e)
+
+    async def ensure_address(self, index: int, address: IPv6Address) -> None:
+        """Exactly `address`/128 as the device's global IPv6 addresses (link-local ones stay),
+        without duplicate address detection (flannel's /128 on flannel-v6.N)."""
+        addrs = await self.links.call("get_addr", family=AF_INET6, index=index)
+        have = {
+            (IPv6Address(a.get_attr("IFA_ADDRESS")), a["prefixlen"])
+            for a in addrs
+            if a.get_attr("IFA_ADDRESS") and a["scope"] == 0
+        }
+        want = (address, 128)
+        if want not in have:
+            await self.links.call(
+                "addr", "add", index=index, address=str(address), prefixlen=128,
+                flags=IFA_F_NODAD,
+            )  # fmt: skip
+            log.info("address %s/128 on %s", address, self.name)
+        for addr, plen in have - {want}:
+            log.info("removing stale address %s/%d from %s", addr, plen, self.name)
+            await self.links.call("addr", "del", index=index, address=str(addr), prefixlen=plen)
+
+    async def routes(
+        self,
+        want: Mapping[IPv6Network, tuple[IPv6Address, int, bool]],
+        ours: Callable[[Any], bool],
+        stats: V6Stats,
+        protocol: int,
+    ) -> None:
+        """Main-table IPv6 routes: `want` maps destination -> (gateway, oif, onlink); `ours(msg)`
+        says which dumped routes this pass owns (the others are never touched)."""
+        have: dict[IPv6Network, list[Any]] = {}
+        for msg in await self.links.call("route", "dump", family=AF_INET6):
+            table = msg.get_attr("RTA_TABLE") or msg["table"]
+            if table != RT_TABLE_MAIN or msg["type"] != RTN_UNICAST or not ours(msg):
+                continue
+            have.setdefault(_route_key(msg)[0], []).append(msg)
+        for dst, (gw, oif, onlink) in want.items():
+            group = have.pop(dst, [])
+            right = [m for m in group if _route_key(m)[1:] == (gw, oif, onlink)]
+            if not right:  # sent with the pass's batch (see _flush)
+                req = nl.route_replace(dst, gw, oif, onlink=onlink, protocol=protocol)
+                self._queue.append((req, False))
+            for msg in group:
+                if right and msg is right[0]:
+                    continue
+                await self._delete_route(msg, stats)
+        for group in have.values():
+            for msg in group:
+                await self._delete_route(msg, stats)
+
+    async def _delete_route(self, msg: Any, stats: V6Stats) -> None:
+        dst, gw, oif, _ = _route_key(msg)
+        extra: dict[str, Any] = {}
+        if gw is not None:
+            extra["gateway"] = str(gw)
+        if msg.get_attr("RTA_PRIORITY") is not None:
+            extra["priority"] = msg.get_attr("RTA_PRIORITY")
+        await self._try(f"route {dst} via {gw} (delete)", stats, "route", "del",
+                        dst=str(dst), oif=oif, family=AF_INET6, **extra)  # fmt: skip
+
+    async def vxlan(
+        self, index: int, desired: Mapping[IPv6Network, V6Peer], *, full: bool = True
+    ) -> V6Stats:
+        """flannel-v6.N's neighbours, FDB entries and onlink routes for `desired`."""
+
+        async def full_pass(stats: V6Stats) -> None:
+            await self._vxlan_full(index, desired, stats)
+
+        async def diff_pass(previous: dict[IPv6Network, V6Peer], stats: V6Stats) -> None:
+            gone, new = _diff(previous, desired)
+            still = {(p.vtep_mac, p.public_ipv6) for p in desired.values()}
+            for p in gone:
+                await self._try(f"route {p.subnet} (delete)", stats, "route", "del",
+                                dst=str(p.subnet), oif=index, family=AF_INET6)  # fmt: skip
+                addr = str(p.subnet.network_address)
+                await self._try(f"neighbour {addr} (delete)", stats, "neigh", "del",
+                                family=AF_INET6, ifindex=index, dst=addr)  # fmt: skip
+                if (p.vtep_mac, p.public_ipv6) not in still:
+                    await self._try(f"fdb {p.vtep_mac} dst {p.public_ipv6} (delete)", stats,
+                                    "fdb", "del", ifindex=index, lladdr=p.vtep_mac,
+                                    dst=str(p.public_ipv6), flags=NTF_SELF)  # fmt: skip
+            for p in new:
+                await self._vxlan_add(index, p, stats)
+
+        return await self._run("vxlan", index, desired, full, full_pass, diff_pass)
+
+    async def _vxlan_add(self, index: int, p: V6Peer, stats: V6Stats) -> None:
+        addr = str(p.subnet.network_address)
+        await self._try(f"neighbour {addr} lladdr {p.vtep_mac}", stats, "neigh", "replace",
+                        family=AF_INET6, ifindex=index, dst=addr, lladdr=p.vtep_mac,
+                        state=NUD_PERMANENT)  # fmt: skip
+        await self._try(f"fdb {p.vtep_mac} dst {p.public_ipv6}", stats, "fdb", "replace",
+                        ifindex=index, lladdr=p.vtep_mac, dst=str(p.public_ipv6),
+                        state=NUD_PERMANENT, flags=NTF_SELF)  # fmt: skip
+        await self._try(f"route {p.subnet} via {addr} dev #{index} onlink", stats, "route",
+                        "replace", dst=str(p.subnet), gateway=addr, oif=index,
+                        flags=RTNH_F_ONLINK, proto=3, family=AF_INET6)  # fmt: skip
+
+    async def _vxlan_full(
+        self, index: int, desired: Mapping[IPv6Network, V6Peer], stats: V6Stats
+    ) -> None:
+        macs = {p.subnet: p.vtep_mac for p in desired.values() if p.vtep_mac is not None}
+        want_neigh = {sub.network_address: mac for sub, mac in macs.items()}
+        want_fdb = {(mac, desired[sub].public_ipv6) for sub, mac in macs.items()}
+        # Neighbours (flannel's order: neighbour, FDB, route).
+        have_neigh: dict[IPv6Address, tuple[str | None, int]] = {}
+        for msg in await self.links.call("neigh", "dump", family=AF_INET6, ifindex=index):
+            dst = msg.get_attr("NDA_DST")
+            if msg["ifindex"] == index and dst and msg["state"] & NUD_PERMANENT:
+                have_neigh[IPv6Address(dst)] = (msg.get_attr("NDA_LLADDR"), msg["state"])
+        for addr, mac in want_neigh.items():
+            if have_neigh.get(addr, (None, 0))[0] != mac:
+                self._queue.append((nl.neigh_replace(index, addr, mac), False))
+        # FDB entries.
+        have_fdb: set[tuple[str, IPv6Address]] = set()
+        for msg in await self.links.call("fdb", "dump", ifindex=index):
+            mac = msg.get_attr("NDA_LLADDR")
+            dst = msg.get_attr("NDA_DST")
+            if msg["ifindex"] != index or not mac or mac == ZERO_MAC or not dst:
+                continue
+            try:
+                ip6 = IPv6Address(dst)
+            except ValueError:
+                continue  # an IPv4 destination: not one of ours (we write IPv6 ones only)
+            if msg["state"] & NUD_PERMANENT:
+                have_fdb.add((mac, ip6))
+        for mac, ip6 in want_fdb - have_fdb:
+            self._queue.append((nl.fdb_replace(index, mac, ip6), False))
+        # Routes.
+        want_routes = {p.subnet: (p.subnet.network_address, index, True) for p in desired.values()}
+        await self.routes(
+            want_routes,
+            lambda m: (
+                m.get_attr("RTA_OIF") == index
+                and m["proto"] not in (RTPROT_KERNEL, RTPROT_RA)
+                and m["dst_len"] > 0
+            ),
+            stats,
+            protocol=3,
+        )
+        for mac, ip6 in have_fdb - want_fdb:
+            self._queue.append((nl.fdb_delete(index, mac, ip6), True))
+        for addr in have_neigh.keys() - want_neigh.keys():
+            self._queue.append((nl.neigh_delete(index, addr), True))
+
+    async def hostgw(
+        self,
+        ext_index: int,
+        desired: Mapping[IPv6Network, V6Peer],
+        protocol: int,
+        *,
+        full: bool = True,
+    ) -> V6Stats:
+        """host-gw's IPv6 routes via each PublicIPv6 on the external interface."""
+
+        async def full_pass(stats: V6Stats) -> None:
+            want = {p.subnet: (p.public_ipv6, ext_index, False) for p in desired.values()}
+            await self.routes(want, lambda m: m["proto"] == protocol, stats, protocol)
+
+        async def diff_pass(previous: dict[IPv6Network, V6Peer], stats: V6Stats) -> None:
+            gone, new = _diff(previous, desired)
+            for p in gone:
+                await self._try(f"route {p.subnet} (delete)", stats, "route", "del",
+                                dst=str(p.subnet), oif=ext_index, proto=protocol,
+                                family=AF_INET6)  # fmt: skip
+            for p in new:
+                await self._try(f"route {p.subnet} via {p.public_ipv6}", stats, "route",
+                                "replace", dst=str(p.subnet), gateway=str(p.public_ipv6),
+                                oif=ext_index, proto=protocol, family=AF_INET6)  # fmt: skip
+
+        return await self._run("host-gw", ext_index, desired, full, full_pass, diff_pass)
+
+    def _log(self, stats: V6Stats) -> None:
+        self.last = stats
+        if stats.applied or stats.failed:
+            log.info("%s IPv6 %s pass: %d peers, %d changes, %d failed", self.name,
+                     "full" if stats.full else "incremental", stats.peers, stats.applied,
+                     stats.failed)  # fmt: skip
+
+
+def _diff(
+    previous: Mapping[IPv6Network, V6Peer], desired: Mapping[IPv6Network, V6Peer]
+) -> tuple[list[V6Peer], list[V6Peer]]:
+    """(peers whose entries go, peers whose entries come): a changed peer is in both."""
+    gone = [p for s, p in previous.items() if desired.get(s) != p]
+    new = [p for s, p in desired.items() if previous.get(s) != p]
+    return gone, new
+
+
+def onlink6(addrs: Iterable[Any]) -> list[IPv6Network]:
+    """The global IPv6 networks of pyroute2 address messages (what host-gw can reach on-link)."""
+    out: list[IPv6Network] = []
+    for a in addrs:
+        raw = a.get_attr("IFA_ADDRESS")
+        if raw and a["scope"] == 0:
+            out.append(IPv6Network(f"{raw}/{a['prefixlen']}", strict=False))
+    return out
