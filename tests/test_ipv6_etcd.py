@@ -11,7 +11,7 @@ import aetcd
 
 from subnetmgr.manager import AcquireConflict, OutOfSubnets, SubnetManager
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, parse_subnet_key
-from tests.test_manager import MakeRegistry, keep_running, make_registry, stop
+from tests.test_manager import Keeper, MakeRegistry, make_registry
 
 __all__ = ["make_registry"]  # the fixture, imported for pytest
 
@@ -49,14 +49,15 @@ async def test_dual_stack_lease_key_value_restart_and_renewal(
     assert value["BackendV6Data"] == {"VNI": 1, "VtepMAC": "02:00:00:00:06:01"}
     assert list(value) == ["PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data"]
 
-    task, changes = await keep_running(mgr, cfg, own)
+    keeper = Keeper(mgr, cfg, own)
     try:
         await asyncio.sleep(4.5)  # past the 3 s TTL: renewals of the dual-stack key keep it
         after = await raw.get(key)
         assert after is not None and after.value == stored.value
-        assert changes.empty()  # renewing (and watching) the dual-stack key is no loss
+        assert keeper.kinds(renewals=True).count("renewed") >= 1
+        assert keeper.kinds() == []  # renewing (and watching) the dual-stack key is no loss
     finally:
-        await stop(task)
+        await keeper.stop()
 
     # A restarted host (new manager, same PublicIP) gets the same two subnets back.
     again = await SubnetManager(await make_registry()).acquire(cfg, dual_host(1))
@@ -69,16 +70,17 @@ async def test_deleted_dual_stack_key_is_reacquired_with_both_subnets(
     cfg = dual_config("10.62.0.0/16", "fd00:62::/48")
     mgr = SubnetManager(await make_registry())
     own = await mgr.acquire(cfg, dual_host(2))
-    task, changes = await keep_running(mgr, cfg, own)
+    keeper = Keeper(mgr, cfg, own)
     try:
         await asyncio.sleep(0.5)
         await raw.delete(f"{etcd_prefix}/subnets/{own.key}".encode())
-        new = await asyncio.wait_for(changes.get(), 10)
+        new = (await keeper.wait_for("reacquired", limit=10)).lease
+        assert keeper.kinds() == ["lost", "reacquired"]
         # The same subnets when free (the previous IPv4 and IPv6 subnet, as flannel does).
         assert (new.subnet, new.ipv6_subnet) == (own.subnet, own.ipv6_subnet)
         assert await raw.get(f"{etcd_prefix}/subnets/{new.key}".encode()) is not None
     finally:
-        await stop(task)
+        await keeper.stop()
 
 
 async def test_twenty_dual_stack_hosts_get_distinct_subnets_in_both_families(
