@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import aetcd
 import pytest
@@ -297,9 +297,15 @@ class CountingRegistry(EtcdRegistry):
 
     writes = 0
 
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+    async def create_lease(
+        self,
+        subnet: IPv4Network,
+        attrs: LeaseAttrs,
+        ttl: int,
+        ipv6_subnet: IPv6Network | None = None,
+    ) -> Lease | None:
         self.writes += 1
-        return await super().create_lease(subnet, attrs, ttl)
+        return await super().create_lease(subnet, attrs, ttl, ipv6_subnet)
 
     async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         self.writes += 1
@@ -475,11 +481,17 @@ class RacedRegistry(EtcdRegistry):
 
     interfere: Callable[[], Awaitable[None]] | None = None
 
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+    async def create_lease(
+        self,
+        subnet: IPv4Network,
+        attrs: LeaseAttrs,
+        ttl: int,
+        ipv6_subnet: IPv6Network | None = None,
+    ) -> Lease | None:
         interfere, self.interfere = self.interfere, None
         if interfere is not None:
             await interfere()
-        return await super().create_lease(subnet, attrs, ttl)
+        return await super().create_lease(subnet, attrs, ttl, ipv6_subnet)
 
 
 async def test_a_lost_race_retries_with_the_keys_created_since_and_relists_when_full(

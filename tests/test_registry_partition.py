@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -46,9 +46,12 @@ class RecordingRegistry(EtcdRegistry):
     delivered: list[tuple[int, str, str]]
 
     async def watch_lease_batches(
-        self, start_revision: int, subnet: Subnet | None = None
+        self,
+        start_revision: int,
+        subnet: Subnet | None = None,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseBatch]:
-        async for batch in super().watch_lease_batches(start_revision, subnet):
+        async for batch in super().watch_lease_batches(start_revision, subnet, ipv6_subnet):
             self.delivered.extend((ev.revision, ev.kind, ev.lease.key) for ev in batch)
             yield batch
 
