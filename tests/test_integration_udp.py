@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from integration.containers import SubnetEnv
-from integration.lab import HEALTH_PORT, Lab
+from integration.lab import Lab
 from integration.netns import ip_json, run
 from tests.labtools import (
     LAB_PROVIDERS,
@@ -31,6 +31,7 @@ from tests.labtools import (
     assert_kept_subnet_and_lease,
     eventually,
     icmp_error,
+    node_metrics,
     probe_stream,
     running_lab,
     underlay_capture,
@@ -68,19 +69,8 @@ async def flannel0(lab: Lab, index: int) -> tuple[int, set[str], set[str]]:
 
 async def scrape(lab: Lab, index: int) -> dict[str, float]:
     """The unlabelled samples of host `index`'s /metrics (over the lab's management link)."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(lab.node(index).ip, HEALTH_PORT), 5
-    )
-    try:
-        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    assert head.split()[1] == "200", head
     samples = {}
-    for line in body.splitlines():
+    for line in (await node_metrics(lab, index)).splitlines():
         if line and not line.startswith("#") and "{" not in line:
             name, value = line.split()
             samples[name] = float(value)

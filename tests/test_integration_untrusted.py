@@ -16,7 +16,6 @@ tests/test_integration_udp.py).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections import Counter
@@ -33,6 +32,7 @@ from tests.labtools import (
     assert_full_connectivity,
     eventually,
     full_passes,
+    node_metrics,
     remote_subnets,
     running_lab,
     wait_full_passes,
@@ -69,19 +69,8 @@ async def ignored_metrics(
     lab: Lab, index: int, name: str = "overlay_leases_ignored_total"
 ) -> dict[str, int]:
     """`name` (the counter, or the gauge overlay_leases_ignored) of host `index`, by reason."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(lab.node(index).ip, HEALTH_PORT), 5
-    )
-    try:
-        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    assert head.split()[1] == "200", head
     out = {}
-    for line in body.splitlines():
+    for line in (await node_metrics(lab, index)).splitlines():
         if line.startswith(name + '{reason="'):
             labels, value = line.rsplit(" ", 1)
             out[labels.split('"')[1]] = int(float(value))
