@@ -128,6 +128,8 @@ class LabState:
     """socat relays from the management address to an external etcd on loopback."""
     etcd_pid: int | None = None
     resync_period: str | None = None
+    daemon_args: list[str] = field(default_factory=list)
+    """Extra overlayd arguments for every host started from now on."""
     containers_per_node: int = 1
     attach: str = "cni"
     """How containers are attached: "cni" (our flannel plugin) or "bridge" (iproute2)."""
@@ -285,7 +287,7 @@ class Lab:
 
     async def _make_underlay(self) -> None:
         with self._pool_lock():
-            self.state.underlay = str(await _free_underlay())
+            self.state.underlay = str(await free_underlay())
             self.state.namespaces.append(self.underlay_ns)
             self.save()
             u = self.underlay_ns
@@ -301,19 +303,8 @@ class Lab:
             await run("ip", "link", "set", self.mgmt_link, "up")
         self.progress(f"underlay {self.state.underlay} on bridge br0 in {u}")
 
-    @contextlib.contextmanager
-    def _pool_lock(self) -> Iterator[None]:
-        """Two labs starting at once must not pick the same underlay /24.
-
-        One lock for the machine, whatever the labs' state roots (tests use their own).
-        """
-        STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        with open(STATE_ROOT / ".underlay.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _pool_lock(self) -> contextlib.AbstractContextManager[None]:
+        return underlay_pool_lock()
 
     def _start_etcd(self) -> None:
         host = str(self.mgmt_ip.ip)
@@ -431,7 +422,7 @@ class Lab:
         ]  # fmt: skip
         if self.state.resync_period is not None:
             argv += ["--resync-period", self.state.resync_period]
-        return argv
+        return argv + self.state.daemon_args
 
     def _spawn(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> int:
         """Start a long-lived process of the lab (own session, output appended to a log).
@@ -844,7 +835,23 @@ async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> in
     return None
 
 
-async def _free_underlay() -> IPv4Network:
+@contextlib.contextmanager
+def underlay_pool_lock() -> Iterator[None]:
+    """Two labs (or etcd clusters, integration.etcdcluster) starting at once must not pick the
+    same /24 of the pool: hold this while picking one and until its address is assigned.
+
+    One lock for the machine, whatever the labs' state roots (tests use their own).
+    """
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(STATE_ROOT / ".underlay.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+async def free_underlay() -> IPv4Network:
     """The first /24 of the pool that no address or route of the root namespace touches."""
     used: list[IPv4Network] = []
     for r in await ip_json("route", "show", "table", "all"):
