@@ -128,8 +128,6 @@ class LabState:
     """socat relays from the management address to an external etcd on loopback."""
     etcd_pid: int | None = None
     resync_period: str | None = None
-    daemon_args: list[str] = field(default_factory=list)
-    """Extra overlayd arguments for every host started from now on."""
     containers_per_node: int = 1
     attach: str = "cni"
     """How containers are attached: "cni" (our flannel plugin) or "bridge" (iproute2)."""
@@ -422,7 +420,7 @@ class Lab:
         ]  # fmt: skip
         if self.state.resync_period is not None:
             argv += ["--resync-period", self.state.resync_period]
-        return argv + self.state.daemon_args
+        return argv
 
     def _spawn(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> int:
         """Start a long-lived process of the lab (own session, output appended to a log).

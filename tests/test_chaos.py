@@ -65,10 +65,13 @@ async def _build(cluster: EtcdCluster, lab: Lab, ttl: int | None) -> None:
     await cluster.up()
     # The config is written through the root namespace's view of the members; the daemons
     # reach them on the lab's own underlay once the cluster is attached to it.
-    await lab.up(nodes=0, etcd_endpoints=",".join(cluster.endpoints), resync_period=RESYNC)
+    await lab.up(
+        nodes=0,
+        etcd_endpoints=",".join(cluster.endpoints),
+        resync_period=RESYNC,
+        lease_ttl=None if ttl is None else str(ttl),
+    )
     lab.state.daemon_endpoints = ",".join(await cluster.attach(lab))
-    if ttl is not None:
-        lab.state.daemon_args = ["--subnet-lease-ttl", str(ttl)]
     lab.save()
     await lab.add_nodes(3)
 
