@@ -54,6 +54,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--network", default=DEFAULT_NETWORK, help=f"(default: {DEFAULT_NETWORK})")
     up.add_argument("--resync-period", default=None, help="passed on to every overlayd")
     up.add_argument(
+        "--lease-ttl", default=None, help="passed on to every overlayd as --subnet-lease-ttl"
+    )
+    up.add_argument(
         "--attach",
         choices=ATTACH_MODES,
         default="cni",
@@ -112,6 +115,7 @@ async def _up(lab: Lab, args: argparse.Namespace) -> int:
         network=args.network,
         etcd_prefix=args.etcd_prefix,
         resync_period=args.resync_period,
+        lease_ttl=args.lease_ttl,
         attach=args.attach,
     )
     rc = 0

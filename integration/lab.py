@@ -128,6 +128,7 @@ class LabState:
     """socat relays from the management address to an external etcd on loopback."""
     etcd_pid: int | None = None
     resync_period: str | None = None
+    lease_ttl: str | None = None
     containers_per_node: int = 1
     attach: str = "cni"
     """How containers are attached: "cni" (our flannel plugin) or "bridge" (iproute2)."""
@@ -232,6 +233,7 @@ class Lab:
         network: str = DEFAULT_NETWORK,
         etcd_prefix: str | None = None,
         resync_period: str | None = None,
+        lease_ttl: str | None = None,
         ready_timeout: float = 60.0,
         attach: str = "cni",
     ) -> None:
@@ -259,6 +261,7 @@ class Lab:
             backend=backend,
             etcd_external=etcd_endpoints is not None,
             resync_period=resync_period,
+            lease_ttl=lease_ttl,
             containers_per_node=containers_per_node,
             attach=attach,
         )
@@ -420,6 +423,8 @@ class Lab:
         ]  # fmt: skip
         if self.state.resync_period is not None:
             argv += ["--resync-period", self.state.resync_period]
+        if self.state.lease_ttl is not None:
+            argv += ["--subnet-lease-ttl", self.state.lease_ttl]
         return argv
 
     def _spawn(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> int:

@@ -78,6 +78,17 @@ class PeersView(Mapping[Subnet, Lease]):
         return len(self._leases) - (self._own is not None and self._own in self._leases)
 
 
+def renew_margin(ttl: int, margin_minutes: int) -> float:
+    """Seconds before expiry to renew: --subnet-lease-renew-margin (minutes, as flannel's), or
+    half the TTL when the margin is not below it (so a short --subnet-lease-ttl just works)."""
+    margin = margin_minutes * 60.0
+    if margin < ttl:
+        return margin
+    log.info("--subnet-lease-renew-margin %d min is not below --subnet-lease-ttl %ds: renewing "
+             "at half the TTL (every %.1fs)", margin_minutes, ttl, ttl / 2)  # fmt: skip
+    return ttl / 2
+
+
 class FatalError(RuntimeError):
     """Stops the daemon with exit code 1; the message says what to do."""
 
@@ -138,7 +149,9 @@ class Overlayd:
         self.events = events
         self.iptables_prefix = tuple(iptables_prefix)
         self.manager = manager or SubnetManager(
-            registry, renew_margin=opts.subnet_lease_renew_margin * 60.0
+            registry,
+            ttl=opts.subnet_lease_ttl,
+            renew_margin=renew_margin(opts.subnet_lease_ttl, opts.subnet_lease_renew_margin),
         )
         # Without per-lease expiry lookups the first list is ~40x faster (10,000 leases: 0.03 s
         # instead of 1.1 s, bench/bench_daemon_coldstart.py). Nothing in the data path reads other

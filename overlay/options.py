@@ -90,6 +90,20 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+MIN_LEASE_TTL = 5
+"""Seconds: the shortest --subnet-lease-ttl (a renewal needs a few round trips to etcd)."""
+
+
+def _lease_ttl(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise FlagValueError(f"{text!r} is not a whole number of seconds") from None
+    if value < MIN_LEASE_TTL:
+        raise FlagValueError(f"{text!r} must be at least {MIN_LEASE_TTL} seconds")
+    return value
+
+
 def _pos_float(text: str) -> float:
     try:
         value = float(text)
@@ -221,7 +235,11 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
     Flag("--subnet-file", _path, DEFAULT_SUBNET_FILE,
          "where to write the subnet.env that the flannel CNI plugin reads", "FILE"),
     Flag("--subnet-lease-renew-margin", _nonneg_int, 60,
-         "renew the lease this many minutes before it expires", "MINUTES"),
+         "renew the lease this many minutes before it expires (when not below the lease TTL: "
+         "at half the TTL)", "MINUTES"),
+    Flag("--subnet-lease-ttl", _lease_ttl, 86400,
+         "seconds a lease lives without renewal; for labs and tests that need a real expiry in "
+         f"seconds, not for production (ours; at least {MIN_LEASE_TTL})", "SECONDS"),
     Flag("--ip-masq", _bool, False,
          "install iptables rules that masquerade traffic leaving the overlay network and "
          "accept forwarding within it", switch=True),
@@ -361,6 +379,7 @@ class Options:
     public_ip: IPv4Address | None
     subnet_file: Path
     subnet_lease_renew_margin: int
+    subnet_lease_ttl: int
     ip_masq: bool
     iptables_resync: int
     healthz_ip: IPv4Address

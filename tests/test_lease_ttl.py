@@ -1,0 +1,63 @@
+"""--subnet-lease-ttl (FLANNELD_SUBNET_LEASE_TTL): the lease TTL for labs and tests, and how it
+meets flannel's --subnet-lease-renew-margin (minutes)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from overlay.daemon import renew_margin
+from overlay.options import MIN_LEASE_TTL, parse_options
+
+
+def test_default_is_flannels_24_hours_and_env_and_flag_set_it() -> None:
+    assert parse_options([], environ={}).subnet_lease_ttl == 86400
+    env = {"FLANNELD_SUBNET_LEASE_TTL": "30"}
+    assert parse_options([], environ=env).subnet_lease_ttl == 30
+    assert parse_options(["--subnet-lease-ttl", "12"], environ=env).subnet_lease_ttl == 12
+
+
+@pytest.mark.parametrize("text", ["4", "0", "-10", "ten", "1.5", "", " ", "1e3", "\x00"])
+def test_a_ttl_below_the_minimum_or_not_a_number_exits_2(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_options(["--subnet-lease-ttl", text], environ={})
+    assert exc.value.code == 2
+    assert "--subnet-lease-ttl" in capsys.readouterr().err
+
+
+@given(st.text(max_size=30))
+def test_any_ttl_text_is_a_valid_ttl_or_exit_2(text: str) -> None:
+    """A typed outcome for any text: the integer it spells (at least the minimum), or exit 2."""
+    try:
+        expected: int | None = int(text)
+    except ValueError:
+        expected = None
+    if text.startswith("-") and len(text) > 1:
+        text = " " + text  # argparse would read a leading dash as a flag of its own
+    try:
+        got = parse_options(["--subnet-lease-ttl", text], environ={}).subnet_lease_ttl
+    except SystemExit as e:
+        assert e.code == 2
+        assert expected is None or expected < MIN_LEASE_TTL
+    else:
+        assert got == expected and got >= MIN_LEASE_TTL
+
+
+def test_renew_margin_below_the_ttl_is_kept_in_minutes() -> None:
+    assert renew_margin(86400, 60) == 3600.0
+    assert renew_margin(7200, 0) == 0.0
+
+
+def test_renew_margin_not_below_the_ttl_renews_at_half_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="overlayd"):
+        assert renew_margin(10, 60) == 5.0
+    assert any("half the TTL" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)  # fmt: skip
+    assert renew_margin(3600, 60) == 1800.0  # equal is not below
