@@ -247,10 +247,13 @@ class EtcdCluster:
         await asyncio.gather(*(asyncio.to_thread(m.server.wait_ready, limit) for m in members))
 
     async def partition(self, index: int) -> None:
-        """Cut member `index` off from its peers (iptables DROP of port 2380, in and out);
-        clients still reach it."""
+        """Cut member `index` off from its peers (iptables DROP of everything from or to port
+        2380, in and out); clients still reach it."""
         m = self.member(index)
-        for chain, match in (("INPUT", "--dport"), ("OUTPUT", "--dport")):
+        # Both ports in both directions: etcd streams messages over connections either peer
+        # dialled, so dropping only what goes to port 2380 leaves the replies on them.
+        rules = [(c, p) for c in ("INPUT", "OUTPUT") for p in ("--dport", "--sport")]
+        for chain, match in rules:
             await run(
                 "iptables", "-w", "-A", chain, "-p", "tcp", match, str(PEER_PORT), "-j", "DROP",
                 ns=m.ns,
@@ -273,6 +276,15 @@ class EtcdCluster:
             for link in ("eth0", "eth1") if m.lab_ip else ("eth0",):
                 await run("ip", "link", "set", link, "up", ns=m.ns)
             m.isolated = False
+
+    async def restore(self, limit: float = 30.0) -> None:
+        """Undo every fault: heal every member, start the stopped ones, wait until all are
+        healthy."""
+        for m in self.members:
+            await self.heal(m.index)
+            if not m.running:
+                await self.start(m.index, wait=False)
+        await self.wait_healthy(limit=limit)
 
     # ------------------------------------------------------------------ status
 
