@@ -25,7 +25,6 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,9 +36,18 @@ from overlay.health import HealthServer, Metrics
 from overlay.iface import InterfaceError, choose_interface
 from overlay.masq import IptablesError, Masquerade
 from overlay.options import Options, parse_options
+from overlay.reconcile import Reconciler
 from overlay.sdnotify import sd_notify
 from overlay.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
-from subnetmgr.manager import AcquireConflict, LeaseMirror, OutOfSubnets, SubnetManager
+from subnetmgr.backoff import Backoff
+from subnetmgr.manager import (
+    TAKEN_POLICIES,
+    AcquireConflict,
+    LeaseMirror,
+    OutOfSubnets,
+    OwnLeaseEvent,
+    SubnetManager,
+)
 from subnetmgr.model import ConfigError, Lease, LeaseAttrs, NetworkConfig, Subnet
 from subnetmgr.registry import Compacted, EtcdRegistry, Registry, RegistryError
 from subnetmgr.validate import Ignored
@@ -48,8 +56,10 @@ log = logging.getLogger("overlayd")
 
 MAX_BACKOFF = 30.0
 SHUTDOWN_TIMEOUT = 5.0
-RETRY_AFTER_ERROR = 1.0
-"""Seconds before the full pass that follows a failed reconcile (doubling up to MAX_BACKOFF)."""
+LEASE_TAKEN_ENV = "OVERLAYD_LEASE_TAKEN"
+"""What a running daemon does when another host holds its subnet after it lost its lease:
+"wait" (default: keep subnet.env and the data path, stay not ready, take the subnet back once
+it is free) or "move" (take another subnet at once). See docs/subnetmgr.md."""
 FULL_RECONCILE_ENV = "OVERLAYD_FULL_RECONCILE"
 """Set to 1: every lease event makes a full pass, as before incremental reconcile existed (for
 benchmarks side by side and for ruling the incremental path out when chasing a problem)."""
@@ -93,18 +103,17 @@ class FatalError(RuntimeError):
     """Stops the daemon with exit code 1; the message says what to do."""
 
 
-async def _retry_etcd(what: str, call: Callable[[], Awaitable[Any]], metrics: Metrics) -> Any:
-    """Retry `call` on RegistryError with exponential backoff, counting etcd errors."""
-    backoff = 0.5
+async def _retry_etcd(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Retry `call` on RegistryError with the project's back-off (the registry counts errors)."""
+    backoff = Backoff(0.5, MAX_BACKOFF)
     while True:
         try:
             return await call()
         except RegistryError as e:
             _raise_if_cancelling(e)
-            metrics.etcd_errors += 1
-            log.warning("%s failed: %s; retrying in %.1fs", what, e, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            wait = backoff.next()
+            log.warning("%s failed: %s; retrying in %.1fs", what, e, wait)
+            await asyncio.sleep(wait)
 
 
 async def _logged(name: str, coro: Coroutine[Any, Any, None]) -> None:
@@ -140,8 +149,10 @@ class Overlayd:
         iptables_prefix: Sequence[str] = (),
         manager: SubnetManager | None = None,
         incremental: bool = True,
+        on_taken: str = "wait",
     ) -> None:
-        """`incremental=False`: lease events make full passes too (see FULL_RECONCILE_ENV)."""
+        """`incremental=False`: lease events make full passes too (see FULL_RECONCILE_ENV);
+        `on_taken`: what to do when another host holds our subnet (see LEASE_TAKEN_ENV)."""
         self.opts = opts
         self.registry = registry
         self.ext = ext
@@ -152,6 +163,7 @@ class Overlayd:
             registry,
             ttl=opts.subnet_lease_ttl,
             renew_margin=renew_margin(opts.subnet_lease_ttl, opts.subnet_lease_renew_margin),
+            on_taken=on_taken,
         )
         # Without per-lease expiry lookups the first list is ~40x faster (10,000 leases: 0.03 s
         # instead of 1.1 s, bench/bench_daemon_coldstart.py). Nothing in the data path reads other
@@ -162,24 +174,33 @@ class Overlayd:
         self.own: Lease | None = None
         self.masq: Masquerade | None = None
         self.ready = asyncio.Event()
-        self._lock = asyncio.Lock()  # one backend call at a time
-        self._changed = asyncio.Event()
+        self.reconciler: Reconciler | None = None
         self.incremental = incremental
-        self._pending: set[Subnet] = set()
-        """Subnets changed by lease events since the last pass took them."""
-        self._full_due = True
-        """The next pass is a full one: at start, after a new own lease, after an error."""
-        self._last_full = 0.0
-        self._retry_at = 0.0
-        self._error_backoff = RETRY_AFTER_ERROR
         self._known_peers: set[Subnet] = set()
-        self._loss_reported = False
-        self._stale_until = 0  # mirror revisions up to this one cannot report our lease lost
         self._config_revision = 0
         """The last revision of <prefix>/config looked at (the config watch resumes after it)."""
         self._config_seen = b""
         """A digest of the last config value logged about (each distinct value is logged once)."""
         registry.ignored.on_new = self._count_ignored
+        registry.health.listeners.append(self._etcd_changed)
+        metrics.refresh = self._refresh_metrics
+
+    def _etcd_changed(self, up: bool, reason: str) -> None:
+        if up:
+            log.warning("etcd is reachable again")
+            self.events.publish("etcd_up")
+        else:
+            log.error("etcd is unreachable: %s; the data path stays as it is", reason)
+            self.events.publish("etcd_down", reason=reason)
+
+    def _refresh_metrics(self) -> None:
+        """Copy the live etcd and watch figures into the metrics (at each scrape)."""
+        m, health = self.metrics, self.registry.health
+        m.etcd_up = health.up
+        m.etcd_errors = health.errors
+        m.etcd_last_success = health.last_success or None
+        if self.mirror.ready.is_set():
+            m.watch_lag = max(health.revision - self.mirror.revision, 0)
 
     def _count_ignored(self, ignored: Ignored) -> None:
         self.metrics.leases_ignored[ignored.reason] += 1
@@ -187,9 +208,7 @@ class Overlayd:
     # ------------------------------------------------------------------ start-up
 
     async def run(self) -> None:
-        config = await _retry_etcd(
-            "reading the network config", self.manager.wait_for_config, self.metrics
-        )
+        config = await _retry_etcd("reading the network config", self.manager.wait_for_config)
         self.config = config
         self._config_revision = self.manager.config_revision
         if config.backend_defaulted:
@@ -226,7 +245,7 @@ class Overlayd:
                     await asyncio.sleep(1.0)
 
         try:
-            own: Lease = await _retry_etcd("acquiring a lease", acquire, self.metrics)
+            own: Lease = await _retry_etcd("acquiring a lease", acquire)
         except OutOfSubnets as e:
             raise FatalError(f"{e}; widen Network or free a lease (overlayctl leases)") from None
         self.metrics.lease_acquisitions += 1
@@ -236,12 +255,15 @@ class Overlayd:
         self.mirror.config = config
         self.mirror.set_own(own)
         self.events.publish("lease_acquired", **self._lease_details(own))
+        self.reconciler = Reconciler(self.backend, self._peers, self.metrics,
+                                     period=self.opts.resync_period,
+                                     incremental=self.incremental)  # fmt: skip
         await self._apply_own(own)
-        self._mark_ready()
+        self._set_ready(None)
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_logged("lease mirror", self._supervise("mirror", self._run_mirror)))
-            tg.create_task(_logged("reconcile loop", self._reconcile_loop()))
+            tg.create_task(_logged("reconcile loop", self.reconciler.run(self.mirror.ready)))
             tg.create_task(_logged("lease keeper", self._supervise("renewal", self._run_keep)))
             tg.create_task(
                 _logged("config watch", self._supervise("config watch", self._watch_config))
@@ -261,7 +283,8 @@ class Overlayd:
     async def _apply_own(self, own: Lease) -> None:
         """Start (or restart) the backend for `own`, write subnet.env and the iptables rules."""
         assert self.backend is not None and self.config is not None
-        async with self._lock:
+        assert self.reconciler is not None
+        async with self.reconciler.lock:
             self.own = own
             try:
                 mtu = await self.backend.start(own)
@@ -296,55 +319,85 @@ class Overlayd:
             m.lease_public_ip = str(own.attrs.public_ip)
             m.lease_backend = own.attrs.backend_type or self.backend.type
             m.lease_expiration = _known(own.expiration)
-            self._full_due = True  # the next reconcile is a full one
-        self._changed.set()
+            self.reconciler.full_due()  # the next reconcile is a full one
 
-    def _mark_ready(self) -> None:
-        self.metrics.ready = True
-        self.ready.set()
-        self.events.publish("ready", **self._lease_details(self.own) if self.own else {})
-        sd_notify(f"READY=1\nSTATUS=lease {self.own.subnet if self.own else '?'}")
-        log.info("ready")
+    def _set_ready(self, problem: str | None) -> None:
+        """Ready (None), or not ready for the reason given (/readyz, /status, sd_notify)."""
+        m = self.metrics
+        if problem is None:
+            was_ready = m.ready
+            m.ready, m.not_ready_reason = True, ""
+            self.ready.set()
+            if not was_ready:
+                self.events.publish("ready", **self._lease_details(self.own) if self.own else {})
+                sd_notify(f"READY=1\nSTATUS=lease {self.own.subnet if self.own else '?'}")
+                log.info("ready")
+            return
+        m.ready, m.not_ready_reason = False, problem
+        self.ready.clear()
+        sd_notify(f"STATUS=not ready: {problem}")
 
     # ------------------------------------------------------------------ loops
 
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
         """Run `body` until cancelled; restart it after an etcd error (logged, with backoff)."""
-        backoff = 0.5
+        backoff = Backoff(0.5, MAX_BACKOFF)
         while True:
             try:
                 await body()
                 return
             except RegistryError as e:
                 _raise_if_cancelling(e)
-                self.metrics.etcd_errors += 1
-                log.warning("%s: etcd error: %s; restarting in %.1fs", name, e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                wait = backoff.next()
+                log.warning("%s: etcd error: %s; restarting in %.1fs", name, e, wait)
+                await asyncio.sleep(wait)
 
     async def _run_mirror(self) -> None:
         await self.mirror.run(self._on_leases)
 
     async def _run_keep(self) -> None:
         assert self.config is not None and self.own is not None
-        await self.manager.keep(self.config, self.own, self._on_own_change)
+        await self.manager.keep(self.config, self.own, self._on_own_lease)
 
-    async def _on_own_change(self, new: Lease) -> None:
+    async def _on_own_lease(self, ev: OwnLeaseEvent) -> None:
+        """What the subnet manager says about our lease: the one source of that truth."""
+        m = self.metrics
+        if ev.kind == "renewed":
+            m.lease_expiration = _known(ev.lease.expiration)
+            self.events.publish("lease_renewed", **self._lease_details(ev.lease))
+        elif ev.kind == "expiring":
+            self.events.publish("lease_expiring", subnet=str(ev.lease.subnet), reason=ev.reason)
+        elif ev.kind == "lost":
+            self.events.publish("lease_lost", subnet=str(ev.lease.subnet), reason=ev.reason)
+            self._set_ready(f"lease {ev.lease.subnet} lost: {ev.reason}"
+                            if not ev.reason.startswith("lease ") else ev.reason)  # fmt: skip
+        elif ev.kind == "taken":
+            holder = ev.holder.public_ip if ev.holder is not None else None
+            self.events.publish("lease_taken", subnet=str(ev.lease.subnet),
+                                holder=str(holder), reason=ev.reason)  # fmt: skip
+            self._set_ready(ev.reason)
+        elif ev.kind == "duplicate":
+            self.events.publish("duplicate_public_ip", subnet=str(ev.lease.subnet),
+                                public_ip=str(ev.lease.attrs.public_ip),
+                                reason=ev.reason)  # fmt: skip
+            self._set_ready(f"duplicate PublicIP {ev.lease.attrs.public_ip}: {ev.reason}")
+        elif ev.kind == "reacquired":
+            await self._reacquired(ev.lease)
+
+    async def _reacquired(self, new: Lease) -> None:
         self.metrics.lease_acquisitions += 1
-        log.warning("re-acquired lease %s for %s; restarting the backend", new.subnet,
-                    new.attrs.public_ip)  # fmt: skip
-        if not self._loss_reported:  # the mirror has not seen the loss yet: report it here
-            old = self.own
-            self.events.publish("lease_lost", subnet=str(old.subnet if old else new.subnet))
-        self._loss_reported = False
-        try:  # mirror events up to now predate the new lease; they must not report a loss
-            _lease, self._stale_until = await self.registry.get_lease(new.subnet)
-        except RegistryError as e:
-            _raise_if_cancelling(e)
-            self._stale_until = self.mirror.revision
+        old = self.own
+        if old is not None and old.subnet != new.subnet:
+            log.warning("re-acquired lease %s for %s (was %s); moving the backend, subnet.env "
+                        "and the iptables rules to it", new.subnet, new.attrs.public_ip,
+                        old.subnet)  # fmt: skip
+        else:
+            log.warning("re-acquired lease %s for %s", new.subnet, new.attrs.public_ip)
         self.events.publish("lease_reacquired", **self._lease_details(new))
-        self._pending |= self.mirror.set_own(new)
+        assert self.reconciler is not None
+        self.reconciler.changed(self.mirror.set_own(new))
         await self._apply_own(new)
+        self._set_ready(None)
 
     async def _watch_config(self) -> None:
         """Follow <prefix>/config and log each change: the running config stays (flannel also
@@ -394,8 +447,7 @@ class Overlayd:
         for subnet in sorted(changed):
             lease = snapshot.get(subnet)
             if own is not None and subnet == own.subnet:
-                self._own_seen(own, lease)
-                continue
+                continue  # our own lease: the subnet manager tells us about it
             if lease is not None and subnet not in self._known_peers:
                 self._known_peers.add(subnet)
                 log.info("peer added: %s at %s", subnet, lease.attrs.public_ip)
@@ -404,109 +456,21 @@ class Overlayd:
                 self._known_peers.discard(subnet)
                 log.info("peer removed: %s", subnet)
                 self.events.publish("peer_removed", subnet=str(subnet))
-        self._pending |= changed
-        self._changed.set()
-
-    def _own_seen(self, own: Lease, lease: Lease | None) -> None:
-        if lease is not None and lease.attrs == own.attrs:
-            return
-        if self.mirror.revision <= self._stale_until:
-            # The mirror catching up with the loss that keep() already repaired.
-            return
-        if not self._loss_reported:
-            self._loss_reported = True
-            log.warning("our lease %s was %s in etcd", own.subnet,
-                        "deleted" if lease is None else "taken over")  # fmt: skip
-            self.events.publish("lease_lost", subnet=str(own.subnet))
-
-    def _check_renewal(self) -> None:
-        """The mirror's copy of our lease carries the expiry keep() last renewed it to."""
-        own = self.own
-        if own is None or self._loss_reported:
-            return
-        lease = self.mirror.snapshot.get(own.subnet)
-        if lease is None or lease.attrs != own.attrs:
-            return
-        expiration = _known(lease.expiration)
-        if expiration is None:
-            return
-        prev = self.metrics.lease_expiration
-        if prev is not None and expiration > prev + 1:
-            log.info("lease %s renewed until %s", own.subnet, time.ctime(expiration))
-            self.events.publish("lease_renewed", **self._lease_details(lease))
-        if prev is None or expiration > prev:
-            self.metrics.lease_expiration = expiration
+        assert self.reconciler is not None
+        self.reconciler.changed(changed)
 
     def _peers(self) -> PeersView:
         own = self.own
         return PeersView(self.mirror.snapshot, own.subnet if own is not None else None)
-
-    async def _reconcile_loop(self) -> None:
-        """An incremental pass per batch of lease events; a full pass when one is due: every
-        --resync-period seconds (counted from the last full pass, so steady events do not
-        put it off), at start, after a new own lease and after an error (with a backoff)."""
-        await self.mirror.ready.wait()
-        period = self.opts.resync_period
-        while True:
-            now = time.monotonic()
-            if self._full_due:
-                if self._retry_at > now:
-                    await asyncio.sleep(self._retry_at - now)
-            else:
-                wait = self._last_full + period - now
-                if wait > 0:
-                    try:
-                        async with asyncio.timeout(wait):
-                            await self._changed.wait()
-                    except TimeoutError:
-                        pass
-                if time.monotonic() >= self._last_full + period:
-                    self._full_due = True
-            self._changed.clear()
-            self._check_renewal()
-            await self.reconcile("full" if self._full_due else "change")
-
-    async def reconcile(self, trigger: str) -> None:
-        """Hand the backend the peers: on "change" with the subnets changed since the last pass
-        (nothing to do when none did), else (or when a full pass is due) for a full pass."""
-        assert self.backend is not None
-        async with self._lock:
-            full = trigger == "full" or self._full_due or not self.incremental
-            changed, self._pending = self._pending, set()
-            if not full and not changed:
-                return
-            peers: Mapping[Subnet, Lease] = self._peers()
-            if full:
-                peers = dict(peers)  # a full pass reads all of it anyway: a stable copy
-            started = time.monotonic()
-            ok = False
-            try:
-                await self.backend.reconcile(peers, None if full else changed)
-                ok = True
-                if full:
-                    self._full_due = False
-                    self._last_full = started
-                self._error_backoff = RETRY_AFTER_ERROR
-            except Exception as e:  # a backend bug or kernel error must not stop the daemon
-                self._full_due = True
-                self._retry_at = time.monotonic() + self._error_backoff
-                self._error_backoff = min(self._error_backoff * 2, MAX_BACKOFF)
-                log.error("reconcile (%s, %d peers) failed: %s; a full pass follows", trigger,
-                          len(peers), e, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
-            finally:
-                kind = "full" if full else "change"
-                self.metrics.peers = len(peers)
-                self.metrics.observe_reconcile(kind, time.monotonic() - started, ok)
-            log.debug("reconciled %d peers (%s)", len(peers),
-                      "full" if full else f"{len(changed)} changed")  # fmt: skip
 
     async def _masq_loop(self) -> None:
         assert self.masq is not None
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
             self.metrics.masq_resyncs += 1
+            assert self.reconciler is not None
             try:
-                async with self._lock:
+                async with self.reconciler.lock:
                     repaired = await self.masq.ensure()
             except IptablesError as e:
                 log.error("iptables resync failed: %s", e)
@@ -527,13 +491,17 @@ async def _connect(opts: Options, metrics: Metrics) -> EtcdRegistry:
         return registry
 
     result: EtcdRegistry = await _retry_etcd(
-        f"connecting to etcd at {','.join(opts.etcd.endpoints)}", connect, metrics
+        f"connecting to etcd at {','.join(opts.etcd.endpoints)}", connect
     )
     return result
 
 
 async def serve(opts: Options, stop: asyncio.Event) -> int:
     """Run until `stop` is set (exit 0) or a fatal error (exit 1)."""
+    on_taken = os.environ.get(LEASE_TAKEN_ENV, "wait") or "wait"
+    if on_taken not in TAKEN_POLICIES:
+        log.error("%s=%r: use one of %s", LEASE_TAKEN_ENV, on_taken, ", ".join(TAKEN_POLICIES))
+        return 1
     try:
         ext = await choose_interface(
             opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip
@@ -559,13 +527,16 @@ async def serve(opts: Options, stop: asyncio.Event) -> int:
     registry: EtcdRegistry | None = None
     daemon: Overlayd | None = None
     incremental = os.environ.get(FULL_RECONCILE_ENV, "") not in ("1", "true", "yes")
+
     if not incremental:
         log.warning("%s is set: every lease event makes a full reconcile", FULL_RECONCILE_ENV)
 
     async def body() -> None:
         nonlocal registry, daemon
         registry = await _connect(opts, metrics)
-        daemon = Overlayd(opts, registry, ext, metrics, events, incremental=incremental)
+        daemon = Overlayd(
+            opts, registry, ext, metrics, events, incremental=incremental, on_taken=on_taken
+        )
         await daemon.run()
 
     async def everything() -> None:

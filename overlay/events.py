@@ -1,13 +1,16 @@
 """Events over MQTT: JSON messages on `<prefix>/<public-ip>/events`.
 
-Kinds: lease_acquired, lease_renewed, lease_lost, lease_reacquired, peer_added, peer_removed,
-ready. Each message is a JSON object `{"event": KIND, "host": PUBLIC_IP, "time": UNIX_TIME,
-...details}`, published with QoS 1.
+Kinds: lease_acquired, lease_renewed, lease_lost (with `reason`), lease_taken (our subnet now
+held by another host: `subnet`, `holder` PublicIP), lease_expiring (a renewal failed),
+lease_reacquired, duplicate_public_ip (a host with our PublicIP rewrote our lease), etcd_down
+(with `reason`) / etcd_up, peer_added, peer_removed, ready. Each message is a JSON object
+`{"event": KIND, "host": PUBLIC_IP, "time": UNIX_TIME, ...details}`, published with QoS 1.
 
 The broker is optional and must never stall or kill the daemon: `publish()` only appends to a
 bounded queue (the oldest event is dropped when it is full, and counted), and `run()` connects,
-drains the queue, and on any broker error logs, waits with exponential backoff (0.5 s up to
-30 s) and reconnects. An event leaves the queue only once the broker acknowledged it.
+drains the queue, and on any broker error logs, waits with the project's back-off
+(subnetmgr.backoff: 0.5 s doubling up to 30 s, with jitter) and reconnects. An event leaves
+the queue only once the broker acknowledged it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import deque
 from typing import Any
 
 from overlay.health import Metrics
+from subnetmgr.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,12 @@ EVENT_KINDS = (
     "lease_acquired",
     "lease_renewed",
     "lease_lost",
+    "lease_taken",
+    "lease_expiring",
     "lease_reacquired",
+    "duplicate_public_ip",
+    "etcd_down",
+    "etcd_up",
     "peer_added",
     "peer_removed",
     "ready",
@@ -97,8 +106,7 @@ class EventPublisher:
         import aiomqtt  # only when events are on
 
         host, port = self.broker
-        backoff = 0.5
-        failures = 0
+        backoff = Backoff(0.5, self.max_backoff)
         identifier = f"overlayd-{self.host}-{os.getpid()}"
         while True:
             raise_if_cancelling()
@@ -109,19 +117,19 @@ class EventPublisher:
                     self.connected = True
                     log.info("connected to MQTT broker %s:%d, events on %s", host, port,
                              self.topic)  # fmt: skip
-                    backoff, failures = 0.5, 0
+                    backoff.reset()
                     await self._drain(client)
             except aiomqtt.MqttError as e:
                 # aiomqtt's __aexit__ may turn our cancellation into an MqttError (a failed
                 # disconnect): never let that swallow a cancel, or shutdown hangs.
                 raise_if_cancelling(e)
                 self.connected = False
-                failures += 1
+                wait = backoff.next()
+                failures = backoff.failures
                 level = logging.WARNING if failures == 1 or failures % 20 == 0 else logging.DEBUG
                 log.log(level, "MQTT broker %s:%d unavailable (%s); %d events queued; "
-                        "retrying in %.1fs", host, port, e, len(self._queue), backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                        "retrying in %.1fs", host, port, e, len(self._queue), wait)  # fmt: skip
+                await asyncio.sleep(wait)
             finally:
                 self.connected = False
 

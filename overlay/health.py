@@ -1,8 +1,10 @@
 """The health server: /healthz, /readyz and /metrics (Prometheus text format 0.0.4).
 
 A small HTTP/1.0 server on asyncio streams. `/healthz` is 200 while the daemon runs; `/readyz`
-is 200 only once subnet.env and the data path are in place (503 before); `/metrics` is served
-when metrics are on (404 otherwise). It is bounded (HealthServer: connections, request size,
+is 200 "ready" while our lease holds and subnet.env and the data path are in place, else 503
+with a one-line reason (starting, lease lost or taken, duplicate PublicIP, ...); `/status` is
+that reason and the lease and etcd figures as JSON (for `overlayctl status`); `/metrics` is
+served when metrics are on (404 otherwise). It is bounded (HealthServer: connections, request size,
 time) and answers any malformed request with a 4xx, never a traceback.
 
 Our metrics are rendered by hand (Metrics.render: exact names, integer values as integers);
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -49,6 +52,8 @@ class Metrics:
     """Counters and gauges of one daemon; rendered on demand."""
 
     ready: bool = False
+    not_ready_reason: str = "starting: lease, data path or subnet.env not in place"
+    """Why /readyz answers 503 (one line); empty while ready."""
     lease_subnet: str | None = None
     lease_public_ip: str | None = None
     lease_backend: str | None = None
@@ -67,6 +72,14 @@ class Metrics:
     """Lease keys or values from etcd that were skipped, by reason (e.g. "not_json",
     "outside_network", "overlaps_older"); each distinct key and value is counted once."""
     started: float = field(default_factory=time.time)
+    etcd_up: bool | None = None
+    """Whether etcd answered the last call (None: not asked yet)."""
+    etcd_last_success: float | None = None
+    """Unix time of the last etcd call that succeeded."""
+    watch_lag: int | None = None
+    """etcd's newest revision seen minus the lease mirror's revision."""
+    refresh: Callable[[], None] | None = None
+    """Called before each render and status: the daemon copies its live figures in."""
     backend_type: str = ""
     backend_counters: Callable[[], Mapping[str, int]] | None = None
     """The backend's `counters()` when it has one (udp): each one is rendered at every scrape
@@ -84,8 +97,47 @@ class Metrics:
         if not ok:
             self.reconcile_errors += 1
 
+    def _refresh(self) -> None:
+        if self.refresh is not None:
+            try:
+                self.refresh()
+            except Exception as e:  # a scrape must not fail because of a daemon bug
+                log.warning("metrics: cannot refresh the live figures: %r", e)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, one-line reason when not ready)."""
+        self._refresh()
+        reason = " ".join(self.not_ready_reason.split()) or "not in place yet"
+        return self.ready, reason
+
+    def status(self) -> dict[str, object]:
+        """What `/status` serves as JSON: readiness with its reason, the lease, etcd."""
+        ready, reason = self.readiness()
+        now = time.time()
+        left = None if self.lease_expiration is None else round(self.lease_expiration - now, 3)
+        return {
+            "ready": ready,
+            "reason": "" if ready else reason,
+            "lease": None if self.lease_subnet is None else {
+                "subnet": self.lease_subnet,
+                "public_ip": self.lease_public_ip,
+                "backend": self.lease_backend,
+                "expiration": self.lease_expiration,
+                "expiry_seconds": left,
+            },
+            "etcd": {
+                "up": self.etcd_up,
+                "last_success": self.etcd_last_success,
+                "errors": self.etcd_errors,
+                "watch_lag_revisions": self.watch_lag,
+            },
+            "lease_acquisitions": self.lease_acquisitions,
+        }  # fmt: skip
+
     def render(self) -> str:
+        self._refresh()
         out: list[str] = []
+        now = time.time()
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
             out.append(f"# HELP {name} {help_text}")
@@ -110,6 +162,9 @@ class Metrics:
                 metric("overlay_lease_expiration_seconds", "gauge",
                        "Unix time this host's lease expires (absent for a reservation).",
                        [("", self.lease_expiration)])  # fmt: skip
+                metric("overlay_lease_expiry_seconds", "gauge",
+                       "Seconds left on this host's lease (negative: expired that long ago).",
+                       [("", round(self.lease_expiration - now, 3))])  # fmt: skip
         metric("overlay_lease_acquisitions_total", "counter",
                "Leases acquired (first one and re-acquisitions).",
                [("", self.lease_acquisitions)])  # fmt: skip
@@ -125,8 +180,23 @@ class Metrics:
         out.append(f"overlay_reconcile_duration_seconds_sum {_number(self.reconcile_seconds)}")
         total = sum(self.reconciles.values())
         out.append(f"overlay_reconcile_duration_seconds_count {total}")
-        metric("overlay_etcd_errors_total", "counter", "etcd requests that failed.",
+        metric("overlay_etcd_errors_total", "counter",
+               "etcd calls that failed, every retry counted, and watches that broke.",
                [("", self.etcd_errors)])  # fmt: skip
+        if self.etcd_up is not None:
+            metric("overlay_etcd_up", "gauge", "1 when etcd answered the last call, else 0.",
+                   [("", 1 if self.etcd_up else 0)])  # fmt: skip
+        if self.etcd_last_success is not None:
+            metric("overlay_etcd_last_success_timestamp_seconds", "gauge",
+                   "Unix time of the last etcd call that succeeded.",
+                   [("", self.etcd_last_success)])  # fmt: skip
+            metric("overlay_etcd_seconds_since_success", "gauge",
+                   "Seconds since the last etcd call that succeeded.",
+                   [("", round(max(now - self.etcd_last_success, 0.0), 3))])  # fmt: skip
+        if self.watch_lag is not None:
+            metric("overlay_watch_lag_revisions", "gauge",
+                   "etcd's newest revision seen minus the lease mirror's revision.",
+                   [("", self.watch_lag)])  # fmt: skip
         metric("overlay_events_total", "counter", "Events queued for MQTT, by type.",
                [(_labels({"type": k}), v) for k, v in sorted(self.events.items())])  # fmt: skip
         metric("overlay_events_dropped_total", "counter",
@@ -334,9 +404,13 @@ class HealthServer:
         if path == "/healthz":
             return 200, "text/plain", "ok\n"
         if path == "/readyz":
-            if self.metrics.ready:
+            ready, reason = self.metrics.readiness()
+            if ready:
                 return 200, "text/plain", "ready\n"
-            return 503, "text/plain", "not ready: lease, data path or subnet.env not in place\n"
+            return 503, "text/plain", f"not ready: {reason}\n"
+        if path == "/status":
+            body = json.dumps(self.metrics.status(), default=str, sort_keys=True)
+            return 200, "application/json", body + "\n"
         if path == "/metrics" and self._process is not None:
             text = self.metrics.render() + self._process()
             return 200, "text/plain; version=0.0.4; charset=utf-8", text

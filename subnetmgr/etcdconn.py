@@ -9,14 +9,30 @@ stubs and messages (`aetcd.rpc`) and manage the channel ourselves:
 - with a username, an auth token is fetched on first use and again when etcd says it expired.
 
 Every unary call carries `EtcdOptions.timeout`. Nothing here knows flannel's formats.
+
+Watches notice a partition:
+- every watch carries etcd's "require leader" metadata (`hasleader: true`, as clientv3's
+  WithRequireLeader): a member that loses its leader cancels such watches (etcd 3.4 checks
+  every election timeout and gives up after three) and refuses new ones with UNAVAILABLE, so a
+  member cut off from its peers makes us fail over instead of serving a watch that never
+  delivers another event;
+- a liveness check catches a stream that went silent otherwise (a proxy or a peer that stopped
+  answering without closing): after `watch_idle` seconds without a response we send a
+  WatchProgressRequest; etcd answers it at once (a response with no events, the store's
+  revision in its header). No answer within `timeout` seconds: failover, RegistryError, and the
+  caller resumes from its last revision on the next endpoint.
+
+`EtcdConnection.health` (EtcdHealth) records whether etcd answered the last call, when a call last
+succeeded, the highest store revision seen and every failed call, for /metrics and /readyz.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -79,6 +95,59 @@ class EtcdOptions:
     key_file: str | None = None
     timeout: float = 5.0
     """Seconds for each remote call."""
+    watch_idle: float = 10.0
+    """Seconds a watch may stay quiet before we ask etcd for its progress (see the module)."""
+
+
+_CUT = object()
+"""Queued by a watch's reader when grpc cancelled its read: the channel was closed under it."""
+
+_REQUIRE_LEADER = ("hasleader", "true")
+"""gRPC metadata: etcd refuses or cancels the stream when the member has no leader."""
+
+
+@dataclass
+class EtcdHealth:
+    """What the calls to etcd found, updated by every call and watch response."""
+
+    up: bool = True
+    """False once a call failed on every endpoint; True again after any success."""
+    last_success: float = 0.0
+    """Unix time of the last call or watch response that succeeded (0: none yet)."""
+    revision: int = 0
+    """The highest store revision seen in a response header."""
+    errors: int = 0
+    """Failed calls and broken watches (each retry of a caller counts again)."""
+    last_error: str = ""
+    listeners: list[Callable[[bool, str], None]] = field(default_factory=list)
+    """Called with (up, reason) when `up` changes."""
+
+    def success(self, header_revision: int = 0) -> None:
+        self.last_success = time.time()
+        if header_revision > self.revision:
+            self.revision = header_revision
+        if not self.up:
+            self._set(True, "etcd answered again")
+
+    def failure(self, reason: str, *, down: bool) -> None:
+        self.errors += 1
+        self.last_error = reason
+        if down and self.up:
+            self._set(False, reason)
+
+    def _set(self, up: bool, reason: str) -> None:
+        self.up = up
+        for listener in list(self.listeners):
+            try:
+                listener(up, reason)
+            except Exception as e:  # a listener's bug must not break an etcd call
+                log.error("etcd health listener failed: %r", e)
+
+
+def _header_revision(resp: object) -> int:
+    header = getattr(resp, "header", None)
+    revision = getattr(header, "revision", 0)
+    return revision if isinstance(revision, int) else 0
 
 
 @dataclass(frozen=True)
@@ -163,6 +232,7 @@ class EtcdConnection:
         self.lease: Any = None
         self.watch: Any = None
         self._auth: Any = None
+        self.health = EtcdHealth()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -236,7 +306,7 @@ class EtcdConnection:
             url = self.endpoint.url
             try:
                 md = await self.metadata()
-                return await fn(self, md)
+                result = await fn(self, md)
             except asyncio.CancelledError:
                 if _cancel_requested():
                     raise
@@ -255,26 +325,58 @@ class EtcdConnection:
                     reauthed = True
                     self._token = None
                     continue
-                raise RegistryError(f"etcd {what} failed at {url}: {_describe(e)}") from None
-        raise RegistryError(
+                error = f"etcd {what} failed at {url}: {_describe(e)}"
+                self.health.failure(error, down=False)  # etcd answered: it is up
+                raise RegistryError(error) from None
+            except RegistryError as e:  # refused credentials (metadata)
+                self.health.failure(str(e), down=False)
+                raise
+            self.health.success(_header_revision(result))
+            return result
+        error = (
             f"etcd {what} failed: no endpoint answered ({'; '.join(errors)}); "
             "check --etcd-endpoints and that etcd is running"
         )
+        self.health.failure(error, down=True)
+        raise RegistryError(error)
 
     async def watch_stream(self, request: Any) -> AsyncIterator[Any]:
-        """Open a watch with `request` (a WatchCreateRequest) and yield its responses.
+        """Open a watch with `request` (a WatchCreateRequest) and yield its responses, the
+        progress answers too (no events, not `created`: the header's revision is how far etcd
+        has delivered).
 
         Raises `Compacted` when the start revision is gone, `RegistryError` when the stream
-        breaks (after switching to the next endpoint, so that the caller's retry goes there).
+        breaks, the member has no leader or the stream went silent (after switching to the next
+        endpoint, so that the caller's retry goes there).
         """
         self._open()
         url = self.endpoint.url
         try:
             md = await self.metadata()
-            stream = self.watch.Watch(metadata=md)
+            stream = self.watch.Watch(metadata=(*(md or ()), _REQUIRE_LEADER))
         except grpc.aio.AioRpcError as e:
-            await self.failover(_describe(e))
+            await self._watch_failed(url, _describe(e))
             raise RegistryError(f"etcd watch failed at {url}: {_describe(e)}") from None
+        # One task reads the stream into a queue: the consumer waits on the queue with a
+        # deadline, never cancelling a read on the gRPC call itself.
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                while True:
+                    resp = await stream.read()
+                    await queue.put(resp)
+                    if resp is grpc.aio.EOF:
+                        return
+            except asyncio.CancelledError:
+                if _cancel_requested():  # by us, in the finally below
+                    raise
+                # grpc cancels the reads of a channel that another call's failover closed.
+                await queue.put(_CUT)
+            except BaseException as e:  # handed to the consumer, which raises it
+                await queue.put(e)
+
+        reader: asyncio.Task[None] | None = None
         try:
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of an
@@ -282,35 +384,75 @@ class EtcdConnection:
                 # cancellation, and this generator then read the quiet stream for ever.
                 async with asyncio.timeout(self.opts.timeout):
                     await stream.write(rpc.WatchRequest(create_request=request))
-                    resp = await stream.read()
+                    reader = asyncio.create_task(pump())
+                    resp = await queue.get()
             except TimeoutError:
-                await self.failover("watch not created in time")
+                await self._watch_failed(url, "watch not created in time")
                 raise RegistryError(
                     f"etcd at {url} did not answer a watch request within {self.opts.timeout}s"
                 ) from None
             while True:
+                if resp is _CUT:
+                    raise asyncio.CancelledError()  # not requested: reported as a cut below
+                if isinstance(resp, BaseException):
+                    raise resp
                 if resp is grpc.aio.EOF:
+                    await self._watch_failed(url, "stream closed")
                     raise RegistryError(f"etcd at {url} closed the watch stream")
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision, request.start_revision)
                 if resp.canceled:
-                    raise RegistryError(f"etcd at {url} cancelled the watch: {resp.cancel_reason}")
+                    reason = resp.cancel_reason or "no reason given"
+                    await self._watch_failed(url, f"watch cancelled: {reason}")
+                    raise RegistryError(f"etcd at {url} cancelled the watch: {reason}")
+                self.health.success(_header_revision(resp))
                 yield resp
-                resp = await stream.read()
+                resp = await self._next(stream, queue, url)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._token = None
+                self.health.failure(f"etcd watch at {url}: {_describe(e)}", down=False)
             else:
-                await self.failover(_describe(e))
+                await self._watch_failed(url, _describe(e))
             raise RegistryError(f"etcd watch at {url} broke: {_describe(e)}") from None
         except asyncio.CancelledError:
             if _cancel_requested():
                 raise
+            self.health.failure(f"etcd watch at {url} cut by a failover", down=False)
             raise RegistryError(
                 f"etcd watch at {url} was cut: its channel was closed after another call failed"
             ) from None
         finally:
+            if reader is not None:
+                reader.cancel()
             stream.cancel()
+            if reader is not None:
+                await asyncio.gather(reader, return_exceptions=True)
+
+    async def _next(self, stream: Any, queue: asyncio.Queue[Any], url: str) -> Any:
+        """The next response; after `watch_idle` quiet seconds, ask etcd for the watch's
+        progress and give it `timeout` seconds to answer anything."""
+        try:
+            async with asyncio.timeout(self.opts.watch_idle):
+                return await queue.get()
+        except TimeoutError:
+            pass
+        try:
+            async with asyncio.timeout(self.opts.timeout):
+                await stream.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                return await queue.get()
+        except TimeoutError:
+            why = (
+                f"the watch was silent for {self.opts.watch_idle:g}s and a progress request "
+                f"got no answer within {self.opts.timeout:g}s"
+            )
+            await self._watch_failed(url, why)
+            raise RegistryError(f"etcd at {url}: {why}") from None
+
+    async def _watch_failed(self, url: str, reason: str) -> None:
+        """A watch broke at `url`: count it and move on to the next endpoint."""
+        self.health.failure(f"etcd watch at {url}: {reason}", down=len(self.endpoints) == 1)
+        await self.failover(reason)
 
     async def close(self) -> None:
         await self._drop()

@@ -2,8 +2,11 @@
 
 - `SubnetManager.acquire` follows flannel's order of preference (allocation.choose) and claims
   the subnet with a transaction, retrying on conflict (10 tries, as flannel).
-- `SubnetManager.keep` renews before expiry without changing the value, and when our key is
-  deleted, revoked or overwritten logs a WARNING and acquires again (same subnet when free).
+- `SubnetManager.keep` renews before expiry without changing the value, and is the one place
+  that knows whether our lease holds: it tells its caller through OwnLeaseEvent (renewed,
+  expiring, lost, taken, duplicate, reacquired). A lost lease is taken back when its subnet is
+  free; another host holding it is reported and waited out (or, with on_taken="move", another
+  subnet is taken); a host with our PublicIP is never fought over (docs/subnetmgr.md).
 - `LeaseMirror` keeps every valid lease in memory: list, then watch from the next revision;
   resumes after a disconnect from the last revision seen, re-lists after compaction; reports
   added, changed, renewed and removed leases. Given the network config, it hands on only the
@@ -18,10 +21,13 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Network
 from types import MappingProxyType
+from typing import Literal
 
 from subnetmgr import allocation
+from subnetmgr.backoff import Backoff
 from subnetmgr.model import (
     LEASE_TTL_SECONDS,
     ConfigError,
@@ -32,6 +38,7 @@ from subnetmgr.model import (
 )
 from subnetmgr.registry import (
     Compacted,
+    LeaseBatch,
     LeaseEvent,
     LeaseLost,
     Registry,
@@ -40,9 +47,11 @@ from subnetmgr.registry import (
 from subnetmgr.validate import Ignored, check_lease, pick
 
 __all__ = [
+    "TAKEN_POLICIES",
     "LeaseEvent",
     "LeaseMirror",
     "OutOfSubnets",
+    "OwnLeaseEvent",
     "SubnetManager",
 ]
 
@@ -75,20 +84,60 @@ def _same(a: Lease, b: Lease) -> bool:
     return value and a.expiration == b.expiration
 
 
-class _Backoff:
-    """Exponential backoff with jitter, reset after a success."""
+TAKEN_POLICIES = ("wait", "move")
+"""What keep() does when another host holds our subnet after we lost it (docs/subnetmgr.md):
+"wait" (default) keeps the subnet, reports, and takes it back once it is free; "move" takes
+another subnet at once (subnet.env, device and rules follow)."""
 
-    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
-        self.first = first
-        self.cap = cap
-        self.delay = first
 
-    def reset(self) -> None:
-        self.delay = self.first
+@dataclass(frozen=True)
+class OwnLeaseEvent:
+    """What keep() tells its caller about our lease.
 
-    async def sleep(self) -> None:
-        await asyncio.sleep(self.delay * random.uniform(0.5, 1.0))
-        self.delay = min(self.delay * 2, self.cap)
+    - renewed: `lease` is the renewed lease (new expiration);
+    - expiring: a renewal failed; `reason` says why and how long is left (once per outage);
+    - lost: the lease no longer holds; `reason` says why (gone, expired while etcd was
+      unreachable, taken by another host, rewritten by a host with our PublicIP);
+    - taken: another host (`holder`) holds our subnet now;
+    - duplicate: a host with our PublicIP but other backend data holds it (`holder`): two hosts
+      share one PublicIP; we stop writing the key;
+    - reacquired: `lease` is ours again (the same subnet, or another with the "move" policy).
+    """
+
+    kind: Literal["renewed", "expiring", "lost", "taken", "duplicate", "reacquired"]
+    lease: Lease
+    reason: str = ""
+    holder: LeaseAttrs | None = None
+
+
+OnOwnLease = Callable[[OwnLeaseEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Loss:
+    kind: Literal["gone", "expired", "taken", "duplicate"]
+    reason: str
+    holder: LeaseAttrs | None = None
+
+
+def _loss_of(own: Lease, holder: LeaseAttrs | None) -> _Loss:
+    """How `own` was lost, given what its key holds now (None: nothing)."""
+    if holder is None:
+        return _Loss("gone", "the key is gone (expired, revoked or deleted)")
+    if holder.public_ip == own.attrs.public_ip:
+        return _Loss(
+            "duplicate",
+            f"another host with our PublicIP {own.attrs.public_ip} rewrote it with "
+            f"{holder.to_json()}; two hosts share this PublicIP: give each host its own with "
+            "--public-ip, or choose another interface with --iface",
+            holder,
+        )
+    return _Loss(
+        "taken",
+        f"lease {own.subnet} lost to {holder.public_ip} (PublicIP {holder.public_ip} holds "
+        f"the key now: {holder.to_json()})",
+        holder,
+    )
 
 
 class SubnetManager:
@@ -102,6 +151,7 @@ class SubnetManager:
         ttl: int = LEASE_TTL_SECONDS,
         max_attempts: int = ACQUIRE_ATTEMPTS,
         rng: random.Random | None = None,
+        on_taken: str = "wait",
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl}")
@@ -109,6 +159,9 @@ class SubnetManager:
             raise ValueError(
                 f"renew margin {renew_margin}s must be at least 0 and below the lease TTL {ttl}s"
             )
+        if on_taken not in TAKEN_POLICIES:
+            raise ValueError(f"on_taken must be one of {', '.join(TAKEN_POLICIES)}: {on_taken!r}")
+        self.on_taken = on_taken
         self.registry = registry
         self.renew_margin = renew_margin
         self.ttl = ttl
@@ -254,92 +307,147 @@ class SubnetManager:
 
     # ------------------------------------------------------------------ keep
 
-    async def keep(
-        self, config: NetworkConfig, own: Lease, on_change: Callable[[Lease], Awaitable[None]]
-    ) -> None:
-        """Hold `own` until cancelled: renew it, and replace it when it is lost."""
+    async def keep(self, config: NetworkConfig, own: Lease, on_event: OnOwnLease) -> None:
+        """Hold `own` until cancelled: renew it, and tell `on_event` whatever happens to it
+        (OwnLeaseEvent). This is the one place that decides whether our lease holds."""
         while True:
-            reason = await self._hold(own)
-            log.warning(
-                "LOST our lease %s (%s): %s; acquiring a lease again, the same subnet if free",
-                own.subnet,
-                own.attrs.public_ip,
-                reason,
-            )
-            own = await self._reacquire(config, own)
-            log.warning(
-                "re-acquired %s for %s after losing %s", own.subnet, own.attrs.public_ip, reason
-            )
-            await on_change(own)
+            loss = await self._hold(own, on_event)
+            log.error("LOST our lease %s (%s): %s", own.subnet, own.attrs.public_ip, loss.reason)
+            await on_event(OwnLeaseEvent("lost", own, loss.reason, loss.holder))
+            new = await self._regain(config, own, loss, on_event)
+            log.warning("re-acquired %s for %s after losing %s (%s)", new.subnet,
+                        new.attrs.public_ip, own.subnet, loss.reason)  # fmt: skip
+            await on_event(OwnLeaseEvent("reacquired", new, loss.reason))
+            own = new
 
-    async def _reacquire(self, config: NetworkConfig, lost: Lease) -> Lease:
-        backoff = _Backoff(first=0.5, cap=30.0)
+    async def _regain(
+        self, config: NetworkConfig, lost: Lease, loss: _Loss, on_event: OnOwnLease
+    ) -> Lease:
+        """Get a lease back after `loss`: the same subnet when it is free (or still ours);
+        while another host holds it, report that once and wait for its key to change (policy
+        "wait"), or take another subnet at once (policy "move"). A host with our PublicIP is
+        never fought over: we wait until its key goes."""
+        backoff = Backoff(0.5, 30.0)
+        reported: _Loss | None = None
+        current: _Loss | None = loss if loss.kind in ("taken", "duplicate") else None
         while True:
             try:
-                return await self.acquire(config, lost.attrs, previous=lost.subnet)
+                if current is None:
+                    lease, revision = await self.registry.get_lease(lost.subnet)
+                    if lease is None:
+                        new = await self.registry.create_lease(lost.subnet, lost.attrs, self.ttl)
+                        if new is not None:
+                            return new
+                        continue  # created by someone else just now: look at it
+                    if lease.attrs == lost.attrs:
+                        # Still ours: etcd kept it (a restarted cluster refreshes lease TTLs),
+                        # or a create of ours committed before its answer was lost.
+                        return await self.registry.renew_lease(lease, self.ttl)
+                    current = _loss_of(lost, lease.attrs)
+                else:
+                    revision = 0
+                if current != reported:
+                    reported = current
+                    await self._report(lost, current, on_event)
+                if current.kind == "taken" and self.on_taken == "move":
+                    return await self.acquire(config, lost.attrs)
+                await self._key_changed(lost.subnet, revision)
+                current = None
+                backoff.reset()
+            except LeaseLost:
+                current = None  # changed under the renewal: look again
             except (RegistryError, OutOfSubnets, AcquireConflict) as e:
-                log.error("cannot re-acquire a lease for %s: %s; retrying", lost.attrs.public_ip, e)
+                log.error("cannot get lease %s back for %s: %s; retrying", lost.subnet,
+                          lost.attrs.public_ip, e)  # fmt: skip
                 await backoff.sleep()
 
-    async def _hold(self, own: Lease) -> str:
-        """Renew `own` and watch its key; return why it was lost."""
-        current = own
-        lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    async def _report(self, lost: Lease, loss: _Loss, on_event: OnOwnLease) -> None:
+        if loss.kind == "duplicate":
+            log.error("duplicate PublicIP %s: %s. overlayd stops writing lease %s until that "
+                      "key is gone", lost.attrs.public_ip, loss.reason, lost.subnet)  # fmt: skip
+            await on_event(OwnLeaseEvent("duplicate", lost, loss.reason, loss.holder))
+        else:
+            move = self.on_taken == "move"
+            log.error("%s; %s", loss.reason,
+                      "taking another subnet (policy move)" if move else
+                      "keeping subnet.env and the data path of that subnet and waiting for it to "
+                      "be free (policy wait; see docs/subnetmgr.md)")  # fmt: skip
+            await on_event(OwnLeaseEvent("taken", lost, loss.reason, loss.holder))
 
-        def set_lost(reason: str) -> None:
+    async def _key_changed(self, subnet: Subnet, revision: int) -> None:
+        """Return at the first change of `subnet`'s key after `revision` (0: look first)."""
+        if revision == 0:
+            _lease, revision = await self.registry.get_lease(subnet)
+        async for _event in self.registry.watch_leases(revision + 1, subnet):
+            return
+        raise RegistryError("the watch on our lease's key ended")
+
+    async def _hold(self, own: Lease, on_event: OnOwnLease) -> _Loss:
+        """Renew `own` and watch its key; return how it was lost."""
+        current = own
+        lost: asyncio.Future[_Loss] = asyncio.get_running_loop().create_future()
+
+        def set_lost(loss: _Loss) -> None:
             if not lost.done():
-                lost.set_result(reason)
+                lost.set_result(loss)
 
         async def renew_loop() -> None:
             nonlocal current
-            backoff = _Backoff(first=1.0, cap=30.0)
+            backoff = Backoff(1.0, 30.0)
+            warned = False
             while True:
                 if current.expiration is None:  # a reservation does not expire
                     await asyncio.Event().wait()
                     return
                 delay = current.expiration - self.renew_margin - time.time()
-                if delay > 0 and math.isfinite(delay):  # inf: expiry unknown, renew now
-                    await asyncio.sleep(delay)
+                if backoff.failures == 0 and delay > 0 and math.isfinite(delay):
+                    await asyncio.sleep(delay)  # inf: expiry unknown, renew now
                 try:
                     current = await self.registry.renew_lease(current, self.ttl)
-                    backoff.reset()
-                    until = time.gmtime(current.expiration or 0)
-                    log.info(
-                        "renewed lease %s until %s UTC",
-                        current.subnet,
-                        time.strftime("%Y-%m-%d %H:%M:%S", until),
-                    )
                 except LeaseLost as e:
-                    set_lost(str(e))
+                    set_lost(_Loss("gone", str(e)))
                     return
                 except RegistryError as e:
                     left = (current.expiration or 0) - time.time()
+                    if left <= 0:
+                        set_lost(_Loss("expired", "lease expired while etcd was unreachable"))
+                        return
                     log.error("could not renew lease %s (%.0fs left): %s", current.subnet, left, e)
-                    await backoff.sleep()
+                    if not warned:
+                        warned = True
+                        reason = f"could not renew: {e}; {left:.0f}s left"
+                        await on_event(OwnLeaseEvent("expiring", current, reason))
+                    # Never sleep past the expiry: it is noticed (and reported) on time.
+                    await asyncio.sleep(min(backoff.next(), max(left, 0.05)))
+                    continue
+                backoff.reset()
+                warned = False
+                until = time.gmtime(current.expiration or 0)
+                log.info("renewed lease %s until %s UTC", current.subnet,
+                         time.strftime("%Y-%m-%d %H:%M:%S", until))  # fmt: skip
+                await on_event(OwnLeaseEvent("renewed", current))
 
         async def watch_loop() -> None:
-            backoff = _Backoff()
+            backoff = Backoff(0.2, 5.0)
             while True:
                 try:
                     lease, revision = await self.registry.get_lease(own.subnet)
-                    if lease is None:
-                        set_lost("the key is gone (expired, revoked or deleted)")
-                        return
-                    if lease.attrs != own.attrs:
-                        set_lost(f"the key was overwritten with {lease.attrs.to_json()}")
+                    if lease is None or lease.attrs != own.attrs:
+                        set_lost(_loss_of(own, None if lease is None else lease.attrs))
                         return
                     backoff.reset()
                     async for ev in self.registry.watch_leases(revision + 1, own.subnet):
                         if ev.kind == "removed":
-                            set_lost("the key was deleted or its etcd lease expired or was revoked")
+                            set_lost(_loss_of(own, None))
                             return
                         if ev.lease.attrs != own.attrs:
-                            set_lost(f"the key was overwritten with {ev.lease.attrs.to_json()}")
+                            set_lost(_loss_of(own, ev.lease.attrs))
                             return
                 except Compacted:
                     continue  # the next get_lease re-reads the state
                 except RegistryError as e:
-                    log.warning("watching our lease %s: %s; retrying", own.subnet, e)
+                    if backoff.failures == 0:
+                        log.warning("watching our lease %s: %s; retrying", own.subnet, e)
                     await backoff.sleep()
 
         tasks = [asyncio.create_task(renew_loop()), asyncio.create_task(watch_loop())]
@@ -476,7 +584,7 @@ class LeaseMirror:
         expiration (so that a daemon learns of its own renewal at once); a consumer that cares
         only for the data path compares `attrs`. Called again after a cancel, it resumes from
         `revision`."""
-        backoff = _Backoff()
+        backoff = Backoff(0.2, 5.0)
         need_list = not self.ready.is_set()  # run() again after a cancel resumes the watch
         self._outage = False
         while True:
@@ -513,10 +621,10 @@ class LeaseMirror:
     async def _follow(
         self,
         on_change: Callable[[Mapping[Subnet, Lease], set[Subnet]], Awaitable[None]],
-        backoff: _Backoff,
+        backoff: Backoff,
     ) -> None:
         """Watch from revision + 1. Batches that arrive while on_change runs are merged."""
-        queue: asyncio.Queue[list[LeaseEvent] | BaseException] = asyncio.Queue()
+        queue: asyncio.Queue[LeaseBatch | BaseException] = asyncio.Queue()
 
         async def read() -> None:
             try:
@@ -541,6 +649,9 @@ class LeaseMirror:
                         error = item
                         break
                     changed |= self._apply(item)
+                    # Progress answers and events that did not decode move the revision on
+                    # too: a resumed watch starts after them, and the watch lag stays true.
+                    self.revision = max(self.revision, item.revision)
                     backoff.reset()
                     if self._outage:
                         mirror_log.warning(

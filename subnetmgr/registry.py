@@ -28,6 +28,7 @@ from aetcd import rpc
 from subnetmgr.etcdconn import (
     Compacted,
     EtcdConnection,
+    EtcdHealth,
     EtcdOptions,
     RegistryError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Compacted",
     "EtcdOptions",
     "EtcdRegistry",
+    "LeaseBatch",
     "LeaseEvent",
     "LeaseLost",
     "Registry",
@@ -72,6 +74,15 @@ class LeaseEvent:
     revision: int
 
 
+class LeaseBatch(list[LeaseEvent]):
+    """The lease events of one etcd watch response, and `revision`: every change up to it has
+    been delivered (the last event's revision, events that did not decode included; for a
+    progress answer with no events, the store revision in its header). 0 for the response
+    that says the watch was created: nothing is known delivered then."""
+
+    revision: int = 0
+
+
 class LeaseLost(RuntimeError):
     """Our lease is gone from etcd (expired, revoked, deleted) or now holds another value."""
 
@@ -79,6 +90,11 @@ class LeaseLost(RuntimeError):
 class Registry(Protocol):
     ignored: IgnoredLeases
     """The keys skipped now because they do not decode; the mirror adds those it rejects."""
+
+    @property
+    def health(self) -> EtcdHealth:
+        """What the calls to the store found (up, last success, revision, failed calls)."""
+        ...
 
     async def get_config_text(self) -> str | None: ...
 
@@ -136,7 +152,7 @@ class Registry(Protocol):
 
     def watch_lease_batches(
         self, start_revision: int, subnet: Subnet | None = None
-    ) -> AsyncIterator[list[LeaseEvent]]: ...
+    ) -> AsyncIterator[LeaseBatch]: ...
 
     async def close(self) -> None: ...
 
@@ -201,6 +217,11 @@ class EtcdRegistry:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def health(self) -> EtcdHealth:
+        """Whether etcd answers, when it last did, its revision, failed calls (EtcdHealth)."""
+        return self._conn.health
 
     async def close(self) -> None:
         spares, self._spares = self._spares, []
@@ -625,10 +646,11 @@ class EtcdRegistry:
 
     async def watch_lease_batches(
         self, start_revision: int, subnet: Subnet | None = None
-    ) -> AsyncIterator[list[LeaseEvent]]:
-        """Lease events from `start_revision` on, one list per etcd watch response.
+    ) -> AsyncIterator[LeaseBatch]:
+        """Lease events from `start_revision` on, one LeaseBatch per etcd watch response.
 
-        The first list is empty and comes once etcd has created the watch. Raises `Compacted`
+        The first batch is empty and comes once etcd has created the watch; empty ones follow
+        for progress answers (their `revision` says how far etcd has delivered). Raises `Compacted`
         when that revision is compacted away, `RegistryError` when the stream breaks; the
         caller resumes from the last revision it saw (+1).
         """
@@ -641,17 +663,20 @@ class EtcdRegistry:
         )
         async for resp in self._conn.watch_stream(req):
             if resp.created:
-                yield []  # the watch is established: tells the caller etcd is reachable
-            if not resp.events:
+                yield LeaseBatch()  # the watch is established: tells the caller etcd is reachable
+                continue
+            batch = LeaseBatch()
+            if not resp.events:  # a progress answer: everything up to the header's revision
+                batch.revision = int(resp.header.revision)
+                yield batch
                 continue
             await self._expirations({ev.kv.lease for ev in resp.events if ev.type == 0})
-            batch = []
             for ev in resp.events:
                 event = self._event(ev)
                 if event is not None:
                     batch.append(event)
-            if batch:
-                yield batch
+            batch.revision = max(int(ev.kv.mod_revision) for ev in resp.events)
+            yield batch
 
     def _event(self, ev: Any) -> LeaseEvent | None:
         kv = ev.kv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -329,7 +330,7 @@ def wait_until(check: Callable[[], bool], what: str, seconds: float = 10) -> Non
 # --------------------------------------------------------------------------- hostile requests
 
 METHODS = st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "get", "BREW"])
-PATHS = st.sampled_from(["/healthz", "/readyz", "/metrics", "/", "/nope", "/healthz?x=1",
+PATHS = st.sampled_from(["/healthz", "/readyz", "/metrics", "/status", "/", "/nope", "/healthz?x=1",
                          "/metrics/", "/%00", "/" + "p" * 9000])  # fmt: skip
 VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/1.9",
                            "HTTP/2.0", "http/1.1", ""])  # fmt: skip
@@ -363,7 +364,8 @@ def structured_requests(draw: st.DrawFn) -> tuple[bytes, int]:
             return data, 431
     if method not in ("GET", "HEAD"):
         return data, 405
-    return data, 200 if path.split("?")[0] in ("/healthz", "/readyz", "/metrics") else 404
+    served = ("/healthz", "/readyz", "/metrics", "/status")
+    return data, 200 if path.split("?")[0] in served else 404
 
 
 ANY_BYTES = st.one_of(
@@ -412,6 +414,11 @@ TYPES = {
     "overlay_reconcile_errors_total": "counter",
     "overlay_reconcile_duration_seconds": "summary",
     "overlay_etcd_errors_total": "counter",
+    "overlay_etcd_up": "gauge",
+    "overlay_etcd_last_success_timestamp_seconds": "gauge",
+    "overlay_etcd_seconds_since_success": "gauge",
+    "overlay_watch_lag_revisions": "gauge",
+    "overlay_lease_expiry_seconds": "gauge",
     "overlay_events_total": "counter",
     "overlay_events_dropped_total": "counter",
     "overlay_masq_resyncs_total": "counter",
@@ -445,6 +452,7 @@ def test_live_metrics_page_keeps_every_metric_and_passes_promtool() -> None:
         m.lease_public_ip, m.lease_backend, m.lease_expiration = "192.0.2.9", "vxlan", 1.7e9
         m.lease_acquisitions, m.etcd_errors, m.events_dropped = 1, 2, 1
         m.masq_resyncs, m.masq_repairs = 4, 1
+        m.etcd_up, m.etcd_last_success, m.watch_lag = False, 1.7e9, 3
         m.observe_reconcile("full", 0.125, ok=True)
         m.events["peer_added"] += 2
         m.leases_ignored["not_json"] += 2
@@ -457,6 +465,8 @@ def test_live_metrics_page_keeps_every_metric_and_passes_promtool() -> None:
         assert 'overlay_leases_ignored_total{reason="odd \\"reason\\"\\\\\\n"} 1' in lines
         assert 'overlay_reconciles_total{trigger="change"} 0' in lines
         assert "overlay_masq_repairs_total 1" in lines
+        assert "overlay_etcd_up 0" in lines and "overlay_watch_lag_revisions 3" in lines
+        assert "overlay_etcd_last_success_timestamp_seconds 1700000000" in lines
         values = {
             line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("process_")
         }
@@ -475,3 +485,48 @@ def test_live_metrics_page_keeps_every_metric_and_passes_promtool() -> None:
             for name in ("overlay_udp_rx_bytes", "overlay_udp_tx_packets")
         ]
     assert_quiet(records)
+
+
+async def test_readyz_says_why_in_one_line_and_status_serves_it_as_json() -> None:
+    """What the daemon records as the reason is what /readyz and /status say; the refresh
+    hook runs before each answer, and a failing hook is logged, never a failed request."""
+    metrics = Metrics()
+    calls: list[int] = []
+    metrics.refresh = lambda: calls.append(1)
+    server = HealthServer(metrics, "127.0.0.1", 0, serve_metrics=True)
+    port = await server.start()
+    try:
+        status, body = await http_get(port, "/readyz")
+        assert status == 503 and body.startswith("not ready: starting")
+        metrics.ready = False
+        metrics.not_ready_reason = "lease 10.1.5.0/24 lost to 198.18.0.7\n(PublicIP x)"
+        metrics.lease_subnet, metrics.lease_expiration = "10.1.5.0/24", time.time() - 30
+        metrics.etcd_up, metrics.etcd_errors = False, 7
+        status, body = await http_get(port, "/readyz")
+        assert (status, body) == (
+            503,
+            "not ready: lease 10.1.5.0/24 lost to 198.18.0.7 (PublicIP x)\n",
+        )
+        status, body = await http_get(port, "/status")
+        doc = json.loads(body)
+        assert status == 200 and doc["ready"] is False
+        assert doc["reason"] == "lease 10.1.5.0/24 lost to 198.18.0.7 (PublicIP x)"
+        assert doc["lease"]["subnet"] == "10.1.5.0/24" and doc["lease"]["expiry_seconds"] < -29
+        assert doc["etcd"] == {"up": False, "last_success": None, "errors": 7,
+                               "watch_lag_revisions": None}  # fmt: skip
+        status, text = await http_get(port, "/metrics")
+        expiry = [x for x in text.splitlines() if x.startswith("overlay_lease_expiry_seconds ")]
+        assert len(expiry) == 1 and float(expiry[0].split()[1]) < -29
+        assert len(calls) == 4  # two /readyz, one /status, one /metrics
+        metrics.ready, metrics.not_ready_reason = True, ""
+        assert await http_get(port, "/readyz") == (200, "ready\n")
+        assert json.loads((await http_get(port, "/status"))[1])["reason"] == ""
+
+        def broken() -> None:
+            raise RuntimeError("bug")
+
+        metrics.refresh = broken
+        assert (await http_get(port, "/metrics"))[0] == 200
+        assert (await http_get(port, "/status"))[0] == 200
+    finally:
+        await server.close()

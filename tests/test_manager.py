@@ -13,10 +13,12 @@ import aetcd
 import pytest
 
 from integration.etcdserver import EtcdServer
-from subnetmgr.manager import OutOfSubnets, SubnetManager
+from subnetmgr.manager import OutOfSubnets, OwnLeaseEvent, SubnetManager
 from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
 from subnetmgr.registry import EtcdOptions, EtcdRegistry
 from tests.conftest import raw_client
+from tests.labtools import eventually
+from tests.tcprelay import TcpRelay
 
 MakeRegistry = Callable[[], Awaitable[EtcdRegistry]]
 
@@ -147,21 +149,32 @@ async def test_reservation_is_honoured(
     assert kv.value == host(9).to_json().encode()  # with our backend data now
 
 
-async def keep_running(
-    mgr: SubnetManager, cfg: NetworkConfig, own: Lease
-) -> tuple[asyncio.Task[None], asyncio.Queue[Lease]]:
-    changes: asyncio.Queue[Lease] = asyncio.Queue()
+class Keeper:
+    """keep() running in a task, with every OwnLeaseEvent it reported, in order."""
 
-    async def on_change(lease: Lease) -> None:
-        await changes.put(lease)
+    def __init__(self, mgr: SubnetManager, cfg: NetworkConfig, own: Lease) -> None:
+        self.events: list[OwnLeaseEvent] = []
+        self._new = asyncio.Condition()
+        self.task = asyncio.create_task(mgr.keep(cfg, own, self._on_event))
 
-    return asyncio.create_task(mgr.keep(cfg, own, on_change)), changes
+    async def _on_event(self, ev: OwnLeaseEvent) -> None:
+        async with self._new:
+            self.events.append(ev)
+            self._new.notify_all()
 
+    def kinds(self, *, renewals: bool = False) -> list[str]:
+        return [e.kind for e in self.events if renewals or e.kind != "renewed"]
 
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async def wait_for(self, kind: str, count: int = 1, limit: float = 20) -> OwnLeaseEvent:
+        """The `count`-th event of `kind` (waiting for it up to `limit` seconds)."""
+        async with asyncio.timeout(limit), self._new:
+            await self._new.wait_for(lambda: self.kinds(renewals=True).count(kind) >= count)
+        return [e for e in self.events if e.kind == kind][count - 1]
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self.task
 
 
 @pytest.mark.slow
@@ -174,18 +187,21 @@ async def test_renewal_keeps_the_value_and_outlives_the_ttl(
     key = f"{etcd_prefix}/subnets/{own.key}".encode()
     before = await raw.get(key)
     assert before is not None
-    task, changes = await keep_running(mgr, cfg, own)
+    keeper = Keeper(mgr, cfg, own)
     try:
-        await asyncio.sleep(5)  # well past the 3 s TTL: only renewals keep the key alive
+        # Three renewals: the key outlives its 3 s TTL twice over only by being renewed.
+        third = await keeper.wait_for("renewed", 3)
+        assert third.lease.expiration is not None and own.expiration is not None
+        assert third.lease.expiration > own.expiration + 1
         after = await raw.get(key)
         assert after is not None
         assert after.value == before.value
         assert after.lease != before.lease  # renewed with a fresh etcd lease
         info = await raw.get_lease_info(after.lease)
         assert info.grantedTTL == 3
-        assert changes.empty()  # renewals are not changes
+        assert keeper.kinds() == []  # renewals only: nothing lost, nothing expiring
     finally:
-        await stop(task)
+        await keeper.stop()
 
 
 async def test_deleted_own_lease_is_reacquired_loudly(
@@ -197,76 +213,192 @@ async def test_deleted_own_lease_is_reacquired_loudly(
     cfg = config("10.70.0.0/16")
     mgr = SubnetManager(await make_registry())
     own = await mgr.acquire(cfg, host(1))
-    task, changes = await keep_running(mgr, cfg, own)
+    keeper = Keeper(mgr, cfg, own)
     try:
         await asyncio.sleep(0.3)  # let keep() start watching
         with caplog.at_level(logging.WARNING, logger="overlay.subnetmgr"):
             await raw.delete(f"{etcd_prefix}/subnets/{own.key}".encode())
-            new = await asyncio.wait_for(changes.get(), 10)
+            new = (await keeper.wait_for("reacquired")).lease
+        assert keeper.kinds() == ["lost", "reacquired"]
+        assert "the key is gone" in keeper.events[0].reason
         assert new.subnet == own.subnet  # the same subnet, still free
         assert new.attrs == own.attrs
         kv = await raw.get(f"{etcd_prefix}/subnets/{own.key}".encode())
         assert kv is not None and kv.value == own.attrs.to_json().encode() and kv.lease != 0
         lost = [r for r in caplog.records if "LOST our lease" in r.getMessage()]
-        assert lost and lost[0].levelno == logging.WARNING
+        assert lost and lost[0].levelno == logging.ERROR
         # Revoking its etcd lease is noticed as well.
         await raw.revoke_lease(kv.lease)
-        again = await asyncio.wait_for(changes.get(), 10)
-        assert again.subnet == own.subnet
+        again = await keeper.wait_for("reacquired", 2)
+        assert again.lease.subnet == own.subnet
+        assert keeper.kinds() == ["lost", "reacquired"] * 2
     finally:
-        await stop(task)
+        await keeper.stop()
 
 
-async def test_overwritten_own_lease_moves_to_another_subnet(
+async def test_a_subnet_taken_by_another_host_is_reported_and_waited_for(
     make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
 ) -> None:
+    """Policy "wait" (the default): no other subnet is taken behind the operator's back; the
+    taker is named, and the subnet is ours again as soon as its key is gone."""
     cfg = config("10.71.0.0/16")
     mgr = SubnetManager(await make_registry())
     own = await mgr.acquire(cfg, host(1))
-    task, changes = await keep_running(mgr, cfg, own)
+    key = f"{etcd_prefix}/subnets/{own.key}".encode()
+    keeper = Keeper(mgr, cfg, own)
+    try:
+        await asyncio.sleep(0.3)
+        thief = host(2).to_json().encode()
+        await raw.put(key, thief)
+        taken = await keeper.wait_for("taken")
+        assert taken.holder == host(2) and taken.lease.subnet == own.subnet
+        assert str(host(2).public_ip) in taken.reason and str(own.subnet) in taken.reason
+        leases, _ = await mgr.registry.list_leases()
+        assert [(x.subnet, x.attrs) for x in leases] == [(own.subnet, host(2))]  # nothing else
+        # The other host renews (a rewrite of its key): still taken, not reported again.
+        await raw.put(key, thief)
+        await asyncio.sleep(0.5)
+        assert keeper.kinds() == ["lost", "taken"]
+        await raw.delete(key)  # the other host leaves
+        back = await keeper.wait_for("reacquired")
+        assert back.lease.subnet == own.subnet and back.lease.attrs == own.attrs
+        assert keeper.kinds() == ["lost", "taken", "reacquired"]
+    finally:
+        await keeper.stop()
+
+
+async def test_a_subnet_taken_by_another_host_moves_with_policy_move(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    cfg = config("10.73.0.0/16")
+    mgr = SubnetManager(await make_registry(), on_taken="move")
+    own = await mgr.acquire(cfg, host(1))
+    keeper = Keeper(mgr, cfg, own)
     try:
         await asyncio.sleep(0.3)
         thief = host(2).to_json().encode()
         await raw.put(f"{etcd_prefix}/subnets/{own.key}".encode(), thief)
-        new = await asyncio.wait_for(changes.get(), 10)
+        new = (await keeper.wait_for("reacquired")).lease
+        assert keeper.kinds() == ["lost", "taken", "reacquired"]
         assert new.subnet != own.subnet
         assert new.attrs == own.attrs
         kv = await raw.get(f"{etcd_prefix}/subnets/{own.key}".encode())
         assert kv is not None and kv.value == thief  # the other host's key is left alone
     finally:
-        await stop(task)
+        await keeper.stop()
 
 
-def test_manager_rejects_a_margin_not_below_the_ttl() -> None:
+async def test_a_host_with_our_public_ip_is_not_fought_over(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    """Two hosts with one PublicIP (each behind its own NAT, both 10.0.2.15): the second one's
+    acquisition rewrites our lease with its VtepMAC. We report it once, write nothing, and
+    take the subnet back only when its key is gone."""
+    cfg = config("10.74.0.0/16")
+    registry = await make_registry()
+    mgr = SubnetManager(registry)
+    own = await mgr.acquire(cfg, host(1))
+    keeper = Keeper(mgr, cfg, own)
+    try:
+        await asyncio.sleep(0.3)
+        twin = SubnetManager(await make_registry())
+        theirs = await twin.acquire(cfg, host(1, mac_tail=0x99))  # same PublicIP, other MAC
+        assert theirs.subnet == own.subnet  # flannel's rule: "a lease with my PublicIP is mine"
+        dup = await keeper.wait_for("duplicate")
+        assert dup.holder == host(1, mac_tail=0x99)
+        assert str(own.attrs.public_ip) in dup.reason
+        assert "--public-ip" in dup.reason and "--iface" in dup.reason
+        key = f"{etcd_prefix}/subnets/{own.key}".encode()
+        kv = await raw.get(key)
+        assert kv is not None
+        await asyncio.sleep(1.0)
+        later = await raw.get(key)
+        assert later is not None and later.mod_revision == kv.mod_revision  # no write of ours
+        assert later.value == host(1, mac_tail=0x99).to_json().encode()
+        assert keeper.kinds() == ["lost", "duplicate"]
+        await raw.delete(key)  # the twin is gone: the subnet is ours again
+        back = await keeper.wait_for("reacquired")
+        assert back.lease.subnet == own.subnet and back.lease.attrs == own.attrs
+    finally:
+        await keeper.stop()
+
+
+def test_manager_rejects_a_margin_not_below_the_ttl_and_an_unknown_policy() -> None:
     with pytest.raises(ValueError, match="renew margin 100"):
         SubnetManager(None, ttl=100, renew_margin=100)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_taken"):
+        SubnetManager(None, on_taken="fight")  # type: ignore[arg-type]
 
 
-async def test_keep_rides_out_an_etcd_restart_without_losing_the_lease(
+@pytest.mark.slow
+async def test_keep_rides_out_an_etcd_restart_across_a_renewal_deadline(
     etcd_factory: Callable[..., EtcdServer], etcd_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A 6 s TTL renewed 3 s before expiry: etcd is down for 4 s, so a renewal falls in the
+    outage (reported as expiring); the lease has not expired, etcd comes back, the renewal goes
+    through and nothing is lost."""
     server = etcd_factory()
-    opts = EtcdOptions(endpoints=(server.endpoint,), prefix=etcd_prefix, timeout=2)
+    opts = EtcdOptions(endpoints=(server.endpoint,), prefix=etcd_prefix, timeout=1)
     cfg = config("10.72.0.0/16")
     async with await EtcdRegistry.connect(opts) as reg:
-        mgr = SubnetManager(reg)
+        mgr = SubnetManager(reg, ttl=6, renew_margin=3)
         own = await mgr.acquire(cfg, host(1))
-        task, changes = await keep_running(mgr, cfg, own)
+        keeper = Keeper(mgr, cfg, own)
         try:
-            await asyncio.sleep(0.3)
+            await keeper.wait_for("renewed")  # a renewal just happened: the next is due in ~3 s
             with caplog.at_level(logging.WARNING, logger="overlay.subnetmgr"):
                 server.kill()
-                await asyncio.sleep(1.0)
+                await keeper.wait_for("expiring")  # the renewal deadline passed while down
                 server.start()
-                await asyncio.sleep(1.5)  # keep() reconnects and finds the key still ours
-            assert changes.empty()
+                renewed = len([e for e in keeper.events if e.kind == "renewed"])
+                after = await keeper.wait_for("renewed", renewed + 1)
+            assert keeper.kinds() == ["expiring"]
+            assert after.lease.subnet == own.subnet and after.lease.attrs == own.attrs
             assert not [r for r in caplog.records if "LOST" in r.getMessage()]
             # Still watching after the restart: a deletion now is noticed and repaired.
             assert await reg.delete_lease(own.subnet)
-            new = await asyncio.wait_for(changes.get(), 10)
-            assert new.subnet == own.subnet
+            new = await keeper.wait_for("reacquired")
+            assert new.lease.subnet == own.subnet
         finally:
-            await stop(task)
+            await keeper.stop()
+
+
+@pytest.mark.slow
+async def test_lease_expired_while_cut_off_and_taken_meanwhile_is_reported_not_replaced(
+    etcd_server: EtcdServer, etcd_prefix: str, raw: aetcd.Client
+) -> None:
+    """Our host loses etcd (a relay cut: other hosts still reach it) for longer than the 5 s
+    TTL; another host takes the subnet meanwhile. Back in touch, we report the lease lost as
+    expired, then taken by that host, and take no other subnet (policy wait)."""
+    cfg = config("10.75.0.0/16")
+    async with TcpRelay("127.0.0.1", int(etcd_server.endpoint.rsplit(":", 1)[1])) as relay:
+        opts = EtcdOptions(endpoints=(relay.endpoint,), prefix=etcd_prefix, timeout=1)
+        async with await EtcdRegistry.connect(opts) as reg:
+            mgr = SubnetManager(reg, ttl=5, renew_margin=2)
+            own = await mgr.acquire(cfg, host(1))
+            keeper = Keeper(mgr, cfg, own)
+            try:
+                await asyncio.sleep(0.3)
+                relay.cut()
+                lost = await keeper.wait_for("lost")
+                assert lost.reason == "lease expired while etcd was unreachable"
+                key = f"{etcd_prefix}/subnets/{own.key}".encode()
+
+                async def expired_in_etcd() -> bool:
+                    return await raw.get(key) is None
+
+                await eventually(expired_in_etcd, "etcd expired the lease on its side too")
+                await raw.put(key, host(2).to_json().encode())  # another host takes it
+                relay.restore()
+                taken = await keeper.wait_for("taken")
+                assert taken.holder == host(2)
+                assert keeper.kinds()[-2:] == ["lost", "taken"]
+                assert "expiring" in keeper.kinds()
+                leases, _ = await reg.list_leases()
+                assert [x.attrs for x in leases] == [host(2)]  # no other subnet taken
+                assert reg.health.errors > 0 and reg.health.up
+            finally:
+                await keeper.stop()
 
 
 class RacedRegistry(EtcdRegistry):
