@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -46,25 +44,18 @@ LEASE_TTL = 6
 """Seconds: the daemons' lease TTL (--subnet-lease-ttl), so an outage can outlast it."""
 
 
-def overlayd_has_lease_ttl() -> bool:
-    out = subprocess.run(
-        [sys.executable, "-m", "overlay.daemon", "--help"], capture_output=True, text=True
-    )
-    return "--subnet-lease-ttl" in out.stdout
-
-
 @dataclass
 class Chaos:
     cluster: EtcdCluster
     lab: Lab
-    lease_ttl: int | None
-    """The daemons' lease TTL, None when overlayd has no --subnet-lease-ttl (24 h then)."""
+    lease_ttl: int
+    """The daemons' lease TTL (--subnet-lease-ttl), seconds."""
     gaps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     followed: dict[str, float] = field(default_factory=dict)
     """Per fault: seconds from writing a new lease during the fault until every host routed it."""
 
 
-async def _build(cluster: EtcdCluster, lab: Lab, ttl: int | None) -> None:
+async def _build(cluster: EtcdCluster, lab: Lab, ttl: int) -> None:
     await cluster.up()
     # The config is written through the root namespace's view of the members; the daemons
     # reach them on the lab's own underlay once the cluster is attached to it.
@@ -72,7 +63,7 @@ async def _build(cluster: EtcdCluster, lab: Lab, ttl: int | None) -> None:
         nodes=0,
         etcd_endpoints=",".join(cluster.endpoints),
         resync_period=RESYNC,
-        lease_ttl=None if ttl is None else str(ttl),
+        lease_ttl=str(ttl),
     )
     lab.state.daemon_endpoints = ",".join(await cluster.attach(lab))
     lab.save()
@@ -83,10 +74,9 @@ async def _build(cluster: EtcdCluster, lab: Lab, ttl: int | None) -> None:
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
     cluster = EtcdCluster()
     lab = Lab(f"x{uuid.uuid4().hex[:6]}", state_root=tmp_path_factory.mktemp("labs"))
-    ttl = LEASE_TTL if overlayd_has_lease_ttl() else None
-    state = Chaos(cluster, lab, ttl)
+    state = Chaos(cluster, lab, LEASE_TTL)
     try:
-        asyncio.run(_build(cluster, lab, ttl))
+        asyncio.run(_build(cluster, lab, LEASE_TTL))
         yield state
     finally:
         asyncio.run(lab.down())
@@ -330,7 +320,9 @@ async def test_member_partitioned_from_its_peers(chaos: Chaos) -> None:
         lab.state.lease_ttl = short_ttl
         lab.save()
     try:
-        target = min(await etcd_member_of(chaos, watcher.index))
+        used = await etcd_member_of(chaos, watcher.index)
+        assert used, f"h{watcher.index} has no etcd connection"
+        target = min(used)
         async with fault(chaos, "member partitioned"):
             await cluster.partition(target)
             await cluster.leader(avoid=target)
@@ -370,7 +362,6 @@ async def test_member_isolated(chaos: Chaos) -> None:
 async def test_quorum_lost_longer_than_the_lease_ttl(chaos: Chaos) -> None:
     """Two of three members cut off from their peers: no member has a quorum, for longer than
     the daemons' lease TTL; then the partition heals."""
-    assert chaos.lease_ttl is not None, "overlayd has no --subnet-lease-ttl (issue 9 item 4)"
     cluster, lab = chaos.cluster, chaos.lab
     leader = await cluster.leader()
     other = next(m.index for m in cluster.members if m.index != leader)
@@ -399,8 +390,7 @@ async def test_whole_cluster_down_and_back(chaos: Chaos) -> None:
     async with fault(chaos, "whole cluster down"):
         for m in cluster.members:
             await cluster.kill(m.index)
-        assert chaos.lease_ttl is not None, "overlayd has no --subnet-lease-ttl (issue 9 item 4)"
-        await asyncio.sleep(chaos.lease_ttl + 3)
+            await asyncio.sleep(chaos.lease_ttl + 3)
         await assert_all_healthz(lab)
         await assert_all_say_lease_expired(lab)
         for m in cluster.members:
