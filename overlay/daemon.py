@@ -2,13 +2,15 @@
 
 wait_for_config -> choose the backend -> backend.prepare() -> acquire the lease with those
 attributes -> backend.start(own) -> subnet.env (+ iptables with --ip-masq) -> ready; then, side by
-side in one TaskGroup: the lease mirror feeding backend.reconcile(peers, changed) with the subnets
-that changed (an incremental pass, whose cost does not grow with the number of leases; only
-leases that fit the network config, see subnetmgr.validate: the others are logged once and
-counted in overlay_leases_ignored_total{reason}), a full pass (changed=None) at start, every
---resync-period seconds and after an error, keep() renewing the lease (re-acquiring and
-restarting the backend when it is lost), a watch on the network config (a change is logged; it
-applies at the next start, as in flannel), the iptables resync, and the MQTT publisher.
+side in one TaskGroup: the lease mirror feeding the reconcile scheduler (overlay/reconcile.py:
+incremental passes for the subnets that changed, full passes at start, every --resync-period
+seconds and after an error; only leases that fit the network config, see subnetmgr.validate:
+the others are logged once and counted in overlay_leases_ignored_total{reason}), keep()
+renewing the lease and telling us what happens to it (OwnLeaseEvent: the subnet manager is the
+one judge; we turn its word into readiness, events and, on a new lease, a backend restart), a
+watch on the network config (a change is logged; it applies at the next start, as in flannel),
+the iptables resync, and the MQTT publisher. etcd's health (registry.health) feeds /metrics,
+/readyz, /status and the etcd_down/etcd_up events. An etcd failure never touches the data path.
 
 SIGTERM/SIGINT stop everything and leave kernel state (devices, routes, rules) in place: exit 0.
 Fatal problems (no interface, out of subnets, a backend that cannot start) exit 1 with a message.
@@ -369,8 +371,8 @@ class Overlayd:
             self.events.publish("lease_expiring", subnet=str(ev.lease.subnet), reason=ev.reason)
         elif ev.kind == "lost":
             self.events.publish("lease_lost", subnet=str(ev.lease.subnet), reason=ev.reason)
-            self._set_ready(f"lease {ev.lease.subnet} lost: {ev.reason}"
-                            if not ev.reason.startswith("lease ") else ev.reason)  # fmt: skip
+            named = str(ev.lease.subnet) in ev.reason  # else say which lease
+            self._set_ready(ev.reason if named else f"lease {ev.lease.subnet} lost: {ev.reason}")
         elif ev.kind == "taken":
             holder = ev.holder.public_ip if ev.holder is not None else None
             self.events.publish("lease_taken", subnet=str(ev.lease.subnet),

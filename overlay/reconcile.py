@@ -38,9 +38,11 @@ class Reconciler:
         *,
         period: float,
         incremental: bool = True,
+        retry: Backoff | None = None,
     ) -> None:
         """`peers()` gives the current remote leases (a live view); `incremental=False`: lease
-        events make full passes too (overlay.daemon.FULL_RECONCILE_ENV)."""
+        events make full passes too (overlay.daemon.FULL_RECONCILE_ENV); `retry`: the delays
+        before the full pass after a failed one (default 1 s doubling to 30 s)."""
         self.backend = backend
         self.peers = peers
         self.metrics = metrics
@@ -53,7 +55,7 @@ class Reconciler:
         self._full_due = True
         self._last_full = 0.0
         self._retry_at = 0.0
-        self.errors = Backoff(RETRY_AFTER_ERROR, MAX_BACKOFF, jitter=False)
+        self.errors = retry or Backoff(RETRY_AFTER_ERROR, MAX_BACKOFF, jitter=False)
         """The delay before the full pass after a failure; `errors.failures` in a row."""
 
     def changed(self, subnets: set[Subnet]) -> None:

@@ -200,8 +200,15 @@ def _cancel_requested() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def _printable(text: object, limit: int = 200) -> str:
+    """Text from the server for a log line: printable, one line, at most `limit` characters."""
+    raw = "" if text is None else str(text)
+    s = "".join(c if c.isprintable() else "?" for c in raw[: limit + 1])
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
 def _describe(e: grpc.aio.AioRpcError) -> str:
-    return f"{e.code().name}: {e.details()}"
+    return f"{e.code().name}: {_printable(e.details())}"
 
 
 class EtcdConnection:
@@ -402,7 +409,7 @@ class EtcdConnection:
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision, request.start_revision)
                 if resp.canceled:
-                    reason = resp.cancel_reason or "no reason given"
+                    reason = _printable(resp.cancel_reason) or "no reason given"
                     await self._watch_failed(url, f"watch cancelled: {reason}")
                     raise RegistryError(f"etcd at {url} cancelled the watch: {reason}")
                 self.health.success(_header_revision(resp))

@@ -120,6 +120,17 @@ class _Loss:
     holder: LeaseAttrs | None = None
 
 
+_SHOWN = 300
+"""Characters of another host's lease value shown in a reason (a value may be 64 KiB)."""
+
+
+def _shown(attrs: LeaseAttrs) -> str:
+    """A lease value for a log line or /readyz: JSON (ASCII, control characters escaped),
+    cut to _SHOWN characters."""
+    text = attrs.to_json()
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text)} characters)"
+
+
 def _loss_of(own: Lease, holder: LeaseAttrs | None) -> _Loss:
     """How `own` was lost, given what its key holds now (None: nothing)."""
     if holder is None:
@@ -128,14 +139,14 @@ def _loss_of(own: Lease, holder: LeaseAttrs | None) -> _Loss:
         return _Loss(
             "duplicate",
             f"another host with our PublicIP {own.attrs.public_ip} rewrote it with "
-            f"{holder.to_json()}; two hosts share this PublicIP: give each host its own with "
+            f"{_shown(holder)}; two hosts share this PublicIP: give each host its own with "
             "--public-ip, or choose another interface with --iface",
             holder,
         )
     return _Loss(
         "taken",
         f"lease {own.subnet} lost to {holder.public_ip} (PublicIP {holder.public_ip} holds "
-        f"the key now: {holder.to_json()})",
+        f"the key now: {_shown(holder)})",
         holder,
     )
 
@@ -338,7 +349,24 @@ class SubnetManager:
                         new = await self.registry.create_lease(lost.subnet, lost.attrs, self.ttl)
                         if new is not None:
                             return new
-                        continue  # created by someone else just now: look at it
+                        # The key exists: a value that does not decode (get_lease skips it),
+                        # or created by another host since our look. Wait for its next change
+                        # (the watch delivers a creation after `revision` at once), never
+                        # retry at once: that would be a write loop.
+                        current = _Loss(
+                            "taken",
+                            f"lease {lost.subnet} lost: its key holds a value that is not a "
+                            "valid lease (see overlayctl leases, overlay_leases_ignored_total)",
+                        )
+                        if current != reported:
+                            reported = current
+                            await self._report(lost, current, on_event)
+                        if self.on_taken == "move":
+                            return await self.acquire(config, lost.attrs)
+                        await self._key_changed(lost.subnet, revision)
+                        current = None
+                        backoff.reset()
+                        continue
                     if lease.attrs == lost.attrs:
                         # Still ours: etcd kept it (a restarted cluster refreshes lease TTLs),
                         # or a create of ours committed before its answer was lost.

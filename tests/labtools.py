@@ -82,6 +82,45 @@ def running_lab(
         asyncio.run(lab.down())
 
 
+async def node_metrics(lab: Lab, index: int) -> str:
+    """Host `index`'s /metrics page (its daemon runs with FLANNELD_METRICS=true)."""
+    from integration.lab import HEALTH_PORT
+
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(lab.node(index).ip, HEALTH_PORT), 5
+    )
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert head.split()[1] == "200", head
+    return body
+
+
+async def full_passes(lab: Lab) -> dict[int, int]:
+    """overlay_reconciles_total{trigger="full"} of every host, by index."""
+    out = {}
+    for n in lab.state.nodes:
+        for line in (await node_metrics(lab, n.index)).splitlines():
+            if line.startswith('overlay_reconciles_total{trigger="full"} '):
+                out[n.index] = int(line.split()[1])
+    return out
+
+
+async def wait_full_passes(lab: Lab, since: dict[int, int], more: int = 2) -> None:
+    """Until every host made `more` full passes after the counts `since` (full_passes): a check
+    that nothing changed then means something (a pass has provably run), where a sleep did not."""
+
+    async def done() -> bool:
+        now = await full_passes(lab)
+        return all(now.get(i, 0) >= count + more for i, count in since.items())
+
+    await eventually(done, f"{more} more full reconcile passes on every host")
+
+
 class LabCrash(Exception):
     """Raised by a `crash_on` progress callback."""
 

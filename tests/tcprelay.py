@@ -9,19 +9,24 @@ touching the host's firewall.
         relay.freeze()    # connections stay open, nothing passes either way (a silent path)
         relay.restore()
 
-Bytes are relayed unchanged; the relay runs in the test's event loop and ends with it.
+Bytes are relayed unchanged; the relay runs in the test's event loop and ends with it. For a
+test that blocks (waiting on a daemon subprocess), `relay_thread()` runs one in a thread of its
+own and makes cut/freeze/restore thread-safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Iterator
 from types import TracebackType
 
 
 class TcpRelay:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
+        self.listen_host = listen_host
         self.port = 0
         self.state = "open"
         """open: relaying; cut: refusing; frozen: holding connections, passing nothing."""
@@ -35,10 +40,10 @@ class TcpRelay:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen_host}:{self.port}"
 
     async def __aenter__(self) -> TcpRelay:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, self.listen_host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -109,3 +114,67 @@ class TcpRelay:
                     return
                 writer.write(data)
                 await writer.drain()
+
+
+class ThreadedRelay:
+    """A TcpRelay in its own thread and event loop; every method is safe to call from another
+    thread (and returns once the relay applied it)."""
+
+    def __init__(self, relay: TcpRelay, loop: asyncio.AbstractEventLoop) -> None:
+        self.relay = relay
+        self._loop = loop
+
+    @property
+    def endpoint(self) -> str:
+        return self.relay.endpoint
+
+    def _call(self, method: str) -> None:
+        async def apply() -> None:
+            getattr(self.relay, method)()
+
+        asyncio.run_coroutine_threadsafe(apply(), self._loop).result(10)
+
+    def cut(self) -> None:
+        self._call("cut")
+
+    def freeze(self) -> None:
+        self._call("freeze")
+
+    def restore(self) -> None:
+        self._call("restore")
+
+
+@contextlib.contextmanager
+def relay_thread(
+    target_host: str, target_port: int, listen_host: str = "127.0.0.1"
+) -> Iterator[ThreadedRelay]:
+    """A TcpRelay running in a thread for the duration of the `with` block."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop: asyncio.Future[None] | None = None
+    relay = TcpRelay(target_host, target_port, listen_host)
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        nonlocal stop
+        stop = loop.create_future()
+        try:
+            async with relay:
+                started.set()
+                await stop
+        except BaseException as e:
+            failure.append(e)
+            started.set()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        if not started.wait(10) or failure:
+            raise RuntimeError(f"the relay did not start: {failure}")
+        yield ThreadedRelay(relay, loop)
+    finally:
+        if stop is not None:
+            loop.call_soon_threadsafe(lambda: stop.done() or stop.set_result(None))
+        thread.join(10)
+        if not thread.is_alive():
+            loop.close()

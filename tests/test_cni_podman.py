@@ -77,8 +77,14 @@ class Podman:
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
         )
-        assert self.holder.stdout is not None
-        assert self.holder.stdout.readline().strip() == b"ready"
+        try:
+            assert self.holder.stdout is not None
+            line = self.holder.stdout.readline().strip()
+            assert line == b"ready", f"the mount namespace holder said {line!r}"
+        except BaseException:  # nobody else holds it to kill it
+            self.holder.kill()
+            self.holder.wait(timeout=30)
+            raise
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [

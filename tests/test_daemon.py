@@ -316,9 +316,9 @@ async def test_events_from_the_daemon(
 ) -> None:
     assert callable(daemon_factory)
     broker = Broker(tmp_path, free_port(site.host_ip), host=site.host_ip)
-    broker.start()
     d: Daemon | None = None
     try:
+        broker.start()
         etcdctl(site, "put", f"{etcd_prefix}/config", ALLOC_CONFIG)
         # A peer that exists before the daemon starts, on an etcd lease as a real host's: its
         # expiry is not looked up at the first list, and its event must still be valid JSON.

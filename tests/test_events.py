@@ -50,17 +50,21 @@ class Broker:
             [binary, "-c", str(conf)], stdout=log, stderr=log, start_new_session=True
         )
         log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.directory / "mosquitto.log").read_text())
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise TimeoutError("mosquitto did not start")
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError((self.directory / "mosquitto.log").read_text())
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection((self.host, self.port), timeout=0.2),
+                ):
+                    return
+                time.sleep(0.05)
+            raise TimeoutError("mosquitto did not start")
+        except BaseException:  # not started: stop it here, a caller's finally may not run
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -76,8 +80,8 @@ class Broker:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path, free_port())
-    b.start()
     try:
+        b.start()
         yield b
     finally:
         b.stop()

@@ -234,11 +234,18 @@ async def test_restart_keeps_subnet_device_and_traffic(
             await run("ip", "link", "del", "flannel0", ns=h1.ns)
         await lab.start_daemon(1)
         await asyncio.sleep(1.0)
-    # The loss figure (reported, not asserted: it depends on the machine's load).
+    # Probes sent after the restart are answered (a stream started now, not the earlier one).
+    async with probe_stream(lab, source=2, target=1) as after:
+        await asyncio.sleep(1.0)
+    # The loss figure (reported, not asserted: it depends on the machine's load). The udp
+    # data path is the daemon's own packet loop: it pauses while the daemon is away.
     name = f"{sig.name}{'-flannel0-deleted' if delete_device else ''}"
-    print(f"\nudp restart with {name}: {summary}")
+    print(f"\nudp restart with {name}: {summary}; after: {after}")
     record_property(f"loss_during_{name}_restart", summary)
-    assert summary["received"] > 0
+    assert summary["received"] > 0 and after["received"] > 0
+    # Traffic came back within the first stream: its longest gap ended before the stream did
+    # (the gap counts up to the end of the stream when no answer followed it).
+    assert summary["longest_gap_ms"] < summary["duration_s"] * 1000 - 500, summary
     await assert_kept_subnet_and_lease(lab, 1, lease_before)
     index, addrs, routes = await flannel0(lab, 1)
     assert (addrs, routes) == device_before[1:]

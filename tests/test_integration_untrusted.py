@@ -29,7 +29,14 @@ import pytest
 from integration.lab import HEALTH_PORT, Lab, http_status
 from integration.netns import ip_json, pid_alive, run
 from subnetmgr.model import subnet_key
-from tests.labtools import assert_full_connectivity, eventually, remote_subnets, running_lab
+from tests.labtools import (
+    assert_full_connectivity,
+    eventually,
+    full_passes,
+    remote_subnets,
+    running_lab,
+    wait_full_passes,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -162,7 +169,7 @@ async def test_hostile_etcd_disturbs_no_daemon_and_no_data_path(lab: Lab) -> Non
             return True
 
         await eventually(all_counted, "every daemon counts each hostile key once, by reason")
-        await asyncio.sleep(2)  # two more full reconcile passes (--resync-period 1)
+        await wait_full_passes(lab, await full_passes(lab), 2)  # two more full passes ran
         for n in lab.state.nodes:
             assert n.daemon_pid is not None and pid_alive(n.daemon_pid), n.index
             assert await http_status(n.ip, HEALTH_PORT, "/readyz") == 200

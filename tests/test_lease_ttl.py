@@ -3,12 +3,17 @@ meets flannel's --subnet-lease-renew-margin (minutes)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from integration.cli import register
+from integration.lab import Lab, LabState, NodeState
 from overlay.daemon import renew_margin
 from overlay.options import MIN_LEASE_TTL, parse_options
 
@@ -61,3 +66,21 @@ def test_renew_margin_not_below_the_ttl_renews_at_half_and_says_so(
     assert any("half the TTL" in r.getMessage() and r.levelno == logging.INFO
                for r in caplog.records)  # fmt: skip
     assert renew_margin(3600, 60) == 1800.0  # equal is not below
+
+
+def test_lab_up_passes_lease_ttl_to_every_daemon(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="overlayctl")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["lab", "up", "--lease-ttl", "10"])
+    assert args.lease_ttl == "10"
+    lab = Lab("ttl", state_root=tmp_path)
+    node = NodeState(1, "ns1", "192.0.2.1")
+    lab.state = LabState("ttl", lease_ttl="10", daemon_endpoints="http://192.0.2.254:2379")
+    argv = lab.daemon_argv(node)
+    assert argv[argv.index("--subnet-lease-ttl") + 1] == "10"
+    lab.state = LabState("ttl", daemon_endpoints="http://192.0.2.254:2379")
+    assert "--subnet-lease-ttl" not in lab.daemon_argv(node)  # flannel's 24 h by default
+    # A lab's state written before the option existed still loads.
+    doc = asdict(LabState("old"))
+    del doc["lease_ttl"]
+    assert LabState.from_dict(doc).lease_ttl is None

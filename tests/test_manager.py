@@ -255,16 +255,84 @@ async def test_a_subnet_taken_by_another_host_is_reported_and_waited_for(
         assert str(host(2).public_ip) in taken.reason and str(own.subnet) in taken.reason
         leases, _ = await mgr.registry.list_leases()
         assert [(x.subnet, x.attrs) for x in leases] == [(own.subnet, host(2))]  # nothing else
-        # The other host renews (a rewrite of its key): still taken, not reported again.
+        # The other host renews (a rewrite of its key): still taken, not reported again. keep()
+        # handles the key's changes in order, so a second report would come before the
+        # re-acquisition that the deletion below causes (no sleep needed to see it).
         await raw.put(key, thief)
-        await asyncio.sleep(0.5)
-        assert keeper.kinds() == ["lost", "taken"]
         await raw.delete(key)  # the other host leaves
         back = await keeper.wait_for("reacquired")
         assert back.lease.subnet == own.subnet and back.lease.attrs == own.attrs
         assert keeper.kinds() == ["lost", "taken", "reacquired"]
     finally:
         await keeper.stop()
+
+
+async def test_a_hostile_takers_value_is_shown_bounded_and_on_one_line(
+    make_registry: MakeRegistry, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    """The taker's value comes from etcd: 60 KiB of BackendData with escape sequences, line
+    breaks and non-ASCII text. The reason (for the log, /readyz and MQTT) stays short,
+    printable ASCII on one line."""
+    cfg = config("10.76.0.0/16")
+    mgr = SubnetManager(await make_registry())
+    own = await mgr.acquire(cfg, host(1))
+    keeper = Keeper(mgr, cfg, own)
+    try:
+        await asyncio.sleep(0.3)
+        data = {"VNI": 1, "VtepMAC": "02:00:00:00:00:07", "x": "\x1b[31m\n\r\u2028é" * 1500}
+        value = LeaseAttrs(IPv4Address("192.0.2.7"), None, "vxlan", data).to_json()
+        assert 30_000 < len(value.encode()) < 64 * 1024
+        await raw.put(f"{etcd_prefix}/subnets/{own.key}".encode(), value.encode())
+        taken = await keeper.wait_for("taken")
+        assert len(taken.reason) < 600
+        assert taken.reason.isascii() and taken.reason.isprintable()
+        assert "192.0.2.7" in taken.reason and "characters)" in taken.reason
+    finally:
+        await keeper.stop()
+
+
+class CountingRegistry(EtcdRegistry):
+    """The real registry, counting the writes keep() attempts (a failed create writes nothing
+    to etcd, so only counting the attempts shows a loop of them)."""
+
+    writes = 0
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        self.writes += 1
+        return await super().create_lease(subnet, attrs, ttl)
+
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        self.writes += 1
+        return await super().update_lease(lease, attrs, ttl)
+
+
+async def test_garbage_over_our_key_is_reported_and_waited_out_without_a_write_loop(
+    etcd_server: EtcdServer, raw: aetcd.Client, etcd_prefix: str
+) -> None:
+    """Our key overwritten with a value that is not a lease (get_lease skips it, creating the
+    key fails): reported once as taken, no write attempt of ours while it stays, ours again
+    once it is deleted."""
+    cfg = config("10.77.0.0/16")
+    opts = EtcdOptions(endpoints=(etcd_server.endpoint,), prefix=etcd_prefix)
+    async with CountingRegistry(opts) as reg:
+        mgr = SubnetManager(reg)
+        own = await mgr.acquire(cfg, host(1))
+        key = f"{etcd_prefix}/subnets/{own.key}".encode()
+        keeper = Keeper(mgr, cfg, own)
+        try:
+            await asyncio.sleep(0.3)
+            await raw.put(key, b"\x00{not a lease" + b"[" * 5000)
+            taken = await keeper.wait_for("taken")
+            assert "not a valid lease" in taken.reason and taken.holder is None
+            attempts = reg.writes
+            await asyncio.sleep(1.0)  # a write loop would show within this second
+            assert reg.writes == attempts and attempts <= 2
+            assert keeper.kinds() == ["lost", "taken"]
+            await raw.delete(key)
+            back = await keeper.wait_for("reacquired")
+            assert back.lease.subnet == own.subnet
+        finally:
+            await keeper.stop()
 
 
 async def test_a_subnet_taken_by_another_host_moves_with_policy_move(

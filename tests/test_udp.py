@@ -66,7 +66,12 @@ class Driver:
              "--network", NETWORK, "--subnet", subnet],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
-        self.ready = self._read()
+        try:
+            self.ready = self._read()
+        except BaseException:  # it never said ready: nobody else holds it to close it
+            self.proc.kill()
+            self.close()
+            raise
 
     def _read(self, timeout: float = 20) -> dict[str, object]:
         assert self.proc.stdout is not None
