@@ -50,7 +50,7 @@ from integration.lab import (
     LabError,
     NodeState,
     Progress,
-    _free_underlay,
+    free_underlay,
     http_status,
 )
 from integration.netns import CommandError, delete_netns, ip_json, netns_exists, run
@@ -598,7 +598,7 @@ class ContainerLab(Lab):
         import docker.types
 
         with self._pool_lock():
-            net = await _free_underlay()
+            net = await free_underlay()
             self.state.underlay = str(net)
             self.state.docker_network = self.docker_network
             self.save()

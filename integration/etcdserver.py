@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integration.netns import kill_group
+from integration.netns import in_ns, kill_group
 
 ETCD_BINARY = "etcd"
 
@@ -56,6 +56,11 @@ class EtcdServer:
     name: str = "overlay-test"
     initial_cluster: str | None = None
     """For a member of a multi-member cluster: `name1=http://h:p1,name2=...` (peer URLs)."""
+    netns: str | None = None
+    """Run etcd inside this network namespace (`host` must then be reachable from ours)."""
+    listen_host: str | None = None
+    """Listen for clients on this address instead of `host` (e.g. 0.0.0.0 inside a namespace,
+    to serve on addresses added later)."""
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _own_dir: bool = field(default=False, init=False)
     _log_path: Path = field(default=Path("/dev/null"), init=False)
@@ -67,6 +72,12 @@ class EtcdServer:
     @property
     def endpoint(self) -> str:
         return f"{self.scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def listen_url(self) -> str:
+        if self.listen_host is None:
+            return self.endpoint
+        return f"{self.scheme}://{self.listen_host}:{self.client_port}"
 
     def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
         """Start the server; with `wait`, return once it is healthy. A cluster member is healthy
@@ -88,7 +99,7 @@ class EtcdServer:
             ETCD_BINARY,
             "--name", self.name,
             "--data-dir", str(self.data_dir / "data"),
-            "--listen-client-urls", self.endpoint,
+            "--listen-client-urls", self.listen_url,
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
@@ -109,7 +120,7 @@ class EtcdServer:
         log_path = self.log_path or (self.data_dir / "etcd.log")
         log = open(log_path, "ab")  # handed to the child, closed below
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            in_ns(self.netns, args), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
         log.close()

@@ -337,7 +337,7 @@ class Lab:
 
     async def _make_underlay(self) -> None:
         with self._pool_lock():
-            self.state.underlay = str(await _free_underlay())
+            self.state.underlay = str(await free_underlay())
             if self.state.ipv6:
                 self.state.underlay6 = str(_underlay6(self.name, self.state.underlay))
             self.state.namespaces.append(self.underlay_ns)
@@ -355,19 +355,8 @@ class Lab:
             await run("ip", "link", "set", self.mgmt_link, "up")
         self.progress(f"underlay {self.state.underlay} on bridge br0 in {u}")
 
-    @contextlib.contextmanager
-    def _pool_lock(self) -> Iterator[None]:
-        """Two labs starting at once must not pick the same underlay /24.
-
-        One lock for the machine, whatever the labs' state roots (tests use their own).
-        """
-        STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        with open(STATE_ROOT / ".underlay.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _pool_lock(self) -> contextlib.AbstractContextManager[None]:
+        return underlay_pool_lock()
 
     async def _start_local_etcd(self) -> None:
         """The lab's own etcd (provider hook)."""
@@ -1031,7 +1020,23 @@ async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> in
     return None
 
 
-async def _free_underlay() -> IPv4Network:
+@contextlib.contextmanager
+def underlay_pool_lock() -> Iterator[None]:
+    """Two labs (or etcd clusters, integration.etcdcluster) starting at once must not pick the
+    same /24 of the pool: hold this while picking one and until its address is assigned.
+
+    One lock for the machine, whatever the labs' state roots (tests use their own).
+    """
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(STATE_ROOT / ".underlay.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+async def free_underlay() -> IPv4Network:
     """The first /24 of the pool that no address or route of the root namespace touches."""
     used: list[IPv4Network] = []
     for r in await ip_json("route", "show", "table", "all"):

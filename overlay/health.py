@@ -149,6 +149,9 @@ class Metrics:
                 out.append(f"{name}{labels} {_number(value)}")
 
         metric("overlay_up", "gauge", "1 while overlayd runs.", [("", 1)])
+        with contextlib.suppress(RuntimeError):  # no running loop: rendered outside the daemon
+            metric("overlay_asyncio_tasks", "gauge", "asyncio tasks alive (a leak is a slope).",
+                   [("", len(asyncio.all_tasks()))])  # fmt: skip
         metric("overlay_ready", "gauge", "1 once subnet.env and the data path are in place.",
                [("", 1 if self.ready else 0)])  # fmt: skip
         metric("overlay_start_time_seconds", "gauge", "Unix time overlayd started.",

@@ -412,6 +412,7 @@ def test_any_request_bytes_get_a_well_formed_answer_or_a_close() -> None:
 
 TYPES = {
     "overlay_up": "gauge",
+    "overlay_asyncio_tasks": "gauge",
     "overlay_ready": "gauge",
     "overlay_start_time_seconds": "gauge",
     "overlay_lease_info": "gauge",
