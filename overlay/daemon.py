@@ -111,6 +111,19 @@ def renew_margin(ttl: int, margin_minutes: int) -> float:
     return ttl / 2
 
 
+def ttl_timeout_problem(ttl: int, etcd_timeout: float) -> str | None:
+    """A warning when one etcd call may hang for a quarter of the lease TTL or more: a renewal
+    stuck on a dead member (the call timeout, then failover) can then outlive a short lease
+    (seen in the chaos tests with a 6 s TTL and the 5 s default timeout)."""
+    if etcd_timeout * 4 <= ttl:
+        return None
+    return (
+        f"--etcd-timeout {etcd_timeout:g}s is not below a quarter of --subnet-lease-ttl {ttl}s: a "
+        "renewal that hangs on an unreachable etcd member can let the lease expire; lower "
+        f"--etcd-timeout to {ttl / 4:g}s or less, or raise the TTL"
+    )
+
+
 class FatalError(RuntimeError):
     """Stops the daemon with exit code 1; the message says what to do."""
 
@@ -574,6 +587,9 @@ async def serve(opts: Options, stop: asyncio.Event) -> int:
 
 
 async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
+    problem = ttl_timeout_problem(opts.subnet_lease_ttl, opts.etcd.timeout)
+    if problem is not None:
+        log.warning("%s", problem)
     on_taken = os.environ.get(LEASE_TAKEN_ENV, "wait") or "wait"
     if on_taken not in TAKEN_POLICIES:
         log.error("%s=%r: use one of %s", LEASE_TAKEN_ENV, on_taken, ", ".join(TAKEN_POLICIES))

@@ -176,6 +176,9 @@ class SubnetManager:
         self.registry = registry
         self.renew_margin = renew_margin
         self.ttl = ttl
+        self.retry_cap = max(0.5, min(30.0, ttl / 4))
+        """The longest wait between retries of a renewal or of getting our lease back: 30 s, or a
+        quarter of a short TTL (a 30 s wait would let a lease of seconds expire unrenewed)."""
         self.max_attempts = max_attempts
         self._rng = rng or random.Random()
         self.config_revision = 0
@@ -387,7 +390,7 @@ class SubnetManager:
         while another host holds it, report that once and wait for its key to change (policy
         "wait"), or take another subnet at once (policy "move"). A host with our PublicIP is
         never fought over: we wait until its key goes."""
-        backoff = Backoff(0.5, 30.0)
+        backoff = Backoff(min(0.5, self.retry_cap), self.retry_cap)
         reported: _Loss | None = None
         current: _Loss | None = loss if loss.kind in ("taken", "duplicate") else None
         while True:
@@ -474,7 +477,7 @@ class SubnetManager:
 
         async def renew_loop() -> None:
             nonlocal current
-            backoff = Backoff(1.0, 30.0)
+            backoff = Backoff(min(1.0, self.retry_cap), self.retry_cap)
             warned = False
             while True:
                 if current.expiration is None:  # a reservation does not expire

@@ -765,6 +765,10 @@ class EtcdRegistry:
     def _event(self, ev: Any) -> LeaseEvent | None:
         kv = ev.kv
         revision = int(kv.mod_revision)
+        if ev.type == 0 and ev.HasField("prev_kv") and ev.prev_kv.lease not in (0, kv.lease):
+            # A renewal puts the same value on a fresh etcd lease: the old one's expiry is of
+            # no use any more (kept, the cache grew by one entry per renewal of every host).
+            self._expiry.pop(ev.prev_kv.lease, None)
         if ev.type == 0:  # PUT
             lease = self._decode(
                 kv.key,

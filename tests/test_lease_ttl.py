@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from integration.cli import register
 from integration.lab import Lab, LabState, NodeState
-from overlay.daemon import renew_margin
+from overlay.daemon import renew_margin, ttl_timeout_problem
 from overlay.options import MIN_LEASE_TTL, parse_options
+from subnetmgr.manager import SubnetManager
 
 
 def test_default_is_flannels_24_hours_and_env_and_flag_set_it() -> None:
@@ -84,3 +85,20 @@ def test_lab_up_passes_lease_ttl_to_every_daemon(tmp_path: Path) -> None:
     doc = asdict(LabState("old"))
     del doc["lease_ttl"]
     assert LabState.from_dict(doc).lease_ttl is None
+
+
+def test_an_etcd_timeout_of_a_quarter_ttl_or_more_is_warned_about() -> None:
+    assert ttl_timeout_problem(86400, 5.0) is None
+    assert ttl_timeout_problem(40, 10.0) is None  # exactly a quarter
+    problem = ttl_timeout_problem(6, 5.0)
+    assert problem is not None and "--etcd-timeout 5s" in problem and "1.5s or less" in problem
+
+
+@given(st.integers(min_value=MIN_LEASE_TTL, max_value=10**7))
+def test_retries_never_wait_past_a_quarter_of_a_short_ttl(ttl: int) -> None:
+    """keep()'s renewal and regain back-offs wait at most 30 s, and at most a quarter of a short
+    TTL (a 30 s wait let a 6 s lease expire unrenewed in the chaos tests), never under 0.5 s."""
+    cap = SubnetManager(None, ttl=ttl, renew_margin=0).retry_cap  # type: ignore[arg-type]
+    assert 0.5 <= cap <= 30.0
+    assert cap <= max(0.5, ttl / 4)
+    assert cap == min(30.0, max(0.5, ttl / 4))

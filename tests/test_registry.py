@@ -161,6 +161,40 @@ async def test_renew_keeps_the_value_bytes_and_grants_a_fresh_ttl(
     assert old.TTL == -1  # the replaced etcd lease was revoked
 
 
+async def test_a_watcher_forgets_the_expiry_of_an_etcd_lease_a_renewal_replaced(
+    registry: EtcdRegistry, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Renewals put the value on a fresh etcd lease. A host watching the leases caches each new
+    lease's expiry, and must drop the old one's, or the cache grows by one entry per renewal of
+    every host for as long as the daemon runs (the expiry cache is otherwise only pruned by a
+    full list, which a following mirror never makes)."""
+    watcher = await EtcdRegistry.connect(
+        EtcdOptions(endpoints=(etcd_server.endpoint,), prefix=etcd_prefix)
+    )
+    async with watcher:
+        lease = await registry.create_lease(S1, VXLAN, 60)
+        assert lease is not None
+        _, revision = await watcher.list_leases()
+        seen: list[float | None] = []
+
+        async def follow() -> None:
+            async for event in watcher.watch_leases(revision + 1):
+                seen.append(event.lease.expiration)
+
+        task = asyncio.create_task(follow())
+        try:
+            for _ in range(20):
+                lease = await registry.renew_lease(lease, 60)
+            async with asyncio.timeout(10):
+                while len(seen) < 20:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert all(e is not None and e > 0 for e in seen)  # each renewal's expiry was known
+        assert len(watcher._expiry) <= 2, watcher._expiry  # not one entry per renewal
+
+
 async def test_renew_raises_lease_lost_when_gone_or_changed(
     registry: EtcdRegistry, raw: aetcd.Client, etcd_prefix: str
 ) -> None:
