@@ -176,18 +176,19 @@ async def test_a_watcher_forgets_the_expiry_of_an_etcd_lease_a_renewal_replaced(
         assert lease is not None
         _, revision = await watcher.list_leases()
         seen: list[float | None] = []
+        all_seen = asyncio.Event()
 
         async def follow() -> None:
             async for event in watcher.watch_leases(revision + 1):
                 seen.append(event.lease.expiration)
+                if len(seen) >= 20:
+                    all_seen.set()
 
         task = asyncio.create_task(follow())
         try:
             for _ in range(20):
                 lease = await registry.renew_lease(lease, 60)
-            async with asyncio.timeout(10):
-                while len(seen) < 20:
-                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(all_seen.wait(), 10)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
