@@ -486,8 +486,18 @@ class SubnetManager:
                 delay = current.expiration - self.renew_margin - time.time()
                 if backoff.failures == 0 and delay > 0 and math.isfinite(delay):
                     await asyncio.sleep(delay)  # inf: expiry unknown, renew now
+                # A renewal that hangs (etcd without quorum, every endpoint timing out in turn)
+                # must not outlive the lease: the expiry is noticed on time, not a call later.
+                left = current.expiration - time.time()
+                limit = max(left, 0.05) if math.isfinite(left) else None
                 try:
-                    current = await self.registry.renew_lease(current, self.ttl)
+                    try:
+                        async with asyncio.timeout(limit):
+                            current = await self.registry.renew_lease(current, self.ttl)
+                    except TimeoutError:
+                        raise RegistryError(
+                            "the renewal did not finish before the lease expired"
+                        ) from None
                 except LeaseLost as e:
                     set_lost(_Loss("gone", str(e)))
                     return
