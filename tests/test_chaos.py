@@ -133,7 +133,7 @@ async def assert_converged(chaos: Chaos) -> None:
     leases = await lab.leases()
     for node in lab.state.nodes:
         env = SubnetEnv.read(lab.subnet_file(node.index))
-        assert str(env.subnet.network) == node.subnet, f"h{node.index} changed its subnet"
+        assert str(env.subnet) == node.subnet, f"h{node.index} changed its subnet"
         lease = leases.get(IPv4Network(node.subnet))
         assert lease is not None, f"h{node.index}'s lease {node.subnet} is gone from etcd"
         assert lease.attrs.public_ip == IPv4Address(node.ip)
