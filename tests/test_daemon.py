@@ -35,7 +35,12 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 OVERLAYD = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "overlayd")
 HEALTHZ_PORT = 8471
 NETWORK = "10.77.0.0/16"
-ALLOC_CONFIG = json.dumps({"Network": NETWORK, "Backend": {"Type": "alloc"}})
+# Daemons take subnets from 10.77.100.0 up (flannel picks at random among the first 100 free):
+# the peers the tests write below that never collide with a daemon's own lease.
+SUBNET_MIN = "10.77.100.0"
+ALLOC_CONFIG = json.dumps(
+    {"Network": NETWORK, "SubnetMin": SUBNET_MIN, "Backend": {"Type": "alloc"}}
+)
 
 
 @dataclass

@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 site = td.site
 daemon_factory = td.daemon_factory
 
-VXLAN_CONFIG = json.dumps({"Network": td.NETWORK, "Backend": {"Type": "vxlan"}})
+VXLAN_CONFIG = json.dumps(
+    {"Network": td.NETWORK, "SubnetMin": td.SUBNET_MIN, "Backend": {"Type": "vxlan"}}
+)  # the peers written below lie under SubnetMin: never the daemon's own lease
 RESYNC = 4.0
 
 
