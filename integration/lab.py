@@ -525,24 +525,32 @@ class Lab:
         )
         self.save()
 
+    LOG_NAME = "log"
+    """What the daemon's log is called in messages (a file here; a journal on containers)."""
+
+    def _check_daemon_running(self, index: int) -> None:
+        """Raise when host `index`'s daemon is gone (no point waiting for it to be ready)."""
+        node = self.node(index)
+        if node.daemon_pid is None or not pid_alive(node.daemon_pid):
+            raise LabError(
+                f"overlayd of h{index} is not running; last lines of its log:\n"
+                + self.log_tail(index)
+            )
+
     async def wait_ready(self, index: int, limit: float = 60.0) -> None:
         """Poll the daemon's /readyz over the management link until it answers 200."""
         node = self.node(index)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         while True:
-            if node.daemon_pid is None or not pid_alive(node.daemon_pid):
-                raise LabError(
-                    f"overlayd of h{index} is not running; last lines of its log:\n"
-                    + self.log_tail(index)
-                )
+            self._check_daemon_running(index)
             code = await http_status(node.ip, HEALTH_PORT, "/readyz")
             if code == 200:
                 return
             if loop.time() > deadline:
                 raise LabError(
                     f"overlayd of h{index} not ready within {limit}s (/readyz: {code}); "
-                    f"last lines of its log:\n" + self.log_tail(index)
+                    f"last lines of its {self.LOG_NAME}:\n" + self.log_tail(index)
                 )
             await asyncio.sleep(0.1)
 
