@@ -15,18 +15,9 @@ from hypothesis import strategies as st
 
 from backends import udp_packet as P
 from backends import udp_worker as W
+from tests.test_udp_packet import naive_sum  # RFC 1071 the slow way: the reference
 
 # --------------------------------------------------------------------------- references
-
-
-def naive_sum(data: bytes) -> int:
-    """RFC 1071 the slow way: 16-bit words added with end-around carry."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def sums_to_zero(data: bytes) -> bool:
