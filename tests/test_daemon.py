@@ -51,8 +51,11 @@ class Site:
     etcd: EtcdServer
 
 
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
+@contextlib.contextmanager
+def namespace_link() -> Iterator[tuple[str, str, str]]:
+    """A fresh namespace with an `eth0` joined to the root namespace by its own /30 (unique per
+    run, inside 100.64.0.0/10): yields (namespace, root-side IP, namespace-side IP); both ends
+    are removed afterwards, also when the set-up fails half way."""
     token = os.urandom(3).hex()
     ns, veth = f"ovd{token}", f"ovd{token}h"
     base = random.Random(token).randrange(0, 1 << 20) * 4  # a /30 inside 100.64.0.0/10
@@ -62,7 +65,6 @@ def site() -> Iterator[Site]:
     def ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
-    etcd: EtcdServer | None = None
     ip("netns", "add", ns)
     try:
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -72,13 +74,20 @@ def site() -> Iterator[Site]:
         ip("-n", ns, "addr", "add", f"{node_ip}/30", "dev", "eth0")
         ip("-n", ns, "link", "set", "eth0", "up")
         ip("-n", ns, "route", "add", "default", "via", host_ip)
-        etcd = EtcdServer(host=host_ip).start()
-        yield Site(ns, host_ip, node_ip, etcd)
+        yield ns, host_ip, node_ip
     finally:
-        if etcd is not None:
-            etcd.stop()
         subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=10)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    with namespace_link() as (ns, host_ip, node_ip):
+        etcd = EtcdServer(host=host_ip).start()
+        try:
+            yield Site(ns, host_ip, node_ip, etcd)
+        finally:
+            etcd.stop()
 
 
 def etcdctl(site: Site, *args: str) -> str:

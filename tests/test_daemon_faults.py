@@ -16,7 +16,6 @@ Limits below are liveness bounds, not speed asserts.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import time
@@ -37,6 +36,7 @@ from tests.test_daemon import (
     etcdctl,
     iptables_nat,
     leases,
+    namespace_link,
     site,
 )
 
@@ -194,28 +194,8 @@ def test_policy_move_moves_a_running_vxlan_daemon_with_everything_following(
 @pytest.fixture
 def second_site(site: Site) -> Iterator[Site]:
     """Another namespace joined to the root namespace by its own /30, reaching the same etcd."""
-    token = os.urandom(3).hex()
-    ns, veth = f"ovd{token}", f"ovd{token}h"
-    base = random.Random(token).randrange(0, 1 << 20) * 4
-    net = IPv4Network((int(IPv4Interface("100.64.0.0/10").ip) + base, 30))
-    host_ip, node_ip = str(net.network_address + 1), str(net.network_address + 2)
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-    ip("netns", "add", ns)
-    try:
-        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("addr", "add", f"{host_ip}/30", "dev", veth)
-        ip("link", "set", veth, "up")
-        ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", ns, "addr", "add", f"{node_ip}/30", "dev", "eth0")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        ip("-n", ns, "route", "add", "default", "via", host_ip)
+    with namespace_link() as (ns, host_ip, node_ip):
         yield Site(ns, host_ip, node_ip, site.etcd)
-    finally:
-        subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=10)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
 def test_two_daemons_with_one_public_ip_do_not_fight(
