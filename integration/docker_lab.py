@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -52,6 +51,7 @@ from integration.lab import (
     Progress,
     free_underlay,
     http_status,
+    machine_lock,
 )
 from integration.netns import CommandError, delete_netns, ip_json, netns_exists, run
 
@@ -287,17 +287,6 @@ def layer_tags(root: Path = SOURCE_ROOT, context: Path = IMAGE_CONTEXT) -> Image
     )
 
 
-@contextlib.contextmanager
-def _image_lock() -> Iterator[None]:
-    STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(STATE_ROOT / ".image.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _has_image(client: docker.DockerClient, tag: str) -> bool:
     from docker.errors import ImageNotFound
 
@@ -321,7 +310,7 @@ def ensure_image(
             "pyproject.toml or lab-image/ (run overlayctl from the checkout's .venv)"
         )
     tags = layer_tags(root, context)
-    with _image_lock():
+    with machine_lock("image"):
         if _has_image(client, tags.code):
             progress(f"image {tags.code} (cached)")
             return tags.code

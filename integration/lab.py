@@ -1029,19 +1029,22 @@ async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> in
 
 
 @contextlib.contextmanager
-def underlay_pool_lock() -> Iterator[None]:
-    """Two labs (or etcd clusters, integration.etcdcluster) starting at once must not pick the
-    same /24 of the pool: hold this while picking one and until its address is assigned.
-
-    One lock for the machine, whatever the labs' state roots (tests use their own).
-    """
+def machine_lock(name: str) -> Iterator[None]:
+    """An exclusive lock for the whole machine, a file `.NAME.lock` under STATE_ROOT (whatever
+    the labs' own state roots: tests use their own), held until the block ends."""
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(STATE_ROOT / ".underlay.lock", "w") as f:
+    with open(STATE_ROOT / f".{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def underlay_pool_lock() -> contextlib.AbstractContextManager[None]:
+    """Two labs (or etcd clusters, integration.etcdcluster) starting at once must not pick the
+    same /24 of the pool: hold this while picking one and until its address is assigned."""
+    return machine_lock("underlay")
 
 
 async def free_underlay() -> IPv4Network:
