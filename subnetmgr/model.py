@@ -25,6 +25,10 @@ LEASE_TTL_SECONDS = 24 * 3600
 Subnet = IPv4Network
 """A host's slice of the cluster network (IPv4). The mirror and the backends key leases by it."""
 
+NO_IPV4 = IPv4Network("0.0.0.0/0")
+"""The IPv4 part of an IPv6-only lease (`EnableIPv4: false`): flannel writes its zero IPv4
+subnet, so the key is `0.0.0.0-0&fd00:1:0:5::-64`, and the value's PublicIP is `0.0.0.0`."""
+
 MAX_VALUE_BYTES = 64 * 1024
 """The largest lease value or network config decoded (flannel's are about 150 bytes)."""
 MAX_JSON_DEPTH = 32
