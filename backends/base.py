@@ -30,6 +30,9 @@ from typing import Any, Protocol
 
 from subnetmgr.model import Lease, NetworkConfig, Subnet
 
+NO_ADDRESS = IPv4Address(0)
+"""ExternalInterface.public_ip of an interface with no IPv4 address (IPv6-only networks only)."""
+
 
 @dataclass(frozen=True)
 class ExternalInterface:
@@ -40,7 +43,8 @@ class ExternalInterface:
     iface_addr: IPv4Address
     """The address on the interface: VXLAN/UDP packets leave from it."""
     public_ip: IPv4Address
-    """The address other hosts send to (--public-ip, else iface_addr)."""
+    """The address other hosts send to (--public-ip, else iface_addr); NO_ADDRESS (0.0.0.0) on
+    an interface without IPv4, which only an IPv6-only network accepts."""
     mtu: int
     iface_addr6: IPv6Address | None = None
     """The interface's first global IPv6 address (dual stack: VXLAN over IPv6 leaves from it)."""

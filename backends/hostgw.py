@@ -93,8 +93,9 @@ def desired_routes(
     """The gateway of each remote host-gw lease we can route to; the others are skipped (and
     logged once). Leases of other backend types are ignored silently, as flannel does."""
     out: dict[IPv4Network, IPv4Address] = {}
-    for subnet, lease in peers.items():
-        if lease.attrs.backend_type != BACKEND_TYPE or subnet == own_subnet:
+    for lease in peers.values():
+        subnet = lease.subnet
+        if lease.attrs.backend_type != BACKEND_TYPE or subnet == own_subnet or lease.ipv6_only:
             continue
         gw = lease.attrs.public_ip
         if not (subnet.subnet_of(network) and subnet != network):
@@ -253,24 +254,32 @@ class HostGwBackend:
         `changed=None`: a full pass (one route dump). A collection: only these subnets' routes
         are read (targeted lookups) and fixed by the same rules. The first pass, a pass after an
         error, a new own lease or changed networks on the external interface are always full."""
+        if not self.config.enable_ipv4:  # IPv6-only: the IPv6 routes alone
+            async with self._lock:
+                await self._v6_pass(peers, changed is None)
+            return
+        network = self.config.network
+        assert network is not None
+        # The IPv4 pass keys peers by IPv4 subnet.
+        changed4 = None if changed is None else {s for s in changed if isinstance(s, IPv4Network)}
         async with self._lock:
             stats = RouteStats()
             onlink = await self._onlink()
             own_subnet = self.own.subnet if self.own is not None else None
             key = (own_subnet, tuple(onlink))
-            stats.full = changed is None or self._desired is None or key != self._desired_for
+            stats.full = changed4 is None or self._desired is None or key != self._desired_for
             self._desired_for = key
-            if changed is None or stats.full:
+            if changed4 is None or stats.full:
                 subset = peers
-                self.skipped.keep_only(peers)
+                self.skipped.keep_only({x.subnet for x in peers.values()})
             else:
-                subset = {s: peers[s] for s in changed if s in peers}
-                self.skipped.forget(s for s in changed if s not in peers)
+                subset = {s: peers[s] for s in changed4 if s in peers}
+                self.skipped.forget(s for s in changed4 if s not in peers)
             wanted = desired_routes(
                 subset,
                 own_subnet=own_subnet,
                 own_ip=self.ext.iface_addr,
-                network=self.config.network,
+                network=network,
                 onlink=onlink,
                 skipped=self.skipped,
             )
@@ -281,11 +290,11 @@ class HostGwBackend:
                     todo, result = await self._full_pass(sock, wanted)
                     self._desired = wanted
                 else:
-                    assert self._desired is not None and changed is not None
-                    for s in changed:
+                    assert self._desired is not None and changed4 is not None
+                    for s in changed4:
                         self._desired.pop(s, None)
                     self._desired.update(wanted)
-                    todo, result = await self._changed_pass(sock, set(changed), stats)
+                    todo, result = await self._changed_pass(sock, changed4, stats)
             except BaseException as e:
                 self._desired = None  # the next pass is a full one
                 if isinstance(e, (OSError, TimeoutError)):

@@ -106,6 +106,12 @@ class UdpBackend:
         persist: bool = True,
     ) -> None:
         """`persist`: flannel0 outlives the daemon (TUNSETPERSIST), see `prepare`."""
+        if not config.enable_ipv4:
+            raise BackendError(
+                "the udp backend carries IPv4 only (as flannel's), but the network config is "
+                f"IPv6-only (EnableIPv4 false, IPv6Network {config.ipv6_network}): use "
+                'Backend {"Type": "vxlan"} or {"Type": "host-gw"}'
+            )
         if config.enable_ipv6:
             raise BackendError(
                 "the udp backend carries IPv4 only (as flannel's), but the network config sets "
@@ -412,6 +418,8 @@ class UdpBackend:
         from pyroute2.netlink.exceptions import NetlinkError
 
         addr = own.subnet.network_address
+        network = self.config.network
+        assert network is not None  # __init__ refuses EnableIPv6, so IPv6-only too
         links = LinkClient()
         try:
             idx = await self._link_index(links)
@@ -419,8 +427,8 @@ class UdpBackend:
             await links.call(
                 "route",
                 "replace",
-                dst=str(self.config.network.network_address),
-                dst_len=self.config.network.prefixlen,
+                dst=str(network.network_address),
+                dst_len=network.prefixlen,
                 oif=idx,
             )
         except (OSError, TimeoutError, NetlinkError) as e:

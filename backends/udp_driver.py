@@ -23,7 +23,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from backends.base import ExternalInterface
 from backends.udp import LoopOptions, UdpBackend
-from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
 
 
 async def _external(name: str) -> ExternalInterface:
@@ -75,7 +75,7 @@ async def amain(args: argparse.Namespace) -> None:
             cmd = json.loads(line)
             reply: dict[str, object]
             if "peers" in cmd:
-                peers = {
+                peers: dict[Subnet, Lease] = {
                     IPv4Network(net): Lease(
                         IPv4Network(net), LeaseAttrs(IPv4Address(ip), backend_type=btype)
                     )

@@ -137,6 +137,17 @@ class VxlanBackend:
         return self.dev.name
 
     @property
+    def ipv4(self) -> bool:
+        """False in an IPv6-only network: no flannel.<VNI>, only flannel-v6.<VNI>."""
+        return self.config.enable_ipv4
+
+    @property
+    def _network(self) -> IPv4Network:
+        """Network, for the IPv4 passes (which an IPv6-only network never runs)."""
+        assert self.config.network is not None
+        return self.config.network
+
+    @property
     def mtu(self) -> int:
         """The device's MTU, also subnet.env's FLANNEL_MTU."""
         return self.dev.mtu
@@ -155,25 +166,31 @@ class VxlanBackend:
     async def prepare(self) -> BackendAttrs:
         """Create (or reuse) flannel.<VNI>; publish {"VNI": n, "VtepMAC": mac}."""
         async with self._lock:
-            await self.dev.ensure()
+            if self.ipv4:
+                await self.dev.ensure()
             if self.dev6 is not None:
                 await self.dev6.ensure()
-            if not self.options.filter_peers:
+            if not self.options.filter_peers or not self.ipv4:
                 await self._remove_filter()
-        assert self.mac is not None
         v6_data = None
         if self.dev6 is not None:
             assert self.dev6.mac is not None
             v6_data = {"VNI": self.options.vni, "VtepMAC": self.dev6.mac}
+        if not self.ipv4:  # flannel leaves BackendData out when it has no IPv4 device
+            return BackendAttrs(self.type, None, v6_data)
+        assert self.mac is not None
         return BackendAttrs(self.type, {"VNI": self.options.vni, "VtepMAC": self.mac}, v6_data)
 
     async def start(self, own: Lease) -> int:
         """Give the device our subnet's network address as /32; return the overlay MTU."""
         async with self._lock:
             self.own = own
-            index = await self.dev.ensure()
-            await self.dev.ensure_address(index, self.own.subnet.network_address)
+            if self.ipv4:
+                index = await self.dev.ensure()
+                await self.dev.ensure_address(index, self.own.subnet.network_address)
             await self._ensure_v6_device()
+        if self.dev6 is not None and not self.ipv4:
+            return self.dev6.mtu
         if self.dev6 is not None:
             return min(self.mtu, self.dev6.mtu)  # one FLANNEL_MTU for both families
         return self.mtu
@@ -204,6 +221,11 @@ class VxlanBackend:
         of other subnets are not looked at, even when wrong: that is the periodic full pass's
         job. The first pass, a pass after an error, a recreated device, a new own lease or
         changed on-link networks (DirectRouting) are always full."""
+        if not self.ipv4:
+            await self._reconcile_v6_only(peers, changed)
+            return
+        # The IPv4 passes key peers by IPv4 subnet (IPv6-only leases never reach them).
+        changed4 = None if changed is None else {s for s in changed if isinstance(s, IPv4Network)}
         async with self._lock:
             stats = ReconcileStats()
             before = self.ifindex
@@ -216,7 +238,7 @@ class VxlanBackend:
                 onlink = await self.links.onlink_networks(self.ext.index)
             own_subnet = self.own.subnet if self.own is not None else None
             key = (index, own_subnet, tuple(onlink) if onlink is not None else None)
-            if changed is not None and self._desired is not None and key == self._desired_for:
+            if changed4 is not None and self._desired is not None and key == self._desired_for:
                 stats.full = False
             self._desired_for = key
             sock = self._socket()
@@ -229,12 +251,13 @@ class VxlanBackend:
                     self._desired = desired_index
                     candidates = None
                 else:
-                    assert self._desired is not None and changed is not None
-                    candidates = self._public_ips(changed)  # the old peers' ...
+                    assert self._desired is not None and changed4 is not None
+                    v4 = changed4
+                    candidates = self._public_ips(v4)  # the old peers' ...
                     todo, result = await self._changed_pass(
-                        sock, index, peers, set(changed), own_subnet, onlink, stats
+                        sock, index, peers, v4, own_subnet, onlink, stats
                     )
-                    candidates |= self._public_ips(changed)  # ... and the new ones'
+                    candidates |= self._public_ips(v4)  # ... and the new ones'
             except BaseException as e:
                 self._desired = None  # the next pass is a full one
                 if isinstance(e, (OSError, TimeoutError)):
@@ -257,7 +280,23 @@ class VxlanBackend:
                 except Exception as e:  # pyroute2's NetlinkError is no OSError
                     raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
 
-    def _public_ips(self, subnets: Collection[Subnet]) -> set[IPv4Address]:
+    async def _reconcile_v6_only(
+        self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None
+    ) -> None:
+        """An IPv6-only network: flannel-v6.<VNI> and its peers alone (V6Pass decides when an
+        incremental pass must be a full one)."""
+        async with self._lock:
+            index6 = await self._ensure_v6_device()
+            assert index6 is not None
+            want6 = desired_v6(peers, self.own, self.type, need_mac=True, skipped=self._skipped6)
+            try:
+                result = await self.v6.vxlan(index6, want6, full=changed is None)
+            except Exception as e:  # pyroute2's NetlinkError is no OSError
+                raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
+            self.last = ReconcileStats(peers=result.peers, applied=result.applied,
+                                       failed=result.failed, full=result.full)  # fmt: skip
+
+    def _public_ips(self, subnets: Collection[IPv4Network]) -> set[IPv4Address]:
         state = self._desired
         assert state is not None
         return {p.public_ip for s in subnets if (p := state.peers.get(s)) is not None}
@@ -354,7 +393,7 @@ class VxlanBackend:
             desired,
             vx_index=index,
             ext_index=self.ext.index,
-            network=self.config.network,
+            network=self._network,
             neighbours=neighbours,
             fdb=fdb,
             routes=routes,
@@ -368,7 +407,7 @@ class VxlanBackend:
         sock: nl.RtnlSocket,
         index: int,
         peers: Mapping[Subnet, Lease],
-        changed: set[Subnet],
+        changed: set[IPv4Network],
         own_subnet: IPv4Network | None,
         onlink: list[IPv4Network] | None,
         stats: ReconcileStats,
@@ -421,7 +460,7 @@ class VxlanBackend:
                 {s: p for s in route_keys if (p := state.peers.get(s)) is not None},
                 vx_index=index,
                 ext_index=self.ext.index,
-                network=self.config.network,
+                network=self._network,
                 neighbours=neighbours,
                 fdb=fdb,
                 routes=list(routes.values()),

@@ -70,8 +70,9 @@ def desired_peers(
     out; leases of other backend types are ignored silently, as flannel does.
     """
     out: dict[IPv4Network, Peer] = {}
-    for subnet, lease in peers.items():
-        if lease.attrs.backend_type != "vxlan" or subnet == own_subnet:
+    for lease in peers.values():
+        subnet = lease.subnet
+        if lease.attrs.backend_type != "vxlan" or subnet == own_subnet or lease.ipv6_only:
             continue
         try:
             mac = vtep_mac_of(lease)

@@ -89,7 +89,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "host-gw or alloc)",
     )
     up.add_argument(
-        "--network6", default=DEFAULT_NETWORK6, help=f"with --ipv6 (default: {DEFAULT_NETWORK6})"
+        "--ipv6-only",
+        action="store_true",
+        help="IPv6 only (EnableIPv4 false): hosts without IPv4 addresses, etcd on the lab's "
+        "IPv6 underlay, leases in flannel's 0.0.0.0-0&<IPv6 subnet> form, IPv6-only "
+        "containers (vxlan, host-gw or alloc; implies --ipv6)",
+    )
+    up.add_argument(
+        "--network6",
+        default=DEFAULT_NETWORK6,
+        help=f"with --ipv6 or --ipv6-only (default: {DEFAULT_NETWORK6})",
     )
     up.add_argument("--no-matrix", action="store_true", help="skip the connectivity matrix")
     up.set_defaults(func=cmd_up)
@@ -150,6 +159,7 @@ async def _up(lab: Lab, args: argparse.Namespace) -> int:
         attach=args.attach,
         ipv6=args.ipv6,
         network6=args.network6,
+        ipv6_only=args.ipv6_only,
     )
     rc = 0
     if not args.no_matrix:
@@ -224,11 +234,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=1))
         return 0
-    print(f"lab {st['name']} ({st['provider']}): backend {st['backend']}, "
-          f"network {st['network']}, underlay {st['underlay']}")  # fmt: skip
+    if st.get("ipv6_only"):
+        print(f"lab {st['name']} ({st['provider']}): backend {st['backend']}, IPv6 only: "
+              f"network {st['network6']}, underlay {st['underlay6']}")  # fmt: skip
+    else:
+        print(f"lab {st['name']} ({st['provider']}): backend {st['backend']}, "
+              f"network {st['network']}, underlay {st['underlay']}")  # fmt: skip
     if st.get("image"):
         print(f"image {st['image']}")
-    if "network6" in st:
+    if "network6" in st and not st.get("ipv6_only"):
         print(f"dual stack: IPv6 network {st['network6']}, underlay {st['underlay6']}")
     etcd_state = {True: "running", False: "NOT RUNNING", None: "external"}[st["etcd_alive"]]
     print(f"etcd {st['etcd']} ({etcd_state}), prefix {st['etcd_prefix']}")
@@ -246,19 +260,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             daemon = "configured by hand as a flannel host"
         conts = (
             ", ".join(
-                f"{c['namespace']}={c['ip']}" + (f",{c['ip6']}" if "ip6" in c else "")
+                f"{c['namespace']}="
+                + ",".join(str(a) for a in (c["ip"], c.get("ip6")) if a is not None)
                 for c in n["containers"]
             )
             or "none"
         )
         where = n.get("container") or n["namespace"]
-        v6 = f" + {n['public_ipv6']} {n['subnet6']}" if "public_ipv6" in n else ""
-        print(f"  {n['node']} {where} {n['public_ip']} subnet {n['subnet']}{v6}: {daemon}")
+        if st.get("ipv6_only"):
+            v4, v6 = "", f" {n.get('public_ipv6')} subnet {n.get('subnet6')}"
+        else:
+            v4 = f" {n['public_ip']} subnet {n['subnet']}"
+            v6 = f" + {n['public_ipv6']} {n['subnet6']}" if "public_ipv6" in n else ""
+        print(f"  {n['node']} {where}{v4}{v6}: {daemon}")
         print(f"     containers: {conts}")
     print("leases in etcd:")
     for lease in st["leases"]:
         data = json.dumps(lease["backend_data"]) if lease["backend_data"] else ""
-        sub = lease["subnet"] + (f" & {lease['subnet6']}" if "subnet6" in lease else "")
+        sub = lease["subnet"] + (
+            f" & {lease['subnet6']}" if "subnet6" in lease and not st.get("ipv6_only") else ""
+        )
         print(f"  {sub} -> {lease['public_ip']} {lease['backend_type']} {data}")
     return 0
 

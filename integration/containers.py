@@ -38,7 +38,8 @@ class AttachError(RuntimeError):
 class Container:
     ns: str
     host_ns: str
-    ip: IPv4Address
+    ip: IPv4Address | None
+    """The IPv4 address; None in an IPv6-only network (the CNI result gave only `ip6`)."""
     host_veth: str | None
     """The host end of the veth when we named it ("bridge" mode); None when a plugin named it."""
     ip6: IPv6Address | None = None
@@ -48,6 +49,8 @@ class Container:
 def container_address(env: SubnetEnv, index: int) -> IPv4Interface:
     """The address host-local would hand out to the `index`-th container (0-based): .2, .3, ..."""
     subnet = env.subnet
+    if subnet is None:
+        raise ValueError("the bridge mode is IPv4 only, and subnet.env has no FLANNEL_SUBNET")
     addr = subnet.network_address + 2 + index
     if addr >= subnet.broadcast_address:
         raise ValueError(f"container index {index} does not fit in subnet {subnet}")
@@ -114,8 +117,9 @@ async def attach_container(
         if subnet_file is None or state_dir is None:
             raise ValueError("attach_container with cni needs subnet_file and state_dir")
         return await _attach_with_cni(host_ns, container_ns, ifname, cni, subnet_file, state_dir)
-    gateway = env.gateway
     address = container_address(env, index)
+    gateway = env.gateway
+    assert gateway is not None  # container_address refused a file without FLANNEL_SUBNET
     mtu = str(env.mtu)
     links = await run("ip", "-o", "link", "show", BRIDGE, ns=host_ns, check=False)
     if not links.strip():
@@ -162,11 +166,14 @@ async def _attach_with_cni(
     try:
         result = json.loads(out)
         texts = [str(entry["address"]) for entry in result["ips"]]
-        address = next(IPv4Interface(t) for t in texts if ":" not in t)
+        address = next((IPv4Interface(t) for t in texts if ":" not in t), None)
         address6 = next((IPv6Interface(t) for t in texts if ":" in t), None)
-    except (ValueError, KeyError, IndexError, TypeError, StopIteration) as e:
+        if address is None and address6 is None:
+            raise ValueError("no address")
+    except (ValueError, KeyError, IndexError, TypeError) as e:
         raise AttachError(
-            f"flannel CNI ADD for {container_ns} gave no IPv4 address ({e!r}): {out!r}"
+            f"flannel CNI ADD for {container_ns} gave no IP address ({e!r}): {out!r}"
         ) from None
+    ip4 = address.ip if address is not None else None
     ip6 = address6.ip if address6 is not None else None
-    return Container(container_ns, host_ns, address.ip, None, ip6)
+    return Container(container_ns, host_ns, ip4, None, ip6)

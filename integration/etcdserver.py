@@ -29,10 +29,16 @@ class EtcdNotFound(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _url_host(host: str) -> str:
+    """`host` as a URL spells it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 @dataclass
@@ -71,13 +77,13 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{_url_host(self.host)}:{self.client_port}"
 
     @property
     def listen_url(self) -> str:
         if self.listen_host is None:
             return self.endpoint
-        return f"{self.scheme}://{self.listen_host}:{self.client_port}"
+        return f"{self.scheme}://{_url_host(self.listen_host)}:{self.client_port}"
 
     def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
         """Start the server; with `wait`, return once it is healthy. A cluster member is healthy
@@ -94,7 +100,7 @@ class EtcdServer:
             self.client_port = free_port(self.host)
         if not self.peer_port:
             self.peer_port = free_port(self.host)
-        peer = f"http://{self.host}:{self.peer_port}"
+        peer = f"http://{_url_host(self.host)}:{self.peer_port}"
         args = [
             ETCD_BINARY,
             "--name", self.name,

@@ -44,19 +44,23 @@ def random_vtep_mac() -> str:
 
 def flannel_vxlan_lease_value(
     public_ip: IPv4Address,
-    vtep_mac: str,
+    vtep_mac: str | None,
     vni: int = 1,
     public_ipv6: IPv6Address | None = None,
     vtep_mac6: str | None = None,
 ) -> str:
     """The lease value flannel v0.28 writes for a vxlan host, spelled out literally (dual
-    stack: with PublicIPv6 and BackendV6Data)."""
+    stack: with PublicIPv6 and BackendV6Data; IPv6-only: PublicIP 0.0.0.0 and no BackendData,
+    `vtep_mac` None, as flannel's newSubnetAttrs leaves them without an IPv4 device)."""
+    v4_data = (
+        f',"BackendData":{{"VNI":{vni},"VtepMAC":"{vtep_mac}"}}' if vtep_mac is not None else ""
+    )
     v6_data = (
         f',"BackendV6Data":{{"VNI":{vni},"VtepMAC":"{vtep_mac6}"}}' if vtep_mac6 is not None else ""
     )
     return (
         f'{{"PublicIP":"{public_ip}","PublicIPv6":{_v6_fields(public_ipv6)},'
-        f'"BackendType":"vxlan","BackendData":{{"VNI":{vni},"VtepMAC":"{vtep_mac}"}}{v6_data}}}'
+        f'"BackendType":"vxlan"{v4_data}{v6_data}}}'
     )
 
 

@@ -25,6 +25,12 @@ CNI plugin gives every container an IPv4 and an IPv6 address, and the matrix pro
 families. DAD is off in the lab's namespaces (addresses are usable at once); IPv6 forwarding is
 on in the hosts. The udp backend and `attach="bridge"` stay IPv4 only (LabError).
 
+With `ipv6_only=True` (`--ipv6-only`) the lab is IPv6 from end to end: the hosts' eth0 has only
+the ULA address (no IPv4 at all), the management link gets `<ULA /64>::fe`, where etcd listens
+and the daemons' /readyz is read, the network config has `EnableIPv4: false` with IPv6Network,
+every lease is flannel's IPv6-only form (`0.0.0.0-0&<IPv6 subnet>`, PublicIP 0.0.0.0), the
+containers get IPv6 addresses only and the matrix probes IPv6 only. It starts its own etcd.
+
 State lives in /run/overlay-lab/NAME/ (state.json, etcd data, per node subnet.env and logs) and
 is written before each thing is created, so `down()` also cleans up after a crashed `up()`;
 it additionally removes anything named with the lab's prefix and any process whose command
@@ -47,7 +53,14 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +82,14 @@ from integration.netns import (
 )
 from integration.probe import DEFAULT_PORT as PROBE_PORT
 from overlay.subnetenv import SubnetEnv, write_subnet_env
-from subnetmgr.model import LeaseAttrs, MalformedLease, parse_subnet_key, subnet_key
+from subnetmgr.model import (
+    NO_IPV4,
+    LeaseAttrs,
+    MalformedLease,
+    Subnet,
+    parse_subnet_key,
+    subnet_key,
+)
 
 STATE_ROOT = Path("/run/overlay-lab")
 UNDERLAY_POOL = IPv4Network("198.18.0.0/15")
@@ -163,6 +183,8 @@ class LabState:
     """Dual stack: IPv6 underlay addresses and EnableIPv6 (see the module docstring)."""
     underlay6: str = ""
     network6: str = ""
+    ipv6_only: bool = False
+    """No IPv4 anywhere in the lab: EnableIPv4 false (see the module docstring)."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LabState:
@@ -239,6 +261,20 @@ class Lab:
         net = IPv4Network(self.state.underlay)
         return IPv4Interface(f"{net.broadcast_address - 1}/{net.prefixlen}")
 
+    @property
+    def mgmt_ip6(self) -> IPv6Interface:
+        """The management link's address in an IPv6-only lab: `<ULA /64>::fe`."""
+        net6 = IPv6Network(self.state.underlay6)
+        return IPv6Interface((int(net6.network_address) + 0xFE, net6.prefixlen))
+
+    def mgmt_address(self, node: NodeState) -> str:
+        """The address the lab reaches host `node` at (its /readyz): the IPv6 one in an
+        IPv6-only lab, else the IPv4 one."""
+        if self.state.ipv6_only:
+            assert node.ip6 is not None
+            return node.ip6
+        return node.ip
+
     def node(self, index: int) -> NodeState:
         for n in self.state.nodes:
             if n.index == index:
@@ -271,8 +307,15 @@ class Lab:
         attach: str = "cni",
         ipv6: bool = False,
         network6: str = DEFAULT_NETWORK6,
+        ipv6_only: bool = False,
     ) -> None:
         """Build the underlay, etcd, the network config, `nodes` daemons and their containers."""
+        if ipv6_only:
+            if etcd_endpoints is not None:
+                raise LabError("--ipv6-only: the lab starts its own etcd (on its IPv6 underlay)")
+            if backend == "udp":
+                raise LabError("--ipv6-only: the udp backend carries IPv4 only (as flannel's)")
+            ipv6 = True
         if ipv6 and backend == "udp":
             raise LabError("--ipv6: the udp backend carries IPv4 only (as flannel's)")
         if ipv6 and attach != "cni":
@@ -311,6 +354,7 @@ class Lab:
             attach=attach,
             ipv6=ipv6,
             network6=str(net6) if ipv6 else "",
+            ipv6_only=ipv6_only,
         )
         if etcd_prefix is not None:
             self.state.prefix = etcd_prefix
@@ -329,6 +373,8 @@ class Lab:
             self.state.daemon_endpoints = await self._reachable_endpoints(etcd_endpoints)
             self.save()
         config: dict[str, Any] = {"Network": str(net), "Backend": {"Type": backend}}
+        if ipv6_only:
+            config = {"EnableIPv4": False, "Backend": {"Type": backend}}
         if ipv6:
             config.update(EnableIPv6=True, IPv6Network=self.state.network6)
         await self.etcdctl("put", f"{self.state.prefix}/config", json.dumps(config))
@@ -352,6 +398,8 @@ class Lab:
             )  # fmt: skip
             await run("ip", "link", "set", "mgmt", "master", "br0", "up", ns=u)
             await run("ip", "addr", "add", str(self.mgmt_ip), "dev", self.mgmt_link)
+            if self.state.ipv6_only:
+                await run("ip", "addr", "add", str(self.mgmt_ip6), "dev", self.mgmt_link, "nodad")
             await run("ip", "link", "set", self.mgmt_link, "up")
         self.progress(f"underlay {self.state.underlay} on bridge br0 in {u}")
 
@@ -363,7 +411,7 @@ class Lab:
         self._start_etcd()
 
     def _start_etcd(self) -> None:
-        host = str(self.mgmt_ip.ip)
+        host = str(self.mgmt_ip6.ip if self.state.ipv6_only else self.mgmt_ip.ip)
         server = EtcdServer(
             host=host,
             data_dir=self.dir / "etcd",
@@ -428,10 +476,12 @@ class Lab:
         await asyncio.gather(*(self.wait_ready(n.index, ready_timeout) for n in added))
         for node in added:
             env = SubnetEnv.read(self.subnet_file(node.index))
-            node.subnet = str(env.subnet)
+            node.subnet = str(env.subnet) if env.subnet is not None else None
             node.subnet6 = str(env.ipv6_subnet) if env.ipv6_subnet is not None else None
             self.save()
-            self.progress(f"h{node.index}: ready, subnet {env.subnet}, MTU {env.mtu}")
+            self.progress(
+                f"h{node.index}: ready, subnet {env.subnet or env.ipv6_subnet}, MTU {env.mtu}"
+            )
             await self._add_containers(node, env)
         return added
 
@@ -444,7 +494,9 @@ class Lab:
         if index >= net.num_addresses - 2:
             raise LabError(f"the underlay {net} has no room for host h{index}")
         ip = IPv4Interface(f"{net.network_address + index}/{net.prefixlen}")
-        node = NodeState(index, self.host_ns(index), str(ip.ip), kind=kind)
+        # An IPv6-only lab's hosts have no IPv4 address: ip "" (mgmt_address() reaches them).
+        node = NodeState(index, self.host_ns(index), "" if self.state.ipv6_only else str(ip.ip),
+                         kind=kind)  # fmt: skip
         self.state.nodes.append(node)
         self.state.namespaces.append(node.ns)
         self.save()
@@ -458,7 +510,8 @@ class Lab:
             "peer", "name", "eth0", "netns", node.ns,
         )  # fmt: skip
         await run("ip", "link", "set", port, "master", "br0", "up", ns=self.underlay_ns)
-        await run("ip", "addr", "add", str(ip), "dev", "eth0", ns=node.ns)
+        if not self.state.ipv6_only:
+            await run("ip", "addr", "add", str(ip), "dev", "eth0", ns=node.ns)
         if self.state.ipv6:
             net6 = IPv6Network(self.state.underlay6)
             node.ip6 = str(net6.network_address + index)
@@ -467,8 +520,9 @@ class Lab:
             await run("ip", "addr", "add", addr6, "dev", "eth0", "nodad", ns=node.ns)
         await run("ip", "link", "set", "eth0", "up", ns=node.ns)
         self.progress(
-            f"h{index}: namespace {node.ns}, underlay address {ip}"
-            + (f" and {node.ip6}" if node.ip6 else "")
+            f"h{index}: namespace {node.ns}, underlay address "
+            + (str(node.ip6) if self.state.ipv6_only else str(ip))
+            + (f" and {node.ip6}" if node.ip6 and not self.state.ipv6_only else "")
         )
         return node
 
@@ -479,7 +533,7 @@ class Lab:
             "--etcd-prefix", self.state.prefix,
             "--iface", "eth0",
             "--subnet-file", str(self.subnet_file(node.index)),
-            "--healthz-ip", "0.0.0.0",
+            "--healthz-ip", "::" if self.state.ipv6_only else "0.0.0.0",
             "--healthz-port", str(HEALTH_PORT),
             "--log-level", "debug",
             # As kube-flannel runs flanneld: the daemon masquerades traffic leaving the overlay
@@ -544,7 +598,7 @@ class Lab:
         deadline = loop.time() + limit
         while True:
             self._check_daemon_running(index)
-            code = await http_status(node.ip, HEALTH_PORT, "/readyz")
+            code = await http_status(self.mgmt_address(node), HEALTH_PORT, "/readyz")
             if code == 200:
                 return
             if loop.time() > deadline:
@@ -587,14 +641,12 @@ class Lab:
                 )  # fmt: skip
             else:
                 attached = await attach_container(node.ns, cont.ns, env, j)
-            cont.ip = str(attached.ip)
+            cont.ip = str(attached.ip) if attached.ip is not None else None
             cont.ip6 = str(attached.ip6) if attached.ip6 is not None else None
             cont.probe_pid = self._start_probe_server(node.index, cont.ns)
             self.save()
-            self.progress(
-                f"h{node.index}: container {cont.ns} at {cont.ip}"
-                + (f" and {cont.ip6}" if cont.ip6 else "")
-            )
+            shown = [a for a in (cont.ip, cont.ip6) if a]
+            self.progress(f"h{node.index}: container {cont.ns} at {' and '.join(shown)}")
         for cont in node.containers:
             await self._wait_probe_server(cont)
 
@@ -634,9 +686,10 @@ class Lab:
         """A host leaves: its daemon stops (SIGTERM), its lease is deleted, its namespaces go."""
         node = self.node(index)
         await self.stop_daemon(index)
-        if delete_lease and node.subnet is not None:
+        if delete_lease and (node.subnet is not None or node.subnet6 is not None):
             sub6 = IPv6Network(node.subnet6) if node.subnet6 else None
-            await self.etcdctl("del", self.lease_key(IPv4Network(node.subnet), sub6))
+            sub4 = IPv4Network(node.subnet) if node.subnet else NO_IPV4
+            await self.etcdctl("del", self.lease_key(sub4, sub6))
         for cont in node.containers:
             await delete_netns(cont.ns)
             self._forget_ns(cont.ns)
@@ -671,9 +724,14 @@ class Lab:
         """
         node = await self._make_host(kind="flannel")
         leases = await self.leases()
-        if subnet is None:
+        only6 = self.state.ipv6_only
+        # IPv6-only: flannel's zero IPv4 subnet in the key and PublicIP 0.0.0.0 in the value.
+        if only6:
+            subnet = NO_IPV4
+        elif subnet is None:
             subnet = self._free_subnet_from_top({lease.subnet for lease in leases.values()})
-        node.subnet = str(subnet)
+        node.subnet = None if only6 else str(subnet)
+        public_ip = IPv4Address(0) if only6 else IPv4Address(node.ip)
         # Dual stack: an IPv6 subnet from the top too, the PublicIPv6 on eth0, flannel-v6.1.
         subnet6 = None
         ip6 = IPv6Address(node.ip6) if node.ip6 else None
@@ -685,12 +743,12 @@ class Lab:
             node.subnet6 = str(subnet6)
         hostgw = self.state.backend == "host-gw"
         if hostgw:
-            value = flannelhost.flannel_hostgw_lease_value(IPv4Address(node.ip), ip6)
+            value = flannelhost.flannel_hostgw_lease_value(public_ip, ip6)
         else:
-            node.vtep_mac = flannelhost.random_vtep_mac()
+            node.vtep_mac = None if only6 else flannelhost.random_vtep_mac()
             vtep_mac6 = flannelhost.random_vtep_mac() if subnet6 is not None else None
             value = flannelhost.flannel_vxlan_lease_value(
-                IPv4Address(node.ip), node.vtep_mac, public_ipv6=ip6, vtep_mac6=vtep_mac6
+                public_ip, node.vtep_mac, public_ipv6=ip6, vtep_mac6=vtep_mac6
             )
         self.save()
         out = await self.etcdctl("lease", "grant", "86400")
@@ -701,10 +759,11 @@ class Lab:
             await flannelhost.enable_forwarding(node.ns, ipv6=subnet6 is not None)
         else:
             mtu = 1500 - 50
-            assert node.vtep_mac is not None
-            await flannelhost.setup_flannel_device(
-                node.ns, "eth0", IPv4Address(node.ip), subnet, node.vtep_mac, mtu
-            )
+            if not only6:
+                assert node.vtep_mac is not None
+                await flannelhost.setup_flannel_device(
+                    node.ns, "eth0", public_ip, subnet, node.vtep_mac, mtu
+                )
             if subnet6 is not None and ip6 is not None and vtep_mac6 is not None:
                 mtu = 1500 - 70  # one FLANNEL_MTU for both families, as overlayd writes it
                 await flannelhost.setup_flannel_device(
@@ -714,14 +773,17 @@ class Lab:
         # the CNI delegate then keeps container source addresses. (The masquerade rules for
         # traffic leaving the network are not made here: nothing leaves the lab.)
         env = SubnetEnv(
-            IPv4Network(self.state.network), subnet, mtu, ipmasq=True,
+            None if only6 else IPv4Network(self.state.network), None if only6 else subnet,
+            mtu, ipmasq=True,
             ipv6_network=IPv6Network(self.state.network6) if subnet6 else None,
             ipv6_subnet=subnet6,
         )  # fmt: skip
         write_subnet_env(self.subnet_file(node.index), env)
         await self.sync_flannel_host(node.index)
-        what = "host-gw" if hostgw else f"VTEP {node.vtep_mac}"
-        self.progress(f"h{node.index}: flannel host by hand, subnet {subnet}, {what}")
+        what = "host-gw" if hostgw else f"VTEP {node.vtep_mac or vtep_mac6}"
+        self.progress(
+            f"h{node.index}: flannel host by hand, subnet {subnet6 if only6 else subnet}, {what}"
+        )
         await self._add_containers(node, env)
         return node
 
@@ -737,25 +799,31 @@ class Lab:
         """Program the hand-made host's peers from the leases of the lab's backend now in etcd."""
         node = self.node(index)
         own = IPv4Network(node.subnet) if node.subnet else None
+        own6 = IPv6Network(node.subnet6) if node.subnet6 else None
         for lease in (await self.leases()).values():
-            if lease.subnet == own or lease.attrs.backend_type != self.state.backend:
+            if lease.attrs.backend_type != self.state.backend:
+                continue
+            if (own is not None and lease.subnet == own) or (own6 and lease.subnet6 == own6):
                 continue
             ip6 = lease.attrs.public_ipv6
             dual = self.state.ipv6 and lease.subnet6 is not None and ip6 is not None
+            v4 = lease.subnet != NO_IPV4  # an IPv6-only lease has no IPv4 side
             if self.state.backend == "host-gw":
-                await flannelhost.add_hostgw_peer(
-                    node.ns, "eth0", lease.subnet, lease.attrs.public_ip
-                )
+                if v4:
+                    await flannelhost.add_hostgw_peer(
+                        node.ns, "eth0", lease.subnet, lease.attrs.public_ip
+                    )
                 if dual:
                     assert lease.subnet6 is not None and ip6 is not None
                     await flannelhost.add_hostgw_peer(node.ns, "eth0", lease.subnet6, ip6)
                 continue
             data = lease.attrs.backend_data or {}
             mac = data.get("VtepMAC")
-            if not isinstance(mac, str):
+            if v4 and not isinstance(mac, str):
                 continue
-            peer = flannelhost.VxlanPeer(lease.subnet, lease.attrs.public_ip, mac)
-            await flannelhost.add_peer(node.ns, peer)
+            if v4 and isinstance(mac, str):
+                peer = flannelhost.VxlanPeer(lease.subnet, lease.attrs.public_ip, mac)
+                await flannelhost.add_peer(node.ns, peer)
             mac6 = (lease.attrs.backend_v6_data or {}).get("VtepMAC")
             if dual and isinstance(mac6, str):
                 assert lease.subnet6 is not None and ip6 is not None
@@ -775,11 +843,11 @@ class Lab:
             limit=limit, env=env,
         )  # fmt: skip
 
-    async def leases(self) -> dict[IPv4Network, LeaseView]:
+    async def leases(self) -> dict[Subnet, LeaseView]:
         """The leases now in etcd (malformed ones are skipped, as the daemon does)."""
         out = await self.etcdctl("get", "--prefix", f"{self.state.prefix}/subnets/", "-w", "json")
         doc = json.loads(out)
-        result: dict[IPv4Network, LeaseView] = {}
+        result: dict[Subnet, LeaseView] = {}
         for kv in doc.get("kvs", []):
             key = base64.b64decode(kv["key"]).decode(errors="replace")
             value = base64.b64decode(kv.get("value", ""))
@@ -788,13 +856,14 @@ class Lab:
                 attrs = LeaseAttrs.from_json(value)
             except MalformedLease:
                 continue
-            result[subnet] = LeaseView(subnet, attrs, int(kv.get("lease", 0)), subnet6)
+            view = LeaseView(subnet, attrs, int(kv.get("lease", 0)), subnet6)
+            result[view.ident] = view
         return result
 
     # ------------------------------------------------------------------ traffic
 
     def containers(self) -> list[tuple[NodeState, ContainerState]]:
-        return [(n, c) for n in self.state.nodes for c in n.containers if c.ip]
+        return [(n, c) for n in self.state.nodes for c in n.containers if c.ip or c.ip6]
 
     async def matrix(self, probe_limit: float = 2.0) -> list[MatrixEntry]:
         """Probe every container from every other one, TCP and UDP, all sources at once."""
@@ -809,8 +878,8 @@ class Lab:
             ]
             if not targets:
                 return []
-            ips = [str(dc.ip) for _, dc in targets]
-            by_ip = {str(dc.ip): dc.ns for _, dc in targets}
+            ips = [str(dc.ip) for _, dc in targets if dc.ip and src.ip]
+            by_ip = {str(dc.ip): dc.ns for _, dc in targets if dc.ip and src.ip}
             if self.state.ipv6 and src.ip6:  # both families (a container without one: IPv4)
                 ips += [dc.ip6 for _, dc in targets if dc.ip6]
                 by_ip.update((dc.ip6, dc.ns) for _, dc in targets if dc.ip6)
@@ -854,12 +923,12 @@ class Lab:
         nodes = []
         for n in self.state.nodes:
             alive = n.daemon_pid is not None and pid_alive(n.daemon_pid)
-            ready = alive and await http_status(n.ip, HEALTH_PORT, "/readyz") == 200
+            ready = alive and await http_status(self.mgmt_address(n), HEALTH_PORT, "/readyz") == 200
             nodes.append(
                 {
                     "node": f"h{n.index}",
                     "namespace": n.ns,
-                    "public_ip": n.ip,
+                    "public_ip": n.ip or None,
                     "kind": n.kind,
                     "daemon_pid": n.daemon_pid,
                     "alive": alive if n.kind == "overlayd" else None,
@@ -878,11 +947,13 @@ class Lab:
             for lease in (await self.leases()).values():
                 leases.append(
                     {
-                        "subnet": str(lease.subnet),
+                        "subnet": str(lease.ident),
                         **({"subnet6": str(lease.subnet6)} if lease.subnet6 else {}),
-                        "public_ip": str(lease.attrs.public_ip),
+                        "public_ip": str(lease.attrs.address),
                         "backend_type": lease.attrs.backend_type,
-                        "backend_data": dict(lease.attrs.backend_data or {}),
+                        "backend_data": dict(
+                            lease.attrs.backend_data or lease.attrs.backend_v6_data or {}
+                        ),
                     }
                 )
         except (CommandError, ValueError) as e:
@@ -898,6 +969,7 @@ class Lab:
                 if self.state.ipv6
                 else {}
             ),
+            "ipv6_only": self.state.ipv6_only,
             "backend": self.state.backend,
             "etcd": self.state.etcd_endpoint,
             "etcd_prefix": self.state.prefix,
@@ -1007,6 +1079,11 @@ class LeaseView:
     subnet6: IPv6Network | None = None
     """The IPv6 subnet of a dual-stack key."""
 
+    @property
+    def ident(self) -> Subnet:
+        """What `Lab.leases()` keys it by: the IPv4 subnet, or an IPv6-only lease's IPv6 one."""
+        return self.subnet6 if self.subnet == NO_IPV4 and self.subnet6 is not None else self.subnet
+
 
 async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> int | None:
     """The status code of GET http://host:port/path, or None when nothing answers."""
@@ -1015,7 +1092,8 @@ async def http_status(host: str, port: int, path: str, limit: float = 1.0) -> in
     except (OSError, TimeoutError):
         return None
     try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        shown = f"[{host}]" if ":" in host else host
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {shown}\r\n\r\n".encode())
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), limit)
     except (OSError, TimeoutError):

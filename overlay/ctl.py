@@ -327,9 +327,7 @@ async def cmd_reserve(registry: Any, args: argparse.Namespace) -> int:
             config = None
         if config is not None and not config.contains(subnet):
             raise UsageError(
-                f"subnet {subnet} does not fit the network config ({config.network}, "
-                f"/{config.subnet_len} subnets from {config.subnet_min.network_address} to "
-                f"{config.subnet_max.network_address})"
+                f"subnet {subnet} does not fit the network config ({config.describe()})"
             )
     await registry.reserve(subnet, public_ip)
     print(f"reserved {subnet} for {public_ip}")

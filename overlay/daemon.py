@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, S
 from typing import Any
 
 import backends
-from backends.base import Backend, BackendError, ExternalInterface
+from backends.base import NO_ADDRESS, Backend, BackendError, ExternalInterface
 from overlay.blackhole import BlackholeRoute
 from overlay.events import EventPublisher
 from overlay.events import raise_if_cancelling as _raise_if_cancelling
@@ -60,7 +60,15 @@ from subnetmgr.manager import (
     OwnLeaseEvent,
     SubnetManager,
 )
-from subnetmgr.model import ConfigError, Lease, LeaseAttrs, NetworkConfig, Subnet
+from subnetmgr.model import (
+    NO_IPV4,
+    ConfigError,
+    Lease,
+    LeaseAttrs,
+    NetworkConfig,
+    Subnet,
+    subnet_order,
+)
 from subnetmgr.registry import Compacted, EtcdRegistry, Registry, RegistryError
 from subnetmgr.validate import Ignored
 
@@ -253,6 +261,12 @@ class Overlayd:
                 '(write "Backend": {"Type": "vxlan"} to choose another)',
                 config.backend_type,
             )
+        if config.enable_ipv4 and self.ext.public_ip == NO_ADDRESS:
+            raise FatalError(
+                f"interface {self.ext.name} has no IPv4 address, but the network config is "
+                f"IPv4 (Network {config.network}): give the interface one, choose another with "
+                "--iface, or make the network IPv6-only (EnableIPv4 false, EnableIPv6 true)"
+            )
         if config.enable_ipv6 and self.ext.public_ipv6 is None:
             raise FatalError(
                 f"the network config sets EnableIPv6, but interface {self.ext.name} has no "
@@ -261,8 +275,12 @@ class Overlayd:
         if config.enable_ipv6:
             log.info("dual stack: IPv6 network %s, subnet length /%d, public IPv6 %s",
                      config.ipv6_network, config.ipv6_subnet_len, self.ext.public_ipv6)  # fmt: skip
-        log.info("network %s, subnet length /%d, backend %s", config.network,
-                 config.subnet_len, config.backend_type)  # fmt: skip
+        if config.ipv6_only:
+            log.info("IPv6-only network (EnableIPv4 false): no IPv4 subnet, device or rules; "
+                     "backend %s", config.backend_type)  # fmt: skip
+        else:
+            log.info("network %s, subnet length /%d, backend %s", config.network,
+                     config.subnet_len, config.backend_type)  # fmt: skip
         try:
             self.backend = backends.create(config, self.ext)
             counters = getattr(self.backend, "counters", None)
@@ -272,16 +290,18 @@ class Overlayd:
         except BackendError as e:
             raise FatalError(f"backend {config.backend_type!r}: {e}") from None
         lease_attrs = LeaseAttrs(
-            public_ip=self.ext.public_ip,
+            # flannel's IPv6-only lease carries PublicIP 0.0.0.0 (its zero IPv4 address).
+            public_ip=self.ext.public_ip if config.enable_ipv4 else NO_ADDRESS,
             public_ipv6=self.ext.public_ipv6 if config.enable_ipv6 else None,
             backend_type=attrs.backend_type,
             backend_data=attrs.backend_data,
             backend_v6_data=attrs.backend_v6_data if config.enable_ipv6 else None,
         )
-        previous = read_previous_subnet(self.opts.subnet_file)
+        previous = read_previous_subnet(self.opts.subnet_file) if config.enable_ipv4 else None
         previous6 = read_previous_ipv6_subnet(self.opts.subnet_file)
-        if previous is not None:
-            log.info("%s names subnet %s from a previous run", self.opts.subnet_file, previous)
+        if previous is not None or (config.ipv6_only and previous6 is not None):
+            log.info("%s names subnet %s from a previous run", self.opts.subnet_file,
+                     previous or previous6)  # fmt: skip
 
         async def acquire() -> Lease:
             while True:
@@ -296,7 +316,7 @@ class Overlayd:
         except OutOfSubnets as e:
             raise FatalError(f"{e}; widen Network or free a lease (overlayctl leases)") from None
         self.metrics.lease_acquisitions += 1
-        log.info("acquired lease %s for %s", own.key, own.attrs.public_ip)
+        log.info("acquired lease %s for %s", own.key, own.attrs.address)
         # From here on the backends see only leases that fit this config, and never a lease
         # over our own subnet.
         self.mirror.config = config
@@ -320,8 +340,8 @@ class Overlayd:
 
     def _lease_details(self, lease: Lease) -> dict[str, Any]:
         return {
-            "subnet": str(lease.subnet),
-            "public_ip": str(lease.attrs.public_ip),
+            "subnet": str(lease.ident),
+            "public_ip": str(lease.attrs.address),
             "backend": lease.attrs.backend_type,
             # None for a reservation, and for an expiry not looked up (inf): JSON has no Infinity.
             "expiration": _known(lease.expiration),
@@ -339,7 +359,7 @@ class Overlayd:
                 raise FatalError(f"backend {self.backend.type!r} could not start: {e}") from None
             env = SubnetEnv(
                 network=self.config.network,
-                subnet=own.subnet,
+                subnet=None if self.config.ipv6_only else own.subnet,
                 mtu=mtu,
                 ipmasq=self.opts.ip_masq,
                 ipv6_network=self.config.ipv6_network if own.ipv6_subnet else None,
@@ -351,11 +371,11 @@ class Overlayd:
                 raise FatalError(
                     f"cannot write {self.opts.subnet_file}: {e}; check --subnet-file"
                 ) from None
-            log.info("wrote %s (subnet %s, MTU %d)", self.opts.subnet_file, own.subnet, mtu)
+            log.info("wrote %s (subnet %s, MTU %d)", self.opts.subnet_file, own.ident, mtu)
             await self._apply_rules(own)
             m = self.metrics
-            m.lease_subnet = str(own.subnet)
-            m.lease_public_ip = str(own.attrs.public_ip)
+            m.lease_subnet = str(own.ident)
+            m.lease_public_ip = str(own.attrs.address)
             m.lease_backend = own.attrs.backend_type or self.backend.type
             m.lease_expiration = _known(own.expiration)
             self.reconciler.full_due()  # the next reconcile is a full one
@@ -374,14 +394,15 @@ class Overlayd:
                 )  # fmt: skip
                 await self.traffic.prune()
             else:
-                self.traffic.set_lease(own.subnet, own.ipv6_subnet)
+                self.traffic.set_lease(None if own.ipv6_only else own.subnet, own.ipv6_subnet)
             await self.traffic.ensure()
         except IptablesError as e:
             raise FatalError(f"traffic rules ({self.traffic.name if self.traffic else 'setup'}): "
                              f"{e}; --iptables-forward-rules=false without --ip-masq installs "
                              "none") from None  # fmt: skip
         if opts.ip_blackhole_route:
-            subnets = [s for s in (own.subnet, own.ipv6_subnet) if s is not None]
+            subnets = [s for s in (own.subnet, own.ipv6_subnet)
+                       if s is not None and s != NO_IPV4]  # fmt: skip
             if self.blackhole is None:
                 self.blackhole = BlackholeRoute(subnets, prefix=self.iptables_prefix)
             else:
@@ -400,7 +421,7 @@ class Overlayd:
             self.ready.set()
             if not was_ready:
                 self.events.publish("ready", **self._lease_details(self.own) if self.own else {})
-                sd_notify(f"READY=1\nSTATUS=lease {self.own.subnet if self.own else '?'}")
+                sd_notify(f"READY=1\nSTATUS=lease {self.own.ident if self.own else '?'}")
                 log.info("ready")
             return
         m.ready, m.not_ready_reason = False, problem
@@ -436,33 +457,34 @@ class Overlayd:
             m.lease_expiration = _known(ev.lease.expiration)
             self.events.publish("lease_renewed", **self._lease_details(ev.lease))
         elif ev.kind == "expiring":
-            self.events.publish("lease_expiring", subnet=str(ev.lease.subnet), reason=ev.reason)
+            self.events.publish("lease_expiring", subnet=str(ev.lease.ident), reason=ev.reason)
         elif ev.kind == "lost":
-            self.events.publish("lease_lost", subnet=str(ev.lease.subnet), reason=ev.reason)
-            named = str(ev.lease.subnet) in ev.reason  # else say which lease
-            self._set_ready(ev.reason if named else f"lease {ev.lease.subnet} lost: {ev.reason}")
+            self.events.publish("lease_lost", subnet=str(ev.lease.ident), reason=ev.reason)
+            named = str(ev.lease.ident) in ev.reason  # else say which lease
+            self._set_ready(ev.reason if named else f"lease {ev.lease.ident} lost: {ev.reason}")
         elif ev.kind == "taken":
-            holder = ev.holder.public_ip if ev.holder is not None else None
-            self.events.publish("lease_taken", subnet=str(ev.lease.subnet),
+            holder = ev.holder.address if ev.holder is not None else None
+            self.events.publish("lease_taken", subnet=str(ev.lease.ident),
                                 holder=str(holder), reason=ev.reason)  # fmt: skip
             self._set_ready(ev.reason)
         elif ev.kind == "duplicate":
-            self.events.publish("duplicate_public_ip", subnet=str(ev.lease.subnet),
-                                public_ip=str(ev.lease.attrs.public_ip),
+            self.events.publish("duplicate_public_ip", subnet=str(ev.lease.ident),
+                                public_ip=str(ev.lease.attrs.address),
                                 reason=ev.reason)  # fmt: skip
-            self._set_ready(f"duplicate PublicIP {ev.lease.attrs.public_ip}: {ev.reason}")
+            field = "PublicIP" if ev.lease.attrs.address.version == 4 else "PublicIPv6"
+            self._set_ready(f"duplicate {field} {ev.lease.attrs.address}: {ev.reason}")
         elif ev.kind == "reacquired":
             await self._reacquired(ev.lease)
 
     async def _reacquired(self, new: Lease) -> None:
         self.metrics.lease_acquisitions += 1
         old = self.own
-        if old is not None and old.subnet != new.subnet:
+        if old is not None and old.key != new.key:
             log.warning("re-acquired lease %s for %s (was %s); moving the backend, subnet.env "
-                        "and the iptables rules to it", new.subnet, new.attrs.public_ip,
-                        old.subnet)  # fmt: skip
+                        "and the iptables rules to it", new.key, new.attrs.address,
+                        old.key)  # fmt: skip
         else:
-            log.warning("re-acquired lease %s for %s", new.subnet, new.attrs.public_ip)
+            log.warning("re-acquired lease %s for %s", new.key, new.attrs.address)
         self.events.publish("lease_reacquired", **self._lease_details(new))
         assert self.reconciler is not None
         self.reconciler.changed(self.mirror.set_own(new))
@@ -488,10 +510,7 @@ class Overlayd:
             return
         self._config_seen = digest
         key = getattr(self.registry, "config_key", "<prefix>/config")
-        running = (
-            f"network {self.config.network}, /{self.config.subnet_len} subnets, "
-            f"backend {self.config.backend_type}"
-        )
+        running = self.config.describe()
         if value is None:
             log.warning("the network config at %s was deleted (revision %d); overlayd keeps "
                         "the running config (%s)", key, revision, running)  # fmt: skip
@@ -507,20 +526,19 @@ class Overlayd:
             log.info("the network config at %s was rewritten (revision %d), same config", key,
                      revision)  # fmt: skip
             return
-        log.warning("the network config at %s changed (revision %d): network %s, /%d subnets, "
-                    "backend %s; it applies when overlayd restarts (the config is read once, "
-                    "at start, as flanneld does); running: %s", key, revision, new.network,
-                    new.subnet_len, new.backend_type, running)  # fmt: skip
+        log.warning("the network config at %s changed (revision %d): %s; it applies when "
+                    "overlayd restarts (the config is read once, at start, as flanneld does); "
+                    "running: %s", key, revision, new.describe(), running)  # fmt: skip
 
     async def _on_leases(self, snapshot: Mapping[Subnet, Lease], changed: set[Subnet]) -> None:
         own = self.own
-        for subnet in sorted(changed):
+        for subnet in sorted(changed, key=subnet_order):
             lease = snapshot.get(subnet)
-            if own is not None and subnet == own.subnet:
+            if own is not None and subnet == own.ident:
                 continue  # our own lease: the subnet manager tells us about it
             if lease is not None and subnet not in self._known_peers:
                 self._known_peers.add(subnet)
-                log.info("peer added: %s at %s", subnet, lease.attrs.public_ip)
+                log.info("peer added: %s at %s", subnet, lease.attrs.address)
                 self.events.publish("peer_added", **self._lease_details(lease))
             elif lease is None and subnet in self._known_peers:
                 self._known_peers.discard(subnet)
@@ -531,7 +549,7 @@ class Overlayd:
 
     def _peers(self) -> PeersView:
         own = self.own
-        return PeersView(self.mirror.snapshot, own.subnet if own is not None else None)
+        return PeersView(self.mirror.snapshot, own.ident if own is not None else None)
 
     async def _masq_loop(self) -> None:
         """Every --iptables-resync seconds: the traffic rules and the blackhole route."""
@@ -601,8 +619,12 @@ async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
     except (InterfaceError, TimeoutError) as e:
         log.error("%s", e or "timed out reading interfaces")
         return 1
-    log.info("using interface %s (index %d), address %s, public IP %s, MTU %d", ext.name,
-             ext.index, ext.iface_addr, ext.public_ip, ext.mtu)  # fmt: skip
+    if ext.public_ip == NO_ADDRESS:
+        log.info("using interface %s (index %d), no IPv4 address, public IPv6 %s, MTU %d",
+                 ext.name, ext.index, ext.public_ipv6, ext.mtu)  # fmt: skip
+    else:
+        log.info("using interface %s (index %d), address %s, public IP %s, MTU %d", ext.name,
+                 ext.index, ext.iface_addr, ext.public_ip, ext.mtu)  # fmt: skip
     metrics = Metrics()
     health: HealthServer | None = None
     if opts.healthz_port:
@@ -615,7 +637,9 @@ async def _serve_locked(opts: Options, stop: asyncio.Event) -> int:
             log.error("cannot listen on %s:%d for --healthz-port: %s", opts.healthz_ip,
                       opts.healthz_port, e)  # fmt: skip
             return 1
-    events = EventPublisher(opts.mqtt, opts.mqtt_topic_prefix, ext.public_ip, metrics)
+    # The host's name in MQTT topics: its PublicIP, or its PublicIPv6 on an IPv6-only underlay.
+    host_address = ext.public_ipv6 if ext.public_ip == NO_ADDRESS else ext.public_ip
+    events = EventPublisher(opts.mqtt, opts.mqtt_topic_prefix, host_address, metrics)
     registry: EtcdRegistry | None = None
     daemon: Overlayd | None = None
     incremental = os.environ.get(FULL_RECONCILE_ENV, "") not in ("1", "true", "yes")

@@ -55,7 +55,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -75,7 +75,7 @@ from overlay.status import (
     resolve_local,
 )
 from overlay.subnetenv import SubnetEnv
-from subnetmgr.model import Lease, NetworkConfig, printable
+from subnetmgr.model import Lease, NetworkConfig, printable, subnet_order
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 PROBE_TIMEOUT = 2.0
@@ -115,7 +115,7 @@ class Host:
     etcd: EtcdView
     config: NetworkConfig | None
     lease: Lease | None
-    addresses: dict[IPv4Address, str]
+    addresses: dict[IPv4Address | IPv6Address, str]
     env_error: str | None
     env: SubnetEnv | None = None
 
@@ -279,13 +279,11 @@ async def external_mtu(host: Host) -> tuple[str | None, int | None]:
     """The external interface: the one holding our PublicIP, else the route to a peer."""
     name = None
     if host.lease is not None:
-        name = host.addresses.get(host.lease.attrs.public_ip)
+        name = host.addresses.get(host.lease.attrs.address)
         if name is None:
             for peer in host.etcd.valid.values():
-                if peer.subnet != host.lease.subnet:
-                    route = await command_json(
-                        "ip", "-j", "route", "get", str(peer.attrs.public_ip)
-                    )
+                if peer.ident != host.lease.ident:
+                    route = await command_json("ip", "-j", "route", "get", str(peer.attrs.address))
                     if route and isinstance(route[0], dict):
                         name = route[0].get("dev")
                     break
@@ -347,12 +345,12 @@ async def check_tx_checksum(host: Host) -> Check | None:
     config = host.config
     if config is None or config.backend_type != "vxlan" or host.lease is None:
         return None
-    public = host.lease.attrs.public_ip
+    public = host.lease.attrs.address
     if public in host.addresses:
         return Check(
             "tx_checksum",
             PASS,
-            f"PublicIP {public} is on {host.addresses[public]}: no NAT in the way",
+            f"public address {public} is on {host.addresses[public]}: no NAT in the way",
         )
     name = device_name(config) or "flannel.1"
     try:
@@ -495,6 +493,9 @@ async def check_peers(host: Host, limit: float) -> list[Check]:
     config = host.config
     if config is None or host.lease is None:
         return [Check("peers", WARN, "not checked: no network config or no lease of ours")]
+    if config.ipv6_only:
+        return [Check("peers", WARN, "not checked: the probes are ICMP over IPv4, and this "
+                      "network is IPv6-only (ping6 a container on each peer instead)")]  # fmt: skip
     own = host.lease.subnet
     peers = sorted(
         (
@@ -613,8 +614,12 @@ def check_subnet_env(host: Host) -> Check:
         )
     env = host.env
     problems = []
-    if host.lease is not None and env.subnet != host.lease.subnet:
-        problems.append(f"FLANNEL_SUBNET is {env.gateway}, our lease is {host.lease.subnet}")
+    if host.lease is not None and env.subnet != (
+        None if host.lease.ipv6_only else host.lease.subnet
+    ):
+        problems.append(f"FLANNEL_SUBNET is {env.gateway}, our lease is {host.lease.key}")
+    if host.lease is not None and env.ipv6_subnet != host.lease.ipv6_subnet:
+        problems.append(f"FLANNEL_IPV6_SUBNET is {env.ipv6_subnet}, our lease is {host.lease.key}")
     if host.config is not None and env.network != host.config.network:
         problems.append(f"FLANNEL_NETWORK is {env.network}, the config's is {host.config.network}")
     if host.lease is None and host.etcd.reachable:
@@ -626,21 +631,25 @@ def check_subnet_env(host: Host) -> Check:
             f"{path}: " + "; ".join(problems),
             f"restart overlayd so that it rewrites {path} from its lease",
         )
-    return Check("subnet_env", PASS, f"{path} matches our lease {env.subnet}")
+    return Check("subnet_env", PASS, f"{path} matches our lease {env.subnet or env.ipv6_subnet}")
+
+
+def _ident_order(lease: Lease) -> tuple[int, int, int]:
+    return subnet_order(lease.ident)
 
 
 def check_duplicates(leases: Sequence[Lease], prefix: str) -> Check:
-    by_ip: dict[IPv4Address, list[Lease]] = {}
-    for lease in leases:
-        by_ip.setdefault(lease.attrs.public_ip, []).append(lease)
+    by_ip: dict[IPv4Address | IPv6Address, list[Lease]] = {}
+    for lease in leases:  # an IPv6-only lease is named by its PublicIPv6 (its PublicIP: 0.0.0.0)
+        by_ip.setdefault(lease.attrs.address, []).append(lease)
     dups = {ip: xs for ip, xs in by_ip.items() if len(xs) > 1}
     if not dups:
         return Check("duplicate_public_ip", PASS, f"{len(by_ip)} leases, each PublicIP once")
     parts = [
-        f"{ip} holds {', '.join(str(x.subnet) for x in sorted(xs, key=lambda y: y.subnet))}"
-        for ip, xs in sorted(dups.items())
+        f"{ip} holds {', '.join(str(x.ident) for x in sorted(xs, key=_ident_order))}"
+        for ip, xs in sorted(dups.items(), key=lambda kv: (kv[0].version, kv[0]))
     ]
-    ip, xs = sorted(dups.items())[0]
+    ip, xs = min(dups.items(), key=lambda kv: (kv[0].version, kv[0]))
     newest = max(xs, key=lambda x: x.create_revision)
     return Check(
         "duplicate_public_ip",
@@ -671,7 +680,7 @@ def check_renewals(etcd: EtcdView, margin_minutes: int, prefix: str) -> Check:
         return Check("lease_renewals", WARN, f"cannot read the leases' TTLs: {etcd.ttl_error}")
     dead = []
     judged = 0
-    for lease in sorted(etcd.leases, key=lambda x: x.subnet):
+    for lease in sorted(etcd.leases, key=_ident_order):
         lease_id = etcd.lease_ids.get(lease.key)
         if not lease_id or lease_id not in etcd.ttls:
             continue
@@ -688,7 +697,7 @@ def check_renewals(etcd: EtcdView, margin_minutes: int, prefix: str) -> Check:
             f"point (margin {margin_minutes} min)",
         )
     parts = [
-        f"{x.subnet} of {x.attrs.public_ip}: {left} s left of {granted} s, renewal was due "
+        f"{x.ident} of {x.attrs.address}: {left} s left of {granted} s, renewal was due "
         f"at {point:g} s left"
         for x, left, granted, point in dead
     ]
@@ -697,7 +706,7 @@ def check_renewals(etcd: EtcdView, margin_minutes: int, prefix: str) -> Check:
         "lease_renewals",
         FAIL,
         "never renewed, host dead or cut off from etcd: " + "; ".join(parts),
-        f"check overlayd on {first.attrs.public_ip}; if that host is gone, free its "
+        f"check overlayd on {first.attrs.address}; if that host is gone, free its "
         f"subnet: etcdctl del {prefix}/subnets/{first.key}",
     )
 

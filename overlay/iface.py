@@ -13,6 +13,11 @@ subnetmgr.validate, which other hosts apply to our lease): `--iface lo` is refus
 published as a peer at 127.0.0.1. When nothing matches, the message lists the interfaces that
 exist with their IPv4 addresses.
 
+An interface with global IPv6 addresses and no IPv4 address is chosen too (an IPv6-only
+underlay): its `public_ip` and `iface_addr` are then 0.0.0.0 (NO_ADDRESS), and the daemon
+accepts it only for an IPv6-only network (`EnableIPv4: false`). The default route looked for is
+the IPv4 one, else the IPv6 one.
+
 The public IPv6 address (dual stack) is `--public-ipv6` or the interface's first global IPv6
 address (scope global: a ULA counts, link-local does not; tentative or DAD-failed ones are
 skipped), as flanneld picks it; None when it has none (the daemon refuses EnableIPv6 then).
@@ -33,7 +38,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from backends.base import ExternalInterface
+from backends.base import NO_ADDRESS, ExternalInterface
 from backends.links import collect, open_iproute
 from subnetmgr.model import printable
 from subnetmgr.validate import unusable_public_ip
@@ -103,9 +108,9 @@ def _find_by_name_or_ip(links: dict[int, _Link], wanted: str) -> _Link | None:
 
 def _find_by_regex(links: dict[int, _Link], pattern: str) -> _Link | None:
     rx = re.compile(pattern)
-    # Only links with an IPv4 address can carry the overlay; addresses first (IPv4, then
-    # global IPv6 ones), then names.
-    ordered = sorted((x for x in links.values() if x.addrs), key=lambda link: link.index)
+    # Only links with an IPv4 or a global IPv6 address can carry the overlay; addresses first
+    # (IPv4, then global IPv6 ones), then names.
+    ordered = sorted((x for x in links.values() if x.addrs or x.addrs6), key=lambda x: x.index)
     for link in ordered:
         if any(rx.search(str(a)) for a in link.addrs):
             return link
@@ -136,8 +141,18 @@ async def _route_oif(
 
 
 async def _default_oif(ipr: Any) -> int | None:
+    """The interface of the IPv4 default route (lowest metric), else of the IPv6 one (a host
+    with an IPv6-only underlay)."""
+    for family in (AF_INET, AF_INET6):
+        oif = await _default_oif_of(ipr, family)
+        if oif is not None:
+            return oif
+    return None
+
+
+async def _default_oif_of(ipr: Any, family: int) -> int | None:
     best: tuple[int, int] | None = None
-    for r in await collect(await ipr.get_default_routes(family=AF_INET)):
+    for r in await collect(await ipr.get_default_routes(family=family)):
         oif = r.get("oif")
         if not oif:
             multipath = r.get("multipath") or []
@@ -174,11 +189,25 @@ async def choose_interface(
             f"Interfaces here: {existing(links)}. "
             "Check the interface exists and has an IPv4 address, or pass --iface NAME|IP"
         )
+    public_ipv6 = public_ipv6 or (link.addrs6[0] if link.addrs6 else None)
     if src is not None and src in link.addrs:
         iface_addr = src
     elif link.addrs:  # the first address other hosts could reach, else the first one
         usable = [a for a in link.addrs if unusable_public_ip(a) is None]
         iface_addr = (usable or link.addrs)[0]
+    elif public_ipv6 is not None and public_ip is None:
+        # An IPv6-only underlay: good for an IPv6-only network alone (the daemon refuses an
+        # IPv4 network on it once it has read the config). 0.0.0.0 stands for "no IPv4
+        # address", as in the PublicIP of flannel's IPv6-only leases.
+        return ExternalInterface(
+            name=link.name,
+            index=link.index,
+            iface_addr=NO_ADDRESS,
+            public_ip=NO_ADDRESS,
+            mtu=link.mtu,
+            iface_addr6=link.addrs6[0] if link.addrs6 else None,
+            public_ipv6=public_ipv6,
+        )
     else:
         raise InterfaceError(
             f"interface {link.name!r} (chosen by {tried[-1]}) has no IPv4 address; "
@@ -205,7 +234,7 @@ async def choose_interface(
         public_ip=chosen,
         mtu=link.mtu,
         iface_addr6=link.addrs6[0] if link.addrs6 else None,
-        public_ipv6=public_ipv6 or (link.addrs6[0] if link.addrs6 else None),
+        public_ipv6=public_ipv6,
     )
 
 

@@ -68,7 +68,7 @@ class TrafficRules(Protocol):
     name: str
     """"iptables" or "nftables" (for logs)."""
 
-    def set_lease(self, lease: IPv4Network, ipv6_lease: IPv6Network | None = None) -> None:
+    def set_lease(self, lease: IPv4Network | None, ipv6_lease: IPv6Network | None = None) -> None:
         """A new own lease: the next ensure() writes rules for it."""
 
     async def ensure(self) -> bool:
@@ -241,11 +241,12 @@ class IptablesRules:
     name = "iptables"
 
     def __init__(
-        self, network: IPv4Network, lease: IPv4Network, *,
+        self, network: IPv4Network | None, lease: IPv4Network | None, *,
         ipv6: tuple[IPv6Network, IPv6Network | None] | None = None,
         masq: bool = True, forward: bool = True, random_fully: bool = True,
         prefix: Sequence[str] = (), iptables: str = "iptables", ip6tables: str = "ip6tables",
     ) -> None:  # fmt: skip
+        """`network` None: an IPv6-only network (EnableIPv4 false), no IPv4 chains."""
         self.network, self.ipv6 = network, ipv6
         self.masq, self.forward, self.random_fully = masq, forward, random_fully
         self.prefix = tuple(prefix)
@@ -253,8 +254,10 @@ class IptablesRules:
         self.families: list[_Family] = []
         self.set_lease(lease, ipv6[1] if ipv6 else None)
 
-    def set_lease(self, lease: IPv4Network, ipv6_lease: IPv6Network | None = None) -> None:
-        plan: list[tuple[str, Network, Network | None]] = [(self.iptables, self.network, lease)]
+    def set_lease(self, lease: IPv4Network | None, ipv6_lease: IPv6Network | None = None) -> None:
+        plan: list[tuple[str, Network, Network | None]] = []
+        if self.network is not None:
+            plan.append((self.iptables, self.network, lease))
         if self.ipv6 is not None:
             plan.append((self.ip6tables, self.ipv6[0], ipv6_lease))
         self.families = []
@@ -269,7 +272,8 @@ class IptablesRules:
 
     @property
     def chains(self) -> tuple[ChainSpec, ...]:
-        """The IPv4 chains installed (nat first, then filter)."""
+        """The first family's chains installed (nat first, then filter): IPv4's, or IPv6's in
+        an IPv6-only network."""
         return self.families[0].chains
 
     async def _run(self, binary: str, *args: str, check: bool = True) -> tuple[int, str]:
@@ -329,6 +333,8 @@ class IptablesRules:
                                 why="not enabled now")  # fmt: skip
         if self.ipv6 is None:
             await remove_chains(self.prefix, [self.ip6tables], why="no IPv6Network now")
+        if self.network is None:
+            await remove_chains(self.prefix, [self.iptables], why="IPv6-only network now")
         from overlay.nftrules import remove_tables
 
         await remove_tables(self.prefix, quiet=True)
@@ -352,8 +358,9 @@ async def traffic_rules(
             log.warning("%s here does not support fully random masquerading: using plain "
                         "masquerade (source ports less random)", tool)  # fmt: skip
     ipv6 = (config.ipv6_network, lease.ipv6_subnet) if config.ipv6_network is not None else None
+    own4 = None if config.network is None else lease.subnet
     if nft:
-        return NftRules(config.network, lease.subnet, ipv6=ipv6, masq=masq, forward=forward,
+        return NftRules(config.network, own4, ipv6=ipv6, masq=masq, forward=forward,
                         random_fully=random_fully, prefix=prefix)  # fmt: skip
-    return IptablesRules(config.network, lease.subnet, ipv6=ipv6, masq=masq, forward=forward,
+    return IptablesRules(config.network, own4, ipv6=ipv6, masq=masq, forward=forward,
                          random_fully=random_fully, prefix=prefix)  # fmt: skip

@@ -208,11 +208,12 @@ class NftRules:
     name = "nftables"
 
     def __init__(
-        self, network: IPv4Network, lease: IPv4Network, *,
+        self, network: IPv4Network | None, lease: IPv4Network | None, *,
         ipv6: tuple[IPv6Network, IPv6Network | None] | None = None,
         masq: bool = True, forward: bool = True, random_fully: bool = True,
         prefix: Sequence[str] = (),
     ) -> None:  # fmt: skip
+        """`network` None: an IPv6-only network (EnableIPv4 false), no IPv4 table."""
         self.network, self.ipv6 = network, ipv6
         self.masq, self.forward, self.random_fully = masq, forward, random_fully
         self.prefix = tuple(prefix)
@@ -223,8 +224,10 @@ class NftRules:
         """The script the last ensure() applied (a new lease changes it)."""
         self.set_lease(lease, ipv6[1] if ipv6 else None)
 
-    def set_lease(self, lease: IPv4Network, ipv6_lease: IPv6Network | None = None) -> None:
-        fams = [NftFamily(self.network, lease, self.masq, self.forward, self.random_fully)]
+    def set_lease(self, lease: IPv4Network | None, ipv6_lease: IPv6Network | None = None) -> None:
+        fams = []
+        if self.network is not None:
+            fams.append(NftFamily(self.network, lease, self.masq, self.forward, self.random_fully))
         if self.ipv6 is not None:
             fams.append(NftFamily(self.ipv6[0], ipv6_lease, self.masq, self.forward,
                                   self.random_fully))  # fmt: skip
@@ -268,5 +271,7 @@ class NftRules:
         unused = [TABLES[f.network.version] for f in self.families if not f.definition()]
         if self.ipv6 is None:
             unused.append(TABLES[6])
+        if self.network is None:
+            unused.append(TABLES[4])
         await remove_tables(self.prefix, unused)
         await remove_chains(self.prefix, ("iptables", "ip6tables"), why="nftables mode now")

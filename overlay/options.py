@@ -413,9 +413,9 @@ DAEMON_FLAGS: tuple[Flag, ...] = (
          "dropped here instead of following the default route (for CNI setups without a "
          "bridge covering the subnet); re-added every --iptables-resync seconds",
          switch=True),
-    Flag("--healthz-ip", _ipv4, IPv4Address("127.0.0.1"),
-         "address the health server listens on (flannel's default is 0.0.0.0; ours is "
-         "loopback)", "IP"),
+    Flag("--healthz-ip", _ip_any, IPv4Address("127.0.0.1"),
+         "address the health server listens on, IPv4 or IPv6 (flannel's default is 0.0.0.0; "
+         "ours is loopback; :: listens on every address)", "IP"),
     Flag("--healthz-port", _port, 0,
          "port of the health server (/healthz, /readyz, /metrics); 0 turns it off", "PORT"),
     Flag("--metrics", _bool, False,
@@ -568,7 +568,7 @@ class Options:
     iptables_forward_rules: bool
     iptables_resync: int
     ip_blackhole_route: bool
-    healthz_ip: IPv4Address
+    healthz_ip: IPv4Address | IPv6Address
     healthz_port: int
     metrics: bool
     mqtt_broker: MqttBroker | None

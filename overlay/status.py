@@ -35,13 +35,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
 from overlay.options import DAEMON_FLAGS, EtcdFlags, Flag, add_flags, resolve
 from overlay.subnetenv import SubnetEnv, SubnetEnvError
-from subnetmgr.model import ConfigError, Lease, NetworkConfig, printable
+from subnetmgr.model import ConfigError, Lease, NetworkConfig, Subnet, printable, subnet_order
 from subnetmgr.validate import select_leases
 
 SCHEMA = 1
@@ -199,20 +199,21 @@ def parse_status_doc(text: str) -> dict[str, Any]:
     return out
 
 
-def _network(text: str | None) -> IPv4Network | None:
-    if text is None or len(text) > 18:
+def _network(text: str | None) -> Subnet | None:
+    """An IPv4 or IPv6 (an IPv6-only lease's) network, None for anything else."""
+    if text is None or len(text) > 43:
         return None
     try:
-        return IPv4Network(text, strict=True)
+        return ip_network(text, strict=True)
     except ValueError:
         return None
 
 
 def _address(text: str | None) -> str | None:
-    if text is None or len(text) > 15:
+    if text is None or len(text) > 39:
         return None
     try:
-        return str(IPv4Address(text))
+        return str(ip_address(text))
     except ValueError:
         return None
 
@@ -237,10 +238,13 @@ class DaemonView:
     notes: list[str] = field(default_factory=list)
 
 
-async def read_daemon(host: IPv4Address, port: int) -> DaemonView:
-    """Ask the health server at host:port (0.0.0.0 means this host: asked on 127.0.0.1)."""
-    address = "127.0.0.1" if host == IPv4Address("0.0.0.0") else str(host)
-    view = DaemonView(f"http://{address}:{port}")
+async def read_daemon(host: IPv4Address | IPv6Address, port: int) -> DaemonView:
+    """Ask the health server at host:port (0.0.0.0 or :: means this host: asked on loopback)."""
+    address = str(host)
+    if host.is_unspecified:
+        address = "127.0.0.1" if host.version == 4 else "::1"
+    shown = f"[{address}]" if ":" in address else address
+    view = DaemonView(f"http://{shown}:{port}")
     if port == 0:
         view.error = (
             "the health server is off (--healthz-port 0): start overlayd with --healthz-port "
@@ -309,15 +313,15 @@ async def command_json(*argv: str) -> Any:
         return None
 
 
-async def local_addresses() -> dict[IPv4Address, str]:
-    """Every IPv4 address of this namespace -> its interface."""
-    out: dict[IPv4Address, str] = {}
-    for link in await command_json("ip", "-j", "-4", "addr", "show") or []:
+async def local_addresses() -> dict[IPv4Address | IPv6Address, str]:
+    """Every IPv4 and IPv6 address of this namespace -> its interface."""
+    out: dict[IPv4Address | IPv6Address, str] = {}
+    for link in await command_json("ip", "-j", "addr", "show") or []:
         if not isinstance(link, dict):
             continue
         for a in link.get("addr_info") or []:
             try:
-                out[IPv4Address(a["local"])] = str(link.get("ifname", "?"))
+                out[ip_address(a["local"])] = str(link.get("ifname", "?"))
             except (KeyError, TypeError, ValueError):
                 continue
     return out
@@ -344,40 +348,46 @@ async def device_state(name: str) -> DeviceState:
     mtu = link.get("mtu")
     state.mtu = mtu if isinstance(mtu, int) and not isinstance(mtu, bool) else None
     for a in link.get("addr_info") or []:
-        if isinstance(a, dict) and a.get("family") == "inet":
+        if isinstance(a, dict) and (
+            a.get("family") == "inet" or (a.get("family") == "inet6" and a.get("scope") == "global")
+        ):
             state.addresses.append(f"{a.get('local')}/{a.get('prefixlen')}")
     return state
 
 
 def device_name(config: NetworkConfig | None) -> str | None:
-    """The backend's device: flannel.<VNI> (vxlan), flannel0 (udp), none (host-gw, alloc)."""
+    """The backend's device: flannel.<VNI> (vxlan; flannel-v6.<VNI> in an IPv6-only network),
+    flannel0 (udp), none (host-gw, alloc)."""
     if config is None:
         return None
     if config.backend_type == "vxlan":
         from backends.vxlan_device import VxlanOptions
 
         try:
-            return VxlanOptions.from_backend(config.backend).device
+            name = VxlanOptions.from_backend(config.backend).device
         except ConfigError:
-            return "flannel.1"
+            name = "flannel.1"
+        return name.replace("flannel.", "flannel-v6.", 1) if config.ipv6_only else name
     if config.backend_type == "udp":
         return "flannel0"
     return None
 
 
 async def kernel_peers(config: NetworkConfig, device: str | None) -> dict[str, Any]:
-    """The peers programmed in the kernel: route destinations (and FDB entries for vxlan)."""
-    routes: set[IPv4Network] = set()
+    """The peers programmed in the kernel: route destinations (and FDB entries for vxlan);
+    the IPv6 ones in an IPv6-only network (`device` is then flannel-v6.<VNI>)."""
+    routes: set[Subnet] = set()
     fdb: set[str] = set()
+    family = "-6" if config.ipv6_only else "-4"
     if config.backend_type == "host-gw":
-        found = await command_json("ip", "-j", "-4", "route", "show", "proto", "77")
+        found = await command_json("ip", "-j", family, "route", "show", "proto", "77")
     elif device is not None:
-        found = await command_json("ip", "-j", "-4", "route", "show", "dev", device)
+        found = await command_json("ip", "-j", family, "route", "show", "dev", device)
     else:
         found = []
     for r in found or []:
         try:
-            routes.add(IPv4Network(r["dst"], strict=True))
+            routes.add(ip_network(r["dst"], strict=True))
         except (KeyError, TypeError, ValueError):
             continue
     if config.backend_type == "vxlan" and device is not None:
@@ -399,7 +409,7 @@ class EtcdView:
     config: NetworkConfig | None = None
     config_error: str | None = None
     leases: list[Lease] = field(default_factory=list)
-    valid: dict[IPv4Network, Lease] = field(default_factory=dict)
+    valid: dict[Subnet, Lease] = field(default_factory=dict)
     ignored: list[dict[str, Any]] = field(default_factory=list)
     lease_ids: dict[str, int] = field(default_factory=dict)
     """Lease key -> etcd lease ID (0: a reservation)."""
@@ -523,31 +533,41 @@ def read_subnet_env(path: Path) -> tuple[SubnetEnv | None, str | None]:
         return None, printable(str(e), 400)
 
 
+def env_subnet(env: SubnetEnv | None) -> Subnet | None:
+    """The subnet subnet.env names as a lease's ident: FLANNEL_SUBNET, or FLANNEL_IPV6_SUBNET
+    in an IPv6-only network's file."""
+    if env is None:
+        return None
+    return env.subnet if env.subnet is not None else env.ipv6_subnet
+
+
 def own_lease(
-    valid: Mapping[IPv4Network, Lease],
+    valid: Mapping[Subnet, Lease],
     leases: Sequence[Lease],
-    daemon_subnet: IPv4Network | None,
+    daemon_subnet: Subnet | None,
     env: SubnetEnv | None,
-    local: Mapping[IPv4Address, str],
+    local: Mapping[IPv4Address | IPv6Address, str],
     public_ip: IPv4Address | None,
 ) -> tuple[Lease | None, str]:
     """Our lease and how it was found: the daemon's word first, then subnet.env's subnet when
-    its lease's PublicIP is ours, then any lease whose PublicIP is one of our addresses."""
-    by_subnet = {lease.subnet: lease for lease in leases}
-    ours = {public_ip} if public_ip is not None else set(local)
+    its lease's PublicIP is ours, then any lease whose PublicIP is one of our addresses (an
+    IPv6-only lease: its PublicIPv6)."""
+    by_subnet = {lease.ident: lease for lease in leases}
+    ours: set[IPv4Address | IPv6Address] = {public_ip} if public_ip is not None else set(local)
     if daemon_subnet is not None and daemon_subnet in by_subnet:
         return by_subnet[daemon_subnet], "daemon"
-    if env is not None and env.subnet in by_subnet:
-        lease = by_subnet[env.subnet]
-        if lease.attrs.public_ip in ours:
+    from_env = env_subnet(env)
+    if from_env is not None and from_env in by_subnet:
+        lease = by_subnet[from_env]
+        if lease.attrs.address in ours:
             return lease, "subnet.env"
-    for lease in sorted(valid.values(), key=lambda x: x.subnet):
-        if lease.attrs.public_ip in ours:
+    for lease in sorted(valid.values(), key=lambda x: subnet_order(x.ident)):
+        if lease.attrs.address in ours:
             return lease, "public_ip"
     return None, ""
 
 
-def daemon_subnet(view: DaemonView) -> IPv4Network | None:
+def daemon_subnet(view: DaemonView) -> Subnet | None:
     if view.status is not None and view.status.get("lease"):
         return _network(view.status["lease"].get("subnet"))
     for labels, _ in (view.metrics or {}).get("overlay_lease_info", []):
@@ -579,10 +599,12 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
         read_daemon(local["healthz_ip"], local["healthz_port"]), local_addresses()
     )
     env, env_error = read_subnet_env(local["subnet_file"])
-    hints = {daemon_subnet(daemon), env.subnet if env is not None else None}
-    ours = {local["public_ip"]} if local["public_ip"] is not None else set(local_ips)
+    hints = {daemon_subnet(daemon), env_subnet(env)}
+    ours: set[IPv4Address | IPv6Address] = (
+        {local["public_ip"]} if local["public_ip"] is not None else set(local_ips)
+    )
     etcd = await read_etcd(
-        args.etcd, ttls=True, ttl_filter=lambda x: x.subnet in hints or x.attrs.public_ip in ours
+        args.etcd, ttls=True, ttl_filter=lambda x: x.ident in hints or x.attrs.address in ours
     )
     problems: list[str] = []
     now = time.time()
@@ -599,8 +621,8 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
     lease_doc: dict[str, Any] | None = None
     if lease is not None:
         lease_doc = {
-            "subnet": str(lease.subnet),
-            "public_ip": str(lease.attrs.public_ip),
+            "subnet": str(lease.ident),
+            "public_ip": str(lease.attrs.address),
             "backend": printable(lease.attrs.backend_type or "udp", 32),
             "ttl_seconds": etcd.ttl_left(lease),
             "reserved": lease.reserved,
@@ -623,13 +645,13 @@ async def collect_status(args: argparse.Namespace) -> dict[str, Any]:
         problems.append("no lease in etcd belongs to this host")
     if env_error:
         problems.append(f"subnet.env: {env_error}")
-    elif env is not None and lease is not None and env.subnet != lease.subnet:
-        problems.append(f"subnet.env says {env.subnet}, our lease is {lease.subnet}")
+    elif env is not None and lease is not None and env_subnet(env) != lease.ident:
+        problems.append(f"subnet.env says {env_subnet(env)}, our lease is {lease.ident}")
     config = etcd.config
     device_doc: dict[str, Any] | None = None
     peers_doc: dict[str, Any] = {"leases": None, "programmed": None, "kernel_routes": None,
                                  "kernel_fdb": None, "missing": []}  # fmt: skip
-    own_subnet = lease.subnet if lease is not None else env.subnet if env is not None else None
+    own_subnet = lease.ident if lease is not None else env_subnet(env)
     if config is not None:
         name = device_name(config)
         if name is not None:

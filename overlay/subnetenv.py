@@ -15,9 +15,9 @@ its previous subnet back (`read_previous_subnet`); the lab and the tests read it
 (`SubnetEnv.read`, `SubnetEnv.parse`). The CNI plugin keeps its own standard-library reader
 (cni/flannel.py `parse_subnet_env`); tests/test_subnetenv.py pins the two together: whatever
 `render` writes the plugin reads back as the same values, and on any text both readers accept
-the same values or both refuse. The one difference: a file with only the IPv6 keys, which the
-plugin accepts (flannel's IPv6-only mode) and this codec refuses (overlay has no IPv6-only
-mode, and a `SubnetEnv` always has the IPv4 pair).
+the same values or both refuse. An IPv6-only network (`EnableIPv4: false`) writes only the
+IPv6 pair (no FLANNEL_NETWORK and FLANNEL_SUBNET), as flannel does; a file needs one pair at
+least, and each pair whole.
 
 Reading rules, shared with the plugin: lines split as `str.splitlines`, stripped; blank lines
 and `#` comments skipped; every other line is KEY=VALUE (key and value stripped; the last of
@@ -60,16 +60,19 @@ class SubnetEnvError(ValueError):
 
 @dataclass(frozen=True)
 class SubnetEnv:
-    network: IPv4Network
-    subnet: IPv4Network
+    network: IPv4Network | None
+    """FLANNEL_NETWORK; None in an IPv6-only network (then `subnet` is None too)."""
+    subnet: IPv4Network | None
     mtu: int
     ipmasq: bool
     ipv6_network: IPv6Network | None = None
     ipv6_subnet: IPv6Network | None = None
 
     @property
-    def gateway(self) -> IPv4Interface:
+    def gateway(self) -> IPv4Interface | None:
         """FLANNEL_SUBNET as written: the subnet's first address with its prefix length."""
+        if self.subnet is None:
+            return None
         return IPv4Interface((int(self.subnet.network_address) + 1, self.subnet.prefixlen))
 
     def render(self) -> str:
@@ -80,14 +83,18 @@ class SubnetEnv:
         for subnet in (self.subnet, self.ipv6_subnet):
             if subnet is not None and subnet.prefixlen >= subnet.max_prefixlen:
                 problems.append(f"subnet {subnet} has no first host address")
+        if (self.network is None) != (self.subnet is None):
+            problems.append("network and subnet must be given together")
         if (self.ipv6_network is None) != (self.ipv6_subnet is None):
             problems.append("ipv6_network and ipv6_subnet must be given together")
+        if self.subnet is None and self.ipv6_subnet is None:
+            problems.append("no IPv4 and no IPv6 subnet")
         if problems:
             raise SubnetEnvError(f"cannot write subnet.env: {'; '.join(problems)}")
-        lines = [
-            f"FLANNEL_NETWORK={self.network}",
-            f"FLANNEL_SUBNET={first_host(self.subnet)}",
-        ]
+        lines = []
+        if self.network is not None and self.subnet is not None:
+            lines.append(f"FLANNEL_NETWORK={self.network}")
+            lines.append(f"FLANNEL_SUBNET={first_host(self.subnet)}")
         if self.ipv6_network is not None and self.ipv6_subnet is not None:
             lines.append(f"FLANNEL_IPV6_NETWORK={self.ipv6_network}")
             lines.append(f"FLANNEL_IPV6_SUBNET={first_host(self.ipv6_subnet)}")
@@ -100,15 +107,14 @@ class SubnetEnv:
         """Parse subnet.env text (the rules in the module doc); SubnetEnvError names every
         missing key or bad value."""
         values = parse_lines(text, origin)
-        missing = [
-            key
-            for key in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
-            if key not in values
-        ]
+        missing = []
+        if "FLANNEL_NETWORK" not in values and "FLANNEL_IPV6_NETWORK" not in values:
+            missing.append("FLANNEL_NETWORK or FLANNEL_IPV6_NETWORK")
+        if "FLANNEL_SUBNET" not in values and "FLANNEL_IPV6_SUBNET" not in values:
+            missing.append("FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET")
+        missing += [key for key in ("FLANNEL_MTU", "FLANNEL_IPMASQ") if key not in values]
         if missing:
-            only6 = "FLANNEL_IPV6_NETWORK" in values and "FLANNEL_IPV6_SUBNET" in values
-            hint = " (IPv6 only: overlay needs the IPv4 pair)" if only6 else ""
-            raise SubnetEnvError(f"{origin}: missing {', '.join(missing)}{hint}")
+            raise SubnetEnvError(f"{origin}: missing {', '.join(missing)}")
         bad: list[str] = []
         network = _value(values, "FLANNEL_NETWORK", parse_ipv4_cidr, bad)
         subnet = _value(values, "FLANNEL_SUBNET", parse_ipv4_cidr, bad)
@@ -116,9 +122,11 @@ class SubnetEnv:
         ipv6_subnet = _value(values, "FLANNEL_IPV6_SUBNET", parse_ipv6_cidr, bad)
         mtu = _value(values, "FLANNEL_MTU", parse_mtu, bad)
         ipmasq = _value(values, "FLANNEL_IPMASQ", parse_bool, bad)
+        if not bad and (network is None) != (subnet is None):
+            bad.append("FLANNEL_NETWORK and FLANNEL_SUBNET must be given together")
         if not bad and (ipv6_network is None) != (ipv6_subnet is None):
             bad.append("FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET must be given together")
-        if bad or network is None or subnet is None or mtu is None or ipmasq is None:
+        if bad or mtu is None or ipmasq is None:
             raise SubnetEnvError(f"{origin}: bad values: {'; '.join(bad)}")
         return cls(network, subnet, mtu, ipmasq, ipv6_network, ipv6_subnet)
 

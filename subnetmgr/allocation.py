@@ -9,10 +9,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal, TypeVar
 
-from subnetmgr.model import Lease, NetworkConfig, Subnet
+from subnetmgr.model import NO_IPV4, Lease, NetworkConfig, Subnet
 
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
@@ -67,7 +67,10 @@ def _walk_free(
 
 
 def _free_starts(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int) -> list[int]:
-    """The first addresses of up to `limit` free subnets, lowest first (see free_subnets)."""
+    """The first addresses of up to `limit` free subnets, lowest first (see free_subnets); none
+    in an IPv6-only network."""
+    if config.subnet_min is None or config.subnet_max is None:
+        return []
     return _walk_free(config.subnet_min, config.subnet_max, taken, limit)
 
 
@@ -93,7 +96,7 @@ def blocks(config: NetworkConfig, subnet: IPv4Network) -> bool:
     its key exists, so creating it would fail, and a lease of another SubnetLen may belong to a
     host still running with the previous config (a config change applies at restart)."""
     net = config.network
-    return net.prefixlen + 2 <= subnet.prefixlen <= 30 and subnet.subnet_of(net)
+    return net is not None and net.prefixlen + 2 <= subnet.prefixlen <= 30 and subnet.subnet_of(net)
 
 
 def taken_subnets(config: NetworkConfig, leases: Iterable[Lease]) -> list[IPv4Network]:
@@ -136,13 +139,30 @@ def is_free(subnet: IPv4Network, taken: Iterable[IPv4Network]) -> bool:
 
 
 def own_leases(
-    config: NetworkConfig, leases: Iterable[Lease], public_ip: IPv4Address
+    config: NetworkConfig,
+    leases: Iterable[Lease],
+    public_ip: IPv4Address,
+    public_ipv6: IPv6Address | None = None,
 ) -> list[Lease]:
-    """Leases and reservations held by `public_ip` that still fit the config.
+    """Leases and reservations held by `public_ip` (in an IPv6-only network: by `public_ipv6`,
+    every host's PublicIP being 0.0.0.0) that still fit the config.
 
     Reservations come first (an operator asked for them), then leases, each in subnet order,
     so that a host with several leases (a config change, a crash mid-acquire) is deterministic.
     """
+    if config.ipv6_only:
+        if public_ipv6 is None:
+            return []
+        mine6 = [
+            lease
+            for lease in leases
+            if lease.attrs.public_ipv6 == public_ipv6
+            and lease.subnet == NO_IPV4
+            and config.contains_ipv6(lease.ipv6_subnet)
+        ]
+        return sorted(
+            mine6, key=lambda lease: (not lease.reserved, int(lease.ident.network_address))
+        )
     mine = [
         lease
         for lease in leases
@@ -163,7 +183,8 @@ class Choice:
     "reserved": the manager updates it in place instead of creating a new key.
     """
 
-    subnet: Subnet
+    subnet: IPv4Network
+    """The IPv4 subnet; NO_IPV4 in an IPv6-only network."""
     reason: Literal["own", "reserved", "previous", "random"]
     existing: Lease | None = None
     ipv6_subnet: IPv6Network | None = None
@@ -178,6 +199,7 @@ def choose(
     rng: random.Random | None = None,
     candidates: int = MAX_CANDIDATES,
     previous_ipv6: IPv6Network | None = None,
+    public_ipv6: IPv6Address | None = None,
 ) -> Choice | None:
     """Flannel's order of preference; None means "out of subnets".
 
@@ -191,7 +213,14 @@ def choose(
 
     "Overlaps" counts only the leases that `blocks` (`blocks_ipv6`) says block: a rogue
     `0.0.0.0-0` does not make every subnet taken.
+
+    In an IPv6-only network (`EnableIPv4: false`) the same order applies to the IPv6 subnet
+    alone, the host being known by `public_ipv6`, and the IPv4 part is NO_IPV4 (`0.0.0.0-0`).
+    Flannel's own etcd manager cannot do that for a second host (it matches the PublicIP
+    0.0.0.0 of the first one's lease, and counts `0.0.0.0/0` as taken): the key form is its.
     """
+    if config.ipv6_only:
+        return _choose_ipv6_only(config, leases, public_ipv6, previous_ipv6, rng, candidates)
     mine = own_leases(config, leases, public_ip)
     if mine:
         lease = mine[0]
@@ -219,3 +248,28 @@ def choose(
     if not free6:
         return None
     return Choice(subnet, "random", None, rng.choice(free6))
+
+
+def _choose_ipv6_only(
+    config: NetworkConfig,
+    leases: Sequence[Lease],
+    public_ipv6: IPv6Address | None,
+    previous_ipv6: IPv6Network | None,
+    rng: random.Random | None,
+    candidates: int,
+) -> Choice | None:
+    mine = own_leases(config, leases, IPv4Address(0), public_ipv6)
+    if mine:
+        lease = mine[0]
+        return Choice(NO_IPV4, "reserved" if lease.reserved else "own", lease, lease.ipv6_subnet)
+    taken6 = taken_ipv6_subnets(config, leases)
+    if (
+        previous_ipv6 is not None
+        and config.contains_ipv6(previous_ipv6)
+        and not any(previous_ipv6.overlaps(t) for t in taken6)
+    ):
+        return Choice(NO_IPV4, "previous", None, previous_ipv6)
+    free6 = free_ipv6_subnets(config, taken6, candidates)
+    if not free6:
+        return None
+    return Choice(NO_IPV4, "random", None, (rng or random.Random()).choice(free6))

@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Literal
 
@@ -135,18 +135,23 @@ def _loss_of(own: Lease, holder: LeaseAttrs | None) -> _Loss:
     """How `own` was lost, given what its key holds now (None: nothing)."""
     if holder is None:
         return _Loss("gone", "the key is gone (expired, revoked or deleted)")
-    if holder.public_ip == own.attrs.public_ip:
+    ours = own.attrs.address
+    field, flag = (
+        ("PublicIP", "--public-ip") if ours.version == 4 else ("PublicIPv6", "--public-ipv6")
+    )
+    if holder.address == ours:
         return _Loss(
             "duplicate",
-            f"another host with our PublicIP {own.attrs.public_ip} rewrote it with "
-            f"{_shown(holder)}; two hosts share this PublicIP: give each host its own with "
-            "--public-ip, or choose another interface with --iface",
+            f"another host with our {field} {ours} rewrote it with "
+            f"{_shown(holder)}; two hosts share this {field}: give each host its own with "
+            f"{flag}, or choose another interface with --iface",
             holder,
         )
+    theirs = holder.address
     return _Loss(
         "taken",
-        f"lease {own.subnet} lost to {holder.public_ip} (PublicIP {holder.public_ip} holds "
-        f"the key now: {_shown(holder)})",
+        f"lease {own.ident} lost to {theirs} ({field} {theirs} holds the key now: "
+        f"{_shown(holder)})",
         holder,
     )
 
@@ -232,7 +237,7 @@ class SubnetManager:
         self,
         config: NetworkConfig,
         attrs: LeaseAttrs,
-        previous: Subnet | None = None,
+        previous: IPv4Network | None = None,
         previous_ipv6: IPv6Network | None = None,
     ) -> Lease:
         """Get a lease for `attrs.public_ip`; see allocation.choose for the order.
@@ -240,7 +245,7 @@ class SubnetManager:
         Raises OutOfSubnets when no subnet is free, AcquireConflict after `max_attempts`
         lost races, RegistryError when etcd cannot be used.
         """
-        known: dict[tuple[Subnet, IPv6Network | None], Lease] = {}
+        known: dict[tuple[IPv4Network, IPv6Network | None], Lease] = {}
         revision = 0
         relist = True
         for attempt in range(1, self.max_attempts + 1):
@@ -261,16 +266,25 @@ class SubnetManager:
             # few subnets. An uncontended join is flannel's exactly.
             pool = allocation.MAX_CANDIDATES << min(2 * (attempt - 1), WIDEN_STEPS)
             choice = allocation.choose(
-                config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6
-            )
+                config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6,
+                attrs.public_ipv6,
+            )  # fmt: skip
             if choice is None and not relist:  # perhaps freed meanwhile: look at everything
                 listed, revision = await self.registry.list_leases(expirations=False)
                 known = {(lease.subnet, lease.ipv6_subnet): lease for lease in listed}
                 leases = listed + self._undecodable_keys()
                 choice = allocation.choose(
-                    config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6
+                    config, leases, attrs.public_ip, previous, self._rng, pool, previous_ipv6,
+                    attrs.public_ipv6,
+                )  # fmt: skip
+            if choice is None and config.subnet_min is None:
+                raise OutOfSubnets(
+                    f"out of subnets: no free /{config.ipv6_subnet_len} left in "
+                    f"{config.ipv6_network} (IPv6-only; {len(leases)} leases); widen "
+                    "IPv6Network or IPv6SubnetMin/IPv6SubnetMax, or delete stale leases"
                 )
             if choice is None:
+                assert config.subnet_min is not None and config.subnet_max is not None
                 raise OutOfSubnets(
                     f"out of subnets: no free /{config.subnet_len} left between "
                     f"{config.subnet_min.network_address} and {config.subnet_max.network_address} "
@@ -307,7 +321,7 @@ class SubnetManager:
                 return lease
             log.info(
                 "subnet %s was taken meanwhile (attempt %d of %d); trying again",
-                choice.subnet,
+                choice.ipv6_subnet if config.ipv6_only else choice.subnet,
                 attempt,
                 self.max_attempts,
             )
@@ -363,7 +377,7 @@ class SubnetManager:
         decode: its subnet is taken all the same (creating the key would fail, attempt after
         attempt), where allocation could not see it among the listed leases."""
         return [
-            Lease(ig.subnet, _NOBODY)
+            Lease(ig.subnet, _NOBODY, ig.ipv6_subnet)
             for ig in self.registry.ignored.current.values()
             if ig.lease is None and ig.subnet is not None
         ]
@@ -375,11 +389,11 @@ class SubnetManager:
         (OwnLeaseEvent). This is the one place that decides whether our lease holds."""
         while True:
             loss = await self._hold(own, on_event)
-            log.error("LOST our lease %s (%s): %s", own.subnet, own.attrs.public_ip, loss.reason)
+            log.error("LOST our lease %s (%s): %s", own.ident, own.attrs.address, loss.reason)
             await on_event(OwnLeaseEvent("lost", own, loss.reason, loss.holder))
             new = await self._regain(config, own, loss, on_event)
-            log.warning("re-acquired %s for %s after losing %s (%s)", new.subnet,
-                        new.attrs.public_ip, own.subnet, loss.reason)  # fmt: skip
+            log.warning("re-acquired %s for %s after losing %s (%s)", new.ident,
+                        new.attrs.address, own.ident, loss.reason)  # fmt: skip
             await on_event(OwnLeaseEvent("reacquired", new, loss.reason))
             own = new
 
@@ -409,7 +423,7 @@ class SubnetManager:
                         # retry at once: that would be a write loop.
                         current = _Loss(
                             "taken",
-                            f"lease {lost.subnet} lost: its key holds a value that is not a "
+                            f"lease {lost.ident} lost: its key holds a value that is not a "
                             "valid lease (see overlayctl leases, overlay_leases_ignored_total)",
                         )
                         if current != reported:
@@ -439,14 +453,15 @@ class SubnetManager:
             except LeaseLost:
                 current = None  # changed under the renewal: look again
             except (RegistryError, OutOfSubnets, AcquireConflict) as e:
-                log.error("cannot get lease %s back for %s: %s; retrying", lost.subnet,
-                          lost.attrs.public_ip, e)  # fmt: skip
+                log.error("cannot get lease %s back for %s: %s; retrying", lost.ident,
+                          lost.attrs.address, e)  # fmt: skip
                 await backoff.sleep()
 
     async def _report(self, lost: Lease, loss: _Loss, on_event: OnOwnLease) -> None:
         if loss.kind == "duplicate":
-            log.error("duplicate PublicIP %s: %s. overlayd stops writing lease %s until that "
-                      "key is gone", lost.attrs.public_ip, loss.reason, lost.subnet)  # fmt: skip
+            field = "PublicIP" if lost.attrs.address.version == 4 else "PublicIPv6"
+            log.error("duplicate %s %s: %s. overlayd stops writing lease %s until that key "
+                      "is gone", field, lost.attrs.address, loss.reason, lost.ident)  # fmt: skip
             await on_event(OwnLeaseEvent("duplicate", lost, loss.reason, loss.holder))
         else:
             move = self.on_taken == "move"
@@ -506,7 +521,7 @@ class SubnetManager:
                     if left <= 0:
                         set_lost(_Loss("expired", "lease expired while etcd was unreachable"))
                         return
-                    log.error("could not renew lease %s (%.0fs left): %s", current.subnet, left, e)
+                    log.error("could not renew lease %s (%.0fs left): %s", current.ident, left, e)
                     if not warned:
                         warned = True
                         reason = f"could not renew: {e}; {left:.0f}s left"
@@ -517,7 +532,7 @@ class SubnetManager:
                 backoff.reset()
                 warned = False
                 until = time.gmtime(current.expiration or 0)
-                log.info("renewed lease %s until %s UTC", current.subnet,
+                log.info("renewed lease %s until %s UTC", current.ident,
                          time.strftime("%Y-%m-%d %H:%M:%S", until))  # fmt: skip
                 await on_event(OwnLeaseEvent("renewed", current))
 
@@ -543,7 +558,7 @@ class SubnetManager:
                     continue  # the next get_lease re-reads the state
                 except RegistryError as e:
                     if backoff.failures == 0:
-                        log.warning("watching our lease %s: %s; retrying", own.subnet, e)
+                        log.warning("watching our lease %s: %s; retrying", own.ident, e)
                     await backoff.sleep()
 
         tasks = [asyncio.create_task(renew_loop()), asyncio.create_task(watch_loop())]
@@ -600,12 +615,12 @@ class LeaseMirror:
     def set_own(self, own: Lease | None) -> set[Subnet]:
         """Name our own lease (None: none); returns the subnets whose kept lease changed."""
         old, self._own = self._own, own
-        touched = {lease.subnet for lease in (old, own) if lease is not None}
+        touched = {lease.ident for lease in (old, own) if lease is not None}
         return {s for s in touched if self._resolve(s)}
 
     def _resolve(self, subnet: Subnet) -> bool:
         """Decide which lease `subnet` keeps (recording the rejected keys); True if that changed."""
-        own = self._own if self._own is not None and self._own.subnet == subnet else None
+        own = self._own if self._own is not None and self._own.ident == subnet else None
         candidates = []
         ignored = self.registry.ignored
         for key in self._groups.get(subnet, ()):
@@ -637,18 +652,18 @@ class LeaseMirror:
 
     def _put(self, lease: Lease) -> None:
         self._entries[lease.key] = lease
-        self._groups.setdefault(lease.subnet, set()).add(lease.key)
+        self._groups.setdefault(lease.ident, set()).add(lease.key)
 
     def _drop(self, key: str) -> Subnet | None:
         lease = self._entries.pop(key, None)
         if lease is None:
             return None
-        group = self._groups[lease.subnet]
+        group = self._groups[lease.ident]
         group.discard(key)
         if not group:
-            del self._groups[lease.subnet]
+            del self._groups[lease.ident]
         self.registry.ignored.clear(key, checked=True)
-        return lease.subnet
+        return lease.ident
 
     def _replace(self, leases: list[Lease]) -> set[Subnet]:
         touched = set(self._leases)
@@ -663,7 +678,7 @@ class LeaseMirror:
     def _apply(self, events: list[LeaseEvent]) -> set[Subnet]:
         touched: set[Subnet] = set()
         for ev in events:
-            touched.add(ev.lease.subnet)
+            touched.add(ev.lease.ident)
             if ev.kind == "added":
                 self._put(ev.lease)
             else:

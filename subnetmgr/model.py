@@ -22,8 +22,16 @@ from typing import Any, TypeVar
 DEFAULT_PREFIX = "/coreos.com/network"
 LEASE_TTL_SECONDS = 24 * 3600
 
-Subnet = IPv4Network
-"""A host's slice of the cluster network (IPv4). The mirror and the backends key leases by it."""
+Subnet = IPv4Network | IPv6Network
+"""What the mirror and the backends key a lease by (`Lease.ident`): its IPv4 subnet, or for an
+IPv6-only lease (`EnableIPv4: false`) its IPv6 subnet."""
+
+
+def subnet_order(subnet: Subnet) -> tuple[int, int, int]:
+    """A sort key for Subnets of both families (IPv4 first): `sorted()` cannot compare an
+    IPv4Network with an IPv6Network."""
+    return subnet.version, int(subnet.network_address), subnet.prefixlen
+
 
 NO_IPV4 = IPv4Network("0.0.0.0/0")
 """The IPv4 part of an IPv6-only lease (`EnableIPv4: false`): flannel writes its zero IPv4
@@ -235,6 +243,14 @@ class LeaseAttrs:
     backend_data: Mapping[str, Any] | None = field(default=None, hash=False)
     backend_v6_data: Mapping[str, Any] | None = field(default=None, hash=False)
 
+    @property
+    def address(self) -> IPv4Address | IPv6Address:
+        """The address that names the host: PublicIP, or the PublicIPv6 of an IPv6-only lease
+        (whose PublicIP flannel writes as 0.0.0.0)."""
+        if self.public_ipv6 is not None and int(self.public_ip) == 0:
+            return self.public_ipv6
+        return self.public_ip
+
     def to_json(self) -> str:
         """Flannel's exact bytes: field order as Go's encoder writes them, empty fields left out."""
         doc: dict[str, Any] = {
@@ -323,6 +339,19 @@ class Lease:
         """The last element of its etcd key (`10.5.52.0-24`); computed once per lease."""
         return subnet_key(self.subnet, self.ipv6_subnet)
 
+    @property
+    def ipv6_only(self) -> bool:
+        """Whether this is an IPv6-only lease (key `0.0.0.0-0&fd00:1:0:5::-64`)."""
+        return self.subnet == NO_IPV4 and self.ipv6_subnet is not None
+
+    @cached_property
+    def ident(self) -> Subnet:
+        """What the mirror and the backends key this lease by: its IPv4 subnet, or the IPv6
+        subnet of an IPv6-only lease (all of which share the IPv4 part `0.0.0.0/0`)."""
+        if self.ipv6_subnet is not None and self.subnet == NO_IPV4:
+            return self.ipv6_subnet
+        return self.subnet
+
 
 # --------------------------------------------------------------------------- network config
 
@@ -335,10 +364,11 @@ def _lower_keys(doc: Mapping[str, Any]) -> dict[str, Any]:
 class NetworkConfig:
     """The cluster-wide config from `<prefix>/config`, with flannel's defaults applied."""
 
-    network: IPv4Network
+    network: IPv4Network | None
+    """Network; None in an IPv6-only network (`EnableIPv4: false`), as are SubnetMin/Max."""
     subnet_len: int
-    subnet_min: IPv4Network
-    subnet_max: IPv4Network
+    subnet_min: IPv4Network | None
+    subnet_max: IPv4Network | None
     backend_type: str
     backend: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """The Backend object with its keys lower-cased (e.g. {"type": "vxlan", "vni": 1})."""
@@ -358,8 +388,26 @@ class NetworkConfig:
 
     DEFAULT_BACKEND = "udp"
 
+    def describe(self) -> str:
+        """`network 10.1.0.0/16, /24 subnets, backend vxlan` (for log lines)."""
+        parts = []
+        if self.network is not None:
+            parts.append(f"network {self.network}, /{self.subnet_len} subnets")
+        if self.enable_ipv6:
+            only = " (IPv6-only)" if self.network is None else ""
+            parts.append(f"IPv6 network {self.ipv6_network}{only}, /{self.ipv6_subnet_len} subnets")
+        return ", ".join([*parts, f"backend {self.backend_type}"])
+
+    @property
+    def ipv6_only(self) -> bool:
+        """`EnableIPv4: false` (with EnableIPv6): leases are keyed `0.0.0.0-0&<IPv6 subnet>`."""
+        return self.network is None
+
     def contains(self, subnet: IPv4Network) -> bool:
-        """Whether `subnet` is a lease this config could hand out (right size, within min..max)."""
+        """Whether `subnet` is the IPv4 part a lease under this config must have: a /SubnetLen
+        within SubnetMin..SubnetMax, or in an IPv6-only network NO_IPV4 (`0.0.0.0-0`)."""
+        if self.subnet_min is None or self.subnet_max is None:
+            return subnet == NO_IPV4
         return subnet.prefixlen == self.subnet_len and int(self.subnet_min.network_address) <= int(
             subnet.network_address
         ) <= int(self.subnet_max.network_address)
@@ -396,24 +444,39 @@ class NetworkConfig:
         enable_ipv4 = _bool(doc, "enableipv4", "EnableIPv4", True)
         enable_ipv6 = _bool(doc, "enableipv6", "EnableIPv6", False)
         enable_nft = _bool(doc, "enablenftables", "EnableNFTables", False)
+        warnings: list[str] = []
+        network: IPv4Network | None = None
+        subnet_len = 0
+        subnet_min: IPv4Network | None = None
+        subnet_max: IPv4Network | None = None
         if not enable_ipv4:
-            raise ConfigError(
-                "EnableIPv4",
-                False,
-                "IPv6-only networks are not supported by overlay yet (dual stack is: "
-                "EnableIPv4 true with EnableIPv6 and IPv6Network)",
-            )
-        net_raw = doc.get("network")
-        if net_raw is None:
-            raise ConfigError("Network", None, "required (an IPv4 CIDR such as 10.1.0.0/16)")
-        try:
-            network = IPv4Network(str(net_raw), strict=True)
-        except ValueError as e:
-            raise ConfigError("Network", net_raw, f"not an IPv4 network CIDR: {e}") from None
-        if network.prefixlen > 28:
-            raise ConfigError("Network", net_raw, "too small: the prefix must be /28 or shorter")
-
-        subnet_len, subnet_min, subnet_max = _subnet_range(doc, network)
+            if not enable_ipv6:
+                raise ConfigError(
+                    "EnableIPv4",
+                    False,
+                    "with EnableIPv6 false too there is no address family left: IPv6-only "
+                    "needs EnableIPv6 true and IPv6Network",
+                )
+            unused = [k for k in ("Network", "SubnetLen", "SubnetMin", "SubnetMax")
+                      if doc.get(k.lower()) is not None]  # fmt: skip
+            if unused:
+                warnings.append(
+                    f"network config: {', '.join(unused)} ignored: EnableIPv4 is false "
+                    "(an IPv6-only network)"
+                )
+        else:
+            net_raw = doc.get("network")
+            if net_raw is None:
+                raise ConfigError("Network", None, "required (an IPv4 CIDR such as 10.1.0.0/16)")
+            try:
+                network = IPv4Network(str(net_raw), strict=True)
+            except ValueError as e:
+                raise ConfigError("Network", net_raw, f"not an IPv4 network CIDR: {e}") from None
+            if network.prefixlen > 28:
+                raise ConfigError(
+                    "Network", net_raw, "too small: the prefix must be /28 or shorter"
+                )
+            subnet_len, subnet_min, subnet_max = _subnet_range(doc, network)
 
         ipv6_network = None
         v6_len = 0
@@ -448,7 +511,7 @@ class NetworkConfig:
                 f"unknown backend type{_did_you_mean(btype.lower()[:64], KNOWN_BACKEND_TYPES)}; "
                 f"one of {', '.join(KNOWN_BACKEND_TYPES)}",
             )
-        warnings = _unknown_keys("", raw, CONFIG_KEYS)
+        warnings += _unknown_keys("", raw, CONFIG_KEYS)
         if isinstance(backend_raw, dict):
             known = BACKEND_KEYS[btype.lower()]
             found = _unknown_keys("Backend.", backend_raw, known)

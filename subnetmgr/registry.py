@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -36,7 +36,6 @@ from subnetmgr.model import (
     Lease,
     LeaseAttrs,
     MalformedLease,
-    Subnet,
     parse_subnet_key,
     subnet_key,
 )
@@ -143,14 +142,18 @@ class Registry(Protocol):
         ...
 
     async def get_lease(
-        self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None
+        self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None
     ) -> tuple[Lease | None, int]:
         """One lease (None when absent or malformed) and the store revision; with `ipv6_subnet`
         the dual-stack key naming both."""
         ...
 
     async def create_lease(
-        self, subnet: Subnet, attrs: LeaseAttrs, ttl: int, ipv6_subnet: IPv6Network | None = None
+        self,
+        subnet: IPv4Network,
+        attrs: LeaseAttrs,
+        ttl: int,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> Lease | None:
         """Create the key atomically (a dual-stack key with `ipv6_subnet`); None when it exists
         already."""
@@ -166,24 +169,24 @@ class Registry(Protocol):
         ...
 
     async def delete_lease(
-        self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None
+        self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None
     ) -> bool: ...
 
-    async def reserve(self, subnet: Subnet, public_ip: IPv4Address) -> None: ...
+    async def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> None: ...
 
-    async def unreserve(self, subnet: Subnet) -> bool: ...
+    async def unreserve(self, subnet: IPv4Network) -> bool: ...
 
     def watch_leases(
         self,
         start_revision: int,
-        subnet: Subnet | None = None,
+        subnet: IPv4Network | None = None,
         ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseEvent]: ...
 
     def watch_lease_batches(
         self,
         start_revision: int,
-        subnet: Subnet | None = None,
+        subnet: IPv4Network | None = None,
         ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseBatch]: ...
 
@@ -264,7 +267,7 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ helpers
 
-    def key(self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None) -> bytes:
+    def key(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> bytes:
         return self._subnets + subnet_key(subnet, ipv6_subnet).encode()
 
     @property
@@ -381,7 +384,7 @@ class EtcdRegistry:
 
         `unknown` is the expiration of a lease whose expiry was not looked up."""
         text = self.key_text(key)
-        subnet = None
+        subnet = v6 = None
         try:
             try:
                 key.decode()
@@ -393,7 +396,7 @@ class EtcdRegistry:
             if record:
                 self._undecodable.add(text)
                 digest = hashlib.blake2b(value, digest_size=16).digest()
-                ignored = Ignored(text, e.reason, str(e), revision, None, subnet)
+                ignored = Ignored(text, e.reason, str(e), revision, None, subnet, v6)
                 self.ignored.ignore(ignored, digest)
             return None
         if record and text in self._undecodable:
@@ -528,7 +531,7 @@ class EtcdRegistry:
         return leases, int(resp.header.revision)
 
     async def get_lease(
-        self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None
+        self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None
     ) -> tuple[Lease | None, int]:
         resp = await self._range(self.key(subnet, ipv6_subnet))
         revision = int(resp.header.revision)
@@ -546,7 +549,11 @@ class EtcdRegistry:
         return lease, revision
 
     async def create_lease(
-        self, subnet: Subnet, attrs: LeaseAttrs, ttl: int, ipv6_subnet: IPv6Network | None = None
+        self,
+        subnet: IPv4Network,
+        attrs: LeaseAttrs,
+        ttl: int,
+        ipv6_subnet: IPv6Network | None = None,
     ) -> Lease | None:
         key = self._subnets + subnet_key(subnet, ipv6_subnet).encode()
         lease_id, expiry = await self._grant_or_spare(ttl)
@@ -640,7 +647,9 @@ class EtcdRegistry:
             raise LeaseLost(f"lease {lease.subnet} of {lease.attrs.public_ip} was lost: {why}")
         return new
 
-    async def delete_lease(self, subnet: Subnet, ipv6_subnet: IPv6Network | None = None) -> bool:
+    async def delete_lease(
+        self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None
+    ) -> bool:
         async def go(c: EtcdConnection, md: Any) -> Any:
             req = rpc.DeleteRangeRequest(key=self.key(subnet, ipv6_subnet))
             return await c.kv.DeleteRange(req, timeout=self.timeout, metadata=md)
@@ -648,7 +657,7 @@ class EtcdRegistry:
         resp = await self._conn.call("delete", go)
         return bool(resp.deleted)
 
-    async def reserve(self, subnet: Subnet, public_ip: IPv4Address) -> None:
+    async def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> None:
         """Put a permanent reservation (no etcd lease) for `public_ip`, replacing whatever the
         key held: a lease of that host becomes permanent, with its value kept."""
         key = self.key(subnet)
@@ -668,7 +677,7 @@ class EtcdRegistry:
 
         await self._conn.call("put reservation", go)
 
-    async def unreserve(self, subnet: Subnet) -> bool:
+    async def unreserve(self, subnet: IPv4Network) -> bool:
         """Delete the key only if it is a reservation (has no etcd lease)."""
         key = self.key(subnet)
         compare = rpc.Compare(key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL, lease=0)
@@ -681,7 +690,7 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ revoke (overlayctl)
 
-    async def inspect_key(self, subnet: Subnet) -> KeyRecord | None:
+    async def inspect_key(self, subnet: IPv4Network) -> KeyRecord | None:
         """The raw key holding `subnet` (also a dual-stack `<v4>&<v6>` key) and what etcd says
         of its etcd lease; None when there is no such key."""
         first = self.key(subnet)
@@ -728,7 +737,7 @@ class EtcdRegistry:
     async def watch_lease_batches(
         self,
         start_revision: int,
-        subnet: Subnet | None = None,
+        subnet: IPv4Network | None = None,
         ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseBatch]:
         """Lease events from `start_revision` on, one LeaseBatch per etcd watch response.
@@ -805,7 +814,7 @@ class EtcdRegistry:
     async def watch_leases(
         self,
         start_revision: int,
-        subnet: Subnet | None = None,
+        subnet: IPv4Network | None = None,
         ipv6_subnet: IPv6Network | None = None,
     ) -> AsyncIterator[LeaseEvent]:
         """Like `watch_lease_batches`, one event at a time."""

@@ -32,7 +32,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from subnetmgr.model import Lease, NetworkConfig, Subnet, printable
+from subnetmgr.model import NO_IPV4, Lease, NetworkConfig, Subnet, printable
 
 __all__ = [
     "Ignored",
@@ -125,6 +125,8 @@ def check_lease(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
     """(reason, detail) when `lease` on its own cannot be a peer under `config`, else None."""
     subnet = lease.subnet
     net = config.network
+    if net is None:
+        return _check_ipv6_only(config, lease)
     # subnet_of, in integers: this runs for every lease of a fresh mirror.
     if subnet.prefixlen < net.prefixlen or (
         int(subnet.network_address) >> (32 - net.prefixlen)
@@ -143,6 +145,22 @@ def check_lease(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
     return check_ipv6(config, lease)
 
 
+def _check_ipv6_only(config: NetworkConfig, lease: Lease) -> tuple[str, str] | None:
+    """check_lease in an IPv6-only network: the key is `0.0.0.0-0&<IPv6 subnet>` (flannel's
+    form), the PublicIP `0.0.0.0` or any (unused: there is no IPv4 underlay), a PublicIPv6."""
+    if lease.subnet != NO_IPV4:
+        return (
+            "outside_network",
+            f"{lease.key} names the IPv4 subnet {lease.subnet}, but the network is IPv6-only "
+            "(EnableIPv4 false): its keys are 0.0.0.0-0&<IPv6 subnet>",
+        )
+    if lease.ipv6_subnet is None:
+        return "no_ipv6_subnet", f"{lease.key} names no IPv6 subnet in an IPv6-only network"
+    if lease.attrs.public_ipv6 is None:
+        return "no_public_ipv6", "an IPv6-only lease without a PublicIPv6"
+    return check_ipv6(config, lease)
+
+
 def _age(lease: Lease) -> tuple[int, str]:
     return lease.create_revision, lease.key
 
@@ -156,7 +174,7 @@ def pick(
     With `own` for this subnet, the lease under own's key is kept whatever it holds (the daemon
     tells a takeover from that), even when absent: then nothing is kept for the subnet."""
     losers: dict[str, tuple[str, str]] = {}
-    if own is not None and own.subnet == subnet:
+    if own is not None and own.ident == subnet:
         kept = None
         for lease in candidates:
             if lease.key == own.key:
@@ -207,7 +225,7 @@ def select_leases(
         if problem is not None:
             ignored[key] = problem
         else:
-            groups.setdefault(lease.subnet, []).append(lease)
+            groups.setdefault(lease.ident, []).append(lease)
     valid: dict[Subnet, Lease] = {}
     for subnet, group in groups.items():
         kept, losers = pick(subnet, group, own)
@@ -233,9 +251,11 @@ class Ignored:
     """The etcd revision that last wrote the key (0 when not known)."""
     lease: Lease | None = None
     """The decoded lease, when it decoded (ignored by validation, not by the codec)."""
-    subnet: Subnet | None = None
+    subnet: IPv4Network | None = None
     """The subnet its key names, when the key parsed (its value did not decode): allocation
     treats it as taken, since creating that key would fail."""
+    ipv6_subnet: IPv6Network | None = None
+    """The IPv6 subnet its key names, likewise."""
 
 
 class IgnoredLeases:

@@ -13,14 +13,16 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 from subnetmgr.model import (
     MAX_JSON_DEPTH,
     MAX_VALUE_BYTES,
+    NO_IPV4,
     ConfigError,
     JsonRejected,
+    Lease,
     LeaseAttrs,
     MalformedLease,
     NetworkConfig,
@@ -81,6 +83,22 @@ def depth(value: Any) -> int:
 @given(v4_networks, st.none() | v6_networks)
 def test_lease_key_round_trip(v4: IPv4Network, v6: IPv6Network | None) -> None:
     assert parse_subnet_key(subnet_key(v4, v6)) == (v4, v6)
+
+
+@given(v6_networks, v4_networks)
+def test_ipv6_only_keys_round_trip_and_are_keyed_by_their_ipv6_subnet(
+    v6: IPv6Network, v4: IPv4Network
+) -> None:
+    """flannel's IPv6-only key `0.0.0.0-0&<v6>`: it parses back, and the lease it names is
+    keyed (ident) by its IPv6 subnet; any other key is keyed by its IPv4 subnet."""
+    key = subnet_key(NO_IPV4, v6)
+    assert key == f"0.0.0.0-0&{v6.network_address}-{v6.prefixlen}"
+    assert parse_subnet_key(key) == (NO_IPV4, v6)
+    only6 = Lease(NO_IPV4, LeaseAttrs(IPv4Address(0), IPv6Address(1)), v6)
+    assert only6.ipv6_only and only6.ident == v6 and only6.attrs.address == IPv6Address(1)
+    if v4 != NO_IPV4:
+        dual = Lease(v4, LeaseAttrs(IPv4Address(1), IPv6Address(1)), v6)
+        assert not dual.ipv6_only and dual.ident == v4 and dual.attrs.address == IPv4Address(1)
 
 
 near_keys = st.from_regex(
@@ -270,6 +288,17 @@ def _check_config(data: str | bytes) -> None:
         assert str(e).startswith("network config: ") and len(str(e)) < 600
         return
     net = config.network
+    if net is None:  # IPv6-only (EnableIPv4 false): only the IPv6 part is set
+        event("IPv6-only config")
+        assert not config.enable_ipv4 and config.enable_ipv6 and config.ipv6_only
+        assert config.subnet_min is None and config.subnet_max is None
+        net6 = config.ipv6_network
+        assert net6 is not None and config.ipv6_subnet_min is not None
+        assert net6.prefixlen + 2 <= config.ipv6_subnet_len <= 126
+        assert config.contains(NO_IPV4) and not config.contains(IPv4Network("10.0.0.0/24"))
+        assert config.contains_ipv6(config.ipv6_subnet_min)
+        return
+    assert config.enable_ipv4 and not config.ipv6_only
     assert net.prefixlen <= 28
     assert net.prefixlen + 2 <= config.subnet_len <= 30
     step = 1 << (32 - config.subnet_len)

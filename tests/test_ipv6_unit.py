@@ -15,6 +15,7 @@ from backends.ipv6 import desired_v6
 from overlay.options import parse_options
 from subnetmgr.allocation import blocks_ipv6, choose, free_ipv6_subnets, own_leases
 from subnetmgr.model import (
+    NO_IPV4,
     ConfigError,
     Lease,
     LeaseAttrs,
@@ -303,11 +304,37 @@ def test_desired_v6_skips_what_it_cannot_program_and_logs_once(
 # --------------------------------------------------------------------------- config and flags
 
 
-def test_ipv6_only_is_refused_naming_the_option() -> None:
-    with pytest.raises(ConfigError, match=r"EnableIPv4.*IPv6-only"):
-        NetworkConfig.from_dict(
-            {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:1::/48"}
-        )
+def test_ipv6_only_config_has_no_ipv4_part() -> None:
+    config = NetworkConfig.from_dict(
+        {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:1::/48",
+         "Backend": {"Type": "vxlan"}}
+    )  # fmt: skip
+    assert config.ipv6_only and not config.enable_ipv4 and config.network is None
+    assert config.subnet_min is None and config.subnet_max is None and config.subnet_len == 0
+    assert config.ipv6_subnet_len == 64
+    assert config.ipv6_subnet_min == IPv6Network("fd00:1:0:1::/64")
+    assert config.ipv6_subnet_max == IPv6Network("fd00:1:0:ffff::/64")
+    # The IPv4 part of every lease is flannel's zero subnet.
+    assert config.contains(NO_IPV4) and not config.contains(IPv4Network("10.1.5.0/24"))
+    assert config.contains_ipv6(IPv6Network("fd00:1:0:5::/64"))
+    assert config.describe() == ("IPv6 network fd00:1::/48 (IPv6-only), /64 subnets, backend vxlan")
+    assert config.warnings == ()
+
+
+def test_ipv6_only_config_ignores_the_ipv4_keys_with_a_warning() -> None:
+    config = NetworkConfig.from_dict(
+        {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:1::/48",
+         "Network": "10.1.0.0/16", "SubnetLen": 26}
+    )  # fmt: skip
+    assert config.network is None
+    assert any("Network, SubnetLen ignored" in w for w in config.warnings)
+
+
+def test_ipv6_only_needs_ipv6() -> None:
+    with pytest.raises(ConfigError, match=r"EnableIPv4=False: with EnableIPv6 false too"):
+        NetworkConfig.from_dict({"EnableIPv4": False, "Network": "10.1.0.0/16"})
+    with pytest.raises(ConfigError, match=r"IPv6Network=None: not an IPv6 network"):
+        NetworkConfig.from_dict({"EnableIPv4": False, "EnableIPv6": True})
 
 
 def test_public_ipv6_flag_and_env() -> None:

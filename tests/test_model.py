@@ -284,6 +284,8 @@ def test_config_contains() -> None:
             "10.1.9.0",
         ),
         ('{"Network":"10.1.0.0/16","EnableIPv4":false}', "EnableIPv4", False),
+        ('{"EnableIPv4":false,"EnableIPv6":false}', "EnableIPv4", False),
+        ('{"EnableIPv4":false,"EnableIPv6":true}', "IPv6Network", None),
         ('{"Network":"10.1.0.0/16","EnableIPv6":"yes"}', "EnableIPv6", "yes"),
         ('{"Network":"10.1.0.0/16","EnableNFTables":1}', "EnableNFTables", 1),
         ('{"Network":"10.1.0.0/16","EnableIPv6":true}', "IPv6Network", None),

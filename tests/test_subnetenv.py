@@ -56,6 +56,22 @@ def test_render_dual_stack_and_masq() -> None:
     )
 
 
+def test_render_ipv6_only_is_flannels_format() -> None:
+    """EnableIPv4 false: flannel's WriteSubnetFile writes the IPv6 pair alone."""
+    env = SubnetEnv(None, None, 1430, False, IPv6Network("fd00:12::/48"),
+                    IPv6Network("fd00:12:0:3::/64"))  # fmt: skip
+    text = env.render()
+    assert text == (
+        "FLANNEL_IPV6_NETWORK=fd00:12::/48\n"
+        "FLANNEL_IPV6_SUBNET=fd00:12:0:3::1/64\n"
+        "FLANNEL_MTU=1430\n"
+        "FLANNEL_IPMASQ=false\n"
+    )
+    assert SubnetEnv.parse(text) == env
+    with pytest.raises(SubnetEnvError, match="no IPv4 and no IPv6 subnet"):
+        SubnetEnv(None, None, 1430, False).render()
+
+
 def test_write_is_atomic_with_modes(tmp_path: Path) -> None:
     path = tmp_path / "run" / "flannel" / "subnet.env"
     old_umask = os.umask(0o077)  # the modes must not depend on the caller's umask
@@ -139,13 +155,22 @@ ipv6_networks = st.builds(
     st.integers(0, 127),
 )
 ipv6_pairs = st.one_of(st.just((None, None)), st.tuples(ipv6_networks, ipv6_networks))
-envs = st.builds(
-    lambda net, sub, mtu, masq, v6: SubnetEnv(net, sub, mtu, masq, *v6),
-    ipv4_networks,
-    ipv4_networks,
-    st.integers(68, 65535),
-    st.booleans(),
-    ipv6_pairs,
+envs = st.one_of(
+    st.builds(
+        lambda net, sub, mtu, masq, v6: SubnetEnv(net, sub, mtu, masq, *v6),
+        ipv4_networks,
+        ipv4_networks,
+        st.integers(68, 65535),
+        st.booleans(),
+        ipv6_pairs,
+    ),
+    # IPv6-only (EnableIPv4 false): the IPv6 pair alone.
+    st.builds(
+        lambda mtu, masq, v6: SubnetEnv(None, None, mtu, masq, *v6),
+        st.integers(68, 65535),
+        st.booleans(),
+        st.tuples(ipv6_networks, ipv6_networks),
+    ),
 )
 # Values near the edge of what a reader accepts: valid ones, slightly wrong ones, garbage.
 values = st.one_of(
@@ -254,8 +279,8 @@ def test_written_file_reads_back_through_both_readers(env: SubnetEnv) -> None:
 
 @given(texts)
 def test_both_readers_agree_or_both_refuse(text: str) -> None:
-    """On any text: the same values, or both refuse with their typed error. The one allowed
-    difference: a file with only the IPv6 pair (the plugin's IPv6-only mode; overlay has none)."""
+    """On any text: the same values, or both refuse with their typed error (IPv6-only files
+    included: both take a file with only the IPv6 pair)."""
     try:
         daemon: SubnetEnv | None = SubnetEnv.parse(text, "x.env")
     except SubnetEnvError as e:
@@ -268,10 +293,10 @@ def test_both_readers_agree_or_both_refuse(text: str) -> None:
         plugin = None
     event("both accept" if daemon else "plugin only" if plugin else "both refuse")
     if daemon is not None:
+        event("IPv6 only" if daemon.network is None else "with IPv4")
         assert plugin is not None and plugin_values(plugin) == daemon_values(daemon)
-    elif plugin is not None:
-        assert plugin.network is None and plugin.subnet is None, text
-        assert plugin.ipv6_network is not None and plugin.ipv6_subnet is not None
+    else:
+        assert plugin is None, text
 
 
 @given(texts)
@@ -315,7 +340,9 @@ def test_parse_errors_name_the_key_and_value() -> None:
         good.render().replace("10.5.0.0/16", "10.5.0.0/255.255.0.0"): "FLANNEL_NETWORK",
         good.render().replace("=false", "=no"): "FLANNEL_IPMASQ: 'no'",
         good.render() + "FLANNEL_IPV6_NETWORK=fd00::/48\n": "given together",
-        "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_IPV6_SUBNET=fd00::1/64\n": "IPv6 only",
+        "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_MTU=1450\n": "missing FLANNEL_SUBNET or FLAN",
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_IPV6_SUBNET=fd00::1/64\nFLANNEL_MTU=1450\n"
+        "FLANNEL_IPMASQ=false\n": "FLANNEL_NETWORK and FLANNEL_SUBNET must be given together",
         "FLANNEL_MTU 1450\n": "line 1 is not KEY=VALUE",
     }
     for text, words in cases.items():
