@@ -26,7 +26,7 @@ checks, in order:
   echo to the PublicIP;
 - `etcd`: reachability and the latency of one read (WARN over --etcd-slow-ms);
 - `subnet_env`: subnet.env against our lease (subnet) and the network config (network);
-- `duplicate_public_ip`: two leases naming one PublicIP;
+- `duplicate_public_ip`: two leases naming one PublicIP (an IPv6-only lease: one PublicIPv6);
 - `lease_renewals`: every host renews its lease `--subnet-lease-renew-margin` minutes before it
   expires (half the TTL when the margin is not below the TTL), with a new etcd lease each time.
   So from one look: a lease whose time left is below that point (with a little slack) missed
@@ -49,13 +49,14 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import socket
 import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -75,7 +76,7 @@ from overlay.status import (
     resolve_local,
 )
 from overlay.subnetenv import SubnetEnv
-from subnetmgr.model import Lease, NetworkConfig, printable, subnet_order
+from subnetmgr.model import Lease, NetworkConfig, printable
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 PROBE_TIMEOUT = 2.0
@@ -634,29 +635,35 @@ def check_subnet_env(host: Host) -> Check:
     return Check("subnet_env", PASS, f"{path} matches our lease {env.subnet or env.ipv6_subnet}")
 
 
-def _ident_order(lease: Lease) -> tuple[int, int, int]:
-    return subnet_order(lease.ident)
+def _by_address(address: IPv4Address | IPv6Address) -> tuple[int, int]:
+    return address.version, int(address)
+
+
+def _by_subnet(lease: Lease) -> tuple[int, int, str]:
+    """IPv4 and dual-stack leases by IPv4 subnet, then IPv6-only ones by IPv6 subnet."""
+    return (*_by_address(lease.ident.network_address), lease.key)
 
 
 def check_duplicates(leases: Sequence[Lease], prefix: str) -> Check:
     by_ip: dict[IPv4Address | IPv6Address, list[Lease]] = {}
-    for lease in leases:  # an IPv6-only lease is named by its PublicIPv6 (its PublicIP: 0.0.0.0)
+    for lease in leases:
         by_ip.setdefault(lease.attrs.address, []).append(lease)
-    dups = {ip: xs for ip, xs in by_ip.items() if len(xs) > 1}
+    dups = sorted(((ip, xs) for ip, xs in by_ip.items() if len(xs) > 1),
+                  key=lambda d: _by_address(d[0]))  # fmt: skip
     if not dups:
         return Check("duplicate_public_ip", PASS, f"{len(by_ip)} leases, each PublicIP once")
     parts = [
-        f"{ip} holds {', '.join(str(x.ident) for x in sorted(xs, key=_ident_order))}"
-        for ip, xs in sorted(dups.items(), key=lambda kv: (kv[0].version, kv[0]))
+        f"{ip} holds {', '.join(str(x.ident) for x in sorted(xs, key=_by_subnet))}"
+        for ip, xs in dups
     ]
-    ip, xs = min(dups.items(), key=lambda kv: (kv[0].version, kv[0]))
+    ip, xs = dups[0]
     newest = max(xs, key=lambda x: x.create_revision)
     return Check(
         "duplicate_public_ip",
         FAIL,
         "; ".join(parts),
         f"delete the lease the host at {ip} does not use (its subnet.env names the "
-        f"other): etcdctl del {prefix}/subnets/{newest.key}",
+        f"other): etcdctl del {shlex.quote(f'{prefix}/subnets/{newest.key}')}",
     )
 
 
@@ -680,7 +687,7 @@ def check_renewals(etcd: EtcdView, margin_minutes: int, prefix: str) -> Check:
         return Check("lease_renewals", WARN, f"cannot read the leases' TTLs: {etcd.ttl_error}")
     dead = []
     judged = 0
-    for lease in sorted(etcd.leases, key=_ident_order):
+    for lease in sorted(etcd.leases, key=_by_subnet):
         lease_id = etcd.lease_ids.get(lease.key)
         if not lease_id or lease_id not in etcd.ttls:
             continue
@@ -707,7 +714,7 @@ def check_renewals(etcd: EtcdView, margin_minutes: int, prefix: str) -> Check:
         FAIL,
         "never renewed, host dead or cut off from etcd: " + "; ".join(parts),
         f"check overlayd on {first.attrs.address}; if that host is gone, free its "
-        f"subnet: etcdctl del {prefix}/subnets/{first.key}",
+        f"subnet: etcdctl del {shlex.quote(f'{prefix}/subnets/{first.key}')}",
     )
 
 

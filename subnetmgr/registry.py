@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -172,9 +172,15 @@ class Registry(Protocol):
         self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None
     ) -> bool: ...
 
-    async def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> None: ...
+    async def reserve(
+        self,
+        subnet: IPv4Network,
+        public_ip: IPv4Address,
+        ipv6_subnet: IPv6Network | None = None,
+        public_ipv6: IPv6Address | None = None,
+    ) -> None: ...
 
-    async def unreserve(self, subnet: IPv4Network) -> bool: ...
+    async def unreserve(self, subnet: IPv4Network | IPv6Network) -> list[str]: ...
 
     def watch_leases(
         self,
@@ -657,15 +663,24 @@ class EtcdRegistry:
         resp = await self._conn.call("delete", go)
         return bool(resp.deleted)
 
-    async def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> None:
-        """Put a permanent reservation (no etcd lease) for `public_ip`, replacing whatever the
-        key held: a lease of that host becomes permanent, with its value kept."""
-        key = self.key(subnet)
+    async def reserve(
+        self,
+        subnet: IPv4Network,
+        public_ip: IPv4Address,
+        ipv6_subnet: IPv6Network | None = None,
+        public_ipv6: IPv6Address | None = None,
+    ) -> None:
+        """Put a permanent reservation (no etcd lease) under the key of `subnet` and
+        `ipv6_subnet`, replacing whatever that key held: a lease of that host (same PublicIP and
+        PublicIPv6) becomes permanent, with its value kept. An IPv6-only reservation is flannel's
+        form: `subnet` NO_IPV4 and `public_ip` 0.0.0.0 (key `0.0.0.0-0&fd00:1:0:7::-64`)."""
+        key = self.key(subnet, ipv6_subnet)
         resp = await self._range(key)
-        value = LeaseAttrs(public_ip).to_json().encode()
+        value = LeaseAttrs(public_ip, public_ipv6).to_json().encode()
         if resp.kvs:
             try:
-                if LeaseAttrs.from_json(resp.kvs[0].value).public_ip == public_ip:
+                old = LeaseAttrs.from_json(resp.kvs[0].value)
+                if (old.public_ip, old.public_ipv6) == (public_ip, public_ipv6):
                     value = resp.kvs[0].value
             except MalformedLease:
                 pass
@@ -677,16 +692,33 @@ class EtcdRegistry:
 
         await self._conn.call("put reservation", go)
 
-    async def unreserve(self, subnet: IPv4Network) -> bool:
-        """Delete the key only if it is a reservation (has no etcd lease)."""
-        key = self.key(subnet)
-        compare = rpc.Compare(key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL, lease=0)
-        exists = rpc.Compare(
-            key=key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0
-        )
-        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
-        resp = await self._txn([exists, compare], [delete])
-        return bool(resp.succeeded)
+    async def unreserve(self, subnet: IPv4Network | IPv6Network) -> list[str]:
+        """Delete every reservation (a key without an etcd lease) whose key names `subnet` as
+        its IPv4 or its IPv6 part: `10.1.7.0/24` finds `10.1.7.0-24` and `10.1.7.0-24&...`,
+        `fd00:1:0:7::/64` finds `...&fd00:1:0:7::-64`. Leases, and a key rewritten meanwhile,
+        are left alone. Returns the keys deleted (their last elements), none when nothing was."""
+        if isinstance(subnet, IPv4Network):
+            first = self.key(subnet)
+            resp = await self._range(first, _range_end(first))
+        else:
+            resp = await self._range(self._subnets, self._subnets_end)
+        deleted: list[str] = []
+        for kv in resp.kvs:
+            text = self.key_text(kv.key)
+            try:
+                v4, v6 = parse_subnet_key(text)
+            except MalformedLease:
+                continue
+            # 0.0.0.0/0 is the IPv4 part of every IPv6-only key: it names only the key 0.0.0.0-0.
+            named = v6 == subnet or (v4 == subnet and (v6 is None or v4.prefixlen > 0))
+            if kv.lease or not named:
+                continue
+            same = rpc.Compare(key=kv.key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                               mod_revision=kv.mod_revision)  # fmt: skip
+            delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=kv.key))
+            if (await self._txn([same], [delete])).succeeded:
+                deleted.append(text)
+        return deleted
 
     # ------------------------------------------------------------------ revoke (overlayctl)
 

@@ -122,8 +122,9 @@ def test_leases_table_and_json(
     assert ctl(etcd_server, etcd_prefix, "leases", "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc[0]["vtep_mac"] == "c6:d2:32:6f:8f:44" and 3500 < doc[0]["ttl"] <= 3600
-    assert doc[2] == {"subnet": "10.1.7.0/24", "public_ip": "192.168.1.20", "backend": "udp",
-                      "vtep_mac": None, "ttl": None, "reserved": True, "key": "10.1.7.0-24",
+    assert doc[2] == {"subnet": "10.1.7.0/24", "public_ip": "192.168.1.20", "ipv6_subnet": None,
+                      "public_ipv6": None, "backend": "udp", "vtep_mac": None,
+                      "vtep_mac_v6": None, "ttl": None, "reserved": True, "key": "10.1.7.0-24",
                       "ignored": None, "detail": None, "looks_dead": False}  # fmt: skip
     assert [row["looks_dead"] for row in doc] == [False, True, False]
 

@@ -113,9 +113,11 @@ def test_refuses_reservations_missing_and_bad_subnets(
 
     assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.8.0/24") == 1
     assert "no lease for 10.1.8.0/24" in capsys.readouterr().err
-    for bad in ("10.1.8.1/24", "10.1.8.0/33", "fd00::/64", "x" * 5000, "10.1.8.0/24\n"):
+    for bad in ("10.1.8.1/24", "10.1.8.0/33", "10.1.8.0", "x" * 5000, "10.1.8.0/24\n"):
         assert ctl(etcd_server, etcd_prefix, "leases", "revoke", bad) == 2
-        assert "is not an IPv4 network" in capsys.readouterr().err
+        assert "is not a subnet such as 10.1.7.0/24" in capsys.readouterr().err
+    assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "fd00::/64") == 2
+    assert "subnet fd00::/64 is IPv6: name a lease by its IPv4 subnet" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.8.0/24", "--renew-margin", "-1")
     assert exc.value.code == 2

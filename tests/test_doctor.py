@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ from overlay.doctor import (
     renewal_point,
 )
 from overlay.status import EtcdView
-from subnetmgr.model import Lease, LeaseAttrs
+from subnetmgr.model import NO_IPV4, Lease, LeaseAttrs
 from tests.netns import NetnsLab, netns_lab
 
 lab = pytest.fixture(netns_lab, name="lab")
@@ -310,6 +310,30 @@ def test_check_duplicates() -> None:
     assert got.fix.endswith("etcdctl del /p/subnets/10.1.3.0-24")
 
 
+def v6_lease(subnet: str, ip6: str, revision: int, ip4: str | None = None) -> Lease:
+    """An IPv6-only lease (key 0.0.0.0-0&...), or a dual-stack one with `ip4`."""
+    sub4 = NO_IPV4 if ip4 is None else IPv4Network(f"10.1.{revision}.0/24")
+    attrs = LeaseAttrs(IPv4Address(ip4 or "0.0.0.0"), IPv6Address(ip6), "vxlan")
+    return Lease(sub4, attrs, IPv6Network(subnet), None, revision)
+
+
+def test_check_duplicates_with_ipv6_only_leases() -> None:
+    """IPv6-only leases all say PublicIP 0.0.0.0: their host is their PublicIPv6."""
+    a, b, c = (
+        v6_lease("fd00:1:0:5::/64", "fd00::5", 5),
+        v6_lease("fd00:1:0:6::/64", "fd00::6", 6),
+        v6_lease("fd00:1:0:7::/64", "fd00::5", 7),
+    )
+    dual = v6_lease("fd00:1:0:8::/64", "fd00::5", 8, "192.0.2.1")  # its host is 192.0.2.1
+    assert check_duplicates([a, b, dual, lease("10.1.3.0/24", "192.0.2.3", 9)], "/p").result == PASS
+    got = check_duplicates([c, dual, a, b, lease("10.1.3.0/24", "192.0.2.1", 9)], "/p")
+    assert got.result == FAIL
+    assert got.message == (
+        "192.0.2.1 holds 10.1.3.0/24, 10.1.8.0/24; fd00::5 holds fd00:1:0:5::/64, fd00:1:0:7::/64"
+    )
+    assert "0.0.0.0" not in got.message
+
+
 def test_check_renewals() -> None:
     live, dead, reserved = (
         lease("10.1.1.0/24", "192.0.2.1", 1),
@@ -327,6 +351,17 @@ def test_check_renewals() -> None:
     )
     view.ttls[8] = (3580, 86400)  # within the slack of the renewal point: may be renewing now
     assert check_renewals(view, 60, "/p").result == PASS
+    v6 = v6_lease("fd00:1:0:5::/64", "fd00::5", 4)
+    view.leases.append(v6)
+    view.lease_ids[v6.key] = 9
+    view.ttls[9] = (100, 86400)
+    got = check_renewals(view, 60, "/p")
+    assert got.message.endswith(": fd00:1:0:5::/64 of fd00::5: 100 s left of 86400 s, renewal "
+                                "was due at 3600 s left")  # fmt: skip
+    assert got.fix == (
+        "check overlayd on fd00::5; if that host is gone, free its subnet: "
+        "etcdctl del '/p/subnets/0.0.0.0-0&fd00:1:0:5::-64'"  # quoted: & is the shell's
+    )
 
 
 # --------------------------------------------------------------------------- CNI state
