@@ -39,7 +39,7 @@ from ipaddress import IPv4Address, IPv4Network
 from backends import links
 from backends import netlink as nl
 from backends.base import BackendAttrs, BackendError, ExternalInterface
-from backends.ipv6 import V6Pass, desired_v6, onlink6
+from backends.ipv6 import V6Pass, desired_v6
 from subnetmgr.model import Lease, NetworkConfig, Subnet
 
 log = logging.getLogger(__name__)
@@ -320,12 +320,8 @@ class HostGwBackend:
 
     async def _v6_pass(self, peers: Mapping[Subnet, Lease], full: bool) -> None:
         """The IPv6 routes of every dual-stack host-gw peer whose PublicIPv6 is on-link."""
-        from socket import AF_INET6
-
         try:
-            nets = onlink6(
-                await self.v6.links.call("get_addr", family=AF_INET6, index=self.ext.index)
-            )
+            nets = await self.v6.links.onlink_networks6(self.ext.index)
             want = desired_v6(peers, self.own, self.type, need_mac=False, skipped=self._skipped6)
             for sub6, peer in list(want.items()):
                 if not any(peer.public_ipv6 in net for net in nets):

@@ -7,7 +7,11 @@ the VTEP MAC of its second device `flannel-v6.<VNI>`). Per remote lease the kern
 - vxlan (on flannel-v6.N, as for IPv4 on flannel.N): a permanent neighbour
   `<remote v6 subnet address> lladdr <remote v6 VtepMAC>`, a permanent FDB entry
   `<remote v6 VtepMAC> dst <remote PublicIPv6> self`, and a route
-  `<remote v6 subnet> via <remote v6 subnet address> dev flannel-v6.N onlink`;
+  `<remote v6 subnet> via <remote v6 subnet address> dev flannel-v6.N onlink`; with
+  DirectRouting, a peer whose PublicIPv6 is on-link on the external interface (inside one of its
+  global IPv6 prefixes) gets only `<remote v6 subnet> via <remote PublicIPv6> dev <external
+  interface>` instead (flannel's `v6Dev.directRouting`). A peer that moves on or off link
+  changes kind: its old entries go and the new ones come in the same pass;
 - host-gw: a route `<remote v6 subnet> via <remote PublicIPv6> dev <external interface>`
   (proto 77), only when the PublicIPv6 is on-link.
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 from socket import AF_INET6
@@ -37,7 +41,7 @@ from typing import Any
 
 from backends import netlink as nl
 from backends.links import LinkClient, check_netns
-from backends.vxlan_plan import ZERO_MAC, vtep_mac_of
+from backends.vxlan_plan import ZERO_MAC, on_link, vtep_mac_of
 from subnetmgr.model import Lease, Subnet
 from subnetmgr.validate import ipv6_owners
 
@@ -61,6 +65,8 @@ class V6Peer:
     subnet: IPv6Network
     public_ipv6: IPv6Address
     vtep_mac: str | None
+    direct: bool = False
+    """True (vxlan with DirectRouting): the PublicIPv6 is on-link, only a route via it."""
 
 
 def desired_v6(
@@ -70,6 +76,7 @@ def desired_v6(
     *,
     need_mac: bool,
     skipped: set[tuple[str, str]],
+    onlink: Sequence[IPv6Network] | None = None,
 ) -> dict[IPv6Network, V6Peer]:
     """The IPv6 peers to program among `peers` (already checked by subnetmgr.validate).
 
@@ -77,7 +84,8 @@ def desired_v6(
     without PublicIPv6, or (vxlan) without a valid BackendV6Data VtepMAC, is logged once (per
     key and reason, via `skipped`) and left out; its IPv4 side is unaffected. Of two leases
     naming one IPv6 subnet the older keeps it (validate.ipv6_owners); our own IPv6 subnet is
-    never a peer's."""
+    never a peer's. `onlink`: the external interface's IPv6 networks when DirectRouting is on
+    (a peer whose PublicIPv6 is inside one is `direct`), else None."""
     out: dict[IPv6Network, V6Peer] = {}
     mine = [lease for lease in peers.values() if lease.attrs.backend_type == backend_type]
     owners = ipv6_owners(mine, own)
@@ -108,7 +116,8 @@ def desired_v6(
                             lease.key, why)  # fmt: skip
             continue
         assert lease.attrs.public_ipv6 is not None
-        out[sub6] = V6Peer(sub6, lease.attrs.public_ipv6, mac)
+        pub6 = lease.attrs.public_ipv6
+        out[sub6] = V6Peer(sub6, pub6, mac, on_link(pub6, onlink))
     return out
 
 
@@ -148,13 +157,13 @@ class V6Pass:
         """A full pass's writes (request, is a delete), sent in one batch by _flush()."""
         self._applied: dict[IPv6Network, V6Peer] | None = None
         """What the previous pass left in the kernel; None: the next pass must be full."""
-        self._applied_for: tuple[str, int] | None = None
-        """(kind, device index) that `_applied` is about."""
+        self._applied_for: tuple[str, object] | None = None
+        """(kind, device indexes ...) that `_applied` is about."""
 
     async def _run(
         self,
         kind: str,
-        index: int,
+        index: object,
         desired: Mapping[IPv6Network, V6Peer],
         full: bool,
         full_pass: Callable[[V6Stats], Awaitable[None]],
@@ -281,17 +290,31 @@ class V6Pass:
                         dst=str(dst), oif=oif, family=AF_INET6, **extra)  # fmt: skip
 
     async def vxlan(
-        self, index: int, desired: Mapping[IPv6Network, V6Peer], *, full: bool = True
+        self,
+        index: int,
+        desired: Mapping[IPv6Network, V6Peer],
+        *,
+        full: bool = True,
+        ext_index: int | None = None,
+        network: IPv6Network | None = None,
     ) -> V6Stats:
-        """flannel-v6.N's neighbours, FDB entries and onlink routes for `desired`."""
+        """flannel-v6.N's neighbours, FDB entries and onlink routes for `desired`, and (with
+        DirectRouting) the direct routes of its `direct` peers on the external interface
+        `ext_index`. Ours there: main-table routes with a gateway to a subnet strictly inside
+        the cluster's IPv6 `network`, as on the IPv4 side."""
+        if any(p.direct for p in desired.values()) and (ext_index is None or network is None):
+            raise ValueError("direct IPv6 peers need the external interface and the network")
 
         async def full_pass(stats: V6Stats) -> None:
-            await self._vxlan_full(index, desired, stats)
+            await self._vxlan_full(index, desired, stats, ext_index, network)
 
         async def diff_pass(previous: dict[IPv6Network, V6Peer], stats: V6Stats) -> None:
             gone, new = _diff(previous, desired)
-            still = {(p.vtep_mac, p.public_ipv6) for p in desired.values()}
+            still = {(p.vtep_mac, p.public_ipv6) for p in desired.values() if not p.direct}
             for p in gone:
+                if p.direct:
+                    await self._direct_route("del", p, ext_index, stats)
+                    continue
                 await self._try(f"route {p.subnet} (delete)", stats, "route", "del",
                                 dst=str(p.subnet), oif=index, family=AF_INET6)  # fmt: skip
                 addr = str(p.subnet.network_address)
@@ -302,9 +325,24 @@ class V6Pass:
                                     "fdb", "del", ifindex=index, lladdr=p.vtep_mac,
                                     dst=str(p.public_ipv6), flags=NTF_SELF)  # fmt: skip
             for p in new:
-                await self._vxlan_add(index, p, stats)
+                if p.direct:
+                    await self._direct_route("replace", p, ext_index, stats)
+                else:
+                    await self._vxlan_add(index, p, stats)
 
-        return await self._run("vxlan", index, desired, full, full_pass, diff_pass)
+        key = (index, ext_index, network)
+        return await self._run("vxlan", key, desired, full, full_pass, diff_pass)
+
+    async def _direct_route(
+        self, verb: str, p: V6Peer, ext_index: int | None, stats: V6Stats
+    ) -> None:
+        """DirectRouting's `<v6 subnet> via <PublicIPv6> dev <external interface>`."""
+        assert ext_index is not None
+        what = f"route {p.subnet} via {p.public_ipv6} dev #{ext_index}"
+        extra: dict[str, Any] = {"proto": 3} if verb == "replace" else {}
+        await self._try(what + (" (delete)" if verb == "del" else ""), stats, "route", verb,
+                        dst=str(p.subnet), gateway=str(p.public_ipv6), oif=ext_index,
+                        family=AF_INET6, **extra)  # fmt: skip
 
     async def _vxlan_add(self, index: int, p: V6Peer, stats: V6Stats) -> None:
         addr = str(p.subnet.network_address)
@@ -319,9 +357,18 @@ class V6Pass:
                         flags=RTNH_F_ONLINK, proto=3, family=AF_INET6)  # fmt: skip
 
     async def _vxlan_full(
-        self, index: int, desired: Mapping[IPv6Network, V6Peer], stats: V6Stats
+        self,
+        index: int,
+        desired: Mapping[IPv6Network, V6Peer],
+        stats: V6Stats,
+        ext_index: int | None,
+        network: IPv6Network | None,
     ) -> None:
-        macs = {p.subnet: p.vtep_mac for p in desired.values() if p.vtep_mac is not None}
+        macs = {
+            p.subnet: p.vtep_mac
+            for p in desired.values()
+            if p.vtep_mac is not None and not p.direct
+        }
         want_neigh = {sub.network_address: mac for sub, mac in macs.items()}
         want_fdb = {(mac, desired[sub].public_ipv6) for sub, mac in macs.items()}
         # Neighbours (flannel's order: neighbour, FDB, route).
@@ -349,17 +396,25 @@ class V6Pass:
         for mac, ip6 in want_fdb - have_fdb:
             self._queue.append((nl.fdb_replace(index, mac, ip6), False))
         # Routes.
-        want_routes = {p.subnet: (p.subnet.network_address, index, True) for p in desired.values()}
-        await self.routes(
-            want_routes,
-            lambda m: (
-                m.get_attr("RTA_OIF") == index
-                and m["proto"] not in (RTPROT_KERNEL, RTPROT_RA)
-                and m["dst_len"] > 0
-            ),
-            stats,
-            protocol=3,
-        )
+        want_routes = {
+            p.subnet: (p.public_ipv6, ext_index, False)
+            if p.direct and ext_index is not None
+            else (p.subnet.network_address, index, True)
+            for p in desired.values()
+        }
+
+        def ours(m: Any) -> bool:
+            if m["proto"] in (RTPROT_KERNEL, RTPROT_RA) or m["dst_len"] == 0:
+                return False
+            oif = m.get_attr("RTA_OIF")
+            if oif == index:
+                return True
+            if ext_index is None or network is None or oif != ext_index:
+                return False
+            dst = _route_key(m)[0]
+            return bool(m.get_attr("RTA_GATEWAY")) and dst.subnet_of(network) and dst != network
+
+        await self.routes(want_routes, ours, stats, protocol=3)
         for mac, ip6 in have_fdb - want_fdb:
             self._queue.append((nl.fdb_delete(index, mac, ip6), True))
         for addr in have_neigh.keys() - want_neigh.keys():
@@ -407,13 +462,3 @@ def _diff(
     gone = [p for s, p in previous.items() if desired.get(s) != p]
     new = [p for s, p in desired.items() if previous.get(s) != p]
     return gone, new
-
-
-def onlink6(addrs: Iterable[Any]) -> list[IPv6Network]:
-    """The global IPv6 networks of pyroute2 address messages (what host-gw can reach on-link)."""
-    out: list[IPv6Network] = []
-    for a in addrs:
-        raw = a.get_attr("IFA_ADDRESS")
-        if raw and a["scope"] == 0:
-            out.append(IPv6Network(f"{raw}/{a['prefixlen']}", strict=False))
-    return out

@@ -15,8 +15,8 @@ import errno
 import logging
 import os
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network
-from socket import AF_INET
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 from backends.base import BackendError
@@ -67,6 +67,17 @@ def networks_of(addresses: Iterable[Any]) -> list[IPv4Network]:
     return out
 
 
+def networks6_of(addresses: Iterable[Any]) -> list[IPv6Network]:
+    """The global IPv6 networks of pyroute2 address messages (`ip -6 addr` entries, link-local
+    ones left out): what is on-link over IPv6."""
+    out: list[IPv6Network] = []
+    for a in addresses:
+        raw = a.get_attr("IFA_ADDRESS")
+        if raw and a["scope"] == 0:
+            out.append(IPv6Network(f"{raw}/{a['prefixlen']}", strict=False))
+    return out
+
+
 class LinkClient:
     """One lazily opened pyroute2 client for a backend, every request bounded in time."""
 
@@ -114,6 +125,10 @@ class LinkClient:
     async def onlink_networks(self, index: int) -> list[IPv4Network]:
         """The IPv4 networks directly attached to a link (its addresses' networks)."""
         return networks_of(await self.call("get_addr", family=AF_INET, index=index))
+
+    async def onlink_networks6(self, index: int) -> list[IPv6Network]:
+        """The global IPv6 networks directly attached to a link (its addresses' prefixes)."""
+        return networks6_of(await self.call("get_addr", family=AF_INET6, index=index))
 
     def close(self) -> None:
         if self._ipr is not None:

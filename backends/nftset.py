@@ -1,8 +1,10 @@
 """An nftables allow-list for one port: datagrams to it are admitted only from a set of IPv4
-sources; the rest are dropped and counted. The vxlan backend's `FilterPeers` uses it for UDP 8472;
-nothing here is vxlan-specific.
+(family `ip`) or IPv6 (family `ip6`) sources; the rest are dropped and counted. The vxlan
+backend's `FilterPeers` uses it for UDP 8472, one table per underlay family; nothing here is
+vxlan-specific.
 
-The table is ours alone; everything in it is rewritten to this shape when it differs::
+The table is ours alone; everything in it is rewritten to this shape when it differs (family
+`ip6`: `table ip6`, `type ipv6_addr`, `ip6 saddr`)::
 
     table ip <table> {
         counter dropped { packets N bytes M }
@@ -49,13 +51,16 @@ import time
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import AddressValueError, IPv4Address, IPv6Address
 from typing import Any
 
 from backends import netlink as nl
 
 FAMILY = "ip"
-"""nftables family: IPv4 only (the overlay's underlay is IPv4)."""
+"""The default nftables family (IPv4 underlay); a PortFilter of family `ip6` serves IPv6."""
+FAMILIES = {"ip": ("ipv4_addr", 2), "ip6": ("ipv6_addr", 10)}
+"""nftables family -> (its set's address type, its NFPROTO_* number)."""
+Address = IPv4Address | IPv6Address
 SET = "peers"
 COUNTER = "dropped"
 CHAIN = "input"
@@ -90,6 +95,8 @@ class PortFilter:
     port: int
     comment: str
     protocol: str = "udp"
+    family: str = FAMILY
+    """`ip` (IPv4 sources) or `ip6` (IPv6 sources)."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.table):
@@ -102,11 +109,21 @@ class PortFilter:
             raise ValueError(f"nft comment {self.comment!r}: 1-100 plain characters, no quotes")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r} is not one of {PROTOCOLS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"nft family {self.family!r} is not one of {sorted(FAMILIES)}")
+
+    @property
+    def set_type(self) -> str:
+        return FAMILIES[self.family][0]
+
+    def address(self, text: str) -> Address:
+        """An address of this family from its text; AddressValueError otherwise."""
+        return IPv4Address(text) if self.family == "ip" else IPv6Address(text)
 
     @property
     def rule(self) -> str:
         return (
-            f"{self.protocol} dport {self.port} ip saddr != @{SET} "
+            f"{self.protocol} dport {self.port} {self.family} saddr != @{SET} "
             f'counter name "{COUNTER}" drop comment "{self.comment}"'
         )
 
@@ -123,7 +140,7 @@ class PortFilter:
             {
                 "match": {
                     "op": "!=",
-                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                    "left": {"payload": {"protocol": self.family, "field": "saddr"}},
                     "right": f"@{SET}",
                 }
             },
@@ -143,7 +160,7 @@ class TableState:
     """What `nft -j list table` showed: the set's elements, the drop counter, and every way in
     which the table differs from our shape (empty: only the elements may differ)."""
 
-    elements: frozenset[IPv4Address] = frozenset()
+    elements: frozenset[Address] = frozenset()
     counter: Counter | None = None
     problems: tuple[str, ...] = ()
 
@@ -151,10 +168,20 @@ class TableState:
 # --------------------------------------------------------------------------- scripts (pure)
 
 
-def _element_lines(verb: str, spec: PortFilter, addrs: Iterable[IPv4Address]) -> list[str]:
-    ordered = sorted(set(addrs))
+def _check(spec: PortFilter, addrs: Iterable[Address]) -> list[Address]:
+    """The addresses sorted; ValueError for one of the other family (it would break the file)."""
+    version = 4 if spec.family == "ip" else 6
+    unique = set(addrs)
+    wrong = sorted(str(a) for a in unique if a.version != version)
+    if wrong:
+        raise ValueError(f"not IPv{version} addresses for an {spec.family} table: {wrong[:5]}")
+    return sorted(unique, key=int)
+
+
+def _element_lines(verb: str, spec: PortFilter, addrs: Iterable[Address]) -> list[str]:
+    ordered = _check(spec, addrs)
     return [
-        f"{verb} element {FAMILY} {spec.table} {SET} {{ "
+        f"{verb} element {spec.family} {spec.table} {SET} {{ "
         + ", ".join(str(a) for a in ordered[i : i + ELEMENTS_PER_STATEMENT])
         + " }"
         for i in range(0, len(ordered), ELEMENTS_PER_STATEMENT)
@@ -163,7 +190,7 @@ def _element_lines(verb: str, spec: PortFilter, addrs: Iterable[IPv4Address]) ->
 
 def table_script(
     spec: PortFilter,
-    peers: AbstractSet[IPv4Address],
+    peers: AbstractSet[Address],
     *,
     counter: Counter | None = None,
     replace: bool = False,
@@ -174,12 +201,12 @@ def table_script(
     `add table` before the delete makes it work whether or not the table exists). `counter`
     gives the drop counter's starting values (carried over from the table replaced)."""
     c = counter or Counter()
-    t = spec.table
-    lines = [f"add table {FAMILY} {t}", f"delete table {FAMILY} {t}"] if replace else []
+    t, f = spec.table, spec.family
+    lines = [f"add table {f} {t}", f"delete table {f} {t}"] if replace else []
     lines += [
-        f"table {FAMILY} {t} {{",
+        f"table {f} {t} {{",
         f"\tcounter {COUNTER} {{ packets {c.packets} bytes {c.bytes} }}",
-        f"\tset {SET} {{ type ipv4_addr; }}",
+        f"\tset {SET} {{ type {spec.set_type}; }}",
         f"\tchain {CHAIN} {{",
         "\t\ttype filter hook input priority filter; policy accept;",
         f"\t\t{spec.rule}",
@@ -191,7 +218,7 @@ def table_script(
 
 
 def element_script(
-    spec: PortFilter, admit: AbstractSet[IPv4Address], remove: AbstractSet[IPv4Address]
+    spec: PortFilter, admit: AbstractSet[Address], remove: AbstractSet[Address]
 ) -> str:
     """Add `admit`, delete `remove`, in one transaction; "" when both are empty.
 
@@ -206,7 +233,7 @@ def element_script(
 
 def delete_script(spec: PortFilter) -> str:
     """Delete the table whether or not it exists (one transaction)."""
-    return f"add table {FAMILY} {spec.table}\ndelete table {FAMILY} {spec.table}\n"
+    return f"add table {spec.family} {spec.table}\ndelete table {spec.family} {spec.table}\n"
 
 
 # --------------------------------------------------------------------------- parsing nft -j
@@ -236,37 +263,39 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _elements(raw: object, problems: list[str]) -> frozenset[IPv4Address]:
+def _elements(spec: PortFilter, raw: object, problems: list[str]) -> frozenset[Address]:
     if raw is None:
         return frozenset()
     if not isinstance(raw, list):
         problems.append(f"set {SET}: elements are not a list")
         return frozenset()
-    out: set[IPv4Address] = set()
+    out: set[Address] = set()
     for elem in raw:
         try:
             if not isinstance(elem, str):
                 raise AddressValueError(repr(elem))
-            out.add(IPv4Address(elem))
+            out.add(spec.address(elem))
         except AddressValueError:
-            problems.append(f"set {SET}: element {elem!r} is not a plain IPv4 address")
+            problems.append(
+                f"set {SET}: element {elem!r} is not a plain {spec.set_type} address"[:200]
+            )
     return frozenset(out)
 
 
 def parse_table(spec: PortFilter, text: str) -> TableState:
-    """Read `nft -j list table ip <table>`; NftError when the text is not such a listing.
+    """Read `nft -j list table <family> <table>`; NftError when the text is not such a listing.
 
     Anything in the table beyond our shape (another chain, set, rule or object, a different
     hook, priority, policy, set type or flags, a changed rule) is named in `problems`."""
     items = _load_items(text)
     problems: list[str] = []
-    elements: frozenset[IPv4Address] = frozenset()
+    elements: frozenset[Address] = frozenset()
     counter: Counter | None = None
     seen = {"table": False, "set": False, "chain": False, "rules": 0}
     for item in items:
         (kind, body), *_ = item.items()
         owner = body.get("name") if kind == "table" else body.get("table")
-        if body.get("family") != FAMILY or owner != spec.table:
+        if body.get("family") != spec.family or owner != spec.table:
             problems.append(f"{kind} of another table listed: {body!r}"[:200])
             continue
         name = body.get("name")
@@ -281,9 +310,9 @@ def parse_table(spec: PortFilter, text: str) -> TableState:
         elif kind == "set" and name == SET:
             seen["set"] = True
             extra = sorted(set(body) - {"family", "name", "table", "type", "handle", "elem"})
-            if body.get("type") != "ipv4_addr" or extra:
-                problems.append(f"set {SET} is not a plain ipv4_addr set: {body!r}"[:200])
-            elements = _elements(body.get("elem"), problems)
+            if body.get("type") != spec.set_type or extra:
+                problems.append(f"set {SET} is not a plain {spec.set_type} set: {body!r}"[:200])
+            elements = _elements(spec, body.get("elem"), problems)
         elif kind == "chain" and name == CHAIN:
             seen["chain"] = True
             want = {"type": "filter", "hook": "input", "prio": 0, "policy": "accept"}
@@ -297,7 +326,7 @@ def parse_table(spec: PortFilter, text: str) -> TableState:
         else:
             problems.append(f"unexpected {kind} {name!r} in table {spec.table}")
     if not seen["table"]:
-        problems.append(f"table {FAMILY} {spec.table} not in the listing")
+        problems.append(f"table {spec.family} {spec.table} not in the listing")
     if counter is None and not any(p.startswith(f"counter {COUNTER}") for p in problems):
         problems.append(f"counter {COUNTER} is missing")
     if not seen["set"]:
@@ -340,10 +369,10 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 
-def counter_request(table: str, name: str, seq: int) -> bytes:
-    """NFT_MSG_GETOBJ for the named counter of an `ip` table (acknowledged)."""
+def counter_request(table: str, name: str, seq: int, family: str = FAMILY) -> bytes:
+    """NFT_MSG_GETOBJ for the named counter of a table of `family` (acknowledged)."""
     body = (
-        _NFGENMSG.pack(NFPROTO_IPV4, 0, 0)
+        _NFGENMSG.pack(FAMILIES[family][1], 0, 0)
         + nl._attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
         + nl._attr(NFTA_OBJ_NAME, name.encode() + b"\0")
         + nl._attr(NFTA_OBJ_TYPE, _BE32.pack(NFT_OBJECT_COUNTER))
@@ -418,13 +447,13 @@ class CounterReader:
             self._sock = sock
         return self._sock
 
-    def read(self, table: str, name: str) -> Counter | None:
+    def read(self, table: str, name: str, family: str = FAMILY) -> Counter | None:
         """The counter's values; None when the table or counter does not exist."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         seq = self._seq
         try:
             sock = self._socket()
-            sock.send(counter_request(table, name, seq))
+            sock.send(counter_request(table, name, seq, family))
             counter: Counter | None = None
             deadline = time.monotonic() + COUNTER_TIMEOUT
             for _ in range(16):  # our answer and its acknowledgement; stale answers skipped
@@ -440,12 +469,14 @@ class CounterReader:
                 raise NftError("netlink: no acknowledgement for the counter request")
         except OSError as e:  # includes the socket timeout
             self.close()
-            raise NftError(f"reading nft counter {table}/{name}: {e}") from e
+            raise NftError(f"reading nft counter {family} {table}/{name}: {e}") from e
         if reply.error == 0 and counter is not None:
             return counter
         if reply.error in (0, errno.ENOENT):
             return None
-        raise NftError(f"reading nft counter {table}/{name}: {os.strerror(reply.error or 0)}")
+        raise NftError(
+            f"reading nft counter {family} {table}/{name}: {os.strerror(reply.error or 0)}"
+        )
 
     def close(self) -> None:
         if self._sock is not None:
@@ -519,7 +550,7 @@ class NftTable:
 
     async def read(self) -> TableState | None:
         """The table as the kernel has it; None when there is no such table."""
-        rc, out, err = await self._nft(["-j", "list", "table", FAMILY, self.spec.table])
+        rc, out, err = await self._nft(["-j", "list", "table", self.spec.family, self.spec.table])
         if rc != 0:
             if "No such file or directory" in err:
                 return None
@@ -527,12 +558,12 @@ class NftTable:
         return parse_table(self.spec, out)
 
     async def exists(self) -> bool:
-        rc, out, err = await self._nft(["-j", "list", "tables", FAMILY])
+        rc, out, err = await self._nft(["-j", "list", "tables", self.spec.family])
         if rc != 0:
             raise NftError(f"nft list tables failed ({rc}): {err.strip()[:MAX_ERROR_TEXT]}")
-        return (FAMILY, self.spec.table) in parse_tables(out)
+        return (self.spec.family, self.spec.table) in parse_tables(out)
 
-    async def sync(self, peers: AbstractSet[IPv4Address]) -> SyncResult:
+    async def sync(self, peers: AbstractSet[Address]) -> SyncResult:
         """Full pass: make the table exist in our shape and the set hold exactly `peers`."""
         state = await self.read()
         result = SyncResult()
@@ -553,9 +584,7 @@ class NftTable:
             result.transactions = 1
         return result
 
-    async def update(
-        self, admit: AbstractSet[IPv4Address], remove: AbstractSet[IPv4Address]
-    ) -> SyncResult:
+    async def update(self, admit: AbstractSet[Address], remove: AbstractSet[Address]) -> SyncResult:
         """Incremental pass: exactly these elements in or out; NftError when the set is gone."""
         script = element_script(self.spec, admit, remove)
         if not script:
@@ -572,7 +601,7 @@ class NftTable:
 
     def counter(self) -> Counter | None:
         """The drop counter now (synchronous, bounded); None when the table is absent."""
-        return self.counters.read(self.spec.table, COUNTER)
+        return self.counters.read(self.spec.table, COUNTER, self.spec.family)
 
     def close(self) -> None:
         self.counters.close()

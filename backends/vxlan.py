@@ -32,8 +32,21 @@ Dual stack (`EnableIPv6`): a second device `flannel-v6.<VNI>` (VXLAN over the IP
 `local` = the interface's IPv6 address, its own random VTEP MAC published as BackendV6Data, MTU =
 underlay MTU - 70) gets our IPv6 subnet's address as /128 and, per remote dual-stack vxlan lease,
 the same neighbour, FDB and onlink route triple as IPv4 (backends/ipv6.py: a full pass when the
-IPv4 side's is full, else only the difference to the previous pass).
-DirectRouting applies to IPv4 only.
+IPv4 side's is full or the external interface's IPv6 networks changed, else only the difference
+to the previous pass). Both options cover the IPv6 underlay too:
+
+- DirectRouting: a peer whose PublicIPv6 lies in one of the external interface's global IPv6
+  prefixes gets only `<remote v6 subnet> via <PublicIPv6> dev <ext>` (the same `on_link` test as
+  IPv4, backends/vxlan_plan.py); a peer moving on or off link swaps its entries.
+- FilterPeers: a second table of the same name in family ip6, `table ip6 overlay_vxlan`, admits
+  the leases' PublicIPv6s (ours left out). A separate table rather than one `inet` table keeps
+  the IPv4 table exactly as it was (no migration on upgrade, its counter and the documented
+  `nft delete table ip overlay_vxlan` unchanged) and costs hosts without EnableIPv6 nothing;
+  each table changes in one nft transaction (a lease event that changes addresses of both
+  families runs two). A full pass reads and repairs the table; a lease event sends only the
+  difference to the previous pass's addresses (no nft run when there is none). Its drops are
+  published as `overlay_vxlan_peer_filter_ipv6_dropped_{packets,bytes}_total`. The ip6 table is
+  deleted at start when FilterPeers or EnableIPv6 is off, and left in place on SIGTERM.
 """
 
 from __future__ import annotations
@@ -44,12 +57,12 @@ import logging
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from backends import netlink as nl
 from backends import nftset
 from backends.base import BackendAttrs, BackendError, ExternalInterface
-from backends.ipv6 import V6Pass, desired_v6
+from backends.ipv6 import V6Pass, V6Stats, desired_v6
 from backends.links import LinkClient
 from backends.vxlan_device import FILTER_PEERS_KEY, VxlanDevice, VxlanOptions
 from backends.vxlan_plan import ZERO_MAC, DesiredIndex, Peer, Plan, desired_peers, plan
@@ -58,8 +71,9 @@ from subnetmgr.model import Lease, NetworkConfig, Subnet
 log = logging.getLogger(__name__)
 
 FILTER_TABLE = "overlay_vxlan"
-"""The nftables table (family ip) of the peer filter."""
+"""The nftables table of the peer filter: family ip, and family ip6 with EnableIPv6."""
 FILTER_COMMENT = "overlay vxlan: admit only lease PublicIPs (FilterPeers)"
+FILTER_COMMENT6 = "overlay vxlan: admit only lease PublicIPv6s (FilterPeers)"
 MAX_LOGGED_FAILURES = 20
 """Refused entries logged one by one per reconcile; the rest are counted in one line."""
 
@@ -83,6 +97,8 @@ class ReconcileStats:
     """Targeted kernel reads of an incremental pass (a full pass reads three whole tables)."""
     filter: nftset.SyncResult | None = None
     """What the pass did to the peer filter's table (None: FilterPeers is off)."""
+    filter6: nftset.SyncResult | None = None
+    """What the pass did to the IPv6 peer filter's table (None: FilterPeers or EnableIPv6 off)."""
 
 
 MAX_ROUNDS = 4
@@ -130,6 +146,16 @@ class VxlanBackend:
         """The peer filter's table (FilterPeers); with the option off only ever deleted."""
         self._filter_synced = False
         """True once a full filter pass succeeded; an incremental one needs it."""
+        self.filter6 = nftset.NftTable(
+            nftset.PortFilter(FILTER_TABLE, self.options.port, FILTER_COMMENT6, family="ip6"),
+            netns,
+        )
+        """The peer filter over the IPv6 underlay (FilterPeers with EnableIPv6), else only ever
+        deleted."""
+        self._filter6_applied: frozenset[IPv6Address] | None = None
+        """The PublicIPv6s the last IPv6 filter pass left admitted; None: the next one is full."""
+        self._onlink6_for: tuple[IPv6Network, ...] | None = None
+        """The external interface's IPv6 networks the last IPv6 pass was planned with."""
 
     @property
     def device(self) -> str:
@@ -171,7 +197,9 @@ class VxlanBackend:
             if self.dev6 is not None:
                 await self.dev6.ensure()
             if not self.options.filter_peers or not self.ipv4:
-                await self._remove_filter()
+                await self._remove_filter(self.filter)
+            if not self.options.filter_peers or self.dev6 is None:
+                await self._remove_filter(self.filter6)
         v6_data = None
         if self.dev6 is not None:
             assert self.dev6.mac is not None
@@ -273,12 +301,53 @@ class VxlanBackend:
             self.last = stats
             index6 = await self._ensure_v6_device()
             if index6 is not None:
-                want6 = desired_v6(peers, self.own, self.type, need_mac=True,
-                                   skipped=self._skipped6)  # fmt: skip
+                await self._v6_pass(index6, peers, stats.full)
+
+    async def _v6_pass(self, index6: int, peers: Mapping[Subnet, Lease], full: bool) -> V6Stats:
+        """flannel-v6.N's entries (DirectRouting's routes too), then the IPv6 peer filter. A
+        change of the external interface's IPv6 networks makes the pass full."""
+        try:
+            onlink6 = None
+            if self.options.direct_routing:
+                onlink6 = await self.links.onlink_networks6(self.ext.index)
+                key = tuple(onlink6)
+                full = full or key != self._onlink6_for
+                self._onlink6_for = key
+            want6 = desired_v6(peers, self.own, self.type, need_mac=True,
+                               skipped=self._skipped6, onlink=onlink6)  # fmt: skip
+            result = await self.v6.vxlan(index6, want6, full=full, ext_index=self.ext.index,
+                                         network=self.config.ipv6_network)  # fmt: skip
+        except Exception as e:  # pyroute2's NetlinkError is no OSError
+            self._onlink6_for = None
+            raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
+        if self.options.filter_peers:
+            own6 = self.ext.public_ipv6
+            await self._filter6_pass(
+                frozenset(p.public_ipv6 for p in want6.values() if p.public_ipv6 != own6), full
+            )
+        return result
+
+    async def _filter6_pass(self, want: frozenset[IPv6Address], full: bool) -> None:
+        """Make the IPv6 peer filter admit exactly `want`: a full pass reads and repairs the
+        table; otherwise only the difference to the previous pass is sent (nothing when none),
+        and a failed update (table or set deleted by hand) is followed by a full pass."""
+        previous, self._filter6_applied = self._filter6_applied, None
+        table = self.filter6
+        try:
+            if full or previous is None:
+                result = await table.sync(want)
+            else:
                 try:
-                    await self.v6.vxlan(index6, want6, full=stats.full)
-                except Exception as e:  # pyroute2's NetlinkError is no OSError
-                    raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
+                    result = await table.update(want - previous, previous - want)
+                except nftset.NftError as e:
+                    log.warning("IPv6 peer filter: incremental update failed, running a full "
+                                "pass: %s", e)  # fmt: skip
+                    result = await table.sync(want)
+        except nftset.NftError as e:
+            raise self._filter_error(table, e) from e
+        self._filter6_applied = want
+        self.last.filter6 = result
+        self._filter_log(table, result, len(want))
 
     async def _reconcile_v6_only(
         self, peers: Mapping[Subnet, Lease], changed: Collection[Subnet] | None
@@ -288,13 +357,11 @@ class VxlanBackend:
         async with self._lock:
             index6 = await self._ensure_v6_device()
             assert index6 is not None
-            want6 = desired_v6(peers, self.own, self.type, need_mac=True, skipped=self._skipped6)
-            try:
-                result = await self.v6.vxlan(index6, want6, full=changed is None)
-            except Exception as e:  # pyroute2's NetlinkError is no OSError
-                raise BackendError(f"programming {self.v6.name}'s peers: {e}") from e
-            self.last = ReconcileStats(peers=result.peers, applied=result.applied,
-                                       failed=result.failed, full=result.full)  # fmt: skip
+            self.last = ReconcileStats()
+            result = await self._v6_pass(index6, peers, changed is None)
+            last = self.last
+            last.peers, last.applied, last.failed = result.peers, result.applied, result.failed
+            last.full = result.full
 
     def _public_ips(self, subnets: Collection[IPv4Network]) -> set[IPv4Address]:
         state = self._desired
@@ -329,55 +396,63 @@ class VxlanBackend:
         except nftset.NftError as e:
             self._filter_synced = False
             self._desired = None  # the next pass is a full one
-            raise BackendError(
-                f"{FILTER_PEERS_KEY}: cannot program nft table {nftset.FAMILY} {FILTER_TABLE}: {e}"
-            ) from e
+            raise self._filter_error(self.filter, e) from e
         self._filter_synced = True
-        admitted = len(state.by_ip) - (own in state.by_ip)
-        if result.rebuilt:
-            log.warning(
-                "peer filter: nft table %s %s replaced (%d peers): %s",
-                nftset.FAMILY,
-                FILTER_TABLE,
-                admitted,
-                "; ".join(result.rebuilt),
-            )
-        elif result.transactions:
-            log.info("peer filter (%d peers): %s", admitted, nftset.describe(result))
+        self._filter_log(self.filter, result, len(state.by_ip) - (own in state.by_ip))
         return result
 
-    async def _remove_filter(self) -> None:
-        """FilterPeers is off: delete a peer filter table left from an earlier run."""
+    @staticmethod
+    def _filter_error(table: nftset.NftTable, e: nftset.NftError) -> BackendError:
+        return BackendError(
+            f"{FILTER_PEERS_KEY}: cannot program nft table {table.spec.family} {FILTER_TABLE}: {e}"
+        )
+
+    @staticmethod
+    def _filter_log(table: nftset.NftTable, result: nftset.SyncResult, admitted: int) -> None:
+        family = table.spec.family
+        name = "peer filter" if family == nftset.FAMILY else "IPv6 peer filter"
+        if result.rebuilt:
+            log.warning("%s: nft table %s %s replaced (%d peers): %s", name, family,
+                        FILTER_TABLE, admitted, "; ".join(result.rebuilt))  # fmt: skip
+        elif result.transactions:
+            log.info("%s (%d peers): %s", name, admitted, nftset.describe(result))
+
+    async def _remove_filter(self, table: nftset.NftTable) -> None:
+        """FilterPeers is off (for the ip6 table: or EnableIPv6 is): delete a peer filter table
+        left from an earlier run."""
+        family = table.spec.family
+        off = FILTER_PEERS_KEY if not self.options.filter_peers else "EnableIPv6"
         try:
-            if await self.filter.delete():
-                log.warning(
-                    "%s is off: deleted the leftover nft table %s %s",
-                    FILTER_PEERS_KEY,
-                    nftset.FAMILY,
-                    FILTER_TABLE,
-                )
+            if await table.delete():
+                log.warning("%s is off: deleted the leftover nft table %s %s", off, family,
+                            FILTER_TABLE)  # fmt: skip
         except nftset.NftError as e:
             if nftset.nft_command() is None:
                 log.debug("nft is not installed, so no peer filter table to remove: %s", e)
                 return
             raise BackendError(
-                f"{FILTER_PEERS_KEY} is off but the nft table {nftset.FAMILY} {FILTER_TABLE} "
+                f"{off} is off but the nft table {family} {FILTER_TABLE} "
                 f"could not be checked or removed ({e}); it would keep dropping VXLAN from new "
-                f"peers: delete it by hand (nft delete table {nftset.FAMILY} {FILTER_TABLE})"
+                f"peers: delete it by hand (nft delete table {family} {FILTER_TABLE})"
             ) from e
 
     def counters(self) -> dict[str, int]:
-        """The peer filter's drop counter, read now (one netlink request, bounded time); empty
-        when FilterPeers is off or the table is missing. Published as overlay_vxlan_<name>."""
+        """The peer filters' drop counters, read now (one netlink request per table, bounded
+        time); empty when FilterPeers is off or a table is missing. Published as
+        overlay_vxlan_<name>: `peer_filter_...` for the IPv4 underlay (the name it always had),
+        `peer_filter_ipv6_...` for the IPv6 one."""
         if not self.options.filter_peers:
             return {}
-        counter = self.filter.counter()
-        if counter is None:
-            return {}
-        return {
-            "peer_filter_dropped_packets_total": counter.packets,
-            "peer_filter_dropped_bytes_total": counter.bytes,
-        }
+        out: dict[str, int] = {}
+        tables = [("peer_filter", self.filter)]
+        if self.dev6 is not None:
+            tables.append(("peer_filter_ipv6", self.filter6))
+        for prefix, table in tables:
+            counter = table.counter()
+            if counter is not None:
+                out[f"{prefix}_dropped_packets_total"] = counter.packets
+                out[f"{prefix}_dropped_bytes_total"] = counter.bytes
+        return out
 
     async def _full_pass(
         self,
@@ -516,6 +591,7 @@ class VxlanBackend:
         """Close our sockets; devices, neighbours, FDB entries, routes and the peer filter stay
         in place."""
         self.filter.close()
+        self.filter6.close()
         if self._nl is not None:
             self._nl.close()
             self._nl = None

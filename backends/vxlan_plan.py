@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from backends import netlink as nl
@@ -57,6 +57,14 @@ def vtep_mac_of(lease: Lease, *, v6: bool = False) -> str:
     return nl.mac_str(raw)
 
 
+def on_link(
+    ip: IPv4Address | IPv6Address, onlink: Sequence[IPv4Network | IPv6Network] | None
+) -> bool:
+    """DirectRouting's test, for either family: `ip` lies inside one of the external interface's
+    networks (`onlink`; None when DirectRouting is off), so it is reached without a gateway."""
+    return onlink is not None and any(ip.version == net.version and ip in net for net in onlink)
+
+
 def desired_peers(
     peers: Mapping[Subnet, Lease],
     own_subnet: IPv4Network | None,
@@ -84,8 +92,7 @@ def desired_peers(
                     skipped.add(token)
             continue
         ip = lease.attrs.public_ip
-        direct = onlink is not None and any(ip in net for net in onlink)
-        out[subnet] = Peer(subnet, mac, ip, direct)
+        out[subnet] = Peer(subnet, mac, ip, on_link(ip, onlink))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Run as root:  .venv/bin/python bench/bench_vxlan_filter.py [--peers 10000] [--repeats 3]
               [--events 50] [--seconds 5] [--rounds 3] [--skip-throughput] [--realtime]
-              [--only alone,program,events,counter,throughput]
+              [--only alone,program,events,counter,throughput] [--ipv6]
 
 1. Programming N peers (fresh namespace each time, as bench_vxlan_program.py builds it):
    a cold full reconcile with FilterPeers off and on (on = the same plus one nft transaction
@@ -17,6 +17,9 @@ Run as root:  .venv/bin/python bench/bench_vxlan_filter.py [--peers 10000] [--re
    (h1's flannel address -> h2's), rounds alternating filter off / on (the table deleted and
    recreated on both hosts between runs), medians and the on/off ratio.
 
+With --ipv6 the "alone" section runs the ip6 table (FilterPeers over the IPv6 underlay: an
+ipv6_addr set of N addresses) side by side with the ip one and prints the ip6/ip ratios.
+
 Everything happens inside namespaces created here and deleted at the end; traffic stays inside
 them. Not a test: no asserts on speed; a run where the filter did not do its job fails.
 """
@@ -30,7 +33,7 @@ import statistics
 import sys
 import time
 import uuid
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -65,9 +68,9 @@ async def new_backend(ns: str, ext: ExternalInterface, filter_peers: bool) -> Vx
     return b
 
 
-def set_size(ns: str) -> int:
+def set_size(ns: str, family: str = "ip") -> int:
     out = prog.sh(
-        "ip", "netns", "exec", ns, "nft", "-j", "list", "set", "ip", FILTER_TABLE, "peers"
+        "ip", "netns", "exec", ns, "nft", "-j", "list", "set", family, FILTER_TABLE, "peers"
     )
     for item in json.loads(out)["nftables"]:
         if "set" in item:
@@ -137,13 +140,19 @@ async def events(n: int, count: int) -> dict[str, list[float]]:
     return out
 
 
-async def filter_alone(n: int, repeats: int) -> dict[str, list[float]]:
+async def filter_alone(n: int, repeats: int, family: str = "ip") -> dict[str, list[float]]:
     """The nft part by itself (no vxlan device work): create the table with n elements, a full
     pass with nothing to change (list + compare), one element in and out (incremental), and
     for scale the cost of entering the namespace (`ip netns exec NS true`), which every nft
     run here pays and a daemon in its own namespace does not."""
-    peers = frozenset(IPv4Address(int(prog.EXT_IP) + 1 + i) for i in range(n))
-    spec = nftset.PortFilter(FILTER_TABLE, 8472, "bench")
+    peers: frozenset[nftset.Address]
+    if family == "ip":
+        peers = frozenset(IPv4Address(int(prog.EXT_IP) + 1 + i) for i in range(n))
+        extra: nftset.Address = IPv4Address("198.18.0.1")
+    else:
+        peers = frozenset(IPv6Address(int(IPv6Address("fd93::")) + 1 + i) for i in range(n))
+        extra = IPv6Address("fd18::1")
+    spec = nftset.PortFilter(FILTER_TABLE, 8472, "bench", family=family)
     out: dict[str, list[float]] = {
         k: [] for k in ("create", "steady", "one in", "one out", "netns exec")
     }
@@ -153,14 +162,13 @@ async def filter_alone(n: int, repeats: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             result = await table.sync(peers)
             out["create"].append(time.perf_counter() - t0)
-            if not result.created or set_size(ns) != n:
+            if not result.created or set_size(ns, family) != n:
                 raise SystemExit("the table was not created with every element")
             t0 = time.perf_counter()
             result = await table.sync(peers)
             out["steady"].append(time.perf_counter() - t0)
             if result.transactions:
                 raise SystemExit("a steady pass changed the table")
-            extra = IPv4Address("198.18.0.1")
             for _ in range(10):
                 t0 = time.perf_counter()
                 await table.update(frozenset({extra}), frozenset())
@@ -313,6 +321,9 @@ async def main() -> None:
         "--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}"
     )
     parser.add_argument("--realtime", action="store_true", help="iperf3 under SCHED_FIFO")
+    parser.add_argument(
+        "--ipv6", action="store_true", help="section alone: the ip6 table too, side by side"
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     if only - set(SECTIONS):
@@ -322,11 +333,21 @@ async def main() -> None:
     n = args.peers
     print(f"load average at start: {loadavg()}")
 
-    if "alone" in only:
+    if "alone" in only and not args.ipv6:
         alone = await filter_alone(n, args.repeats)
         print(f"\nthe nft part alone, {n} elements, medians (ms)")
         for name, values in alone.items():
             print(f"{name:12} {statistics.median(values) * 1000:8.2f}  ({len(values)} runs)")
+    elif "alone" in only:
+        v4, v6 = {}, {}
+        for _ in range(args.repeats):  # interleaved, one repeat of each at a time
+            for into, family in ((v4, "ip"), (v6, "ip6")):
+                for k, v in (await filter_alone(n, 1, family)).items():
+                    into.setdefault(k, []).extend(v)
+        print(f"\nthe nft part alone, {n} elements, medians (ms): table ip vs table ip6")
+        for name in v4:
+            a, b = statistics.median(v4[name]) * 1000, statistics.median(v6[name]) * 1000
+            print(f"{name:12} {a:8.2f} {b:8.2f}  ip6/ip {b / a:5.2f}  ({len(v4[name])} runs)")
 
     if "program" in only:
         prog_times = await programming(n, args.repeats)

@@ -425,3 +425,47 @@ def test_iface_can_reach_takes_ipv6_and_refuses_garbage(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         parse_options(["--iface-can-reach", "fd00::/64"], {})
     assert "--iface-can-reach" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- DirectRouting (IPv6)
+
+
+def test_desired_v6_marks_on_link_peers_direct() -> None:
+    own = lease("10.1.1.0/24", "fd00:1:0:1::/64", ip=ME)
+    near = lease("10.1.2.0/24", "fd00:1:0:2::/64", ip6="fd99::2")
+    far = lease("10.1.3.0/24", "fd00:1:0:3::/64", ip6="fd77::3")
+    peers = {x.subnet: x for x in (near, far)}
+    nets = [IPv6Network("fd99::/64"), IPv6Network("2001:db8::1/128")]
+    want = desired_v6(peers, own, "vxlan", need_mac=True, skipped=set(), onlink=nets)
+    direct = {str(s): p.direct for s, p in want.items()}
+    assert direct == {"fd00:1:0:2::/64": True, "fd00:1:0:3::/64": False}
+    # DirectRouting off (None) or no networks: nobody is direct.
+    for onlink in (None, []):
+        want = desired_v6(peers, own, "vxlan", need_mac=True, skipped=set(), onlink=onlink)
+        assert not any(p.direct for p in want.values())
+
+
+@given(
+    st.ip_addresses(v=6),
+    st.lists(st.tuples(st.ip_addresses(), st.integers(0, 128)), max_size=6),
+)
+def test_properties_on_link_is_membership_of_the_same_family(
+    ip: IPv6Address, raw: list[tuple[Any, int]]
+) -> None:
+    """on_link is the one test both families' DirectRouting use: inside one of the networks, of
+    its own family (an IPv4 network never holds an IPv6 address, whatever the bits say)."""
+    from backends.vxlan_plan import on_link
+
+    nets: list[Any] = []
+    for addr, plen in raw:
+        nets.append(
+            IPv4Network(f"{addr}/{min(plen, 32)}", strict=False)
+            if addr.version == 4
+            else IPv6Network(f"{addr}/{plen}", strict=False)
+        )
+    expect = any(n.version == 6 and int(ip) >> (128 - n.prefixlen) == int(n.network_address) >> (
+        128 - n.prefixlen) for n in nets)  # fmt: skip
+    assert on_link(ip, nets) is expect
+    assert on_link(ip, None) is False
+    v4 = IPv4Address(int(ip) & 0xFFFFFFFF)
+    assert on_link(v4, nets) is any(n.version == 4 and v4 in n for n in nets)

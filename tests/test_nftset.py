@@ -12,7 +12,7 @@ import json
 import os
 import re
 import struct
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import pytest
@@ -24,9 +24,16 @@ from backends import nftset
 from backends.nftset import Counter, NftError, PortFilter, TableState
 
 SPEC = PortFilter("overlay_vxlan", 8472, "overlay vxlan: admit only lease PublicIPs (FilterPeers)")
+SPEC6 = PortFilter(
+    "overlay_vxlan", 8472, "overlay vxlan: admit only lease PublicIPv6s (FilterPeers)", family="ip6"
+)
 
 addresses = st.ip_addresses(v=4)
 address_sets = st.frozensets(addresses, max_size=300)
+address6_sets = st.frozensets(st.ip_addresses(v=6), max_size=300)
+spec_and_sets = st.one_of(
+    st.tuples(st.just(SPEC), address_sets), st.tuples(st.just(SPEC6), address6_sets)
+)
 u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 counters = st.builds(Counter, u64, u64)
 json_values = st.recursive(
@@ -161,14 +168,14 @@ def test_port_filter_errors(kwargs: dict[str, Any], message: str) -> None:
 # --------------------------------------------------------------------------- parsing nft -j
 
 
-def listing(spec: PortFilter, elements: frozenset[IPv4Address], counter: Counter) -> dict[str, Any]:
-    """`nft -j list table ip <table>` as nftables 1.0.6 prints our table."""
-    t = spec.table
+def listing(spec: PortFilter, elements: frozenset[Any], counter: Counter) -> dict[str, Any]:
+    """`nft -j list table <family> <table>` as nftables 1.0.6 prints our table."""
+    t, f = spec.table, spec.family
     set_body: dict[str, Any] = {
-        "family": "ip",
+        "family": f,
         "name": "peers",
         "table": t,
-        "type": "ipv4_addr",
+        "type": spec.set_type,
         "handle": 3,
     }
     if elements:
@@ -182,10 +189,10 @@ def listing(spec: PortFilter, elements: frozenset[IPv4Address], counter: Counter
                     "json_schema_version": 1,
                 }
             },
-            {"table": {"family": "ip", "name": t, "handle": 1}},
+            {"table": {"family": f, "name": t, "handle": 1}},
             {
                 "counter": {
-                    "family": "ip",
+                    "family": f,
                     "name": "dropped",
                     "table": t,
                     "handle": 2,
@@ -196,7 +203,7 @@ def listing(spec: PortFilter, elements: frozenset[IPv4Address], counter: Counter
             {"set": set_body},
             {
                 "chain": {
-                    "family": "ip",
+                    "family": f,
                     "table": t,
                     "name": "input",
                     "handle": 1,
@@ -208,7 +215,7 @@ def listing(spec: PortFilter, elements: frozenset[IPv4Address], counter: Counter
             },
             {
                 "rule": {
-                    "family": "ip",
+                    "family": f,
                     "table": t,
                     "chain": "input",
                     "handle": 4,
@@ -236,7 +243,15 @@ MUTATIONS: dict[str, Any] = {
     "chain policy": lambda d: _item(d, "chain").update(policy="drop"),
     "chain hook": lambda d: _item(d, "chain").update(hook="prerouting"),
     "set flags": lambda d: _item(d, "set").update(flags=["interval"]),
-    "set type": lambda d: _item(d, "set").update(type="ipv6_addr"),
+    "set type": lambda d: _item(d, "set").update(
+        type="ipv6_addr" if _item(d, "set")["type"] == "ipv4_addr" else "ipv4_addr"
+    ),
+    "element of the other family": lambda d: _item(d, "set").update(
+        elem=["fd00::1" if ":" not in _item(d, "set")["elem"][0] else "10.0.0.1"]
+    ),
+    "rule of the other family": lambda d: _item(d, "rule")["expr"][1]["match"]["left"][
+        "payload"
+    ].update(protocol="ip6" if _item(d, "rule")["family"] == "ip" else "ip"),
     "set timeout": lambda d: _item(d, "set").update(timeout=60),
     "element not an address": lambda d: _item(d, "set").update(elem=[{"prefix": "x"}]),
     "element a range": lambda d: _item(d, "set").update(elem=[{"range": ["1.1.1.1", "1.1.1.9"]}]),
@@ -247,10 +262,13 @@ MUTATIONS: dict[str, Any] = {
     "rule missing": lambda d: d["nftables"].remove({"rule": _item(d, "rule")}),
     "extra rule": lambda d: d["nftables"].append({"rule": copy.deepcopy(_item(d, "rule"))}),
     "extra chain": lambda d: d["nftables"].append(
-        {"chain": {"family": "ip", "table": "overlay_vxlan", "name": "other"}}
+        {"chain": {"family": _item(d, "table")["family"], "table": "overlay_vxlan", "name": "o"}}
     ),
     "extra map": lambda d: d["nftables"].append(
-        {"map": {"family": "ip", "table": "overlay_vxlan", "name": "m"}}
+        {"map": {"family": _item(d, "table")["family"], "table": "overlay_vxlan", "name": "m"}}
+    ),
+    "another family's table": lambda d: _item(d, "table").update(
+        family="inet" if _item(d, "table")["family"] == "ip" else "ip"
     ),
     "counter missing": lambda d: d["nftables"].remove({"counter": _item(d, "counter")}),
     "counter negative": lambda d: _item(d, "counter").update(packets=-1),
@@ -262,11 +280,15 @@ MUTATIONS: dict[str, Any] = {
 }
 
 
+ONE = {"ip": frozenset({IPv4Address("10.0.0.1")}), "ip6": frozenset({IPv6Address("fd00::9")})}
+
+
+@pytest.mark.parametrize("spec", [SPEC, SPEC6], ids=["ip", "ip6"])
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
-def test_parse_table_names_every_deviation(mutation: str) -> None:
-    doc = listing(SPEC, frozenset({IPv4Address("10.0.0.1")}), Counter(1, 2))
+def test_parse_table_names_every_deviation(spec: PortFilter, mutation: str) -> None:
+    doc = listing(spec, ONE[spec.family], Counter(1, 2))
     MUTATIONS[mutation](doc)
-    state = nftset.parse_table(SPEC, json.dumps(doc))
+    state = nftset.parse_table(spec, json.dumps(doc))
     assert state.problems, f"{mutation}: not noticed"
 
 
@@ -471,3 +493,104 @@ async def test_nft_that_cannot_be_started_is_an_nft_error(
     monkeypatch.setenv("PATH", str(tmp_path))  # nft found, ip not
     with pytest.raises(NftError, match="cannot run ip netns exec"):
         await nftset.NftTable(SPEC, netns="overlay-any").read()
+
+
+# --------------------------------------------------------------------------- the ip6 family
+
+
+def test_table_script_pinned_ip6() -> None:
+    peers = {IPv6Address("fd93::2"), IPv6Address("2001:db8::1")}
+    assert nftset.table_script(SPEC6, peers) == (
+        "table ip6 overlay_vxlan {\n"
+        "\tcounter dropped { packets 0 bytes 0 }\n"
+        "\tset peers { type ipv6_addr; }\n"
+        "\tchain input {\n"
+        "\t\ttype filter hook input priority filter; policy accept;\n"
+        '\t\tudp dport 8472 ip6 saddr != @peers counter name "dropped" drop '
+        'comment "overlay vxlan: admit only lease PublicIPv6s (FilterPeers)"\n'
+        "\t}\n"
+        "}\n"
+        "add element ip6 overlay_vxlan peers { 2001:db8::1, fd93::2 }\n"
+    )
+    assert (
+        nftset.delete_script(SPEC6)
+        == "add table ip6 overlay_vxlan\ndelete table ip6 overlay_vxlan\n"
+    )
+
+
+_ANY_STATEMENT = re.compile(r"^(add|delete) element (ip6?) overlay_vxlan peers \{ (.+) \}$")
+
+
+@given(spec_and_sets, st.data())
+def test_scripts_of_either_family_hold_each_address_once(
+    spec_set: tuple[PortFilter, frozenset[Any]], data: st.DataObject
+) -> None:
+    spec, peers = spec_set
+    table = nftset.table_script(spec, peers)
+    assert f"table {spec.family} overlay_vxlan {{" in table.splitlines()
+    assert f"\tset peers {{ type {spec.set_type}; }}" in table.splitlines()
+    listed: list[Any] = []
+    for line in table.splitlines():
+        m = _ANY_STATEMENT.match(line)
+        if m:
+            assert (m.group(1), m.group(2)) == ("add", spec.family)
+            listed += [spec.address(a) for a in m.group(3).split(", ")]
+    assert sorted(listed, key=int) == sorted(peers, key=int)
+    remove = data.draw(st.frozensets(st.sampled_from(sorted(peers, key=int)))) if peers else set()
+    admit = peers - remove
+    found = [
+        (m.group(1), m.group(2), [spec.address(a) for a in m.group(3).split(", ")])
+        for line in nftset.element_script(spec, admit, remove).splitlines()
+        if (m := _ANY_STATEMENT.match(line))
+    ]
+    assert all(fam == spec.family for _, fam, _ in found)
+    assert sorted(a for v, _, c in found if v == "delete" for a in c) == sorted(remove, key=int)
+
+
+@given(address_sets, address6_sets)
+def test_an_address_of_the_other_family_is_refused(
+    v4: frozenset[IPv4Address], v6: frozenset[IPv6Address]
+) -> None:
+    """An IPv4 address in an ip6 script (or the reverse) would make nft refuse the whole file:
+    the generator refuses it first, naming it."""
+    for spec, good, bad in ((SPEC, v4, v6), (SPEC6, v6, v4)):
+        if bad:
+            with pytest.raises(ValueError, match="addresses for an"):
+                nftset.table_script(spec, good | bad)
+            with pytest.raises(ValueError, match="addresses for an"):
+                nftset.element_script(spec, frozenset(), bad)
+        else:
+            nftset.table_script(spec, good)
+
+
+@given(address6_sets, counters)
+def test_parse_table_ip6_round_trip(elements: frozenset[IPv6Address], counter: Counter) -> None:
+    text = json.dumps(listing(SPEC6, elements, counter))
+    assert nftset.parse_table(SPEC6, text) == TableState(elements, counter, ())
+    # The same listing read as the other family's table is all problems, never a crash.
+    assert nftset.parse_table(SPEC, text).problems
+
+
+@given(json_values)
+def test_parse_table_ip6_of_any_json_is_a_state_or_nft_error(value: Any) -> None:
+    for doc in (value, {"nftables": [value]}, {"nftables": [{"set": value}]}):
+        try:
+            state = nftset.parse_table(SPEC6, json.dumps(doc))
+        except NftError:
+            continue
+        assert state.problems
+        assert all(isinstance(a, IPv6Address) for a in state.elements)
+
+
+def test_counter_request_names_the_family() -> None:
+    for family, nfproto in (("ip", 2), ("ip6", 10)):
+        req = nftset.counter_request("overlay_vxlan", "dropped", 7, family)
+        assert struct.unpack_from("=B", req, 16) == (nfproto,)
+    with pytest.raises(KeyError):
+        nftset.counter_request("overlay_vxlan", "dropped", 7, "inet")
+
+
+@pytest.mark.parametrize("family", ["inet", "bridge", "", "ip4"])
+def test_port_filter_refuses_other_families(family: str) -> None:
+    with pytest.raises(ValueError, match="nft family"):
+        PortFilter("t", 8472, "c", family=family)
