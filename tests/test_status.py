@@ -208,7 +208,7 @@ def test_status_doc_hostile_values() -> None:
             {
                 "ready": 1,
                 "reason": "x\x1b[2J" * 100,
-                "lease": {"subnet": "10.1.2.3/24", "public_ip": "::1", "expiry_seconds": True},
+                "lease": {"subnet": "10.1.2.3/24", "public_ip": "1.2.3.4.5", "expiry_seconds": True},
             }
         )
     )
@@ -216,6 +216,10 @@ def test_status_doc_hostile_values() -> None:
     assert "\x1b" not in out["reason"] and len(out["reason"]) <= 200
     assert out["lease"]["subnet"] is None  # host bits set: not a subnet
     assert out["lease"]["public_ip"] is None and out["lease"]["ttl_seconds"] is None
+    # An IPv6-only host's lease is named by its IPv6 subnet and PublicIPv6.
+    lease6 = {"subnet": "fd00:1:0:5::/64", "public_ip": "fd99::5"}
+    out = parse_status_doc(json.dumps({"ready": True, "lease": lease6}))
+    assert out["lease"]["subnet"] == "fd00:1:0:5::/64" and out["lease"]["public_ip"] == "fd99::5"
 
 
 # --------------------------------------------------------------------------- read_daemon
