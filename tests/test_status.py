@@ -208,7 +208,11 @@ def test_status_doc_hostile_values() -> None:
             {
                 "ready": 1,
                 "reason": "x\x1b[2J" * 100,
-                "lease": {"subnet": "10.1.2.3/24", "public_ip": "1.2.3.4.5", "expiry_seconds": True},
+                "lease": {
+                    "subnet": "10.1.2.3/24",
+                    "public_ip": "1.2.3.4.5",
+                    "expiry_seconds": True,
+                },
             }
         )
     )
