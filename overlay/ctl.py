@@ -391,13 +391,11 @@ def parse_address(text: str, what: str = "public IP") -> IPv4Address | IPv6Addre
         ) from None
 
 
-def _subnet_arg(text: str) -> IPv4Network:
+def _subnet_arg(text: str) -> IPv4Network | IPv6Network:
+    """A lease named by its IPv4 subnet, or by its IPv6 one (an IPv6-only or dual-stack key)."""
     net = parse_subnet(text)
-    if not isinstance(net, IPv4Network):
-        raise UsageError(
-            f"subnet {net} is IPv6: name a lease by its IPv4 subnet such as 10.1.7.0/24 "
-            "(revoking an IPv6-only lease by its IPv6 subnet is not supported yet)"
-        )
+    if net == NO_IPV4:
+        raise UsageError("0.0.0.0/0 names no lease: name an IPv6-only lease by its IPv6 subnet")
     return net
 
 
@@ -670,7 +668,8 @@ def build_parser(plugin_modules: Sequence[str] = PLUGIN_MODULES) -> argparse.Arg
         "unreserve). A key renewed between the check and the delete is left alone.",
     )
     revoke.add_argument("subnet", metavar="SUBNET",
-                        help="e.g. 10.1.7.0/24 (also a dual-stack lease's key)")  # fmt: skip
+                        help="the lease's IPv4 subnet, e.g. 10.1.7.0/24, or its IPv6 subnet, "
+                        "e.g. fd00:1:0:7::/64 (an IPv6-only or dual-stack lease)")  # fmt: skip
     revoke.add_argument("--force", action="store_true",
                         help="revoke even a lease whose host renewed it on time")  # fmt: skip
     # SUPPRESS: `leases --renew-margin N revoke` keeps N (a subparser default would replace it).

@@ -33,6 +33,7 @@ from subnetmgr.etcdconn import (
     RegistryError,
 )
 from subnetmgr.model import (
+    NO_IPV4,
     Lease,
     LeaseAttrs,
     MalformedLease,
@@ -722,13 +723,25 @@ class EtcdRegistry:
 
     # ------------------------------------------------------------------ revoke (overlayctl)
 
-    async def inspect_key(self, subnet: IPv4Network) -> KeyRecord | None:
-        """The raw key holding `subnet` (also a dual-stack `<v4>&<v6>` key) and what etcd says
-        of its etcd lease; None when there is no such key."""
-        first = self.key(subnet)
-        resp = await self._range(first, _range_end(first))
-        kv = next((kv for kv in resp.kvs if kv.key == first or kv.key.startswith(first + b"&")),
-                  None)  # fmt: skip
+    async def inspect_key(self, subnet: IPv4Network | IPv6Network) -> KeyRecord | None:
+        """The raw key holding `subnet` and what etcd says of its etcd lease; None when there is
+        no such key. An IPv4 subnet finds its key, also a dual-stack `<v4>&<v6>` one; an IPv6
+        subnet finds the IPv6-only key `0.0.0.0-0&<v6>`, else the dual-stack key naming it (a
+        scan of the keys: it is not a key prefix)."""
+        if isinstance(subnet, IPv6Network):
+            only6 = self.key(NO_IPV4, subnet)
+            resp = await self._range(only6)
+            if not resp.kvs:
+                resp = await self._range(self._subnets, self._subnets_end)
+            tail = b"&" + subnet_key(NO_IPV4, subnet).split("&", 1)[1].encode()
+            kv = next((kv for kv in resp.kvs if kv.key.endswith(tail)), None)
+        else:
+            first = self.key(subnet)
+            resp = await self._range(first, _range_end(first))
+            kv = next(
+                (kv for kv in resp.kvs if kv.key == first or kv.key.startswith(first + b"&")),
+                None,
+            )
         if kv is None:
             return None
         ttl = granted = -1

@@ -26,10 +26,8 @@ from overlay.ctl import (
 )
 from subnetmgr.model import (
     NO_IPV4,
-    ConfigError,
     Lease,
     LeaseAttrs,
-    NetworkConfig,
     parse_subnet_key,
     subnet_key,
 )
@@ -97,14 +95,6 @@ def table(out: str) -> tuple[list[str], list[list[str]]]:
     lines = out.splitlines()
     end = lines.index("") if "" in lines else len(lines)
     return lines[0].split(), [line.split() for line in lines[1:end]]
-
-
-def ipv6_only_config_supported() -> bool:
-    try:
-        NetworkConfig.from_json(V6_ONLY_CONFIG)
-    except ConfigError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- leases
@@ -175,8 +165,6 @@ def test_ipv6_only_table_and_json(
     config: str | None,
 ) -> None:  # fmt: skip
     if config is not None:
-        if not ipv6_only_config_supported():
-            pytest.skip("this tree's NetworkConfig refuses EnableIPv4:false")
         assert ctl(etcd_server, etcd_prefix, "config", "set", config) == 0
     put(etcd_server, etcd_prefix, "0.0.0.0-0&fd00:1:0:5::-64", v6_only_value(5), 3600)
     put(etcd_server, etcd_prefix, "0.0.0.0-0&fd00:1:0:6::-64", v6_only_value(6))
@@ -259,8 +247,6 @@ def test_reserve_and_unreserve_ipv6_only(
     config: str | None,
 ) -> None:  # fmt: skip
     if config is not None:
-        if not ipv6_only_config_supported():
-            pytest.skip("this tree's NetworkConfig refuses EnableIPv4:false")
         assert ctl(etcd_server, etcd_prefix, "config", "set", config) == 0
     assert ctl(etcd_server, etcd_prefix, "reserve", "fd00:1:0:7::/64", "fd00::20") == 0
     out = capsys.readouterr().out
@@ -344,8 +330,6 @@ def test_bad_reservations_are_refused_and_nothing_written(
     etcd_server: EtcdServer, etcd_prefix: str, cleanup: None, capsys: pytest.CaptureFixture[str],
     config: str, args: tuple[str, ...], needle: str,
 ) -> None:  # fmt: skip
-    if config == V6_ONLY_CONFIG and not ipv6_only_config_supported():
-        pytest.skip("this tree's NetworkConfig refuses EnableIPv4:false")
     assert ctl(etcd_server, etcd_prefix, "config", "set", config) == 0
     capsys.readouterr()
     assert ctl(etcd_server, etcd_prefix, "reserve", *args) == 2

@@ -7,7 +7,7 @@ import asyncio
 import os
 import subprocess
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 from hypothesis import given
@@ -116,8 +116,10 @@ def test_refuses_reservations_missing_and_bad_subnets(
     for bad in ("10.1.8.1/24", "10.1.8.0/33", "10.1.8.0", "x" * 5000, "10.1.8.0/24\n"):
         assert ctl(etcd_server, etcd_prefix, "leases", "revoke", bad) == 2
         assert "is not a subnet such as 10.1.7.0/24" in capsys.readouterr().err
-    assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "fd00::/64") == 2
-    assert "subnet fd00::/64 is IPv6: name a lease by its IPv4 subnet" in capsys.readouterr().err
+    assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "fd00::/64") == 1
+    assert "no lease for fd00::/64" in capsys.readouterr().err
+    assert ctl(etcd_server, etcd_prefix, "leases", "revoke", "0.0.0.0/0") == 2
+    assert "0.0.0.0/0 names no lease" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         ctl(etcd_server, etcd_prefix, "leases", "revoke", "10.1.8.0/24", "--renew-margin", "-1")
     assert exc.value.code == 2
@@ -184,3 +186,48 @@ def test_looks_dead_rule(left: int | None, margin: int) -> None:
         assert looks_dead(left - 1, margin)
     else:
         assert not looks_dead(left + 1, margin)
+
+
+@pytest.mark.parametrize(
+    ("subnet", "ipv6_subnet", "named"),
+    [
+        ("0.0.0.0/0", "fd00:1:0:5::/64", "fd00:1:0:5::/64"),  # IPv6-only: by its IPv6 subnet
+        ("10.1.5.0/24", "fd00:1:0:6::/64", "fd00:1:0:6::/64"),  # dual stack: by either
+        ("10.1.5.0/24", "fd00:1:0:6::/64", "10.1.5.0/24"),
+    ],
+)
+def test_revoke_an_ipv6_only_or_dual_stack_lease_by_its_ipv6_subnet(
+    etcd_server: EtcdServer, etcd_prefix: str, cleanup: None, capsys: pytest.CaptureFixture[str],
+    subnet: str, ipv6_subnet: str, named: str,
+) -> None:  # fmt: skip
+    attrs = LeaseAttrs(
+        IPv4Address("0.0.0.0" if subnet == "0.0.0.0/0" else "192.168.1.11"),
+        IPv6Address("fd99::11"), "vxlan", None, {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:45"},
+    )  # fmt: skip
+
+    async def create() -> tuple[str, int]:
+        registry = await EtcdRegistry.connect(
+            EtcdOptions(endpoints=(etcd_server.endpoint,), prefix=etcd_prefix)
+        )
+        try:
+            lease = await registry.create_lease(
+                IPv4Network(subnet), attrs, 3600, IPv6Network(ipv6_subnet)
+            )
+            assert lease is not None
+            record = await registry.inspect_key(IPv6Network(ipv6_subnet))
+            assert record is not None and record.key == lease.key
+            return lease.key, record.lease_id
+        finally:
+            await registry.close()
+
+    key, lease_id = asyncio.run(create())
+    # A second key that merely shares a prefix of the text is never the one found.
+    etcdctl(etcd_server, "put", f"{etcd_prefix}/subnets/0.0.0.0-0&fd00:1:0:5::-640", "{}")
+    capsys.readouterr()
+    assert ctl(etcd_server, etcd_prefix, "leases", "revoke", named) == 1  # renewed on time
+    assert f"refusing to revoke {named}" in capsys.readouterr().err
+    assert ctl(etcd_server, etcd_prefix, "leases", "revoke", named, "--force") == 0
+    out = capsys.readouterr()
+    assert f"revoked {named} (--force)" in out.out and "fd99::11" in out.out
+    assert etcdctl(etcd_server, "get", f"{etcd_prefix}/subnets/{key}") == ""
+    assert not lease_alive(etcd_server, lease_id)
