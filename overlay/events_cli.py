@@ -214,17 +214,18 @@ async def mqtt_feed(broker: tuple[str, int], topic: str, feed: Feed) -> None:
 
 def lease_doc(kind: str, lease: Any, revision: int) -> dict[str, Any]:
     """An etcd lease event in the shape of the MQTT events."""
-    data = lease.attrs.backend_data or {}
+    # An IPv6-only lease has no BackendData: its VTEP MAC is BackendV6Data's.
+    data = lease.attrs.backend_data or lease.attrs.backend_v6_data or {}
     mac = data.get("VtepMAC")
     ttl = None
     if lease.expiration is not None and 0 < lease.expiration < math.inf:  # 0, inf: unknown
         ttl = max(0, int(lease.expiration - time.time()))
-    public_ip = str(lease.attrs.public_ip)
+    host = lease.attrs.address  # an IPv6-only lease's PublicIPv6 (its PublicIP is 0.0.0.0)
     return {
         "event": kind,
-        "host": None if public_ip == "0.0.0.0" else public_ip,
+        "host": None if host.is_unspecified else str(host),
         "time": round(time.time(), 3),
-        "subnet": str(lease.subnet),
+        "subnet": str(lease.ident),
         "backend": lease.attrs.backend_type or "udp",
         "vtep_mac": mac if isinstance(mac, str) else None,
         "ttl": ttl,
@@ -234,7 +235,7 @@ def lease_doc(kind: str, lease: Any, revision: int) -> dict[str, Any]:
 
 
 def ignored_doc(ignored: Any) -> dict[str, Any]:
-    host = str(ignored.lease.attrs.public_ip) if ignored.lease is not None else None
+    host = str(ignored.lease.attrs.address) if ignored.lease is not None else None
     return {"event": "lease_ignored", "host": host, "time": round(time.time(), 3),
             "key": ignored.key, "reason": ignored.reason, "detail": ignored.detail,
             "revision": ignored.revision}  # fmt: skip

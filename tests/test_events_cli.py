@@ -306,3 +306,23 @@ def test_a_broken_field_is_skipped_with_its_reason(
     else:
         assert got.reason in {"event": ("bad_event",), "host": ("bad_host", "host_mismatch"),
                               "time": ("bad_time",)}[field]  # fmt: skip
+
+
+def test_an_ipv6_only_lease_event_names_its_ipv6_subnet_and_host() -> None:
+    """flannel's IPv6-only lease (key 0.0.0.0-0&<v6>, PublicIP 0.0.0.0, no BackendData) is
+    shown by its IPv6 subnet, its PublicIPv6 and BackendV6Data's VTEP MAC."""
+    from ipaddress import IPv6Address, IPv6Network
+
+    from overlay.events_cli import lease_doc
+    from subnetmgr.model import NO_IPV4, Lease
+
+    attrs = LeaseAttrs(IPv4Address(0), IPv6Address("fd99::5"), "vxlan", None,
+                       {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:46"})  # fmt: skip
+    doc = lease_doc("lease_added", Lease(NO_IPV4, attrs, IPv6Network("fd00:1:0:5::/64")), 7)
+    assert (doc["host"], doc["subnet"], doc["vtep_mac"]) == (
+        "fd99::5",
+        "fd00:1:0:5::/64",
+        "c6:d2:32:6f:8f:46",
+    )
+    gone = lease_doc("lease_removed", Lease(NO_IPV4, LeaseAttrs(IPv4Address(0))), 8)
+    assert gone["host"] is None
