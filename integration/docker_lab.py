@@ -23,8 +23,8 @@ With `ipv6` (`--ipv6`, dual stack) the Docker network also gets the lab's ULA /6
 and the containers IPv6 enabled (Docker 20.10 turns `disable_ipv6` on for every interface
 but eth0), DAD off and IPv6 forwarding on, as `_dual_stack_sysctls` does on a netns host.
 With `ipv6_only` (`--ipv6-only`) Docker still gives every endpoint an IPv4 address (its bridge
-driver needs an IPv4 pool; `--ipv4=false` exists only from Docker 28, and this engine is
-Debian's 20.10): the lab removes it (`ip -4 addr flush dev eth0`, which takes the IPv4 routes
+driver needs an IPv4 pool; Docker 28's `--ipv4=false` is ignored by Debian's 20.10 engine,
+tried): the lab removes it (`ip -4 addr flush dev eth0`, which takes the IPv4 routes
 with it) from every host container and from etcd's right after the container starts, before
 anything in it uses the network; etcd listens on `[::]` and is reached at `<ULA /64>::fd`, the
 daemons answer /readyz on `::`.
