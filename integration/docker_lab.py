@@ -18,6 +18,17 @@ options, same output, same connectivity matrix) with these differences:
   flannel CNI plugin, exactly as on a netns host (the plugin reads the host container's
   subnet.env through /proc/PID/root).
 
+With `ipv6` (`--ipv6`, dual stack) the Docker network also gets the lab's ULA /64 (gateway
+`::fe` on the root namespace's bridge), each host `<ULA /64>::<index>` beside its IPv4 address,
+and the containers IPv6 enabled (Docker 20.10 turns `disable_ipv6` on for every interface
+but eth0), DAD off and IPv6 forwarding on, as `_dual_stack_sysctls` does on a netns host.
+With `ipv6_only` (`--ipv6-only`) Docker still gives every endpoint an IPv4 address (its bridge
+driver needs an IPv4 pool; Docker 28's `--ipv4=false` is ignored by Debian's 20.10 engine,
+tried): the lab removes it (`ip -4 addr flush dev eth0`, which takes the IPv4 routes
+with it) from every host container and from etcd's right after the container starts, before
+anything in it uses the network; etcd listens on `[::]` and is reached at `<ULA /64>::fd`, the
+daemons answer /readyz on `::`.
+
 The image is built locally, in three cached layers keyed by content hashes (see
 `ensure_image`), and the Docker engine is started when none answers (`ensure_engine`).
 Everything the lab makes in Docker carries the labels `org.overlay.lab=NAME` and
@@ -38,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +60,7 @@ from integration.lab import (
     LabError,
     NodeState,
     Progress,
+    _underlay6,
     free_underlay,
     http_status,
     machine_lock,
@@ -85,6 +97,8 @@ CODE_FILES = (
     "scripts/vagrant-provision.sh",
 )
 ETCD_PORT = 2379
+ETCD_HOST_ID = 0xFD
+"""etcd's address on the IPv6 underlay: `<ULA /64>::fd` (the IPv4 one is the .253)."""
 # No SYS_ADMIN: with it, systemd in the container remounts /sys/fs/cgroup read-only, and on a
 # cgroup v1 host that mount is a bind of the host's own tmpfs: its superblock (the host's
 # /sys/fs/cgroup) turned read-only, which broke crun/podman on the host. Seen here, fixed.
@@ -589,32 +603,91 @@ class ContainerLab(Lab):
         with self._pool_lock():
             net = await free_underlay()
             self.state.underlay = str(net)
+            if self.state.ipv6:
+                self.state.underlay6 = str(_underlay6(self.name, self.state.underlay))
             self.state.docker_network = self.docker_network
             self.save()
-            ipam = docker.types.IPAMConfig(
-                pool_configs=[docker.types.IPAMPool(subnet=str(net), gateway=str(self.mgmt_ip.ip))]
-            )
+            pools = [docker.types.IPAMPool(subnet=str(net), gateway=str(self.mgmt_ip.ip))]
+            if self.state.ipv6:
+                pools.append(
+                    docker.types.IPAMPool(
+                        subnet=self.state.underlay6, gateway=str(self.mgmt_ip6.ip)
+                    )
+                )
             await asyncio.to_thread(
                 client.networks.create,
                 self.docker_network,
                 driver="bridge",
                 internal=True,
                 check_duplicate=True,  # Docker would otherwise make a second "ovl-NAME"
-                ipam=ipam,
+                ipam=docker.types.IPAMConfig(pool_configs=pools),
+                enable_ipv6=self.state.ipv6,
                 labels=self.labels,
-                options={"com.docker.network.bridge.name": f"ovb-{self.name}"},
+                options={"com.docker.network.bridge.name": self.bridge},
             )
+        gateways = f"{self.mgmt_ip.ip}"
+        if self.state.ipv6:
+            # Docker adds this gateway without nodad: it stays tentative until the bridge has
+            # a port (etcd's container), then DAD takes about 1 s; the wait for etcd's
+            # /health covers it.
+            gateways += f" and {self.mgmt_ip6.ip}"
         self.progress(
-            f"underlay {self.state.underlay} on Docker network {self.docker_network} "
-            f"(bridge ovb-{self.name}, gateway {self.mgmt_ip.ip})"
+            f"underlay {self.state.underlay}"
+            + (f" and {self.state.underlay6}" if self.state.ipv6 else "")
+            + f" on Docker network {self.docker_network} (bridge {self.bridge}, gateway "
+            f"{gateways})"
         )
 
-    def _container(self, name: str, ip: str, command: list[str], hostname: str) -> Any:
-        """A testcontainers DockerContainer of the lab image on the underlay at `ip`."""
+    @property
+    def bridge(self) -> str:
+        """The Docker network's bridge in the root namespace."""
+        return f"ovb-{self.name}"
+
+    async def _wait_dad(self, pid: int, dev: str, limit: float = 10.0) -> None:
+        """Until no IPv6 address of `dev` in the network namespace of `pid` is tentative."""
+        prefix = ["nsenter", f"--target={pid}", "--net", "--"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            out = await run(*prefix, "ip", "-6", "-o", "addr", "show", "dev", dev, "tentative")
+            if not out.strip():
+                return
+            if loop.time() > deadline:
+                raise LabError(f"IPv6 addresses of {dev} still tentative after {limit}s: {out}")
+            await asyncio.sleep(0.1)
+
+    async def _drop_ipv4(self, pid: int, what: str) -> None:
+        """An IPv6-only lab: remove the IPv4 address Docker gave eth0 in the container of
+        init `pid` (its IPv4 routes go with it) and check that no IPv4 is left but loopback's."""
+        net = ["nsenter", f"--target={pid}", "--net", "--"]
+        await run(*net, "ip", "-4", "addr", "flush", "dev", "eth0")
+        addrs = await run(*net, "ip", "-4", "-o", "addr", "show")
+        left = [line for line in addrs.splitlines() if line.split()[1:2] != ["lo"]]
+        routes = (await run(*net, "ip", "-4", "route", "show")).strip()
+        if left or routes:
+            raise LabError(f"{what}: IPv4 left after the flush: {left} {routes!r}")
+
+    def _container(
+        self, name: str, ip: str, command: list[str], hostname: str,
+        ip6: str | None = None, forwarding: bool = False,
+    ) -> Any:  # fmt: skip
+        """A testcontainers DockerContainer of the lab image on the underlay at `ip` (and `ip6`
+        in an `ipv6` lab: IPv6 enabled, DAD off, IPv6 forwarding as `forwarding` says)."""
         from docker.types import EndpointConfig
         from testcontainers.core.container import DockerContainer
 
         version = str(self.client.api.api_version)
+        sysctls: dict[str, str] = {}
+        if self.state.ipv6:
+            # Docker 20.10 sets disable_ipv6 on "all" and "default" (eth0 alone gets IPv6):
+            # flannel-v6.1, cni0 and the veths made later need it off. The sysctls apply
+            # after eth0 is moved in, so its link-local address still goes through DAD
+            # (`_make_host` waits for it); the devices made later skip it.
+            for conf in ("all", "default"):
+                sysctls[f"net.ipv6.conf.{conf}.disable_ipv6"] = "0"
+                sysctls[f"net.ipv6.conf.{conf}.accept_dad"] = "0"
+            if forwarding:
+                sysctls["net.ipv6.conf.all.forwarding"] = "1"
         return (
             DockerContainer(self.state.image)
             .with_name(name)
@@ -626,7 +699,10 @@ class ContainerLab(Lab):
                 hostname=hostname,
                 labels=self.labels,
                 network=self.docker_network,
-                networking_config={self.docker_network: EndpointConfig(version, ipv4_address=ip)},
+                networking_config={
+                    self.docker_network: EndpointConfig(version, ipv4_address=ip, ipv6_address=ip6)
+                },
+                sysctls=sysctls,
                 cap_add=HOST_CAPS,
                 devices=["/dev/net/tun:/dev/net/tun:rwm"],
                 stop_signal="SIGRTMIN+3",
@@ -634,24 +710,42 @@ class ContainerLab(Lab):
             )
         )
 
-    async def _start_local_etcd(self) -> None:
+    def _etcd_ips(self) -> tuple[str, str | None]:
+        """etcd's container addresses: the underlay's .253, and `<ULA /64>::fd` (ipv6 labs)."""
         ip = str(IPv4Network(self.state.underlay).broadcast_address - 2)
-        endpoint = f"http://{ip}:{ETCD_PORT}"
+        if not self.state.ipv6:
+            return ip, None
+        return ip, str(IPv6Network(self.state.underlay6).network_address + ETCD_HOST_ID)
+
+    def _etcd_address(self) -> str:
+        """Where the lab reaches etcd: its IPv6 address in an IPv6-only lab, else its IPv4 one."""
+        ip, ip6 = self._etcd_ips()
+        return ip6 if self.state.ipv6_only and ip6 is not None else ip
+
+    async def _start_local_etcd(self) -> None:
+        ip, ip6 = self._etcd_ips()
+        address = self._etcd_address()
+        shown = f"[{address}]" if ":" in address else address
+        endpoint = f"http://{shown}:{ETCD_PORT}"
         self.state.etcd_container = self.etcd_container
         self.save()
+        listen = "[::]" if self.state.ipv6_only else "0.0.0.0"
         argv = [
             "etcd", "--name", f"lab-{self.name}", "--data-dir", "/var/lib/overlay-lab-etcd",
-            "--listen-client-urls", f"http://0.0.0.0:{ETCD_PORT}",
+            "--listen-client-urls", f"http://{listen}:{ETCD_PORT}",
             "--advertise-client-urls", endpoint,
             "--listen-peer-urls", "http://127.0.0.1:2380",
             "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
             "--initial-cluster", f"lab-{self.name}=http://127.0.0.1:2380",
         ]  # fmt: skip
-        container = self._container(self.etcd_container, ip, argv, "etcd")
+        container = self._container(self.etcd_container, ip, argv, "etcd", ip6)
         await asyncio.to_thread(container.start)
+        if self.state.ipv6_only:
+            attrs = await asyncio.to_thread(self.client.api.inspect_container, self.etcd_container)
+            await self._drop_ipv4(int(attrs["State"]["Pid"]), self.etcd_container)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while await http_status(ip, ETCD_PORT, "/health") != 200:
+        while await http_status(address, ETCD_PORT, "/health") != 200:
             if loop.time() > deadline:
                 logs = await asyncio.to_thread(container.get_wrapped_container().logs, tail=20)
                 raise LabError(f"etcd in {self.etcd_container} not healthy within 30s:\n{logs}")
@@ -667,26 +761,41 @@ class ContainerLab(Lab):
         if index >= net.num_addresses - 3:
             raise LabError(f"the underlay {net} has no room for host h{index}")
         ip = IPv4Interface(f"{net.network_address + index}/{net.prefixlen}")
-        node = NodeState(index, self.host_ns(index), str(ip.ip), kind=kind)
+        # An IPv6-only lab's hosts have no IPv4 address: ip "" (as on the netns provider).
+        node = NodeState(index, self.host_ns(index), "" if self.state.ipv6_only else str(ip.ip),
+                         kind=kind)  # fmt: skip
         node.container = self.container_name(index)
+        if self.state.ipv6:
+            node.ip6 = str(IPv6Address(IPv6Network(self.state.underlay6).network_address + index))
         self.state.nodes.append(node)
         self.state.namespaces.append(node.ns)
         self.save()
         self.node_dir(index).mkdir(parents=True, exist_ok=True)
         container = self._container(
-            node.container, str(ip.ip), ["/lib/systemd/systemd"], f"h{index}"
-        )
+            node.container, str(ip.ip), ["/lib/systemd/systemd"], f"h{index}", node.ip6,
+            forwarding=True,
+        )  # fmt: skip
         await asyncio.to_thread(container.start)
         attrs = await asyncio.to_thread(self.client.api.inspect_container, node.container)
         node.container_pid = int(attrs["State"]["Pid"])
         self._checked_pids.add(index)
         self.save()
         await run("ip", "netns", "attach", node.ns, str(node.container_pid))
+        if self.state.ipv6_only:  # before overlayd (or anything) in the container starts
+            await self._drop_ipv4(node.container_pid, node.container)
+        if self.state.ipv6:
+            await self._wait_dad(node.container_pid, "eth0")
         await self._wait_booted(node)
         (self.subnet_file(index).parent).mkdir(parents=True, exist_ok=True)
+        if self.state.ipv6_only:
+            shown = f"{node.ip6}/{IPv6Network(self.state.underlay6).prefixlen} (no IPv4)"
+        elif self.state.ipv6:
+            shown = f"{ip} and {node.ip6}"
+        else:
+            shown = str(ip)
         self.progress(
             f"h{index}: container {node.container} (systemd pid {node.container_pid}), "
-            f"underlay address {ip}"
+            f"underlay address {shown}"
         )
         return node
 
@@ -722,7 +831,7 @@ class ContainerLab(Lab):
             "FLANNELD_ETCD_PREFIX": self.state.prefix,
             "FLANNELD_IFACE": "eth0",
             "FLANNELD_SUBNET_FILE": "/run/flannel/subnet.env",
-            "FLANNELD_HEALTHZ_IP": "0.0.0.0",
+            "FLANNELD_HEALTHZ_IP": "::" if self.state.ipv6_only else "0.0.0.0",
             "FLANNELD_HEALTHZ_PORT": str(HEALTH_PORT),
             "FLANNELD_LOG_LEVEL": "debug",
             "FLANNELD_IP_MASQ": "true",
@@ -886,12 +995,11 @@ class ContainerLab(Lab):
             entry["systemd"] = state
             entry["alive"] = state in ("active", "reloading", "deactivating")
             entry["ready"] = (
-                entry["alive"] and await http_status(node.ip, HEALTH_PORT, "/readyz") == 200
+                entry["alive"]
+                and await http_status(self.mgmt_address(node), HEALTH_PORT, "/readyz") == 200
             )
         if self.state.etcd_container:
-            st["etcd_alive"] = await http_status(
-                str(IPv4Network(self.state.underlay).broadcast_address - 2), ETCD_PORT, "/health"
-            ) == 200  # fmt: skip
+            st["etcd_alive"] = await http_status(self._etcd_address(), ETCD_PORT, "/health") == 200
         st["image"] = self.state.image
         return st
 
