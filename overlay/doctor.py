@@ -618,9 +618,12 @@ def check_subnet_env(host: Host) -> Check:
     if host.lease is not None and env.subnet != (
         None if host.lease.ipv6_only else host.lease.subnet
     ):
-        problems.append(f"FLANNEL_SUBNET is {env.gateway}, our lease is {host.lease.key}")
+        problems.append(f"FLANNEL_SUBNET is {env.gateway}, our lease is {host.lease.ident}")
     if host.lease is not None and env.ipv6_subnet != host.lease.ipv6_subnet:
-        problems.append(f"FLANNEL_IPV6_SUBNET is {env.ipv6_subnet}, our lease is {host.lease.key}")
+        problems.append(
+            f"FLANNEL_IPV6_SUBNET is {env.ipv6_subnet}, our lease's IPv6 subnet is "
+            f"{host.lease.ipv6_subnet}"
+        )
     if host.config is not None and env.network != host.config.network:
         problems.append(f"FLANNEL_NETWORK is {env.network}, the config's is {host.config.network}")
     if host.lease is None and host.etcd.reachable:

@@ -554,3 +554,38 @@ def test_daemon_flags_from_any_proc_contents(argv: list[str], environ: dict[str,
         assert set(values) == {f.dest for f in ETCD_FLAGS + DAEMON_FLAGS}
         assert isinstance(values["healthz_port"], int) and 0 <= values["healthz_port"] <= 65535
         assert isinstance(values["subnet_file"], Path)
+
+
+def test_subnet_env_of_an_ipv6_only_host() -> None:
+    """An IPv6-only host's subnet.env has the IPv6 pair alone; it matches its lease
+    `0.0.0.0-0&<v6>`, and a wrong IPv6 subnet or a stray IPv4 pair is named."""
+    from overlay.doctor import Host, check_subnet_env
+    from overlay.subnetenv import SubnetEnv
+    from subnetmgr.model import NetworkConfig
+
+    config = NetworkConfig.from_dict(
+        {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:1::/48"}
+    )
+    net6, sub6 = IPv6Network("fd00:1::/48"), IPv6Network("fd00:1:0:5::/64")
+    lease = Lease(NO_IPV4, LeaseAttrs(IPv4Address(0), IPv6Address("fd99::5")), sub6)
+    local = {"subnet_file": "/run/flannel/subnet.env"}
+
+    def check(env: SubnetEnv) -> tuple[str, str]:
+        got = check_subnet_env(Host(local, EtcdView("e"), config, lease, {}, None, env))
+        return got.result, got.message
+
+    assert check(SubnetEnv(None, None, 1430, True, net6, sub6)) == (
+        PASS,
+        "/run/flannel/subnet.env matches our lease fd00:1:0:5::/64",
+    )
+    result, message = check(SubnetEnv(None, None, 1430, True, net6, IPv6Network("fd00:1:0:6::/64")))
+    assert result == FAIL
+    assert (
+        "FLANNEL_IPV6_SUBNET is fd00:1:0:6::/64, our lease's IPv6 subnet is fd00:1:0:5::/64"
+        in message
+    )
+    stray = SubnetEnv(
+        IPv4Network("10.1.0.0/16"), IPv4Network("10.1.5.0/24"), 1430, True, net6, sub6
+    )
+    result, message = check(stray)
+    assert result == FAIL and "FLANNEL_SUBNET is 10.1.5.1/24" in message
