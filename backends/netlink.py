@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -436,12 +437,30 @@ def _u32(raw: memoryview | None, what: str) -> int | None:
     return value
 
 
+# A full pass reads the same few thousand addresses and prefixes every time, and building an
+# IPv6Address or IPv6Network costs several microseconds each: they are kept (immutable, bounded).
+_CACHE_SIZE = 1 << 16
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _addr6(raw: bytes) -> IPv6Address:
+    return IPv6Address(raw)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _net6(raw: bytes, prefixlen: int) -> IPv6Network:
+    try:
+        return IPv6Network((IPv6Address(raw), prefixlen))
+    except ValueError:
+        raise ParseError(f"IPv6 route to {IPv6Address(raw)}/{prefixlen} (host bits set)") from None
+
+
 def _ip6(raw: memoryview | None, what: str) -> IPv6Address | None:
     if raw is None:
         return None
     if len(raw) != 16:
         raise ParseError(f"{what} attribute of {len(raw)} bytes (expected an IPv6 address)")
-    return IPv6Address(bytes(raw))
+    return _addr6(bytes(raw))
 
 
 def parse_neighbour6(payload: bytes | memoryview) -> Neighbour6 | FdbEntry6 | None:
@@ -482,15 +501,11 @@ def parse_route6(payload: bytes | memoryview) -> Route6 | None:
         raise ParseError(f"IPv6 route with prefix length {dst_len}")
     attrs = _attrs(buf, _RTMSG.size)
     table = _u32(attrs.get(RTA_TABLE), "RTA_TABLE") or table
-    dst_addr = _ip6(attrs.get(RTA_DST), "RTA_DST")
-    if dst_addr is None:
-        dst_addr = IPv6Address(0)
-    try:
-        dst = IPv6Network((dst_addr, dst_len))
-    except ValueError:
-        raise ParseError(f"IPv6 route to {dst_addr}/{dst_len} (host bits set)") from None
+    raw_dst = attrs.get(RTA_DST)
+    if raw_dst is not None and len(raw_dst) != 16:
+        raise ParseError(f"RTA_DST attribute of {len(raw_dst)} bytes (expected an IPv6 address)")
     return Route6(
-        dst=dst,
+        dst=_net6(bytes(raw_dst) if raw_dst is not None else bytes(16), dst_len),
         oif=_u32(attrs.get(RTA_OIF), "RTA_OIF"),
         gateway=_ip6(attrs.get(RTA_GATEWAY), "RTA_GATEWAY"),
         table=table,

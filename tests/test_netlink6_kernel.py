@@ -10,6 +10,7 @@ with iproute2.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 
 from backends import netlink as nl
+from backends.ipv6 import V6Pass, V6Peer
+from backends.links import LinkClient
 from tests.netns import Netns, NetnsLab, netns_lab
 
 pytestmark = pytest.mark.root
@@ -120,20 +123,33 @@ async def test_ipv6_dumps_read_what_iproute2_shows(lab: NetnsLab, tmp_path: Path
     indexes = {link["ifname"]: link["ifindex"] for link in ns.ip_json("link", "show")}
     async with nl.RtnlSocket(ns.name) as sock:
         # Neighbours: every IPv6 entry of the device, whatever its state (`nud all`: with the
-        # kernel's own NOARP multicast entries), and only those.
-        got_neigh = await sock.neighbours6(vx6)
-        shown = ns.ip_json("-6", "neigh", "show", "dev", "vx6", "nud", "all")
-        assert {(n.dst, n.lladdr, n.permanent) for n in got_neigh} == {
-            (IPv6Address(e["dst"]), e.get("lladdr"), "PERMANENT" in e["state"]) for e in shown
-        }
-        assert all(n.ifindex == vx6 for n in got_neigh)
-        assert len([n for n in got_neigh if n.dst in IPv6Network("fd00::/16")]) == N + 2
-        assert sum(n.permanent for n in got_neigh) == N
-        assert IPv6Address("fd99::7") in {n.dst for n in await sock.neighbours6(dum)}
-        assert {n.dst for n in await sock.neighbours6(vx4)} == {
-            IPv6Address(e["dst"])
-            for e in ns.ip_json("-6", "neigh", "show", "dev", "vx4", "nud", "all")
-        }
+        # kernel's own NOARP multicast entries), and only those. The neighbour table is shared
+        # by all namespaces: the kernel may collect a stale entry between the two reads when
+        # other work fills it, so they are compared until two reads agree (a misread never does).
+        async def neigh_pair(dev: str, index: int) -> tuple[set[Any], set[Any]]:
+            got: set[Any] = set()
+            shown: set[Any] = set()
+            for _ in range(5):
+                got = {(n.dst, n.lladdr, n.permanent, n.ifindex)
+                       for n in await sock.neighbours6(index)}  # fmt: skip
+                shown = {
+                    (IPv6Address(e["dst"]), e.get("lladdr"), "PERMANENT" in e["state"], index)
+                    for e in ns.ip_json("-6", "neigh", "show", "dev", dev, "nud", "all")
+                }
+                if got == shown:
+                    break
+                await asyncio.sleep(0.2)
+            return got, shown
+
+        got_neigh, shown_neigh = await neigh_pair("vx6", vx6)
+        assert got_neigh == shown_neigh
+        permanent = {n for n in got_neigh if n[2]}
+        assert len(permanent) == N and all(n[0] in IPv6Network("fd00:1::/32") for n in permanent)
+        got_dum, shown_dum = await neigh_pair("dum0", dum)
+        assert got_dum == shown_dum
+        assert (IPv6Address("fd99::7"), "02:00:00:00:00:dd", True, dum) in got_dum
+        got_vx4, shown_vx4 = await neigh_pair("vx4", vx4)  # its IPv4 entry is not read
+        assert got_vx4 == shown_vx4
 
         # FDB: the entries with an IPv6 destination (each remote of a MAC) or none.
         got_fdb = await sock.fdb6(vx6)
@@ -159,7 +175,9 @@ async def test_ipv6_dumps_read_what_iproute2_shows(lab: NetnsLab, tmp_path: Path
         main = await sock.routes6()
         assert our_routes(main) == ip_routes(ns, indexes, "main")
         assert len([r for r in main if r.oif == vx6 and r.onlink]) == N
-        assert {r.type for r in main} >= {nl.RTN_UNICAST}
+        types = {r.dst: r.type for r in main}
+        assert types[IPv6Network("fd00:dead::/32")] == 7  # RTN_UNREACHABLE
+        assert types[IPv6Network("fd00:beef::/32")] == 6  # RTN_BLACKHOLE
         assert not any(r.dst == IPv6Network("fd00:c::/64") for r in main)
         assert our_routes(await sock.routes6(100)) == ip_routes(ns, indexes, "100")
         assert all(r.table == 254 for r in main)
@@ -205,3 +223,75 @@ async def test_ipv6_writes_read_back_through_iproute2(lab: NetnsLab, tmp_path: P
         assert ns.ip_json("-6", "neigh", "show", "fd00:7::", "dev", "vx6") == []
         assert IPv6Address("fd98::77") not in {e.dst for e in await sock.fdb6(vx6)}
         assert dum in {r.oif for r in await sock.routes6()}
+
+
+async def test_v6pass_full_pass_fixes_every_kind_of_damage_in_one_batch(lab: NetnsLab) -> None:
+    """V6Pass's full pass (now read and written through the raw client): wrong, stale and
+    duplicate entries on the vxlan device and the external interface are fixed in one pass,
+    including a route that differs only in `onlink` (its delete must go before the replace,
+    or the delete would remove the new route), and a second pass changes nothing."""
+    ns = lab.netns("v6p")
+    ns.ip("link", "add", "ext0", "type", "veth", "peer", "name", "ext1")
+    ns.ip("addr", "add", "fd93::1/64", "dev", "ext0", "nodad")
+    ns.ip("link", "set", "ext1", "up")
+    ns.ip("link", "set", "ext0", "up")
+    ns.ip("link", "add", "vx6", "type", "vxlan", "id", "6", "local", "fd93::1", "dstport",
+          "4789", "nolearning")  # fmt: skip
+    ns.ip("addr", "add", "fd00:6:0:2::9/64", "dev", "vx6", "nodad")  # makes a plain gw possible
+    ns.ip("link", "set", "vx6", "up")
+    vx6, ext = ns.ifindex("vx6"), ns.ifindex("ext0")
+    net = IPv6Network("fd00:6::/32")
+
+    def peer(n: int, pub: str, direct: bool = False) -> V6Peer:
+        mac_ = None if direct else f"02:00:00:00:0{n}:06"
+        return V6Peer(IPv6Network(f"fd00:6:0:{n}::/64"), IPv6Address(pub), mac_, direct)
+
+    desired = {p.subnet: p for p in (peer(2, "fd77::2"), peer(3, "fd77::3"),
+                                     peer(4, "fd93::4", direct=True))}  # fmt: skip
+    # Damage: peer 2's route without onlink, peer 3's neighbour with a wrong MAC and two right
+    # routes at two metrics (one stays: the metric is not compared), stale entries of a gone
+    # peer 5, a stale direct route, and entries that are not ours (a kernel route, a route
+    # outside the network, another table).
+    for cmd in (
+        "route add fd00:6:0:2::/64 via fd00:6:0:2:: dev vx6",
+        "neigh replace fd00:6:0:3:: lladdr 02:00:00:00:0e:06 dev vx6 nud permanent",
+        "route add fd00:6:0:3::/64 via fd00:6:0:3:: dev vx6 onlink metric 7",
+        "route add fd00:6:0:3::/64 via fd00:6:0:3:: dev vx6 onlink",
+        "neigh replace fd00:6:0:5:: lladdr 02:00:00:00:05:06 dev vx6 nud permanent",
+        "route add fd00:6:0:5::/64 via fd00:6:0:5:: dev vx6 onlink",
+        "route add fd00:6:0:6::/64 via fd93::6 dev ext0",
+        "route add fd55::/64 via fd93::7 dev ext0",
+        "route add fd00:6:0:7::/64 via fd93::7 dev ext0 table 100",
+    ):
+        ns.ip("-6", *cmd.split())
+    ns.run("bridge", "fdb", "append", "02:00:00:00:05:06", "dst", "fd77::5", "dev", "vx6",
+           "self", "permanent")  # fmt: skip
+    v6 = V6Pass(LinkClient(ns.name), "vx6", ns.name)
+    try:
+        stats = await v6.vxlan(vx6, desired, ext_index=ext, network=net)
+        assert (stats.full, stats.failed) == (True, 0)
+        routes = sorted(
+            (r["dst"], r.get("gateway"), r["dev"], "onlink" in r["flags"])
+            for r in ns.ip_json("-6", "route", "show", "table", "main")
+            if r.get("protocol") != "kernel" and r["dst"].startswith(("fd00:6", "fd55"))
+        )
+        assert routes == [
+            ("fd00:6:0:2::/64", "fd00:6:0:2::", "vx6", True),
+            ("fd00:6:0:3::/64", "fd00:6:0:3::", "vx6", True),
+            ("fd00:6:0:4::/64", "fd93::4", "ext0", False),
+            ("fd55::/64", "fd93::7", "ext0", False),
+        ]
+        assert ns.ip_json("-6", "route", "show", "table", "100") != []
+        neigh = {(n["dst"], n["lladdr"]) for n in ns.ip_json("-6", "neigh", "show", "dev", "vx6")
+                 if "PERMANENT" in n["state"]}  # fmt: skip
+        assert neigh == {
+            ("fd00:6:0:2::", "02:00:00:00:02:06"),
+            ("fd00:6:0:3::", "02:00:00:00:03:06"),
+        }
+        fdb = {(f["mac"], f["dst"]) for f in ns.bridge_json("fdb", "show", "dev", "vx6")
+               if "dst" in f}  # fmt: skip
+        assert fdb == {("02:00:00:00:02:06", "fd77::2"), ("02:00:00:00:03:06", "fd77::3")}
+        again = await v6.vxlan(vx6, desired, ext_index=ext, network=net)
+        assert (again.full, again.applied, again.failed) == (True, 0, 0)
+    finally:
+        v6.close()
