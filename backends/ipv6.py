@@ -15,18 +15,19 @@ the VTEP MAC of its second device `flannel-v6.<VNI>`). Per remote lease the kern
 - host-gw: a route `<remote v6 subnet> via <remote PublicIPv6> dev <external interface>`
   (proto 77), only when the PublicIPv6 is on-link.
 
-`desired_v6()` is the pure plan. `V6Pass` applies it through pyroute2 in two kinds of pass:
+`desired_v6()` is the pure plan. `V6Pass` applies it in two kinds of pass:
 
 - full (`full=True`: start, every --resync-period, after an error or a failed entry, a new
-  device): reads what the kernel has through pyroute2 (three dumps at most: the entries of one
-  device, or our proto-77 routes) and applies the difference, the writes batched over raw
-  netlink (backends/netlink.py, one send per 256 requests). It is idempotent, repairs entries
-  deleted by hand, removes stale ones and leaves entries that are already right untouched;
+  device): reads what the kernel has through the raw netlink client (backends/netlink.py, as the
+  IPv4 side does: three dumps at most, the neighbours and FDB entries of one device and the IPv6
+  routes, parsed by hand) and applies the difference in batches (one send per 256 requests). It
+  is idempotent, repairs entries deleted by hand, removes stale ones and leaves entries that are
+  already right untouched;
 - on lease events (`full=False`): compares the desired peers with those the previous pass left
-  in the kernel and applies only that difference, reading nothing (a few requests per event
-  whatever the number of peers). Damage by hand waits for the next full pass, as with the IPv4
-  side's incremental passes (which read their keys back: the raw netlink client of
-  backends/netlink.py is IPv4 only).
+  in the kernel and applies only that difference, reading nothing (a few pyroute2 requests per
+  event whatever the number of peers). Damage by hand waits for the next full pass, as with the
+  IPv4 side's incremental passes (which read their keys back: the raw client's targeted reads
+  are IPv4 only).
 """
 
 from __future__ import annotations
@@ -132,17 +133,6 @@ class V6Stats:
     """False: only the difference to the previous pass was applied (nothing read)."""
 
 
-def _route_key(msg: Any) -> tuple[IPv6Network, IPv6Address | None, int | None, bool]:
-    dst = msg.get_attr("RTA_DST") or "::"
-    gw = msg.get_attr("RTA_GATEWAY")
-    return (
-        IPv6Network(f"{dst}/{msg['dst_len']}"),
-        IPv6Address(gw) if gw else None,
-        msg.get_attr("RTA_OIF"),
-        bool(msg["flags"] & RTNH_F_ONLINK),
-    )
-
-
 class V6Pass:
     """The passes over the IPv6 entries of one data path (see the module docstring): `vxlan()`
     for flannel-v6.<VNI>'s entries, `hostgw()` for IPv6 routes on the external interface."""
@@ -177,6 +167,9 @@ class V6Pass:
             try:
                 await full_pass(stats)
                 await self._flush(stats)
+            except (OSError, TimeoutError):
+                self._drop_socket()  # a fresh socket for the next pass
+                raise
             finally:
                 self._queue = []
         else:
@@ -188,20 +181,24 @@ class V6Pass:
         self._log(stats)
         return stats
 
+    def _socket(self) -> nl.RtnlSocket:
+        """The raw netlink socket of the full passes (opened on first use)."""
+        if self._nl is None:
+            check_netns(self.netns)
+            self._nl = nl.RtnlSocket(self.netns)
+        return self._nl
+
+    def _drop_socket(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
     async def _flush(self, stats: V6Stats) -> None:
         """Send the queued writes in batches; count and log what the kernel refused."""
         if not self._queue:
             return
-        if self._nl is None:
-            check_netns(self.netns)
-            self._nl = nl.RtnlSocket(self.netns)
         deletes = {id(req) for req, delete in self._queue if delete}
-        try:
-            result = await self._nl.apply([req for req, _ in self._queue])
-        except (OSError, TimeoutError):
-            self._nl.close()
-            self._nl = None
-            raise
+        result = await self._socket().apply([req for req, _ in self._queue])
         failed = 0
         for req, code in result.failed:
             if id(req) in deletes and code in _GONE:
@@ -213,9 +210,7 @@ class V6Pass:
 
     def close(self) -> None:
         """Close our sockets (kernel state stays)."""
-        if self._nl is not None:
-            self._nl.close()
-            self._nl = None
+        self._drop_socket()
         self.links.close()
 
     async def _try(self, what: str, stats: V6Stats, method: str, *args: Any, **kw: Any) -> None:
@@ -253,41 +248,29 @@ class V6Pass:
     async def routes(
         self,
         want: Mapping[IPv6Network, tuple[IPv6Address, int, bool]],
-        ours: Callable[[Any], bool],
-        stats: V6Stats,
+        ours: Callable[[nl.Route6], bool],
         protocol: int,
     ) -> None:
-        """Main-table IPv6 routes: `want` maps destination -> (gateway, oif, onlink); `ours(msg)`
-        says which dumped routes this pass owns (the others are never touched)."""
-        have: dict[IPv6Network, list[Any]] = {}
-        for msg in await self.links.call("route", "dump", family=AF_INET6):
-            table = msg.get_attr("RTA_TABLE") or msg["table"]
-            if table != RT_TABLE_MAIN or msg["type"] != RTN_UNICAST or not ours(msg):
-                continue
-            have.setdefault(_route_key(msg)[0], []).append(msg)
+        """Main-table IPv6 routes: `want` maps destination -> (gateway, oif, onlink); `ours(route)`
+        says which unicast routes of the dump this pass owns (the others are never touched).
+        Queued for the pass's batch (see _flush): the deletes first, as a replace must not land
+        on a route that is then deleted."""
+        have: dict[IPv6Network, list[nl.Route6]] = {}
+        for route in await self._socket().routes6(RT_TABLE_MAIN):
+            if route.type == RTN_UNICAST and ours(route):
+                have.setdefault(route.dst, []).append(route)
+        replaces: list[nl.Request] = []
+        deletes: list[nl.Route6] = []
         for dst, (gw, oif, onlink) in want.items():
             group = have.pop(dst, [])
-            right = [m for m in group if _route_key(m)[1:] == (gw, oif, onlink)]
-            if not right:  # sent with the pass's batch (see _flush)
-                req = nl.route_replace(dst, gw, oif, onlink=onlink, protocol=protocol)
-                self._queue.append((req, False))
-            for msg in group:
-                if right and msg is right[0]:
-                    continue
-                await self._delete_route(msg, stats)
+            right = [r for r in group if (r.gateway, r.oif, r.onlink) == (gw, oif, onlink)]
+            if not right:
+                replaces.append(nl.route_replace(dst, gw, oif, onlink=onlink, protocol=protocol))
+            deletes.extend(r for r in group if not right or r is not right[0])
         for group in have.values():
-            for msg in group:
-                await self._delete_route(msg, stats)
-
-    async def _delete_route(self, msg: Any, stats: V6Stats) -> None:
-        dst, gw, oif, _ = _route_key(msg)
-        extra: dict[str, Any] = {}
-        if gw is not None:
-            extra["gateway"] = str(gw)
-        if msg.get_attr("RTA_PRIORITY") is not None:
-            extra["priority"] = msg.get_attr("RTA_PRIORITY")
-        await self._try(f"route {dst} via {gw} (delete)", stats, "route", "del",
-                        dst=str(dst), oif=oif, family=AF_INET6, **extra)  # fmt: skip
+            deletes.extend(group)
+        self._queue[:0] = [(nl.route_delete(r), True) for r in deletes]
+        self._queue.extend((req, False) for req in replaces)
 
     async def vxlan(
         self,
@@ -372,27 +355,18 @@ class V6Pass:
         want_neigh = {sub.network_address: mac for sub, mac in macs.items()}
         want_fdb = {(mac, desired[sub].public_ipv6) for sub, mac in macs.items()}
         # Neighbours (flannel's order: neighbour, FDB, route).
-        have_neigh: dict[IPv6Address, tuple[str | None, int]] = {}
-        for msg in await self.links.call("neigh", "dump", family=AF_INET6, ifindex=index):
-            dst = msg.get_attr("NDA_DST")
-            if msg["ifindex"] == index and dst and msg["state"] & NUD_PERMANENT:
-                have_neigh[IPv6Address(dst)] = (msg.get_attr("NDA_LLADDR"), msg["state"])
+        sock = self._socket()
+        have_neigh: dict[IPv6Address, str | None] = {
+            n.dst: n.lladdr for n in await sock.neighbours6(index) if n.permanent
+        }
         for addr, mac in want_neigh.items():
-            if have_neigh.get(addr, (None, 0))[0] != mac:
+            if have_neigh.get(addr) != mac:
                 self._queue.append((nl.neigh_replace(index, addr, mac), False))
         # FDB entries.
         have_fdb: set[tuple[str, IPv6Address]] = set()
-        for msg in await self.links.call("fdb", "dump", ifindex=index):
-            mac = msg.get_attr("NDA_LLADDR")
-            dst = msg.get_attr("NDA_DST")
-            if msg["ifindex"] != index or not mac or mac == ZERO_MAC or not dst:
-                continue
-            try:
-                ip6 = IPv6Address(dst)
-            except ValueError:
-                continue  # an IPv4 destination: not one of ours (we write IPv6 ones only)
-            if msg["state"] & NUD_PERMANENT:
-                have_fdb.add((mac, ip6))
+        for entry in await sock.fdb6(index):  # entries with an IPv4 dst are not ours: left out
+            if entry.lladdr != ZERO_MAC and entry.dst is not None and entry.state & NUD_PERMANENT:
+                have_fdb.add((entry.lladdr, entry.dst))
         for mac, ip6 in want_fdb - have_fdb:
             self._queue.append((nl.fdb_replace(index, mac, ip6), False))
         # Routes.
@@ -403,18 +377,16 @@ class V6Pass:
             for p in desired.values()
         }
 
-        def ours(m: Any) -> bool:
-            if m["proto"] in (RTPROT_KERNEL, RTPROT_RA) or m["dst_len"] == 0:
+        def ours(r: nl.Route6) -> bool:
+            if r.protocol in (RTPROT_KERNEL, RTPROT_RA) or r.dst.prefixlen == 0:
                 return False
-            oif = m.get_attr("RTA_OIF")
-            if oif == index:
+            if r.oif == index:
                 return True
-            if ext_index is None or network is None or oif != ext_index:
+            if ext_index is None or network is None or r.oif != ext_index:
                 return False
-            dst = _route_key(m)[0]
-            return bool(m.get_attr("RTA_GATEWAY")) and dst.subnet_of(network) and dst != network
+            return r.gateway is not None and r.dst.subnet_of(network) and r.dst != network
 
-        await self.routes(want_routes, ours, stats, protocol=3)
+        await self.routes(want_routes, ours, protocol=3)
         for mac, ip6 in have_fdb - want_fdb:
             self._queue.append((nl.fdb_delete(index, mac, ip6), True))
         for addr in have_neigh.keys() - want_neigh.keys():
@@ -432,7 +404,7 @@ class V6Pass:
 
         async def full_pass(stats: V6Stats) -> None:
             want = {p.subnet: (p.public_ipv6, ext_index, False) for p in desired.values()}
-            await self.routes(want, lambda m: m["proto"] == protocol, stats, protocol)
+            await self.routes(want, lambda r: r.protocol == protocol, protocol)
 
         async def diff_pass(previous: dict[IPv6Network, V6Peer], stats: V6Stats) -> None:
             gone, new = _diff(previous, desired)

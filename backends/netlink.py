@@ -14,22 +14,30 @@ batched the same way, one answer per request, for passes that look only at what 
 Dumps (neighbours, FDB, routes) are parsed with `struct` directly: only the attributes the
 backends need are decoded, which keeps a 30,000-entry read in the low hundreds of milliseconds.
 
-Dumps, parsing and targeted reads are IPv4 only; the requests that write (`neigh_replace`,
-`neigh_delete`, `fdb_replace`, `fdb_delete`, `route_replace`) also take IPv6 addresses (the
-IPv6 side of dual stack, backends/ipv6.py, batches its writes through `apply()`). No global
-state: one `RtnlSocket` per user.
+IPv6 (the IPv6 side of dual stack and IPv6-only networks, backends/ipv6.py): the dumps
+`neighbours6()`, `fdb6()` (FDB entries whose `dst` is IPv6, NDA_DST of 16 bytes) and `routes6()`,
+parsed by `parse_neighbour6()` and `parse_route6()` into `Neighbour6`, `FdbEntry6` and `Route6`;
+the requests that write (`neigh_replace`, `neigh_delete`, `fdb_replace`, `fdb_delete`,
+`route_replace`, `route_delete`) take either family. The IPv6 parsers check what they decode:
+bytes that are not a well-formed entry give `ParseError`, and the IPv6 dumps log and skip such a
+message. Targeted reads (`query()`) are IPv4 only. No global state: one `RtnlSocket` per user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import logging
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- constants
 
@@ -61,6 +69,7 @@ AF_BRIDGE = 7
 
 NDA_DST = 1
 NDA_LLADDR = 2
+NDA_IFINDEX = 8
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 
@@ -101,6 +110,11 @@ class NetlinkError(OSError):
     """A netlink request failed; `errno` is the kernel's error code."""
 
 
+class ParseError(ValueError):
+    """Bytes that are not a well-formed rtnetlink entry (a short header, an attribute of the
+    wrong size, a prefix length or address that cannot be)."""
+
+
 # --------------------------------------------------------------------------- the kernel's entries
 
 
@@ -130,6 +144,50 @@ class Route:
     dst: IPv4Network
     oif: int | None
     gateway: IPv4Address | None
+    table: int
+    protocol: int
+    scope: int
+    type: int
+    flags: int
+    priority: int | None
+
+    @property
+    def onlink(self) -> bool:
+        return bool(self.flags & RTNH_F_ONLINK)
+
+
+@dataclass(frozen=True)
+class Neighbour6:
+    """An IPv6 neighbour entry (`ip -6 neigh`)."""
+
+    ifindex: int
+    dst: IPv6Address
+    lladdr: str | None
+    state: int
+
+    @property
+    def permanent(self) -> bool:
+        return bool(self.state & NUD_PERMANENT)
+
+
+@dataclass(frozen=True)
+class FdbEntry6:
+    """A forwarding database entry whose destination, if any, is IPv6 (`bridge fdb`)."""
+
+    ifindex: int
+    lladdr: str
+    dst: IPv6Address | None
+    state: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class Route6:
+    """An IPv6 route (`ip -6 route`); multipath routes are read without their next hops."""
+
+    dst: IPv6Network
+    oif: int | None
+    gateway: IPv6Address | None
     table: int
     protocol: int
     scope: int
@@ -245,9 +303,18 @@ def route_replace(
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body, what)
 
 
-def route_delete(route: Route) -> Request:
+def route_delete(route: Route | Route6) -> Request:
+    """`ip route del DST [dev #OIF] [via GATEWAY] [metric PRIORITY]` (main table), either family."""
     body = _RTMSG.pack(
-        socket.AF_INET, route.dst.prefixlen, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0
+        _af(route.dst.network_address),
+        route.dst.prefixlen,
+        0,
+        0,
+        RT_TABLE_MAIN,
+        0,
+        RT_SCOPE_NOWHERE,
+        0,
+        0,
     ) + _attr(RTA_DST, route.dst.network_address.packed)
     if route.oif is not None:
         body += _attr(RTA_OIF, _U32.pack(route.oif))
@@ -358,6 +425,95 @@ def parse_route(payload: memoryview) -> Route | None:
         type=rtype,
         flags=flags,
         priority=prio,
+    )
+
+
+def _u32(raw: memoryview | None, what: str) -> int | None:
+    if raw is None:
+        return None
+    if len(raw) != 4:
+        raise ParseError(f"{what} attribute of {len(raw)} bytes (expected 4)")
+    value: int = _U32.unpack(raw)[0]
+    return value
+
+
+# A full pass reads the same few thousand addresses and prefixes every time, and building an
+# IPv6Address or IPv6Network costs several microseconds each: they are kept (immutable, bounded).
+_CACHE_SIZE = 1 << 16
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _addr6(raw: bytes) -> IPv6Address:
+    return IPv6Address(raw)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _net6(raw: bytes, prefixlen: int) -> IPv6Network:
+    try:
+        return IPv6Network((IPv6Address(raw), prefixlen))
+    except ValueError:
+        raise ParseError(f"IPv6 route to {IPv6Address(raw)}/{prefixlen} (host bits set)") from None
+
+
+def _ip6(raw: memoryview | None, what: str) -> IPv6Address | None:
+    if raw is None:
+        return None
+    if len(raw) != 16:
+        raise ParseError(f"{what} attribute of {len(raw)} bytes (expected an IPv6 address)")
+    return _addr6(bytes(raw))
+
+
+def parse_neighbour6(payload: bytes | memoryview) -> Neighbour6 | FdbEntry6 | None:
+    """An IPv6 neighbour (family AF_INET6), or an FDB entry (AF_BRIDGE) with an IPv6 or no
+    destination; None for other families, an FDB entry with an IPv4 destination or without a
+    MAC, and a neighbour without NDA_DST. ParseError for malformed bytes."""
+    buf = memoryview(payload)
+    if len(buf) < _NDMSG.size:
+        raise ParseError(f"neighbour message of {len(buf)} bytes (shorter than its header)")
+    family, ifindex, state, flags, _type = _NDMSG.unpack_from(buf, 0)
+    if family not in (socket.AF_INET6, AF_BRIDGE):
+        return None
+    attrs = _attrs(buf, _NDMSG.size)
+    ll = attrs.get(NDA_LLADDR)
+    lladdr = mac_str(bytes(ll)) if ll is not None and len(ll) == 6 else None
+    raw_dst = attrs.get(NDA_DST)
+    if family == socket.AF_INET6:
+        dst = _ip6(raw_dst, "NDA_DST")
+        if dst is None:
+            return None
+        return Neighbour6(ifindex, dst, lladdr, state)
+    if lladdr is None or (raw_dst is not None and len(raw_dst) == 4):
+        return None
+    return FdbEntry6(ifindex, lladdr, _ip6(raw_dst, "NDA_DST"), state, flags)
+
+
+def parse_route6(payload: bytes | memoryview) -> Route6 | None:
+    """An IPv6 route; None for another family. ParseError for malformed bytes."""
+    buf = memoryview(payload)
+    if len(buf) < _RTMSG.size:
+        raise ParseError(f"route message of {len(buf)} bytes (shorter than its header)")
+    family, dst_len, _src_len, _tos, table, protocol, scope, rtype, flags = _RTMSG.unpack_from(
+        buf, 0
+    )
+    if family != socket.AF_INET6:
+        return None
+    if dst_len > 128:
+        raise ParseError(f"IPv6 route with prefix length {dst_len}")
+    attrs = _attrs(buf, _RTMSG.size)
+    table = _u32(attrs.get(RTA_TABLE), "RTA_TABLE") or table
+    raw_dst = attrs.get(RTA_DST)
+    if raw_dst is not None and len(raw_dst) != 16:
+        raise ParseError(f"RTA_DST attribute of {len(raw_dst)} bytes (expected an IPv6 address)")
+    return Route6(
+        dst=_net6(bytes(raw_dst) if raw_dst is not None else bytes(16), dst_len),
+        oif=_u32(attrs.get(RTA_OIF), "RTA_OIF"),
+        gateway=_ip6(attrs.get(RTA_GATEWAY), "RTA_GATEWAY"),
+        table=table,
+        protocol=protocol,
+        scope=scope,
+        type=rtype,
+        flags=flags,
+        priority=_u32(attrs.get(RTA_PRIORITY), "RTA_PRIORITY"),
     )
 
 
@@ -606,3 +762,52 @@ class RtnlSocket:
             if route is not None and route.table == table:
                 out.append(route)
         return out
+
+    # ----------------------------------------------------------------------- IPv6 dumps
+
+    async def neighbours6(self, ifindex: int) -> list[Neighbour6]:
+        """IPv6 neighbour entries on one device (the kernel filters by device where it can)."""
+        body = _NDMSG.pack(socket.AF_INET6, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex))
+        out: list[Neighbour6] = []
+        for payload in await self._dump(RTM_GETNEIGH, body):
+            if len(payload) >= _NDMSG.size and _NDMSG.unpack_from(payload, 0)[1] != ifindex:
+                continue
+            entry = _parsed(parse_neighbour6, payload)
+            if isinstance(entry, Neighbour6):
+                out.append(entry)
+        return out
+
+    async def fdb6(self, ifindex: int) -> list[FdbEntry6]:
+        """Forwarding database entries of one device with an IPv6 destination or none (those
+        with an IPv4 destination are left out)."""
+        body = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)
+        out: list[FdbEntry6] = []
+        for payload in await self._dump(RTM_GETNEIGH, body):
+            if len(payload) >= _NDMSG.size and _NDMSG.unpack_from(payload, 0)[1] != ifindex:
+                continue
+            entry = _parsed(parse_neighbour6, payload)
+            if isinstance(entry, FdbEntry6):
+                out.append(entry)
+        return out
+
+    async def routes6(self, table: int = RT_TABLE_MAIN) -> list[Route6]:
+        """IPv6 routes of one table."""
+        body = _RTMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0)
+        out: list[Route6] = []
+        for payload in await self._dump(RTM_GETROUTE, body):
+            route = _parsed(parse_route6, payload)
+            if isinstance(route, Route6) and route.table == table:
+                out.append(route)
+        return out
+
+
+_T = TypeVar("_T")
+
+
+def _parsed(parse: Callable[[memoryview], _T], payload: memoryview) -> _T | None:
+    """parse(payload), or None with a warning when the kernel's message is malformed."""
+    try:
+        return parse(payload)
+    except ParseError as e:
+        log.warning("skipping a malformed rtnetlink message: %s", e)
+        return None
