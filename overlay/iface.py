@@ -199,34 +199,28 @@ async def choose_interface(
         # An IPv6-only underlay: good for an IPv6-only network alone (the daemon refuses an
         # IPv4 network on it once it has read the config). 0.0.0.0 stands for "no IPv4
         # address", as in the PublicIP of flannel's IPv6-only leases.
-        return ExternalInterface(
-            name=link.name,
-            index=link.index,
-            iface_addr=NO_ADDRESS,
-            public_ip=NO_ADDRESS,
-            mtu=link.mtu,
-            iface_addr6=link.addrs6[0] if link.addrs6 else None,
-            public_ipv6=public_ipv6,
-        )
+        iface_addr = NO_ADDRESS
     else:
         raise InterfaceError(
             f"interface {link.name!r} (chosen by {tried[-1]}) has no IPv4 address; "
             "give it one or pick another with --iface"
         )
-    why = unusable_public_ip(iface_addr)
-    if why is not None:
-        raise InterfaceError(
-            f"interface {link.name!r} (chosen by {tried[-1]}) has address {iface_addr}, which is "
-            f"{why}: other hosts cannot reach this host there. Pick the interface that carries "
-            f"traffic between hosts with --iface NAME|IP; interfaces here: {existing(links)}"
-        )
     chosen = public_ip or iface_addr
-    why = unusable_public_ip(chosen)
-    if why is not None:
-        raise InterfaceError(
-            f"--public-ip {chosen} is {why}: other hosts would ignore the lease (or send to "
-            "themselves); give the address other hosts reach this one at"
-        )
+    if iface_addr != NO_ADDRESS:
+        why = unusable_public_ip(iface_addr)
+        if why is not None:
+            raise InterfaceError(
+                f"interface {link.name!r} (chosen by {tried[-1]}) has address {iface_addr}, "
+                f"which is {why}: other hosts cannot reach this host there. Pick the interface "
+                f"that carries traffic between hosts with --iface NAME|IP; interfaces here: "
+                f"{existing(links)}"
+            )
+        why = unusable_public_ip(chosen)
+        if why is not None:
+            raise InterfaceError(
+                f"--public-ip {chosen} is {why}: other hosts would ignore the lease (or send to "
+                "themselves); give the address other hosts reach this one at"
+            )
     return ExternalInterface(
         name=link.name,
         index=link.index,

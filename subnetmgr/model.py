@@ -465,32 +465,16 @@ class NetworkConfig:
                     "(an IPv6-only network)"
                 )
         else:
-            net_raw = doc.get("network")
-            if net_raw is None:
+            if doc.get("network") is None:
                 raise ConfigError("Network", None, "required (an IPv4 CIDR such as 10.1.0.0/16)")
-            try:
-                network = IPv4Network(str(net_raw), strict=True)
-            except ValueError as e:
-                raise ConfigError("Network", net_raw, f"not an IPv4 network CIDR: {e}") from None
-            if network.prefixlen > 28:
-                raise ConfigError(
-                    "Network", net_raw, "too small: the prefix must be /28 or shorter"
-                )
+            network = _cluster_network(doc, "Network", IPv4Network, 28)
             subnet_len, subnet_min, subnet_max = _subnet_range(doc, network)
 
         ipv6_network = None
         v6_len = 0
         v6_min = v6_max = None
         if enable_ipv6:
-            v6_raw = doc.get("ipv6network")
-            try:
-                ipv6_network = IPv6Network(str(v6_raw), strict=True)
-            except ValueError as e:
-                raise ConfigError("IPv6Network", v6_raw, f"not an IPv6 network CIDR: {e}") from None
-            if ipv6_network.prefixlen > 124:
-                raise ConfigError(
-                    "IPv6Network", v6_raw, "too small: the prefix must be /124 or shorter"
-                )
+            ipv6_network = _cluster_network(doc, "IPv6Network", IPv6Network, 124)
             v6_len, v6_min, v6_max = _subnet_range(doc, ipv6_network)
 
         backend_raw = doc.get("backend")
@@ -589,6 +573,19 @@ def _int(doc: Mapping[str, Any], key: str, name: str) -> int:
 
 
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)
+
+
+def _cluster_network(doc: Mapping[str, Any], name: str, kind: type[_Net], longest: int) -> _Net:
+    """Network (or IPv6Network): a CIDR of `kind` without host bits, /`longest` or shorter."""
+    raw = doc.get(name.lower())
+    try:
+        network = kind(str(raw), strict=True)
+    except ValueError as e:
+        family = "IPv6" if kind is IPv6Network else "IPv4"
+        raise ConfigError(name, raw, f"not an {family} network CIDR: {e}") from None
+    if network.prefixlen > longest:
+        raise ConfigError(name, raw, f"too small: the prefix must be /{longest} or shorter")
+    return network
 
 
 def _subnet_range(doc: Mapping[str, Any], network: _Net) -> tuple[int, _Net, _Net]:

@@ -9,7 +9,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 
 from integration.containers import SubnetEnv
 from integration.lab import PROVIDERS, Lab, LeaseView, open_lab
-from integration.netns import in_ns, run
+from integration.netns import in_ns, ip_json, run
 
 ICMP_PROBE = """
 # argv: target port. Prints "errno origin icmp_type icmp_code offender" for the first ICMP
@@ -210,3 +210,16 @@ async def assert_kept_subnet_and_lease(lab: Lab, index: int, lease_before: Lease
     assert str(env.subnet) == subnet
     lease_after = (await lab.leases())[IPv4Network(subnet)]
     assert lease_after.attrs == lease_before.attrs
+
+
+async def v6_routes(lab: Lab, index: int) -> set[str]:
+    """The IPv6 routes host `index` has to other hosts' subnets (the lab's IPv6 network)."""
+    net6 = IPv6Network(lab.state.network6)
+    routes = await ip_json("-6", "route", "show", ns=lab.node(index).ns)
+    return {
+        r["dst"]
+        for r in routes
+        if "/" in r["dst"]
+        and IPv6Network(r["dst"]).subnet_of(net6)
+        and r.get("protocol") != "kernel"
+    }

@@ -6,8 +6,6 @@ the subnet and address parsers and of the table."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
@@ -19,7 +17,6 @@ from integration.etcdserver import EtcdServer
 from overlay.ctl import (
     UsageError,
     _lease_row,
-    main,
     parse_address,
     parse_subnet,
     render_leases_table,
@@ -31,6 +28,7 @@ from subnetmgr.model import (
     parse_subnet_key,
     subnet_key,
 )
+from tests.test_ctl_revoke import ctl, etcdctl
 
 V4_CONFIG = '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}'
 DUAL_CONFIG = (
@@ -54,20 +52,6 @@ def v6_only_value(n: int) -> str:
         f'{{"PublicIP":"0.0.0.0","PublicIPv6":"fd00::{n}","BackendType":"vxlan",'
         f'"BackendV6Data":{{"VNI":1,"VtepMAC":"5a:11:22:33:44:{n:02x}"}}}}'
     )
-
-
-def ctl(server: EtcdServer, prefix: str, *args: str) -> int:
-    return main(["--etcd-endpoints", server.endpoint, "--etcd-prefix", prefix, *args],
-                environ={}, plugin_modules=())  # fmt: skip
-
-
-def etcdctl(server: EtcdServer, *args: str) -> str:
-    out = subprocess.run(
-        ["etcdctl", "--endpoints", server.endpoint, *args],
-        env={**os.environ, "ETCDCTL_API": "3"},
-        check=True, capture_output=True, text=True, timeout=15,
-    )  # fmt: skip
-    return out.stdout.strip()
 
 
 @pytest.fixture

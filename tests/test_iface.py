@@ -145,3 +145,30 @@ async def test_address_with_prefix_length_from_the_flag(netns: str) -> None:
     opts = parse_options(["--iface", "192.168.52.2/24"], environ={})
     assert opts.iface == ("192.168.52.2",)
     assert (await choose_interface(opts.iface, netns=netns)).name == "ib0"
+
+
+# ------------------------------------------------ IPv6-only underlays (EnableIPv4 false)
+
+
+async def test_interface_with_only_ipv6_is_chosen_without_an_ipv4_address(netns: str) -> None:
+    """id0 gets a global IPv6 address and no IPv4 one: it is chosen (by name, by its IPv6
+    address, by a regex, or as the interface of the IPv6 default route when no IPv4 default
+    exists) with public_ip NO_ADDRESS (0.0.0.0), which only an IPv6-only network accepts."""
+    from ipaddress import IPv6Address
+
+    from backends.base import NO_ADDRESS
+
+    n = ("-n", netns)
+    ip(*n, "addr", "add", "fd51::2/64", "dev", "id0", "nodad")
+    ext = await choose_interface(["id0"], netns=netns)
+    assert (ext.name, ext.public_ip, ext.iface_addr) == ("id0", NO_ADDRESS, NO_ADDRESS)
+    assert ext.public_ipv6 == ext.iface_addr6 == IPv6Address("fd51::2")
+    assert (await choose_interface(["fd51::2"], netns=netns)).name == "id0"
+    assert (await choose_interface(regexes=[r"^fd51:"], netns=netns)).name == "id0"
+    # No IPv4 default route: the interface of the IPv6 one.
+    ip(*n, "route", "del", "default")
+    ip(*n, "-6", "route", "add", "default", "via", "fd51::1", "dev", "id0")
+    assert (await choose_interface(netns=netns)).name == "id0"
+    # --public-ip names an IPv4 address the interface does not have: still refused.
+    with pytest.raises(InterfaceError, match="no IPv4 address"):
+        await choose_interface(["id0"], public_ip=IPv4Address("192.0.2.9"), netns=netns)

@@ -22,7 +22,7 @@ import pytest
 from integration.containers import SubnetEnv
 from integration.lab import Lab, MatrixEntry
 from integration.netns import ip_json
-from tests.labtools import eventually
+from tests.labtools import eventually, v6_routes
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -46,19 +46,6 @@ async def assert_both_families(lab: Lab) -> list[MatrixEntry]:
     for e in entries:
         assert ip_address(e.dst_ip).version == ip_address(e.src_ip).version == e.family
     return entries
-
-
-async def v6_routes(lab: Lab, index: int) -> set[str]:
-    """The IPv6 routes host `index` has to other hosts' subnets (the lab's IPv6 network)."""
-    net6 = IPv6Network(lab.state.network6)
-    routes = await ip_json("-6", "route", "show", ns=lab.node(index).ns)
-    return {
-        r["dst"]
-        for r in routes
-        if "/" in r["dst"]
-        and IPv6Network(r["dst"]).subnet_of(net6)
-        and r.get("protocol") != "kernel"
-    }
 
 
 async def test_dual_stack_leases_subnet_env_containers_and_matrix(lab: Lab) -> None:

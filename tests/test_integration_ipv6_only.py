@@ -26,7 +26,7 @@ from integration.containers import SubnetEnv
 from integration.lab import Lab, LabError, MatrixEntry
 from integration.netns import ip_json, run
 from subnetmgr.model import NO_IPV4
-from tests.labtools import eventually
+from tests.labtools import eventually, v6_routes
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -50,19 +50,6 @@ async def assert_matrix(lab: Lab) -> list[MatrixEntry]:
     for e in entries:
         assert ip_address(e.dst_ip).version == ip_address(e.src_ip).version == 6
     return entries
-
-
-async def v6_routes(lab: Lab, index: int) -> set[str]:
-    """The IPv6 routes host `index` has to other hosts' subnets (the lab's IPv6 network)."""
-    net6 = IPv6Network(lab.state.network6)
-    routes = await ip_json("-6", "route", "show", ns=lab.node(index).ns)
-    return {
-        r["dst"]
-        for r in routes
-        if "/" in r["dst"]
-        and IPv6Network(r["dst"]).subnet_of(net6)
-        and r.get("protocol") != "kernel"
-    }
 
 
 def others6(lab: Lab, index: int) -> set[str]:
