@@ -34,10 +34,19 @@ import pytest
 from backends.base import ExternalInterface
 from backends.vxlan import FILTER_TABLE, VxlanBackend
 from overlay.health import Metrics
-from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig, Subnet
+from subnetmgr.model import Lease, LeaseAttrs, NetworkConfig
 from tests.netns import Netns, NetnsLab, netns_lab
 from tests.test_ipv6_kernel import Pair, lease_for, probe, v6_entries
-from tests.test_vxlan_filter import WAIT, Lines, nft_json, read_generation, tables
+from tests.test_vxlan_filter import (
+    LISTENER,
+    WAIT,
+    Lines,
+    nft_json,
+    peers_of,
+    read_generation,
+    send,
+    tables,
+)
 from tests.test_vxlan_kernel import closing_backends
 
 pytestmark = pytest.mark.root
@@ -62,26 +71,6 @@ PING6 = textwrap.dedent(
             break
     """
 )
-LISTENER = textwrap.dedent(
-    """
-    import socket, sys
-    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    u.bind((sys.argv[1], int(sys.argv[2])))
-    print("ready", flush=True)
-    while True:
-        data, peer = u.recvfrom(2000)
-        print(data.decode(errors="replace"), peer[0], flush=True)
-    """
-)
-SENDER = textwrap.dedent(
-    """
-    import socket, sys
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    payload, host, port = bytes.fromhex(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    for _ in range(int(sys.argv[4])):
-        s.sendto(payload, (host, port))
-    """
-)
 
 
 def config(**backend: Any) -> NetworkConfig:
@@ -93,10 +82,6 @@ def config(**backend: Any) -> NetworkConfig:
             "Backend": {"Type": "vxlan", **backend},
         }
     )
-
-
-def peers_of(*leases: Lease) -> dict[Subnet, Lease]:
-    return {le.subnet: le for le in leases}
 
 
 def v6_lease(n: int, ip6: str, mac6: str) -> Lease:
@@ -272,10 +257,6 @@ class World:
         """Crafted VXLAN frames from x (its real source fd93::66) to [fd93::2]:8472."""
         mac = self.leases["h2"].attrs.backend_v6_data["VtepMAC"]  # type: ignore[index]
         send(self.x.ns, crafted_vxlan6(str(mac), text), "fd93::2", 8472, count)
-
-
-def send(ns: Netns, payload: bytes, host: str, port: int, count: int = 1) -> None:
-    ns.run(sys.executable, "-c", SENDER, payload.hex(), host, str(port), str(count))
 
 
 def crafted_vxlan6(inner_dst_mac: str, text: str) -> bytes:

@@ -46,7 +46,7 @@ WAIT = 10.0
 LISTENER = textwrap.dedent(
     """
     import socket, sys
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
     u.bind((sys.argv[1], int(sys.argv[2])))
     print("ready", flush=True)
     while True:
@@ -57,8 +57,8 @@ LISTENER = textwrap.dedent(
 SENDER = textwrap.dedent(
     """
     import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     payload, host, port = bytes.fromhex(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     for _ in range(int(sys.argv[4])):
         s.sendto(payload, (host, port))
     """
@@ -157,7 +157,7 @@ def cfg(**backend: Any) -> NetworkConfig:
 
 
 def peers_of(*leases: Lease) -> dict[Subnet, Lease]:
-    return {le.subnet: le for le in leases}
+    return {le.ident: le for le in leases}
 
 
 def x_lease() -> Lease:
