@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import sys
@@ -223,3 +224,16 @@ async def v6_routes(lab: Lab, index: int) -> set[str]:
         and IPv6Network(r["dst"]).subnet_of(net6)
         and r.get("protocol") != "kernel"
     }
+
+
+async def lease_kvs(lab: Lab) -> list[tuple[str, dict[str, Any]]]:
+    """Every lease in the lab's etcd as (the key's last element, the value's JSON), read with
+    etcdctl: the bytes as flannel and overlayd write them."""
+    out = await lab.etcdctl("get", "--prefix", f"{lab.state.prefix}/subnets/", "-w", "json")
+    return [
+        (
+            base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1],
+            json.loads(base64.b64decode(kv["value"])),
+        )
+        for kv in json.loads(out).get("kvs", [])
+    ]

@@ -10,8 +10,6 @@ set up by hand as flannel sets up a dual-stack host reaching everyone on both fa
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import signal
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import pytest
 from integration.containers import SubnetEnv
 from integration.lab import Lab, MatrixEntry
 from integration.netns import ip_json
-from tests.labtools import eventually, v6_routes
+from tests.labtools import eventually, lease_kvs, v6_routes
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -49,12 +47,9 @@ async def assert_both_families(lab: Lab) -> list[MatrixEntry]:
 
 
 async def test_dual_stack_leases_subnet_env_containers_and_matrix(lab: Lab) -> None:
-    out = await lab.etcdctl("get", "--prefix", f"{lab.state.prefix}/subnets/", "-w", "json")
-    kvs = json.loads(out)["kvs"]
+    kvs = await lease_kvs(lab)
     assert len(kvs) == 3
-    for kv in kvs:
-        key = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
-        value = json.loads(base64.b64decode(kv["value"]))
+    for key, value in kvs:
         node = next(n for n in lab.state.nodes if n.ip == value["PublicIP"])
         assert key == f"{node.subnet}&{node.subnet6}".replace("/", "-")  # flannel's key form
         assert value["PublicIPv6"] == node.ip6

@@ -13,7 +13,6 @@ an IPv4 network config refused by a daemon on an interface without IPv4.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import signal
 import uuid
@@ -26,7 +25,7 @@ from integration.containers import SubnetEnv
 from integration.lab import Lab, LabError, MatrixEntry
 from integration.netns import ip_json, run
 from subnetmgr.model import NO_IPV4
-from tests.labtools import eventually, v6_routes
+from tests.labtools import eventually, lease_kvs, v6_routes
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -57,12 +56,9 @@ def others6(lab: Lab, index: int) -> set[str]:
 
 
 async def test_leases_subnet_env_no_ipv4_anywhere_and_matrix(lab: Lab) -> None:
-    out = await lab.etcdctl("get", "--prefix", f"{lab.state.prefix}/subnets/", "-w", "json")
-    kvs = json.loads(out)["kvs"]
+    kvs = await lease_kvs(lab)
     assert len(kvs) == 3
-    for kv in kvs:
-        key = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
-        value = json.loads(base64.b64decode(kv["value"]))
+    for key, value in kvs:
         node = next(n for n in lab.state.nodes if n.ip6 == value["PublicIPv6"])
         # flannel's IPv6-only key and value: its zero IPv4 subnet and PublicIP.
         assert key == f"0.0.0.0-0&{node.subnet6}".replace("/", "-")

@@ -13,8 +13,6 @@ forms flannel writes (dual-stack key, or `0.0.0.0-0&<v6>` with PublicIP 0.0.0.0)
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -26,6 +24,7 @@ from integration.docker_lab import ContainerLab, ensure_engine, ensure_image
 from integration.lab import NodeState, open_lab
 from integration.netns import ip_json, run
 from overlay.subnetenv import SubnetEnv
+from tests.labtools import lease_kvs
 
 MODES = ("dual", "only")
 
@@ -128,12 +127,9 @@ async def test_network_hosts_and_etcd_addresses(lab: ContainerLab) -> None:
 @pytest.mark.slow
 async def test_leases_subnet_env_and_unit_settings(lab: ContainerLab) -> None:
     only = lab.state.ipv6_only
-    out = await lab.etcdctl("get", "--prefix", f"{lab.state.prefix}/subnets/", "-w", "json")
-    kvs = json.loads(out)["kvs"]
+    kvs = await lease_kvs(lab)
     assert len(kvs) == 3
-    for kv in kvs:
-        key = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
-        value = json.loads(base64.b64decode(kv["value"]))
+    for key, value in kvs:
         node = next(n for n in lab.state.nodes if n.ip6 == value["PublicIPv6"])
         v6 = str(node.subnet6).replace("/", "-")
         if only:  # flannel's IPv6-only key and value
