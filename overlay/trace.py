@@ -3,7 +3,10 @@
 SRC and DST are container addresses (any address inside a lease's subnet). The leases in etcd
 say which host holds each one (its PublicIP) and the network config which encapsulation the
 hosts use (vxlan: VNI and Backend.Port, 8472 by default; udp: Backend.Port, 8285; host-gw:
-plain IP). The trace then captures, bounded by --timeout and --count, at up to three points:
+plain IP). SRC and DST may be IPv6 addresses (dual stack or IPv6-only networks): the leases
+are then found by their IPv6 subnet, the hosts are their PublicIPv6s, and the encapsulation is
+VXLAN over the IPv6 underlay (flannel-v6.<VNI>) or plain IPv6 (host-gw). The trace captures,
+bounded by --timeout and --count, at up to three points:
 
     source:      the source host's underlay interface (the one holding its PublicIP)
     destination: the destination host's underlay interface
@@ -13,8 +16,9 @@ plain IP). The trace then captures, bounded by --timeout and --count, at up to t
 Each point is a `tcpdump -w -` (in `--src-netns`/`--dst-netns` when given, as in the lab;
 else in this namespace, which must then hold SRC's or DST's host), with a BPF filter on the two
 hosts and the encapsulation port. The pcap stream is read with scapy and every frame decoded
-here (decode_frame): outer and inner IPv4 addresses, TTLs, sizes, ports, the VNI. A frame that
-does not decode (truncated, garbage on the port) is shown as undecodable with the reason.
+here (decode_frame): outer and inner IPv4 or IPv6 addresses, TTLs or hop limits, sizes,
+ports, the VNI. A frame that does not decode (truncated, garbage on the port) is shown as
+undecodable with the reason.
 
 Last seen: for the packets from SRC to DST, the furthest point any reached. `--probe` sends UDP
 datagrams from SRC (in `--probe-netns`, SRC's container namespace) to DST while capturing;
@@ -413,8 +417,8 @@ def _host_of(
                 raise TraceError(f"{name} {ip} is in {subnet}, whose lease has no PublicIPv6")
             return subnet, cast(Address, host)
     raise TraceError(
-        f"{name} {ip} is in no usable lease's IPv{ip.version} subnet: give container addresses "
-        "(see `overlayctl leases`)"
+        f"{name} {ip} is in no usable lease's {'IPv6 ' if ip.version == 6 else ''}subnet: give "
+        "container addresses (see `overlayctl leases`)"
     )
 
 
@@ -827,11 +831,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Capture and decode the packets between container addresses SRC and DST "
         "where they cross the underlay: the hosts come from the leases in etcd, the "
         "encapsulation from the network config (vxlan: VNI and port 8472 or Backend.Port; "
-        "udp: 8285; host-gw: plain IP). Captures (tcpdump, decoded with scapy) on the source "
+        "udp: 8285; host-gw: plain IP); IPv4 or IPv6 addresses (VXLAN over the IPv6 underlay, "
+        "plain IPv6). Captures (tcpdump, decoded with scapy) on the source "
         "host's underlay interface, the destination host's, and the destination host's "
         "device towards DST, and shows for each packet the outer and inner addresses, VNI, "
-        "TTL and sizes, and at the end where SRC->DST packets were last seen: left the "
-        "source host, reached the destination host, delivered, or never. Frames that do not "
+        "TTL or hop limit and sizes, and at the end where SRC->DST packets were last seen: left "
+        "the source host, reached the destination host, delivered, or never. Frames that do not "
         "decode are shown as undecodable with the reason. Runs on one of the two hosts, or "
         "anywhere with --src-netns/--dst-netns (the hosts' network namespaces, as in the "
         "lab). Bounded by --timeout and --count. Only watches, unless --probe. Needs root "

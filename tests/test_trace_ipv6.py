@@ -218,10 +218,10 @@ def test_path_by_ipv6_subnet_in_dual_stack_and_ipv6_only() -> None:
     ("config", "dual", "src", "dst", "why"),
     [
         # An IPv6-only lease's IPv4 part, 0.0.0.0/0, holds no IPv4 container.
-        (ONLY6, False, "10.1.1.5", "10.1.2.5", "no usable lease's IPv4 subnet"),
+        (ONLY6, False, "10.1.1.5", "10.1.2.5", "10.1.1.5 is in no usable lease's subnet"),
         (DUAL_VXLAN, True, "10.1.1.5", "fd10:1:0:2::7", "not of one address family"),
         (DUAL_VXLAN, True, "fd10:1:0:1::5", "fd10:1:0:1::6", "never crosses the underlay"),
-        (DUAL_VXLAN, True, "fd10:1:0:1::5", "fd10:1:0:9::6", "DST fd10:1:0:9::6 is in no usable"),
+        (DUAL_VXLAN, True, "fd10:1:0:1::5", "fd10:1:0:9::6", "no usable lease's IPv6 subnet"),
         (UDP_CONFIG, True, "fd10:1:0:1::5", "fd10:1:0:2::6", "carries IPv4 only"),
     ],
 )
