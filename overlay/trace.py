@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import math
@@ -168,6 +169,14 @@ def _transport(
     return None, None, None, b""
 
 
+@functools.lru_cache(maxsize=4096)
+def _ipv6_text(packed: bytes) -> str:
+    """An IPv6 address as ipaddress writes it (as the path's addresses are compared), cached:
+    a capture repeats a few addresses, and formatting one costs more than the rest of a
+    header."""
+    return str(IPv6Address(packed))
+
+
 def decode_ipv6(data: bytes) -> IPInfo:
     """An IPv6 packet (header, extension headers, transport ports), checked against the bytes
     there are. A jumbogram (payload length 0) is refused: no link here carries one."""
@@ -182,7 +191,7 @@ def decode_ipv6(data: bytes) -> IPInfo:
     total = IPV6_HEADER + payload_len
     if total > len(data):
         raise Undecodable(f"truncated IPv6 packet: total length {total}, {len(data)} bytes")
-    src, dst = str(IPv6Address(data[8:24])), str(IPv6Address(data[24:40]))
+    src, dst = _ipv6_text(data[8:24]), _ipv6_text(data[24:40])
     body = data[IPV6_HEADER:total]
     first = True
     for _ in range(MAX_EXTENSIONS):
