@@ -23,7 +23,9 @@ checks, in order:
   loop), so it crosses the underlay on the encapsulation port and only the peer's kernel
   answers; all peers from one raw socket, bounded by --probe-timeout (past 20 peers, one
   summary line and a line per peer that did not answer). host-gw has no encapsulation: an
-  echo to the PublicIP;
+  echo to the PublicIP. IPv6 (EnableIPv6; the only family of an IPv6-only network): one more
+  line per peer, `peer <IPv6 subnet>`, an ICMPv6 echo from our IPv6 subnet's first address to
+  the peer's on flannel-v6.N (vxlan over the IPv6 underlay), or to the PublicIPv6 (host-gw);
 - `etcd`: reachability and the latency of one read (WARN over --etcd-slow-ms);
 - `subnet_env`: subnet.env against our lease (subnet) and the network config (network);
 - `duplicate_public_ip`: two leases naming one PublicIP (an IPv6-only lease: one PublicIPv6);
@@ -58,7 +60,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar, cast
 
 from overlay.status import (
     SCHEMA,
@@ -76,7 +78,7 @@ from overlay.status import (
     resolve_local,
 )
 from overlay.subnetenv import SubnetEnv
-from subnetmgr.model import Lease, NetworkConfig, printable
+from subnetmgr.model import Lease, NetworkConfig, printable, subnet_order
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 PROBE_TIMEOUT = 2.0
@@ -413,16 +415,51 @@ def parse_echo_reply(packet: bytes) -> tuple[IPv4Address, int] | None:
     return IPv4Address(packet[12:16]), ident
 
 
+def echo6_request(ident: int, seq: int, payload: bytes = b"overlayctl doctor") -> bytes:
+    """An ICMPv6 echo request (RFC 4443). The checksum is left 0: on a raw ICMPv6 socket the
+    kernel computes it (it covers the IPv6 pseudo-header, RFC 3542 3.1)."""
+    return struct.pack("!BBHHH", 128, 0, 0, ident, seq) + payload
+
+
+def parse_echo6_reply(message: bytes) -> int | None:
+    """The identifier of an ICMPv6 echo reply (a raw ICMPv6 socket reads the message without
+    its IPv6 header); None for anything else."""
+    if len(message) < 8 or message[0] != 129 or message[1] != 0:
+        return None
+    ident: int = struct.unpack_from("!H", message, 4)[0]
+    return ident
+
+
 PROBE_TRIES = 3
 PEER_LINES = 20
 """Peers shown one line each when all answer; past this, the answers are one summary line
 (a failing peer always has its own line)."""
 
 
-async def ping(
-    src: IPv4Address | None, targets: Sequence[IPv4Address], limit: float
-) -> dict[IPv4Address, float | None]:
-    """Round trip in ms of an ICMP echo from `src` to each target, None for no answer.
+async def _receive_reply(
+    sock: socket.socket, loop: asyncio.AbstractEventLoop, version: int
+) -> tuple[IPv4Address | IPv6Address, int] | None:
+    """(source, identifier) of the next echo reply on a raw socket of that family, None for
+    another packet."""
+    if version == 4:
+        return parse_echo_reply(await loop.sock_recv(sock, 65535))
+    message, peer = await loop.sock_recvfrom(sock, 65535)
+    ident = parse_echo6_reply(message)
+    if ident is None or not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        source = IPv6Address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    return source, ident
+
+
+A = TypeVar("A", IPv4Address, IPv6Address)
+
+
+async def ping(src: A | None, targets: Sequence[A], limit: float) -> dict[A, float | None]:
+    """Round trip in ms of an ICMP echo (ICMPv6 for IPv6 targets) from `src` to each target,
+    None for no answer.
 
     One raw socket for all targets (a cluster of 10,000 hosts is 10,000 probes, not 10,000
     sockets): PROBE_TRIES echoes to each target not yet answered, spread over `limit` s; a reply
@@ -430,9 +467,17 @@ async def ping(
     address of this host."""
     loop = asyncio.get_running_loop()
     wanted = set(targets)
-    rtt: dict[IPv4Address, float | None] = dict.fromkeys(targets)
-    sent: dict[IPv4Address, float] = {}
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    rtt: dict[A, float | None] = dict.fromkeys(targets)
+    sent: dict[A, float] = {}
+    if not targets:
+        return rtt
+    version = targets[0].version
+    if version == 6:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        request = echo6_request
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        request = echo_request
     sock.setblocking(False)
     ident = random.randrange(1, 0xFFFF)
     try:
@@ -446,7 +491,7 @@ async def ping(
                     sent.setdefault(target, time.monotonic())
                     # A full buffer or no route to one target: it goes unanswered.
                     with contextlib.suppress(OSError):
-                        sock.sendto(echo_request(ident, attempt), (str(target), 0))
+                        sock.sendto(request(ident, attempt), (str(target), 0))
             round_end = min(deadline, start + limit * (attempt + 1) / PROBE_TRIES)
             while any(v is None for v in rtt.values()):
                 left = round_end - time.monotonic()
@@ -454,13 +499,13 @@ async def ping(
                     break
                 try:
                     async with asyncio.timeout(left):
-                        packet = await loop.sock_recv(sock, 65535)
+                        reply = await _receive_reply(sock, loop, version)
                 except TimeoutError:
                     break
-                reply = parse_echo_reply(packet)
                 if reply is not None and reply[1] == ident and reply[0] in wanted:
-                    if rtt[reply[0]] is None:
-                        rtt[reply[0]] = round((time.monotonic() - sent[reply[0]]) * 1000, 2)
+                    source = cast(A, reply[0])
+                    if rtt[source] is None:
+                        rtt[source] = round((time.monotonic() - sent[source]) * 1000, 2)
             if all(v is not None for v in rtt.values()):
                 break
     finally:
@@ -490,94 +535,158 @@ def _port(backend: Mapping[str, Any], default: int) -> int:
     return default
 
 
+@dataclass(frozen=True)
+class Family:
+    """How the peers are probed in one address family."""
+
+    version: int
+    src: IPv4Address | IPv6Address | None
+    """Our address the echoes leave from (our subnet's on the device), None on the underlay."""
+    how: str
+    port: int
+    """The encapsulation port (0: host-gw)."""
+
+    def target(self, peer: Lease) -> IPv4Address | IPv6Address | None:
+        """The address probed on `peer` (its subnet's on its device, else its underlay
+        address), None when the peer has none of this family."""
+        if self.version == 6:
+            if self.src is not None:
+                return None if peer.ipv6_subnet is None else peer.ipv6_subnet.network_address
+            return peer.attrs.public_ipv6
+        if peer.ipv6_only:
+            return None
+        return peer.subnet.network_address if self.src is not None else peer.attrs.public_ip
+
+    def host(self, peer: Lease) -> IPv4Address | IPv6Address:
+        return (peer.attrs.public_ipv6 or peer.attrs.address) if self.version == 6 else (
+            peer.attrs.public_ip)  # fmt: skip
+
+    def name(self, peer: Lease) -> str:
+        return f"peer {peer.ipv6_subnet if self.version == 6 else peer.subnet}"
+
+    @property
+    def echo(self) -> str:
+        return "an ICMPv6 echo" if self.version == 6 else "an ICMP echo"
+
+    def fix(self, peer: Lease) -> str:
+        host = self.host(peer)
+        if self.port:
+            tables = "ip6tables" if self.version == 6 else "iptables"
+            return (f"let udp {self.port} from this host's underlay address in on {host} (e.g. "
+                    f"{tables} -I INPUT -p udp --dport {self.port} -j ACCEPT there; cloud "
+                    "security groups too), and check overlayd runs there")  # fmt: skip
+        if self.version == 6:
+            return (f"check the IPv6 route to {host} and net.ipv6.conf.all.forwarding on that "
+                    "host")  # fmt: skip
+        return f"check the route to {host} and ip_forward on that host"
+
+
+def probe_families(config: NetworkConfig, own: Lease) -> list[Family]:
+    """The families the peers are probed in: IPv4 unless the network is IPv6-only, IPv6 with
+    EnableIPv6 (vxlan through flannel-v6.<VNI>, host-gw on the IPv6 underlay)."""
+    from backends.udp import DEFAULT_PORT as UDP_PORT
+
+    families = []
+    encapsulated = config.backend_type in ("vxlan", "udp")
+    if encapsulated:
+        options = vxlan_options(config)
+        port = options.port if options is not None else _port(config.backend, UDP_PORT)
+    else:
+        port = 0
+    underlay = "on the underlay (host-gw has no encapsulation)"
+    if not config.ipv6_only and not own.ipv6_only:
+        src4 = own.subnet.network_address if encapsulated else None
+        how = f"through {device_name(config)} (udp {port})" if encapsulated else underlay
+        families.append(Family(4, src4, how, port))
+    if config.enable_ipv6 and config.backend_type != "udp":  # udp carries IPv4 only
+        if encapsulated:
+            if own.ipv6_subnet is None:
+                return families
+            vni = options.vni if options is not None else 1
+            how = f"through flannel-v6.{vni} (udp {port})"
+            families.append(Family(6, own.ipv6_subnet.network_address, how, port))
+        else:
+            families.append(Family(6, None, underlay, 0))
+    return families
+
+
+async def _probe_family(
+    family: Family, peers: Sequence[Lease], limit: float
+) -> tuple[list[Check], list[float], int]:
+    """(one line per peer, or one FAIL line when the probe cannot run; the round trips of the
+    peers that answered; the peers probed)."""
+    probed = [(p, t) for p in peers if (t := family.target(p)) is not None]
+    targets = sorted({t for _, t in probed}, key=lambda a: (a.version, int(a)))
+    kind = "ICMPv6" if family.version == 6 else "ICMP"
+    try:
+        rtts: dict[Any, float | None] = await ping(family.src, targets, limit)
+    except PermissionError as e:
+        text = f"cannot open a raw {kind} socket: {e.strerror or e}"
+        fix = "run overlayctl doctor as root (or with CAP_NET_RAW)"
+        return [Check("peers", FAIL, text, fix)], [], len(probed)
+    except OSError as e:
+        return (
+            [
+                Check(
+                    "peers",
+                    FAIL,
+                    f"cannot send a probe from {family.src}: {e.strerror or e}",
+                    "check that overlayd runs and its device has our subnet's address",
+                )
+            ],
+            [],
+            len(probed),
+        )
+    checks = []
+    answered = []
+    for peer, dst in probed:
+        rtt = rtts.get(dst)
+        host = family.host(peer)
+        if rtt is not None:
+            answered.append(rtt)
+            text = f"{host}: {dst} answered {family.echo} {family.how} in {rtt} ms"
+            checks.append(Check(family.name(peer), PASS, text))
+            continue
+        text = f"{host}: no answer from {dst} {family.how} within {limit:g} s"
+        checks.append(Check(family.name(peer), FAIL, text, family.fix(peer)))
+    return checks, answered, len(probed)
+
+
 async def check_peers(host: Host, limit: float) -> list[Check]:
     config = host.config
     if config is None or host.lease is None:
         return [Check("peers", WARN, "not checked: no network config or no lease of ours")]
-    if config.ipv6_only:
-        return [Check("peers", WARN, "not checked: the probes are ICMP over IPv4, and this "
-                      "network is IPv6-only (ping6 a container on each peer instead)")]  # fmt: skip
-    own = host.lease.subnet
+    own = host.lease.ident
     peers = sorted(
         (
             x
             for s, x in host.etcd.valid.items()
             if s != own and (x.attrs.backend_type or "udp") == config.backend_type
         ),
-        key=lambda x: x.subnet,
+        key=lambda x: subnet_order(x.ident),
     )
     if not peers:
         return [Check("peers", PASS, "no other host holds a lease")]
     if config.backend_type == "alloc":
         return [Check("peers", PASS, "alloc backend: no data path between hosts")]
-    if config.backend_type in ("vxlan", "udp"):
-        from backends.udp import DEFAULT_PORT as UDP_PORT
-
-        options = vxlan_options(config)
-        port = options.port if options is not None else _port(config.backend, UDP_PORT)
-        src: IPv4Address | None = own.network_address
-        how = f"through {device_name(config)} (udp {port})"
-    else:
-        src, port, how = None, 0, "on the underlay (host-gw has no encapsulation)"
-
-    def target(peer: Lease) -> IPv4Address:
-        return peer.subnet.network_address if src is not None else peer.attrs.public_ip
-
-    try:
-        rtts = await ping(src, sorted({target(p) for p in peers}), limit)
-    except PermissionError as e:
-        return [Check("peers", FAIL, f"cannot open a raw ICMP socket: {e.strerror or e}",
-                      "run overlayctl doctor as root (or with CAP_NET_RAW)")]  # fmt: skip
-    except OSError as e:
-        return [
-            Check(
+    families = probe_families(config, host.lease)
+    if not families:
+        return [Check("peers", WARN, "not checked: our lease has no subnet of the network's "
+                      "families")]  # fmt: skip
+    results = await asyncio.gather(*(_probe_family(f, peers, limit) for f in families))
+    checks: list[Check] = []
+    for family, (lines, answered, probed) in zip(families, results, strict=True):
+        if probed > PEER_LINES and any(c.name != "peers" for c in lines):
+            median = sorted(answered)[len(answered) // 2] if answered else None
+            summary = Check(
                 "peers",
-                FAIL,
-                f"cannot send a probe from {src}: {e.strerror or e}",
-                "check that overlayd runs and its device has our subnet's address",
+                PASS if len(answered) == probed else FAIL,
+                f"{len(answered)} of {probed} peers answered {family.echo} {family.how}"
+                + (f", median {median} ms" if median is not None else ""),
+                "see the peer lines",
             )
-        ]
-    checks = []
-    answered = []
-    for peer in peers:
-        dst = target(peer)
-        rtt = rtts.get(dst)
-        name = f"peer {peer.subnet}"
-        if rtt is not None:
-            answered.append(rtt)
-            checks.append(
-                Check(
-                    name,
-                    PASS,
-                    f"{peer.attrs.public_ip}: {dst} answered an ICMP echo {how} in {rtt} ms",
-                )
-            )
-            continue
-        fix = (
-            f"let udp {port} from this host's underlay address in on {peer.attrs.public_ip} "
-            f"(e.g. iptables -I INPUT -p udp --dport {port} -j ACCEPT there; cloud security "
-            "groups too), and check overlayd runs there"
-            if port
-            else f"check the route to {peer.attrs.public_ip} and ip_forward on that host"
-        )
-        checks.append(
-            Check(
-                name,
-                FAIL,
-                f"{peer.attrs.public_ip}: no answer from {dst} {how} within {limit:g} s",
-                fix,
-            )
-        )
-    if len(peers) > PEER_LINES:
-        median = sorted(answered)[len(answered) // 2] if answered else None
-        summary = Check(
-            "peers",
-            PASS if len(answered) == len(peers) else FAIL,
-            f"{len(answered)} of {len(peers)} peers answered an ICMP echo {how}"
-            + (f", median {median} ms" if median is not None else ""),
-            "see the peer lines",
-        )
-        checks = [summary, *(c for c in checks if c.result != PASS)]
+            lines = [summary, *(c for c in lines if c.result != PASS)]
+        checks += lines
     return checks
 
 

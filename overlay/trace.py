@@ -3,7 +3,10 @@
 SRC and DST are container addresses (any address inside a lease's subnet). The leases in etcd
 say which host holds each one (its PublicIP) and the network config which encapsulation the
 hosts use (vxlan: VNI and Backend.Port, 8472 by default; udp: Backend.Port, 8285; host-gw:
-plain IP). The trace then captures, bounded by --timeout and --count, at up to three points:
+plain IP). SRC and DST may be IPv6 addresses (dual stack or IPv6-only networks): the leases
+are then found by their IPv6 subnet, the hosts are their PublicIPv6s, and the encapsulation is
+VXLAN over the IPv6 underlay (flannel-v6.<VNI>) or plain IPv6 (host-gw). The trace captures,
+bounded by --timeout and --count, at up to three points:
 
     source:      the source host's underlay interface (the one holding its PublicIP)
     destination: the destination host's underlay interface
@@ -13,8 +16,9 @@ plain IP). The trace then captures, bounded by --timeout and --count, at up to t
 Each point is a `tcpdump -w -` (in `--src-netns`/`--dst-netns` when given, as in the lab;
 else in this namespace, which must then hold SRC's or DST's host), with a BPF filter on the two
 hosts and the encapsulation port. The pcap stream is read with scapy and every frame decoded
-here (decode_frame): outer and inner IPv4 addresses, TTLs, sizes, ports, the VNI. A frame that
-does not decode (truncated, garbage on the port) is shown as undecodable with the reason.
+here (decode_frame): outer and inner IPv4 or IPv6 addresses, TTLs or hop limits, sizes,
+ports, the VNI. A frame that does not decode (truncated, garbage on the port) is shown as
+undecodable with the reason.
 
 Last seen: for the packets from SRC to DST, the furthest point any reached. `--probe` sends UDP
 datagrams from SRC (in `--probe-netns`, SRC's container namespace) to DST while capturing;
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import math
@@ -37,15 +42,23 @@ import shutil
 import signal
 import struct
 import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, cast
 
 VXLAN_HEADER = 8
 ETHERNET_HEADER = 14
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPV6_HEADER = 40
+IPV6_EXTENSIONS = (0, 43, 60)
+"""Hop-by-hop, routing and destination options: (next header, length in 8 bytes - 1, ...)."""
+IPV6_FRAGMENT = 44
+MAX_EXTENSIONS = 8
+"""Extension headers walked before the transport header; past this the packet is refused."""
 VLAN_TYPES = (0x8100, 0x88A8)
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = (12, 14, 101)  # DLT_RAW as tcpdump writes it on a TUN device (and variants)
@@ -56,9 +69,12 @@ STAGE_TEXT = {
     "destination": "reached the destination host",
     "delivered": "delivered towards DST on the destination host",
 }
-PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp"}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
 MAX_FRAME = 65535
 """The snap length of the captures, and the most of a frame decoded."""
+
+
+Address = IPv4Address | IPv6Address
 
 
 class TraceError(Exception):
@@ -69,8 +85,13 @@ class TraceError(Exception):
 
 
 @dataclass(frozen=True)
-class IPv4Info:
-    """The fields of an IPv4 header (and of the TCP/UDP ports or ICMP type after it)."""
+class IPInfo:
+    """The fields of an IPv4 or IPv6 header (and of the TCP/UDP ports or ICMP type after it).
+
+    IPv6: `ttl` is the hop limit, `length` the whole packet (40 + payload length), `proto` the
+    transport header's number after any extension headers, and `ident` (IPv6 has no
+    identification field) a CRC-32 of the transport payload: it tells one packet from the next
+    at every capture point, as IPv4's identification does."""
 
     src: str
     dst: str
@@ -83,13 +104,16 @@ class IPv4Info:
     icmp: tuple[int, int] | None = None
     payload: bytes = field(default=b"", repr=False, compare=False)
     """The transport payload (UDP: after its 8-byte header), cut at the IP total length."""
+    version: int = 4
 
     def brief(self) -> str:
         name = PROTOCOLS.get(self.proto, f"proto {self.proto}")
-        src = self.src if self.sport is None else f"{self.src}:{self.sport}"
-        dst = self.dst if self.dport is None else f"{self.dst}:{self.dport}"
+        host = (lambda a: f"[{a}]") if self.version == 6 else (lambda a: a)
+        src = self.src if self.sport is None else f"{host(self.src)}:{self.sport}"
+        dst = self.dst if self.dport is None else f"{host(self.dst)}:{self.dport}"
         icmp = "" if self.icmp is None else f" type {self.icmp[0]} code {self.icmp[1]}"
-        return f"{src} > {dst} {name}{icmp} ttl {self.ttl} len {self.length}"
+        ttl = "hlim" if self.version == 6 else "ttl"
+        return f"{src} > {dst} {name}{icmp} {ttl} {self.ttl} len {self.length}"
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -98,11 +122,15 @@ class IPv4Info:
         return doc
 
 
+IPv4Info = IPInfo
+"""The name before IPv6 was decoded."""
+
+
 class Undecodable(ValueError):
     """A frame or packet that does not decode; the message says what is wrong."""
 
 
-def decode_ipv4(data: bytes) -> IPv4Info:
+def decode_ipv4(data: bytes) -> IPInfo:
     """An IPv4 packet (header and transport ports), checked against the bytes there are."""
     if len(data) < 20:
         raise Undecodable(f"truncated IPv4 header: {len(data)} of 20 bytes")
@@ -121,16 +149,80 @@ def decode_ipv4(data: bytes) -> IPv4Info:
     sport = dport = None
     icmp = None
     payload = b""
-    if frag & 0x1FFF == 0:  # the first fragment (or none) carries the transport header
-        if proto in (6, 17):
-            need = 8 if proto == 17 else 4
-            if len(body) < need:
-                raise Undecodable(f"truncated {PROTOCOLS[proto]} header: {len(body)} bytes")
-            sport, dport = struct.unpack_from("!HH", body)
-            payload = body[8:] if proto == 17 else b""
-        elif proto == 1 and len(body) >= 2:
-            icmp = (body[0], body[1])
-    return IPv4Info(src, dst, proto, ttl, total, ident, sport, dport, icmp, payload)
+    if frag & 0x1FFF == 0 and proto != 58:  # the first fragment (or none): transport header
+        sport, dport, icmp, payload = _transport(proto, body)
+    return IPInfo(src, dst, proto, ttl, total, ident, sport, dport, icmp, payload)
+
+
+def _transport(
+    proto: int, body: bytes
+) -> tuple[int | None, int | None, tuple[int, int] | None, bytes]:
+    """(sport, dport, icmp type and code, UDP payload) of a transport header at `body`."""
+    if proto in (6, 17):
+        need = 8 if proto == 17 else 4
+        if len(body) < need:
+            raise Undecodable(f"truncated {PROTOCOLS[proto]} header: {len(body)} bytes")
+        sport, dport = struct.unpack_from("!HH", body)
+        return sport, dport, None, body[8:] if proto == 17 else b""
+    if proto in (1, 58) and len(body) >= 2:
+        return None, None, (body[0], body[1]), b""
+    return None, None, None, b""
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_text(packed: bytes) -> str:
+    """An IPv6 address as ipaddress writes it (as the path's addresses are compared), cached:
+    a capture repeats a few addresses, and formatting one costs more than the rest of a
+    header."""
+    return str(IPv6Address(packed))
+
+
+def decode_ipv6(data: bytes) -> IPInfo:
+    """An IPv6 packet (header, extension headers, transport ports), checked against the bytes
+    there are. A jumbogram (payload length 0) is refused: no link here carries one."""
+    if len(data) < IPV6_HEADER:
+        raise Undecodable(f"truncated IPv6 header: {len(data)} of {IPV6_HEADER} bytes")
+    version = data[0] >> 4
+    if version != 6:
+        raise Undecodable(f"not IPv6: version {version}")
+    payload_len, proto, hlim = struct.unpack_from("!HBB", data, 4)
+    if payload_len == 0:
+        raise Undecodable("IPv6 payload length 0 (a jumbogram or nothing) is not decoded")
+    total = IPV6_HEADER + payload_len
+    if total > len(data):
+        raise Undecodable(f"truncated IPv6 packet: total length {total}, {len(data)} bytes")
+    src, dst = _ipv6_text(data[8:24]), _ipv6_text(data[24:40])
+    body = data[IPV6_HEADER:total]
+    first = True
+    for _ in range(MAX_EXTENSIONS):
+        if proto in IPV6_EXTENSIONS:
+            if len(body) < 8:
+                raise Undecodable(f"truncated IPv6 extension header {proto}: {len(body)} bytes")
+            size = (body[1] + 1) * 8
+            if size > len(body):
+                raise Undecodable(f"IPv6 extension header {proto} of {size} bytes has "
+                                  f"{len(body)}")  # fmt: skip
+            proto, body = body[0], body[size:]
+        elif proto == IPV6_FRAGMENT:
+            if len(body) < 8:
+                raise Undecodable(f"truncated IPv6 fragment header: {len(body)} bytes")
+            first = struct.unpack_from("!H", body, 2)[0] >> 3 == 0
+            proto, body = body[0], body[8:]
+        else:
+            break
+    else:
+        raise Undecodable(f"more than {MAX_EXTENSIONS} IPv6 extension headers")
+    sport = dport = icmp = None
+    payload = b""
+    if first:  # only the first fragment (or none) carries the transport header
+        sport, dport, icmp, payload = _transport(proto, body)
+    ident = zlib.crc32(body)
+    return IPInfo(src, dst, proto, hlim, total, ident, sport, dport, icmp, payload, version=6)
+
+
+def decode_ip(ethertype: int, data: bytes) -> IPInfo:
+    """The IPv4 or IPv6 packet an ethertype names."""
+    return decode_ipv6(data) if ethertype == ETH_P_IPV6 else decode_ipv4(data)
 
 
 def ethernet_payload(frame: bytes) -> tuple[int, bytes]:
@@ -152,7 +244,8 @@ def link_payload(linktype: int, frame: bytes) -> tuple[int, bytes]:
     if linktype == LINKTYPE_ETHERNET:
         return ethernet_payload(frame)
     if linktype in LINKTYPE_RAW:
-        return (ETH_P_IP if frame[:1] and frame[0] >> 4 == 4 else 0), frame
+        version = frame[0] >> 4 if frame else 0
+        return {4: ETH_P_IP, 6: ETH_P_IPV6}.get(version, 0), frame
     if linktype == LINKTYPE_LINUX_SLL:
         if len(frame) < 16:
             raise Undecodable(f"truncated Linux cooked header: {len(frame)} bytes")
@@ -165,9 +258,9 @@ class Encapsulated:
     """What a datagram on the encapsulation port carries."""
 
     vni: int | None
-    inner: IPv4Info | None
+    inner: IPInfo | None
     note: str | None = None
-    """Why there is no inner IPv4 packet (not an error: e.g. an inner ARP frame)."""
+    """Why there is no inner IP packet (not an error: e.g. an inner ARP frame)."""
 
 
 def decode_vxlan(payload: bytes) -> Encapsulated:
@@ -182,10 +275,10 @@ def decode_vxlan(payload: bytes) -> Encapsulated:
         ethertype, inner = ethernet_payload(payload[VXLAN_HEADER:])
     except Undecodable as e:
         raise Undecodable(f"VXLAN VNI {vni}: inner frame: {e}") from None
-    if ethertype != ETH_P_IP:
+    if ethertype not in (ETH_P_IP, ETH_P_IPV6):
         return Encapsulated(vni, None, f"inner ethertype 0x{ethertype:04x}")
     try:
-        return Encapsulated(vni, decode_ipv4(inner))
+        return Encapsulated(vni, decode_ip(ethertype, inner))
     except Undecodable as e:
         raise Undecodable(f"VXLAN VNI {vni}: inner packet: {e}") from None
 
@@ -205,12 +298,12 @@ class Decoded:
     point: str
     time: float
     size: int
-    outer: IPv4Info | None = None
+    outer: IPInfo | None = None
     """The underlay packet (None on the delivered point, and for host-gw: no encapsulation)."""
     encap: str = "none"
-    """"vxlan", "udp" (flannel's), "none" (plain IP) or "other" (not IPv4)."""
+    """"vxlan", "udp" (flannel's), "none" (plain IP) or "other" (neither IPv4 nor IPv6)."""
     vni: int | None = None
-    inner: IPv4Info | None = None
+    inner: IPInfo | None = None
     error: str | None = None
     """Why the frame did not decode (then `inner` is None)."""
     note: str | None = None
@@ -233,9 +326,9 @@ def decode_frame(
     size = len(frame)
     try:
         ethertype, network = link_payload(linktype, frame)
-        if ethertype != ETH_P_IP:
+        if ethertype not in (ETH_P_IP, ETH_P_IPV6):
             return Decoded(point, stamp, size, encap="other", note=f"ethertype 0x{ethertype:04x}")
-        packet = decode_ipv4(network)
+        packet = decode_ip(ethertype, network)
     except Undecodable as e:
         return Decoded(point, stamp, size, error=str(e))
     carried = packet.proto == 17 and port in (packet.sport, packet.dport)
@@ -290,36 +383,65 @@ def read_pcap(point: str, data: bytes, encap: str, port: int) -> tuple[list[Deco
 class Path:
     """Where SRC and DST live, from etcd."""
 
-    src: IPv4Address
-    dst: IPv4Address
-    src_host: IPv4Address
-    dst_host: IPv4Address
-    src_subnet: IPv4Network
-    dst_subnet: IPv4Network
+    src: Address
+    dst: Address
+    src_host: Address
+    dst_host: Address
+    """The hosts' PublicIP, or their PublicIPv6 when SRC and DST are IPv6 addresses."""
+    src_subnet: IPv4Network | IPv6Network
+    dst_subnet: IPv4Network | IPv6Network
     backend: str
     encap: str
     port: int
     vni: int | None
 
+    @property
+    def version(self) -> int:
+        return self.src.version
 
-def _host_of(leases: Sequence[Any], ip: IPv4Address, name: str) -> Any:
+    @property
+    def device(self) -> str:
+        """The host's overlay device this traffic crosses (vxlan: flannel-v6.<VNI> for IPv6)."""
+        if self.encap == "vxlan":
+            return f"flannel-v6.{self.vni}" if self.version == 6 else f"flannel.{self.vni}"
+        return "flannel0"
+
+
+def _subnet_of(lease: Any, version: int) -> IPv4Network | IPv6Network | None:
+    """The lease's subnet of that family (an IPv6-only lease has no IPv4 subnet)."""
+    if version == 6:
+        return cast(IPv6Network | None, lease.ipv6_subnet)
+    return None if lease.ipv6_only else cast(IPv4Network, lease.subnet)
+
+
+def _host_of(
+    leases: Sequence[Any], ip: Address, name: str
+) -> tuple[IPv4Network | IPv6Network, Address]:
+    """(the lease subnet holding `ip`, its host's underlay address of that family)."""
     for lease in leases:
-        if ip in lease.subnet:
-            return lease
+        subnet = _subnet_of(lease, ip.version)
+        if subnet is not None and ip in subnet:
+            host = lease.attrs.public_ipv6 if ip.version == 6 else lease.attrs.public_ip
+            if host is None:
+                raise TraceError(f"{name} {ip} is in {subnet}, whose lease has no PublicIPv6")
+            return subnet, cast(Address, host)
     raise TraceError(
-        f"{name} {ip} is in no usable lease's subnet: give container addresses (see "
-        "`overlayctl leases`)"
+        f"{name} {ip} is in no usable lease's {'IPv6 ' if ip.version == 6 else ''}subnet: give "
+        "container addresses (see `overlayctl leases`)"
     )
 
 
-def path_from(config: Any, leases: Sequence[Any], src: IPv4Address, dst: IPv4Address) -> Path:
+def path_from(config: Any, leases: Sequence[Any], src: Address, dst: Address) -> Path:
     from backends.base import BackendError
     from subnetmgr.model import ConfigError
 
-    s, d = _host_of(leases, src, "SRC"), _host_of(leases, dst, "DST")
-    if s.subnet == d.subnet:
+    if src.version != dst.version:
+        raise TraceError(f"SRC {src} and DST {dst} are not of one address family")
+    s_net, s_host = _host_of(leases, src, "SRC")
+    d_net, d_host = _host_of(leases, dst, "DST")
+    if s_net == d_net:
         raise TraceError(
-            f"{src} and {dst} are both in {s.subnet} (host {s.attrs.public_ip}): "
+            f"{src} and {dst} are both in {s_net} (host {s_host}): "
             "their traffic never crosses the underlay"
         )
     backend = config.backend_type
@@ -332,6 +454,9 @@ def path_from(config: Any, leases: Sequence[Any], src: IPv4Address, dst: IPv4Add
         elif backend == "udp":
             from backends.udp import _port as udp_port
 
+            if src.version == 6:
+                raise TraceError("the udp backend carries IPv4 only: no IPv6 traffic to trace")
+
             encap, port, vni = "udp", udp_port(config), None
         elif backend == "host-gw":
             encap, port, vni = "none", 0, None
@@ -339,8 +464,7 @@ def path_from(config: Any, leases: Sequence[Any], src: IPv4Address, dst: IPv4Add
             raise TraceError(f"backend {backend!r} carries no traffic between hosts to trace")
     except (ConfigError, BackendError) as e:
         raise TraceError(f"the network config's Backend: {e}") from None
-    return Path(src, dst, s.attrs.public_ip, d.attrs.public_ip, s.subnet, d.subnet, backend,
-                encap, port, vni)  # fmt: skip
+    return Path(src, dst, s_host, d_host, s_net, d_net, backend, encap, port, vni)
 
 
 @dataclass
@@ -382,34 +506,46 @@ async def _output(argv: Sequence[str], limit: float = 10.0) -> str:
     return out.decode(errors="replace")
 
 
-async def iface_with(netns: str | None, ip: IPv4Address) -> str | None:
+def _json_list(text: str, what: str) -> list[Any]:
+    try:
+        doc = json.loads(text or "[]")
+    except ValueError:
+        doc = None
+    if not isinstance(doc, list):
+        raise TraceError(f"{what}: not the JSON list iproute2 prints")
+    return doc
+
+
+async def iface_with(netns: str | None, ip: Address) -> str | None:
     """The interface holding `ip` in that namespace, or None."""
-    doc = json.loads(await _output(in_ns(netns, ["ip", "-j", "-4", "addr", "show"])) or "[]")
-    for link in doc:
-        for addr in link.get("addr_info", []):
-            if addr.get("local") == str(ip):
+    argv = in_ns(netns, ["ip", "-j", f"-{ip.version}", "addr", "show"])
+    for link in _json_list(await _output(argv), "ip addr show"):
+        for addr in link.get("addr_info", []) if isinstance(link, dict) else []:
+            if isinstance(addr, dict) and addr.get("local") == str(ip):
                 return str(link.get("ifname"))
     return None
 
 
-async def route_dev(netns: str | None, ip: IPv4Address, encap: str, vni: int | None) -> str:
-    """The device a packet to `ip` leaves through in that namespace (the local overlay device
-    when `ip` is an address of the host itself)."""
-    doc = json.loads(await _output(in_ns(netns, ["ip", "-j", "route", "get", str(ip)])) or "[]")
-    if not doc:
-        raise TraceError(f"no route to {ip} on the destination host")
+async def route_dev(netns: str | None, path: Path) -> str:
+    """The device a packet to DST leaves through in that namespace (the local overlay device
+    when DST is an address of the host itself)."""
+    argv = in_ns(netns, ["ip", "-j", "route", "get", str(path.dst)])
+    doc = _json_list(await _output(argv), "ip route get")
+    if not doc or not isinstance(doc[0], dict):
+        raise TraceError(f"no route to {path.dst} on the destination host")
     if doc[0].get("type") == "local":
-        return f"flannel.{vni}" if encap == "vxlan" else "flannel0"
-    return str(doc[0]["dev"])
+        return path.device
+    return str(doc[0].get("dev"))
 
 
 async def plan_points(path: Path, args: argparse.Namespace) -> list[Point]:
     """The capture points this trace can reach, with their interfaces and filters."""
+    ip = "ip6" if path.version == 6 else "ip"
     if path.encap == "none":
-        underlay_bpf = f"ip and host {path.src} and host {path.dst}"
+        underlay_bpf = f"{ip} and host {path.src} and host {path.dst}"
     else:
         underlay_bpf = f"udp port {path.port} and host {path.src_host} and host {path.dst_host}"
-    inner_bpf = f"ip and host {path.src} and host {path.dst}"
+    inner_bpf = f"{ip} and host {path.src} and host {path.dst}"
     src_ns, dst_ns = args.src_netns, args.dst_netns
     here_src = here_dst = False
     if src_ns is None and dst_ns is None:  # this namespace: it must be one of the two hosts
@@ -432,7 +568,7 @@ async def plan_points(path: Path, args: argparse.Namespace) -> list[Point]:
         if iface is None:
             raise TraceError(f"no interface holds {path.dst_host} in netns {dst_ns}")
         points.append(Point("destination", dst_ns, iface, underlay_bpf, path.encap, path.port))
-        dev = await route_dev(dst_ns, path.dst, path.encap, path.vni)
+        dev = await route_dev(dst_ns, path)
         if dev != iface:  # host-gw into a host's own address: the underlay is the last point
             points.append(Point("delivered", dst_ns, dev, inner_bpf))
     return points
@@ -497,14 +633,14 @@ async def stop_capture(capture: Capture) -> None:
 
 PROBE_SCRIPT = """
 import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 for n in range(int(sys.argv[3])):
     s.sendto(b"overlayctl trace probe %d" % n, (sys.argv[1], int(sys.argv[2])))
     time.sleep(0.1)
 """
 
 
-async def send_probe(netns: str | None, dst: IPv4Address, port: int, count: int) -> None:
+async def send_probe(netns: str | None, dst: Address, port: int, count: int) -> None:
     argv = in_ns(netns, [sys.executable, "-c", PROBE_SCRIPT, str(dst), str(port), str(count)])
     await _output(argv, limit=15)
 
@@ -539,7 +675,7 @@ async def capture(points: list[Point], path: Path, args: argparse.Namespace) -> 
 # ---------------------------------------------------------------------- the verdict
 
 
-def packet_key(info: IPv4Info) -> tuple[Any, ...]:
+def packet_key(info: IPInfo) -> tuple[Any, ...]:
     return (info.src, info.dst, info.proto, info.ident, info.sport, info.dport)
 
 
@@ -670,11 +806,11 @@ async def run_trace(args: argparse.Namespace) -> int:
     return 0 if result.reached_last else 3
 
 
-def _ipv4(text: str) -> IPv4Address:
+def _address(text: str) -> Address:
     try:
-        return IPv4Address(text)
+        return ip_address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
 def _bounded(kind: type, low: float, high: float) -> Any:
@@ -704,19 +840,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Capture and decode the packets between container addresses SRC and DST "
         "where they cross the underlay: the hosts come from the leases in etcd, the "
         "encapsulation from the network config (vxlan: VNI and port 8472 or Backend.Port; "
-        "udp: 8285; host-gw: plain IP). Captures (tcpdump, decoded with scapy) on the source "
+        "udp: 8285; host-gw: plain IP); IPv4 or IPv6 addresses (VXLAN over the IPv6 underlay, "
+        "plain IPv6). Captures (tcpdump, decoded with scapy) on the source "
         "host's underlay interface, the destination host's, and the destination host's "
         "device towards DST, and shows for each packet the outer and inner addresses, VNI, "
-        "TTL and sizes, and at the end where SRC->DST packets were last seen: left the "
-        "source host, reached the destination host, delivered, or never. Frames that do not "
+        "TTL or hop limit and sizes, and at the end where SRC->DST packets were last seen: left "
+        "the source host, reached the destination host, delivered, or never. Frames that do not "
         "decode are shown as undecodable with the reason. Runs on one of the two hosts, or "
         "anywhere with --src-netns/--dst-netns (the hosts' network namespaces, as in the "
         "lab). Bounded by --timeout and --count. Only watches, unless --probe. Needs root "
         "(tcpdump). Exit 0: a SRC->DST packet reached the last capture point; 3: none did; "
         "1: the trace could not run.",
     )
-    parser.add_argument("src", metavar="SRC", type=_ipv4, help="source container address")
-    parser.add_argument("dst", metavar="DST", type=_ipv4, help="destination container address")
+    parser.add_argument("src", metavar="SRC", type=_address, help="source container address")
+    parser.add_argument("dst", metavar="DST", type=_address, help="destination container address")
     parser.add_argument(
         "--src-netns",
         type=_netns,

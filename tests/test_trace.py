@@ -5,7 +5,7 @@ pcap streams as tcpdump writes them; the verdict (where a packet was last seen).
 from __future__ import annotations
 
 import io
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 
 import pytest
 from hypothesis import given
@@ -104,9 +104,9 @@ def test_any_bytes_decode_or_say_why(data: bytes, encap: str, linktype: int) -> 
     got = decode_frame("source", 1.0, linktype, data, encap, 8472)
     assert isinstance(got, Decoded) and got.size == len(data)
     assert got.error is None or got.inner is None
-    if got.inner is not None:  # whatever decodes is a consistent IPv4 header
-        assert IPv4Address(got.inner.src) and 0 <= got.inner.ttl <= 255
-        assert got.inner.length >= 20
+    if got.inner is not None:  # whatever decodes is a consistent IPv4 or IPv6 header
+        assert ip_address(got.inner.src).version == got.inner.version
+        assert 0 <= got.inner.ttl <= 255 and got.inner.length >= 20
 
 
 @given(st.binary(min_size=0, max_size=300))
