@@ -58,7 +58,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar, cast
 
@@ -126,7 +126,11 @@ class Host:
 # --------------------------------------------------------------------------- checks
 
 
-def check_ip_forward(proc: Path = Path("/proc/sys/net/ipv4/ip_forward")) -> Check:
+def check_ip_forward(proc: Path | None = None, *, ipv6: bool = False) -> Check:
+    """net.ipv4.ip_forward, or with `ipv6` net.ipv6.conf.all.forwarding (the IPv6 side of dual
+    stack, or an IPv6-only network)."""
+    key = "net.ipv6.conf.all.forwarding" if ipv6 else "net.ipv4.ip_forward"
+    proc = proc or Path("/proc/sys") / key.replace(".", "/")
     try:
         value = proc.read_text().strip()
     except OSError as e:
@@ -137,14 +141,13 @@ def check_ip_forward(proc: Path = Path("/proc/sys/net/ipv4/ip_forward")) -> Chec
             "run doctor as root on the host",
         )
     if value == "1":
-        return Check("ip_forward", PASS, "net.ipv4.ip_forward = 1")
+        return Check("ip_forward", PASS, f"{key} = 1")
     return Check(
         "ip_forward",
         FAIL,
-        f"net.ipv4.ip_forward = {printable(value, 20)}: this host drops traffic between its "
+        f"{key} = {printable(value, 20)}: this host drops traffic between its "
         "containers and other hosts",
-        "sysctl -w net.ipv4.ip_forward=1 (and put net.ipv4.ip_forward=1 in "
-        "/etc/sysctl.d/90-overlay.conf)",
+        f"sysctl -w {key}=1 (and put {key}=1 in /etc/sysctl.d/90-overlay.conf)",
     )
 
 
@@ -158,8 +161,9 @@ class ForwardRules:
     """FLANNEL-FWD accepts both -s NETWORK and -d NETWORK."""
 
 
-def parse_forward(forward: str, chain: str, network: IPv4Network) -> ForwardRules:
-    """`iptables -S FORWARD` and `iptables -S FLANNEL-FWD` output -> what matters to us."""
+def parse_forward(forward: str, chain: str, network: IPv4Network | IPv6Network) -> ForwardRules:
+    """`iptables -S FORWARD` and `iptables -S FLANNEL-FWD` output (ip6tables' for an IPv6
+    network) -> what matters to us."""
     from overlay.masq import FWD_CHAIN
 
     policy = None
@@ -178,7 +182,7 @@ def parse_forward(forward: str, chain: str, network: IPv4Network) -> ForwardRule
         if len(words) < 4 or words[2] not in ("-s", "-d"):
             continue
         try:
-            net = IPv4Network(words[3], strict=False)
+            net = ip_network(words[3], strict=False)
         except ValueError:
             continue
         if net == network:
@@ -189,7 +193,8 @@ def parse_forward(forward: str, chain: str, network: IPv4Network) -> ForwardRule
 
 def forward_drop_chains(ruleset: Any) -> list[str]:
     """nftables base chains on the forward hook with policy drop, from `nft -j list chains`,
-    except iptables' own `ip filter FORWARD` (judged by its policy)."""
+    except iptables' and ip6tables' own `ip filter FORWARD`, `ip6 filter FORWARD` (judged by
+    their policy)."""
     out = []
     items = ruleset.get("nftables") if isinstance(ruleset, dict) else None
     for item in items if isinstance(items, list) else []:
@@ -199,8 +204,7 @@ def forward_drop_chains(ruleset: Any) -> list[str]:
         if chain.get("policy") != "drop":
             continue
         name = f"{chain.get('family')} {chain.get('table')} {chain.get('name')}"
-        if (chain.get("family"), chain.get("table"), chain.get("name")) != (
-            "ip",
+        if chain.get("family") not in ("ip", "ip6") or (chain.get("table"), chain.get("name")) != (
             "filter",
             "FORWARD",
         ):
@@ -208,27 +212,31 @@ def forward_drop_chains(ruleset: Any) -> list[str]:
     return out
 
 
-async def check_forward(network: IPv4Network | None) -> list[Check]:
-    """`network`: the config's, else subnet.env's FLANNEL_NETWORK (etcd may be down)."""
+async def check_forward(network: IPv4Network | IPv6Network | None) -> list[Check]:
+    """`network`: the config's, else subnet.env's FLANNEL_NETWORK (etcd may be down); an IPv6
+    network (IPv6Network, FLANNEL_IPV6_NETWORK) is judged by ip6tables and table ip6
+    flannel-ipv6."""
     from overlay.masq import FWD_CHAIN, IptablesError, run_command
 
     if network is None:
         return [Check("forward", WARN, "not checked: the network is unknown (no valid config "
                       "in etcd, no subnet.env)")]  # fmt: skip
     net = network
+    v6 = net.version == 6
+    tool, family, table = ("ip6tables", "ip6", "flannel-ipv6") if v6 else (
+        "iptables", "ip", "flannel-ipv4"
+    )  # fmt: skip
     try:
-        rc, forward, err = await run_command(["iptables", "-S", "FORWARD"], check=False)
-        _, chain, _ = await run_command(["iptables", "-S", FWD_CHAIN], check=False)
+        rc, forward, err = await run_command([tool, "-S", "FORWARD"], check=False)
+        _, chain, _ = await run_command([tool, "-S", FWD_CHAIN], check=False)
     except IptablesError as e:
-        return [Check("forward", WARN, f"cannot read iptables: {e}")]
+        return [Check("forward", WARN, f"cannot read {tool}: {e}")]
     if rc != 0:
-        return [Check("forward", WARN, f"iptables -S FORWARD failed: {printable(err, 200)}")]
+        return [Check("forward", WARN, f"{tool} -S FORWARD failed: {printable(err, 200)}")]
     rules = parse_forward(forward, chain, net)
     nft = await command_json("nft", "-j", "list", "chains")
-    drops = forward_drop_chains(nft) if nft is not None else []
-    ours_nft = bool(
-        await command_json("nft", "-j", "list", "chain", "ip", "flannel-ipv4", "forward")
-    )
+    drops = [d for d in forward_drop_chains(nft) if d.split()[0] in (family, "inet")] if nft else []
+    ours_nft = bool(await command_json("nft", "-j", "list", "chain", family, table, "forward"))
     checks = []
     if rules.policy == "DROP" or rules.policy == "REJECT":
         if rules.jump and rules.accepts:
@@ -241,7 +249,7 @@ async def check_forward(network: IPv4Network | None) -> list[Check]:
             )
         else:
             what = (
-                "nftables table ip flannel-ipv4 accepts it, which does not override iptables' drop"
+                f"nftables table {family} {table} accepts it, which does not override {tool}' drop"
                 if ours_nft
                 else "no rule of ours accepts it"
             )
@@ -252,7 +260,7 @@ async def check_forward(network: IPv4Network | None) -> list[Check]:
                     f"FORWARD policy {rules.policy} and {what}: traffic of {net} between hosts and "
                     "containers is dropped",
                     f"run overlayd with --iptables-forward-rules (the default; iptables mode), or: "
-                    f"iptables -I FORWARD -s {net} -j ACCEPT && iptables -I FORWARD -d {net} "
+                    f"{tool} -I FORWARD -s {net} -j ACCEPT && {tool} -I FORWARD -d {net} "
                     "-j ACCEPT",
                 )
             )
@@ -260,11 +268,13 @@ async def check_forward(network: IPv4Network | None) -> list[Check]:
         how = (
             f"our chain {FWD_CHAIN}"
             if rules.jump
-            else "nftables table ip flannel-ipv4"
+            else f"nftables table {family} {table}"
             if ours_nft
             else "no rules of ours (not needed)"
         )
-        checks.append(Check("forward", PASS, f"FORWARD policy {rules.policy or 'unknown'}; {how}"))
+        checks.append(
+            Check("forward", PASS, f"FORWARD policy {rules.policy or 'unknown'}; {how} ({net})")
+        )
     for name in drops:
         checks.append(
             Check(
@@ -272,7 +282,7 @@ async def check_forward(network: IPv4Network | None) -> list[Check]:
                 WARN,
                 f"nftables chain {name} has policy drop on the forward hook: an accept in another "
                 f"table does not override it",
-                f"add `ip saddr {net} accept` and `ip daddr {net} accept` to {name}",
+                f"add `{family} saddr {net} accept` and `{family} daddr {net} accept` to {name}",
             )
         )
     return checks
@@ -297,6 +307,8 @@ async def external_mtu(host: Host) -> tuple[str | None, int | None]:
 
 
 async def check_mtu(host: Host) -> Check:
+    from backends.vxlan_device import VXLAN_OVERHEAD_V4, VXLAN_OVERHEAD_V6
+
     config = host.config
     if config is None or config.backend_type not in OVERHEAD:
         return Check("mtu", WARN, "not checked: no valid network config (or alloc backend)")
@@ -306,6 +318,9 @@ async def check_mtu(host: Host) -> Check:
             "mtu", WARN, "not checked: the external interface is unknown (no lease of ours)"
         )
     overhead = OVERHEAD[config.backend_type]
+    vxlan = config.backend_type == "vxlan"
+    if vxlan and config.ipv6_only:  # flannel-v6.<VNI> alone: VXLAN over IPv6
+        overhead = VXLAN_OVERHEAD_V6
     underlay = ext_mtu
     options = vxlan_options(config)
     if options is not None and options.mtu > 0:  # Backend.MTU: the underlay's, as flannel's
@@ -322,10 +337,12 @@ async def check_mtu(host: Host) -> Check:
         elif dev_mtu != expected:
             problems.append(f"{name} has MTU {dev_mtu}, {ext} {ext_mtu} - {overhead} = {expected}")
     env = host.env
-    if env is not None and env.mtu != (dev_mtu or expected):
-        problems.append(
-            f"subnet.env FLANNEL_MTU {env.mtu}, but {name or ext} carries {dev_mtu or expected}"
-        )
+    carried = dev_mtu or expected
+    if vxlan and config.enable_ipv6 and not config.ipv6_only:
+        # Dual stack: one FLANNEL_MTU for both families, flannel-v6.<VNI>'s (20 bytes less).
+        carried -= VXLAN_OVERHEAD_V6 - VXLAN_OVERHEAD_V4
+    if env is not None and env.mtu != carried:
+        problems.append(f"subnet.env FLANNEL_MTU {env.mtu}, but {name or ext} carries {carried}")
     if underlay > ext_mtu:
         problems.append(f"Backend.MTU {underlay} is larger than {ext}'s MTU {ext_mtu}")
     if not problems:
@@ -946,17 +963,21 @@ def _read_small(path: Path, limit: int) -> bytes | None:
         return None
 
 
-def host_local_addresses(directory: Path) -> dict[IPv4Address, tuple[str, str | None]]:
-    out: dict[IPv4Address, tuple[str, str | None]] = {}
+def host_local_addresses(
+    directory: Path,
+) -> dict[IPv4Address | IPv6Address, tuple[str, str | None]]:
+    """host-local's reservations in `directory`: one file per address (IPv4 and IPv6) naming
+    the container ID and ifname."""
+    out: dict[IPv4Address | IPv6Address, tuple[str, str | None]] = {}
     try:
         names = sorted(os.listdir(directory))[:MAX_ENTRIES]
     except OSError:
         return out
     for name in names:
         try:
-            ip = IPv4Address(name)
+            ip = ip_address(name)
         except ValueError:
-            continue  # lock, last_reserved_ip.0, IPv6 files
+            continue  # lock, last_reserved_ip.0, ...
         data = _read_small(directory / name, MAX_IP_FILE)
         parsed = parse_ip_file(data) if data is not None else None
         if parsed is not None:
@@ -1041,9 +1062,11 @@ async def check_cni(host: Host, data_dir: Path) -> Check:
             stale.append((path, f"unreadable saved conf: {conf}"))
         else:
             confs.append(conf)
-    subnet = host.env.subnet if host.env is not None else None
-    stores: dict[Path, dict[IPv4Address, tuple[str, str | None]]] = {}
+    env = host.env
+    stores: dict[Path, dict[IPv4Address | IPv6Address, tuple[str, str | None]]] = {}
     probe: dict[str, list[tuple[SavedConf, IPv4Address]]] = {}
+    unprobed = 0
+    """Confs with IPv6 addresses only (an IPv6-only network): ARP cannot ask for them."""
     for conf in confs:
         if conf.ipam_dir is None:
             continue
@@ -1062,13 +1085,16 @@ async def check_cni(host: Host, data_dir: Path) -> Check:
             )
             continue
         for ip in mine:
+            subnet = None if env is None else env.subnet if ip.version == 4 else env.ipv6_subnet
             if subnet is not None and ip not in subnet:
                 stale.append((conf.path, f"its address {ip} is outside our subnet {subnet}"))
-            else:
+            elif isinstance(ip, IPv4Address):
                 probe.setdefault(conf.bridge, []).append((conf, ip))
+        if not any(isinstance(ip, IPv4Address) for ip in mine):
+            unprobed += 1
     saved_ids = {c.container_id for c in confs}
     for directory, store in stores.items():
-        for ip, (cid, _ifn) in sorted(store.items()):
+        for ip, (cid, _ifn) in sorted(store.items(), key=lambda kv: (kv[0].version, kv[0])):
             if cid not in saved_ids:
                 stale.append(
                     (
@@ -1093,6 +1119,13 @@ async def check_cni(host: Host, data_dir: Path) -> Check:
                     )
                 )
     if not stale:
+        if unprobed:
+            return Check(
+                "cni_state",
+                PASS,
+                f"{len(confs)} saved confs in {data_dir}, each with a host-local address; "
+                f"{unprobed} with IPv6 addresses only, not probed (ARP is IPv4)",
+            )
         return Check(
             "cni_state", PASS, f"{len(confs)} saved confs in {data_dir}, each with a live address"
         )
@@ -1143,9 +1176,25 @@ async def run_checks(args: argparse.Namespace) -> list[Check]:
                 "see `overlayctl status` and overlayd's log (journalctl -u overlayd)",
             )
         )
-    checks.append(check_ip_forward())
-    network = host.config.network if host.config is not None else None
-    checks += await check_forward(network or (env.network if env is not None else None))
+    config = host.config
+    v4 = config.enable_ipv4 if config is not None else env is None or env.network is not None
+    v6 = (
+        config.enable_ipv6
+        if config is not None
+        else env is not None and env.ipv6_network is not None
+    )
+    if v4:
+        checks.append(check_ip_forward())
+    if v6:
+        checks.append(check_ip_forward(ipv6=True))
+    network = config.network if config is not None else env.network if env is not None else None
+    network6 = (
+        config.ipv6_network if config is not None else env.ipv6_network if env is not None else None
+    )
+    if v4 or network6 is None:
+        checks += await check_forward(network)
+    if network6 is not None:
+        checks += await check_forward(network6)
     checks.append(await check_mtu(host))
     tx = await check_tx_checksum(host)
     if tx is not None:

@@ -71,6 +71,27 @@ def test_parse_forward(
     assert got.accepts == ({f for f, n in rules if n == NET} == {"-s", "-d"})
 
 
+def test_parse_forward_of_ip6tables_for_an_ipv6_network() -> None:
+    net6 = IPv6Network("fd10:1::/48")
+    chain = "\n".join(
+        f'-A FLANNEL-FWD {flag} {net6} -m comment --comment "flanneld forward" -j ACCEPT'
+        for flag in ("-s", "-d")
+    )
+    forward = "-P FORWARD DROP\n-A FORWARD -j FLANNEL-FWD"
+    assert parse_forward(forward, chain, net6).accepts
+    assert not parse_forward(forward, chain, NET).accepts  # the IPv4 network is not accepted
+
+
+def test_check_ip_forward_ipv6(tmp_path: Path) -> None:
+    f = tmp_path / "forwarding"
+    f.write_text("0\n")
+    c = check_ip_forward(f, ipv6=True)
+    assert c.result == FAIL and c.message.startswith("net.ipv6.conf.all.forwarding = 0:")
+    assert c.fix.startswith("sysctl -w net.ipv6.conf.all.forwarding=1")
+    f.write_text("1\n")
+    assert check_ip_forward(f, ipv6=True).message == "net.ipv6.conf.all.forwarding = 1"
+
+
 @given(st.text(max_size=300), st.text(max_size=300))
 def test_parse_forward_any_text(forward: str, chain: str) -> None:
     got = parse_forward(forward, chain, NET)

@@ -173,3 +173,19 @@ def test_doctor_fails_a_peer_that_drops_8472_over_ipv6(lab: Lab) -> None:
     assert "ip6tables -I INPUT -p udp --dport 8472 -j ACCEPT" in line["fix"]
     _, checks = doctor(lab)  # the rule gone, the peer answers again
     assert peer_failures(checks) == {}
+
+
+def test_doctor_finds_nothing_wrong_with_a_healthy_ipv6_lab(lab: Lab) -> None:
+    """Every check, not only the peers: ip_forward reads net.ipv6.conf.all.forwarding (and,
+    in dual stack, net.ipv4.ip_forward too), the forward check reads ip6tables for the IPv6
+    network, the MTU check knows VXLAN over IPv6 costs 70 bytes (dual stack: FLANNEL_MTU is
+    flannel-v6's), and cni_state counts host-local's IPv6 reservations."""
+    rc, checks = doctor(lab)
+    assert failed(checks) == {}, failed(checks)
+    assert rc == 0
+    forwards = [c["message"] for c in checks["ip_forward"]]
+    assert any(m.startswith("net.ipv6.conf.all.forwarding = 1") for m in forwards)
+    assert any(m.startswith("net.ipv4.ip_forward = 1") for m in forwards) == (
+        not lab.state.ipv6_only
+    )
+    assert checks["cni_state"][0]["result"] == "PASS"
