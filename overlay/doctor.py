@@ -7,13 +7,16 @@ takes the local daemon's flags and FLANNELD_* variables as `overlayctl status` d
 checks, in order:
 
 - `daemon`: /readyz of the local overlayd (and its reason when not ready);
-- `ip_forward`: net.ipv4.ip_forward of this namespace;
+- `ip_forward`: net.ipv4.ip_forward of this namespace (with EnableIPv6 also, and in an
+  IPv6-only network only, net.ipv6.conf.all.forwarding);
 - `forward`: a FORWARD policy of DROP needs our forward rules (iptables chain FLANNEL-FWD
   jumped to from FORWARD; the nftables table's forward chain does not override iptables'
   drop); another nftables base chain on the forward hook with policy drop is a WARN (an
-  accept in one table does not override a drop in another);
+  accept in one table does not override a drop in another); for an IPv6Network the same with
+  ip6tables and table ip6 flannel-ipv6 (one line per network);
 - `mtu`: the backend's device MTU against the external interface's (flannel's rule: vxlan
-  -50, udp -28, host-gw the same), subnet.env's FLANNEL_MTU against the device's. Flannel's
+  -50 (-70 for flannel-v6.N alone in an IPv6-only network), udp -28, host-gw the same),
+  subnet.env's FLANNEL_MTU against the device's (dual stack: flannel-v6.N's). Flannel's
   lease format carries no MTU, so other hosts' MTUs cannot be compared from here;
 - `tx_checksum` (vxlan): when our PublicIP is on no local interface (the underlay looks
   NATed), tx-checksum-ip-generic should be off on the device (flannel's NAT checksum bug);
