@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal, TypeVar
 
-from subnetmgr.model import NO_IPV4, Lease, NetworkConfig, Subnet
+from subnetmgr.model import NO_IPV4, Lease, NetworkConfig, Subnet, subnet_order
 
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
@@ -150,29 +150,23 @@ def own_leases(
     Reservations come first (an operator asked for them), then leases, each in subnet order,
     so that a host with several leases (a config change, a crash mid-acquire) is deterministic.
     """
-    if config.ipv6_only:
-        if public_ipv6 is None:
-            return []
-        mine6 = [
-            lease
-            for lease in leases
-            if lease.attrs.public_ipv6 == public_ipv6
-            and lease.subnet == NO_IPV4
-            and config.contains_ipv6(lease.ipv6_subnet)
-        ]
-        return sorted(
-            mine6, key=lambda lease: (not lease.reserved, int(lease.ident.network_address))
-        )
+    if config.ipv6_only and public_ipv6 is None:
+        return []
     mine = [
         lease
         for lease in leases
-        if lease.attrs.public_ip == public_ip
+        if (
+            lease.attrs.public_ipv6 == public_ipv6
+            if config.ipv6_only
+            else lease.attrs.public_ip == public_ip
+        )
+        # The IPv4 part: a /SubnetLen in range, or NO_IPV4 in an IPv6-only network.
         and config.contains(lease.subnet)
         # With EnableIPv6 only a dual-stack key fits, without it only an IPv4 key (flannel's
         # isIPv6SubnetConfigCompat): the key names both subnets, so it cannot be updated in place.
         and config.contains_ipv6(lease.ipv6_subnet)
     ]
-    return sorted(mine, key=lambda lease: (not lease.reserved, int(lease.subnet.network_address)))
+    return sorted(mine, key=lambda lease: (not lease.reserved, subnet_order(lease.ident)))
 
 
 @dataclass(frozen=True)
