@@ -43,9 +43,9 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         asyncio.run(lab.down())
 
 
-def vxlan_only(lab: Lab) -> None:
-    if lab.state.backend != "vxlan" or not lab.state.ipv6_only:
-        pytest.skip("one lab is enough: the IPv6-only vxlan one")
+# The tests that need one lab only run in the IPv6-only vxlan one (the module's first: the same
+# lab instance, not another one).
+in_the_vxlan_only_lab = pytest.mark.parametrize("lab", [LABS[0]], ids=["vxlan-only"], indirect=True)
 
 
 class Drop6On:
@@ -116,8 +116,8 @@ def test_trace_probe_over_ipv6_decoded_and_delivered(lab: Lab) -> None:
     assert all(p["inner"]["ttl"] == 62 for p in delivered)  # routed once more on h2
 
 
+@in_the_vxlan_only_lab
 def test_trace_human_output_over_ipv6(lab: Lab) -> None:
-    vxlan_only(lab)
     (_, src), (_, dst) = lab.containers()[:2]
     assert src.ip6 and dst.ip6
     out = ctl(lab, "trace", src.ip6, dst.ip6, "--src-netns", lab.host_ns(1), "--dst-netns",
@@ -130,8 +130,8 @@ def test_trace_human_output_over_ipv6(lab: Lab) -> None:
     assert lines[-1].startswith(f"{src.ip6} -> {dst.ip6}: last seen: delivered towards DST")
 
 
+@in_the_vxlan_only_lab
 def test_trace_never_delivered_when_the_destination_drops_8472_over_ipv6(lab: Lab) -> None:
-    vxlan_only(lab)
     with Drop6On(lab.host_ns(2), 8472):
         code, doc = trace6(lab, "--probe-count", "1")
     assert code == 3 and doc["last_seen"] == "destination" and not doc["reached_last_point"]
@@ -158,8 +158,8 @@ def test_doctor_every_peer_answers_an_icmpv6_echo(lab: Lab) -> None:
         assert line4["result"] == "PASS" and "answered an ICMP echo" in line4["message"]
 
 
+@in_the_vxlan_only_lab
 def test_doctor_fails_a_peer_that_drops_8472_over_ipv6(lab: Lab) -> None:
-    vxlan_only(lab)
     h2 = lab.node(2)
     with Drop6On(h2.ns, 8472):
         rc, checks = doctor(lab)
