@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any, Protocol
 
 from subnetmgr.model import Lease, NetworkConfig, Subnet
@@ -64,6 +64,12 @@ class BackendAttrs:
 
 class BackendError(RuntimeError):
     """A backend could not be set up; the message says what failed and what to do."""
+
+
+def ipv4_keys(changed: Collection[Subnet] | None) -> set[IPv4Network] | None:
+    """The IPv4 subnets of a reconcile's `changed` (None stays None: a full pass): what the
+    IPv4 passes key peers by (an IPv6-only lease's key is its IPv6 subnet)."""
+    return None if changed is None else {s for s in changed if isinstance(s, IPv4Network)}
 
 
 class Backend(Protocol):

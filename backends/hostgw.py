@@ -38,7 +38,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from backends import links
 from backends import netlink as nl
-from backends.base import BackendAttrs, BackendError, ExternalInterface
+from backends.base import BackendAttrs, BackendError, ExternalInterface, ipv4_keys
 from backends.ipv6 import V6Pass, desired_v6
 from subnetmgr.model import Lease, NetworkConfig, Subnet
 
@@ -261,7 +261,7 @@ class HostGwBackend:
         network = self.config.network
         assert network is not None
         # The IPv4 pass keys peers by IPv4 subnet.
-        changed4 = None if changed is None else {s for s in changed if isinstance(s, IPv4Network)}
+        changed4 = ipv4_keys(changed)
         async with self._lock:
             stats = RouteStats()
             onlink = await self._onlink()

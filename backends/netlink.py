@@ -729,29 +729,27 @@ class RtnlSocket:
                 out.append(payload)
             await asyncio.sleep(0)  # a big dump is many datagrams: let others run between them
 
+    async def _device_neighbours(
+        self, family: int, ifindex: int, extra: bytes = b""
+    ) -> list[memoryview]:
+        """The RTM_GETNEIGH dump of `family` (AF_INET, AF_INET6, or AF_BRIDGE for the FDB), only
+        the messages of device `ifindex` (a message too short to say is left to the parser)."""
+        body = _NDMSG.pack(family, 0, 0, 0, 0) + extra
+        return [
+            payload
+            for payload in await self._dump(RTM_GETNEIGH, body)
+            if len(payload) < _NDMSG.size or _NDMSG.unpack_from(payload, 0)[1] == ifindex
+        ]
+
     async def neighbours(self, ifindex: int) -> list[Neighbour]:
         """IPv4 neighbour entries on one device."""
-        body = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)
-        out: list[Neighbour] = []
-        for payload in await self._dump(RTM_GETNEIGH, body):
-            if _NDMSG.unpack_from(payload, 0)[1] != ifindex:
-                continue
-            entry = parse_neighbour(payload)
-            if isinstance(entry, Neighbour):
-                out.append(entry)
-        return out
+        payloads = await self._device_neighbours(socket.AF_INET, ifindex)
+        return [e for p in payloads if isinstance(e := parse_neighbour(p), Neighbour)]
 
     async def fdb(self, ifindex: int) -> list[FdbEntry]:
         """Forwarding database entries of one device (bridge family)."""
-        body = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)
-        out: list[FdbEntry] = []
-        for payload in await self._dump(RTM_GETNEIGH, body):
-            if _NDMSG.unpack_from(payload, 0)[1] != ifindex:
-                continue
-            entry = parse_neighbour(payload)
-            if isinstance(entry, FdbEntry):
-                out.append(entry)
-        return out
+        payloads = await self._device_neighbours(AF_BRIDGE, ifindex)
+        return [e for p in payloads if isinstance(e := parse_neighbour(p), FdbEntry)]
 
     async def routes(self, table: int = RT_TABLE_MAIN) -> list[Route]:
         """IPv4 routes of one table."""
@@ -767,28 +765,15 @@ class RtnlSocket:
 
     async def neighbours6(self, ifindex: int) -> list[Neighbour6]:
         """IPv6 neighbour entries on one device (the kernel filters by device where it can)."""
-        body = _NDMSG.pack(socket.AF_INET6, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex))
-        out: list[Neighbour6] = []
-        for payload in await self._dump(RTM_GETNEIGH, body):
-            if len(payload) >= _NDMSG.size and _NDMSG.unpack_from(payload, 0)[1] != ifindex:
-                continue
-            entry = _parsed(parse_neighbour6, payload)
-            if isinstance(entry, Neighbour6):
-                out.append(entry)
-        return out
+        by_device = _attr(NDA_IFINDEX, _U32.pack(ifindex))
+        payloads = await self._device_neighbours(socket.AF_INET6, ifindex, by_device)
+        return [e for p in payloads if isinstance(e := _parsed(parse_neighbour6, p), Neighbour6)]
 
     async def fdb6(self, ifindex: int) -> list[FdbEntry6]:
         """Forwarding database entries of one device with an IPv6 destination or none (those
         with an IPv4 destination are left out)."""
-        body = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)
-        out: list[FdbEntry6] = []
-        for payload in await self._dump(RTM_GETNEIGH, body):
-            if len(payload) >= _NDMSG.size and _NDMSG.unpack_from(payload, 0)[1] != ifindex:
-                continue
-            entry = _parsed(parse_neighbour6, payload)
-            if isinstance(entry, FdbEntry6):
-                out.append(entry)
-        return out
+        payloads = await self._device_neighbours(AF_BRIDGE, ifindex)
+        return [e for p in payloads if isinstance(e := _parsed(parse_neighbour6, p), FdbEntry6)]
 
     async def routes6(self, table: int = RT_TABLE_MAIN) -> list[Route6]:
         """IPv6 routes of one table."""

@@ -61,7 +61,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from backends import netlink as nl
 from backends import nftset
-from backends.base import BackendAttrs, BackendError, ExternalInterface
+from backends.base import BackendAttrs, BackendError, ExternalInterface, ipv4_keys
 from backends.ipv6 import V6Pass, V6Stats, desired_v6
 from backends.links import LinkClient
 from backends.vxlan_device import FILTER_PEERS_KEY, VxlanDevice, VxlanOptions
@@ -253,7 +253,7 @@ class VxlanBackend:
             await self._reconcile_v6_only(peers, changed)
             return
         # The IPv4 passes key peers by IPv4 subnet (IPv6-only leases never reach them).
-        changed4 = None if changed is None else {s for s in changed if isinstance(s, IPv4Network)}
+        changed4 = ipv4_keys(changed)
         async with self._lock:
             stats = ReconcileStats()
             before = self.ifindex
